@@ -1,0 +1,82 @@
+// Command relay is the public relay server: ./relay [flags] PORT.
+package main
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+
+	"tcprelay/internal/cli"
+	"tcprelay/server"
+)
+
+func main() {
+	c := cli.New("relay", "PORT",
+		"Listens for agents on PORT. Each agent gets a public port (by default PORT+1\n"+
+			"upward) and every connection to it is relayed to the agent, byte for byte.")
+	bind := c.FS.String("bind", "", "IP address to listen on, for PORT and the public ports (default: all interfaces)")
+	publicHost := c.FS.String("public-host", "", "host name announced to agents as their public host (default: the host each agent dialed)")
+	ports := c.FS.String("ports", "", "public port range LO-HI (default: PORT+1-65535)")
+	handshake := c.FS.Duration("handshake-timeout", 10e9, "time a new connection has to finish its handshake")
+	pickup := c.FS.Duration("pickup-timeout", 10e9, "time an outside client waits for its agent before it is closed")
+	heartbeat := c.FS.Duration("heartbeat", 10e9, "interval of pings to agents; an agent silent for 3 intervals is dropped (0: never)")
+	drain := c.FS.Duration("drain-timeout", 10e9, "on SIGINT/SIGTERM, how long relayed connections may finish before they are closed")
+	args, log := c.Parse(os.Args[1:], 1)
+
+	port, err := cli.Port(args[0])
+	if err != nil {
+		c.Usagef("%v", err)
+	}
+	cfg := server.Config{
+		Secret:           c.Secret(),
+		PublicHost:       *publicHost,
+		PortMin:          port + 1,
+		PortMax:          65535,
+		HandshakeTimeout: *handshake,
+		PickupTimeout:    *pickup,
+		Heartbeat:        *heartbeat,
+		Logger:           log,
+	}
+	if *heartbeat == 0 {
+		cfg.Heartbeat = -1
+	}
+	if *ports != "" {
+		if cfg.PortMin, cfg.PortMax, err = cli.PortRange(*ports); err != nil {
+			c.Usagef("%v", err)
+		}
+	} else if port == 65535 {
+		c.Usagef("PORT 65535 leaves no default public ports: set -ports")
+	}
+	if port >= cfg.PortMin && port <= cfg.PortMax {
+		c.Usagef("-ports %d-%d contains the control PORT %d", cfg.PortMin, cfg.PortMax, port)
+	}
+
+	ln, err := net.Listen("tcp", net.JoinHostPort(*bind, strconv.Itoa(port)))
+	if err != nil {
+		c.Fatal(err)
+	}
+	srv := server.New(cfg)
+	log.Info("relay listening", "addr", ln.Addr().String(), "public_ports", strconv.Itoa(cfg.PortMin)+"-"+strconv.Itoa(cfg.PortMax), "version", cli.Version)
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		srv.Close()
+		c.Fatal(err)
+	case <-ctx.Done():
+	}
+	stop() // a second signal kills the process at once
+	log.Info("shutting down: draining relayed connections", "deadline", *drain)
+	dctx, cancel := context.WithTimeout(context.Background(), *drain)
+	defer cancel()
+	if err := srv.Shutdown(dctx); errors.Is(err, context.DeadlineExceeded) {
+		log.Warn("drain deadline reached: closed the remaining connections")
+	}
+	log.Info("relay stopped")
+}

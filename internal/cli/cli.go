@@ -1,0 +1,135 @@
+// Package cli holds what the three programs share: flag conventions, the
+// secret from the environment, logging to stderr, usage errors and the
+// announcement line.
+package cli
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// Version is set at build time by the Makefile (-ldflags -X).
+var Version = "dev"
+
+// SecretEnv names the environment variable that holds the shared secret.
+const SecretEnv = "RELAY_SECRET"
+
+// Common are the flags every program has.
+type Common struct {
+	Name     string
+	Args     string // the positional arguments, for the usage line
+	About    string // one paragraph under the usage line
+	FS       *flag.FlagSet
+	secret   *string
+	logLevel *string
+	version  *bool
+}
+
+// New creates the flag set with the common flags.
+func New(name, args, about string) *Common {
+	c := &Common{Name: name, Args: args, About: about, FS: flag.NewFlagSet(name, flag.ContinueOnError)}
+	c.secret = c.FS.String("secret", "", "shared secret (default: the "+SecretEnv+" environment variable; empty means an open relay)")
+	c.logLevel = c.FS.String("log-level", "info", "log level on stderr: debug, info, warn or error")
+	c.version = c.FS.Bool("version", false, "print the version and exit")
+	c.FS.Usage = func() {
+		out := c.FS.Output()
+		fmt.Fprintf(out, "usage: %s [flags] %s\n\n%s\n\nflags:\n", name, args, about)
+		c.FS.PrintDefaults()
+	}
+	return c
+}
+
+// Parse parses argv, handles -h and -version, checks the number of
+// positional arguments, and returns them with the logger. It exits on -h
+// (status 0), -version (0) and usage errors (2).
+func (c *Common) Parse(argv []string, nargs int) ([]string, *slog.Logger) {
+	if err := c.FS.Parse(argv); err != nil {
+		if err == flag.ErrHelp {
+			os.Exit(0)
+		}
+		os.Exit(2) // the flag package already printed the error and usage
+	}
+	if *c.version {
+		fmt.Printf("%s %s\n", c.Name, Version)
+		os.Exit(0)
+	}
+	if c.FS.NArg() != nargs {
+		c.Usagef("expected %d arguments (%s), got %d", nargs, c.Args, c.FS.NArg())
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*c.logLevel)); err != nil {
+		c.Usagef("bad -log-level %q: want debug, info, warn or error", *c.logLevel)
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	return c.FS.Args(), log
+}
+
+// Secret is the -secret flag, else the environment variable.
+func (c *Common) Secret() string {
+	if *c.secret != "" {
+		return *c.secret
+	}
+	return os.Getenv(SecretEnv)
+}
+
+// Usagef reports a bad command line and exits 2.
+func (c *Common) Usagef(format string, a ...any) {
+	fmt.Fprintf(os.Stderr, "%s: %s\n", c.Name, fmt.Sprintf(format, a...))
+	fmt.Fprintf(os.Stderr, "usage: %s [flags] %s (-h for help)\n", c.Name, c.Args)
+	os.Exit(2)
+}
+
+// Fatal prints a one-line reason on stderr and exits 1.
+func (c *Common) Fatal(err error) {
+	fmt.Fprintf(os.Stderr, "%s: %v\n", c.Name, err)
+	os.Exit(1)
+}
+
+// Port parses a TCP port number argument.
+func Port(s string) (int, error) {
+	p, err := strconv.Atoi(s)
+	if err != nil || p < 1 || p > 65535 {
+		return 0, fmt.Errorf("bad port %q: want a number from 1 to 65535", s)
+	}
+	return p, nil
+}
+
+// RelayAddr joins RELAYHOST and RELAYPORT, checking the port.
+func RelayAddr(host, port string) (string, error) {
+	if host == "" {
+		return "", fmt.Errorf("empty relay host")
+	}
+	if _, err := Port(port); err != nil {
+		return "", err
+	}
+	return net.JoinHostPort(host, port), nil
+}
+
+// Announce prints the line the relayed programs promise on stdout.
+func Announce(w io.Writer, addr net.Addr) {
+	fmt.Fprintf(w, "established relay address: %s\n", addr)
+}
+
+// PortRange parses LO-HI.
+func PortRange(s string) (lo, hi int, err error) {
+	a, b, ok := strings.Cut(s, "-")
+	if !ok {
+		return 0, 0, fmt.Errorf("bad port range %q: want LO-HI, e.g. 20000-29999", s)
+	}
+	if lo, err = Port(a); err != nil {
+		return 0, 0, fmt.Errorf("bad port range %q: %v", s, err)
+	}
+	if hi, err = Port(b); err != nil {
+		return 0, 0, fmt.Errorf("bad port range %q: %v", s, err)
+	}
+	if lo > hi {
+		return 0, 0, fmt.Errorf("bad port range %q: %d > %d", s, lo, hi)
+	}
+	return lo, hi, nil
+}

@@ -1,0 +1,279 @@
+package proto
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+)
+
+// Message is a decoded frame payload.
+type Message interface {
+	Type() Type
+	// AppendPayload appends the encoded payload (not the frame header).
+	AppendPayload(dst []byte) []byte
+}
+
+// Flags of a Listen request.
+const (
+	// ListenPortRequired makes the relay fail the request instead of picking
+	// another port when the requested one is not available.
+	ListenPortRequired uint8 = 1 << 0
+)
+
+// Error codes carried by Error frames.
+const (
+	CodeBadRequest      uint16 = 1 // malformed or unexpected request
+	CodeAuthFailed      uint16 = 2 // wrong or missing secret
+	CodePortUnavailable uint16 = 3 // requested port in use or outside the allowed range
+	CodeLimit           uint16 = 4 // a relay limit was reached
+	CodeShuttingDown    uint16 = 5 // the relay is going away
+	CodeInternal        uint16 = 6 // the relay failed for its own reasons
+)
+
+// Hello opens a control connection.
+type Hello struct {
+	Agent string // free-form software name and version, for the relay's logs
+}
+
+// Challenge carries the relay's nonce.
+type Challenge struct{ Nonce [NonceLen]byte }
+
+// Auth carries the agent's HMAC of the nonce.
+type Auth struct{ MAC [MACLen]byte }
+
+// Welcome ends the handshake.
+type Welcome struct {
+	// HeartbeatMillis is how often each side sends a Ping on the control
+	// connection; 0 means the relay sends none.
+	HeartbeatMillis uint32
+}
+
+// Listen asks for a public port.
+type Listen struct {
+	ID    uint32 // chosen by the agent, echoed in the answer
+	Port  uint16 // 0: any port
+	Flags uint8  // ListenPortRequired
+}
+
+// ListenOK answers a Listen.
+type ListenOK struct {
+	ID     uint32
+	Tunnel uint32 // names the tunnel in Incoming and Close
+	Host   string // advertised public host; empty means the host the agent dialed
+	Port   uint16
+}
+
+// Error fails request ID (0: the session itself).
+type Error struct {
+	ID      uint32
+	Code    uint16
+	Message string
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("relay error %d: %s", e.Code, e.Message) }
+
+// Incoming announces an outside client waiting on a tunnel.
+type Incoming struct {
+	Tunnel uint32
+	Token  [TokenLen]byte
+	Client string // the outside client's address, host:port
+}
+
+// Close releases a tunnel's public port.
+type Close struct{ Tunnel uint32 }
+
+// Ping asks the peer for a Pong with the same Data.
+type Ping struct{ Data uint64 }
+
+// Pong answers a Ping.
+type Pong struct{ Data uint64 }
+
+// GoAway says the relay is shutting down; no new requests will be served.
+type GoAway struct{ Message string }
+
+// Attach is the only frame of a data connection; raw bytes follow it.
+type Attach struct{ Token [TokenLen]byte }
+
+func (*Hello) Type() Type     { return TypeHello }
+func (*Challenge) Type() Type { return TypeChallenge }
+func (*Auth) Type() Type      { return TypeAuth }
+func (*Welcome) Type() Type   { return TypeWelcome }
+func (*Listen) Type() Type    { return TypeListen }
+func (*ListenOK) Type() Type  { return TypeListenOK }
+func (*Error) Type() Type     { return TypeError }
+func (*Incoming) Type() Type  { return TypeIncoming }
+func (*Close) Type() Type     { return TypeClose }
+func (*Ping) Type() Type      { return TypePing }
+func (*Pong) Type() Type      { return TypePong }
+func (*GoAway) Type() Type    { return TypeGoAway }
+func (*Attach) Type() Type    { return TypeAttach }
+
+func (m *Hello) AppendPayload(b []byte) []byte     { return appendString(b, m.Agent) }
+func (m *Challenge) AppendPayload(b []byte) []byte { return append(b, m.Nonce[:]...) }
+func (m *Auth) AppendPayload(b []byte) []byte      { return append(b, m.MAC[:]...) }
+func (m *Welcome) AppendPayload(b []byte) []byte {
+	return binary.BigEndian.AppendUint32(b, m.HeartbeatMillis)
+}
+func (m *Listen) AppendPayload(b []byte) []byte {
+	b = binary.BigEndian.AppendUint32(b, m.ID)
+	b = binary.BigEndian.AppendUint16(b, m.Port)
+	return append(b, m.Flags)
+}
+func (m *ListenOK) AppendPayload(b []byte) []byte {
+	b = binary.BigEndian.AppendUint32(b, m.ID)
+	b = binary.BigEndian.AppendUint32(b, m.Tunnel)
+	b = appendString(b, m.Host)
+	return binary.BigEndian.AppendUint16(b, m.Port)
+}
+func (m *Error) AppendPayload(b []byte) []byte {
+	b = binary.BigEndian.AppendUint32(b, m.ID)
+	b = binary.BigEndian.AppendUint16(b, m.Code)
+	return appendString(b, m.Message)
+}
+func (m *Incoming) AppendPayload(b []byte) []byte {
+	b = binary.BigEndian.AppendUint32(b, m.Tunnel)
+	b = append(b, m.Token[:]...)
+	return appendString(b, m.Client)
+}
+func (m *Close) AppendPayload(b []byte) []byte  { return binary.BigEndian.AppendUint32(b, m.Tunnel) }
+func (m *Ping) AppendPayload(b []byte) []byte   { return binary.BigEndian.AppendUint64(b, m.Data) }
+func (m *Pong) AppendPayload(b []byte) []byte   { return binary.BigEndian.AppendUint64(b, m.Data) }
+func (m *GoAway) AppendPayload(b []byte) []byte { return appendString(b, m.Message) }
+func (m *Attach) AppendPayload(b []byte) []byte { return append(b, m.Token[:]...) }
+
+// Append appends m as a complete frame (header and payload) to dst.
+func Append(dst []byte, m Message) []byte {
+	start := len(dst)
+	dst = append(dst, byte(m.Type()), 0, 0, 0, 0)
+	dst = m.AppendPayload(dst)
+	binary.BigEndian.PutUint32(dst[start+1:], uint32(len(dst)-start-HeaderLen))
+	return dst
+}
+
+// ErrUnknownType is returned by Parse for a frame type this version does not
+// know. After the handshake such frames are skipped, so newer peers can add
+// messages without breaking older ones.
+var ErrUnknownType = errors.New("unknown frame type")
+
+// Parse decodes the payload of a frame of type t. The result does not alias
+// payload.
+func Parse(t Type, payload []byte) (Message, error) {
+	d := decoder{b: payload}
+	var m Message
+	switch t {
+	case TypeHello:
+		m = &Hello{Agent: d.string()}
+	case TypeChallenge:
+		v := &Challenge{}
+		d.bytes(v.Nonce[:])
+		m = v
+	case TypeAuth:
+		v := &Auth{}
+		d.bytes(v.MAC[:])
+		m = v
+	case TypeWelcome:
+		m = &Welcome{HeartbeatMillis: d.u32()}
+	case TypeListen:
+		m = &Listen{ID: d.u32(), Port: d.u16(), Flags: d.u8()}
+	case TypeListenOK:
+		m = &ListenOK{ID: d.u32(), Tunnel: d.u32(), Host: d.string(), Port: d.u16()}
+	case TypeError:
+		m = &Error{ID: d.u32(), Code: d.u16(), Message: d.string()}
+	case TypeIncoming:
+		v := &Incoming{Tunnel: d.u32()}
+		d.bytes(v.Token[:])
+		v.Client = d.string()
+		m = v
+	case TypeClose:
+		m = &Close{Tunnel: d.u32()}
+	case TypePing:
+		m = &Ping{Data: d.u64()}
+	case TypePong:
+		m = &Pong{Data: d.u64()}
+	case TypeGoAway:
+		m = &GoAway{Message: d.string()}
+	case TypeAttach:
+		v := &Attach{}
+		d.bytes(v.Token[:])
+		m = v
+	default:
+		return nil, fmt.Errorf("%w: %s", ErrUnknownType, t)
+	}
+	if d.err != nil {
+		return nil, fmt.Errorf("%s: %w", t, d.err)
+	}
+	if len(d.b) != 0 {
+		return nil, fmt.Errorf("%s: %w (%d)", t, ErrTrailing, len(d.b))
+	}
+	return m, nil
+}
+
+// appendString appends a string as a 2-byte big-endian length and its bytes.
+// Longer strings are truncated: every string on the wire is informational
+// (names, addresses, messages) and far below the limit.
+func appendString(b []byte, s string) []byte {
+	if len(s) > math.MaxUint16 {
+		s = s[:math.MaxUint16]
+	}
+	b = binary.BigEndian.AppendUint16(b, uint16(len(s)))
+	return append(b, s...)
+}
+
+// decoder reads fields off a payload; the first short read sets err and
+// every later read returns zero.
+type decoder struct {
+	b   []byte
+	err error
+}
+
+func (d *decoder) take(n int) []byte {
+	if d.err != nil {
+		return nil
+	}
+	if len(d.b) < n {
+		d.err = ErrShortPayload
+		d.b = nil
+		return nil
+	}
+	v := d.b[:n]
+	d.b = d.b[n:]
+	return v
+}
+
+func (d *decoder) u8() uint8 {
+	if v := d.take(1); v != nil {
+		return v[0]
+	}
+	return 0
+}
+
+func (d *decoder) u16() uint16 {
+	if v := d.take(2); v != nil {
+		return binary.BigEndian.Uint16(v)
+	}
+	return 0
+}
+
+func (d *decoder) u32() uint32 {
+	if v := d.take(4); v != nil {
+		return binary.BigEndian.Uint32(v)
+	}
+	return 0
+}
+
+func (d *decoder) u64() uint64 {
+	if v := d.take(8); v != nil {
+		return binary.BigEndian.Uint64(v)
+	}
+	return 0
+}
+
+func (d *decoder) bytes(dst []byte) {
+	copy(dst, d.take(len(dst)))
+}
+
+func (d *decoder) string() string {
+	n := d.u16()
+	return string(d.take(int(n)))
+}
