@@ -1,0 +1,95 @@
+package testutil
+
+import (
+	"bufio"
+	"net"
+	"strconv"
+	"testing"
+	"time"
+
+	"tcprelay/internal/proto"
+)
+
+// RawAgent speaks the wire protocol frame by frame, so tests can make an
+// agent misbehave in ways the tunnel package never would.
+type RawAgent struct {
+	Conn *net.TCPConn
+	br   *bufio.Reader
+	addr string
+}
+
+// NewRawAgent dials the relay and completes the handshake with secret.
+func NewRawAgent(t testing.TB, relayAddr, secret string) *RawAgent {
+	t.Helper()
+	a := &RawAgent{Conn: Dial(t, relayAddr), addr: relayAddr}
+	a.br = bufio.NewReader(a.Conn)
+	a.Conn.SetDeadline(time.Now().Add(10 * time.Second))
+	a.Send(t, append(proto.Preamble(), proto.Append(nil, &proto.Hello{Agent: "rawagent"})...))
+	ch := a.Expect(t, proto.TypeChallenge).(*proto.Challenge)
+	a.Send(t, proto.Append(nil, &proto.Auth{MAC: proto.AuthMAC(secret, ch.Nonce)}))
+	a.Expect(t, proto.TypeWelcome)
+	return a
+}
+
+// Send writes raw bytes on the control connection.
+func (a *RawAgent) Send(t testing.TB, b []byte) {
+	t.Helper()
+	if _, err := a.Conn.Write(b); err != nil {
+		t.Fatalf("raw agent write: %v", err)
+	}
+}
+
+// Next reads the next frame that is not a Ping.
+func (a *RawAgent) Next(t testing.TB) proto.Message {
+	t.Helper()
+	for {
+		typ, payload, err := proto.ReadFrame(a.br, nil, proto.DefaultMaxPayload)
+		if err != nil {
+			t.Fatalf("raw agent read: %v", err)
+		}
+		m, err := proto.Parse(typ, payload)
+		if err != nil {
+			t.Fatalf("raw agent parse %s: %v", typ, err)
+		}
+		if _, ok := m.(*proto.Ping); !ok {
+			return m
+		}
+	}
+}
+
+// Expect reads the next frame and fails unless it has type want.
+func (a *RawAgent) Expect(t testing.TB, want proto.Type) proto.Message {
+	t.Helper()
+	m := a.Next(t)
+	if m.Type() != want {
+		t.Fatalf("raw agent got %s %+v, want %s", m.Type(), m, want)
+	}
+	return m
+}
+
+// Listen opens a tunnel and returns its public address on 127.0.0.1.
+func (a *RawAgent) Listen(t testing.TB, port int) string {
+	t.Helper()
+	a.Send(t, proto.Append(nil, &proto.Listen{ID: 7, Port: uint16(port)}))
+	ok := a.Expect(t, proto.TypeListenOK).(*proto.ListenOK)
+	if ok.ID != 7 {
+		t.Fatalf("ListenOK for request %d, want 7", ok.ID)
+	}
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(int(ok.Port)))
+}
+
+// ExpectIncoming waits for the announcement of an outside client.
+func (a *RawAgent) ExpectIncoming(t testing.TB) *proto.Incoming {
+	t.Helper()
+	return a.Expect(t, proto.TypeIncoming).(*proto.Incoming)
+}
+
+// Attach opens a data connection carrying token.
+func (a *RawAgent) Attach(t testing.TB, token [proto.TokenLen]byte) *net.TCPConn {
+	t.Helper()
+	c := Dial(t, a.addr)
+	if _, err := c.Write(proto.Append(proto.Preamble(), &proto.Attach{Token: token})); err != nil {
+		t.Fatalf("attach: %v", err)
+	}
+	return c
+}

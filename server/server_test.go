@@ -1,0 +1,377 @@
+package server_test
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"io"
+	"net"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"tcprelay/internal/proto"
+	"tcprelay/internal/testutil"
+	"tcprelay/server"
+	"tcprelay/tunnel"
+)
+
+// expectClosed fails unless the peer closes c (EOF or reset) within d,
+// without sending anything.
+func expectClosed(t *testing.T, c net.Conn, d time.Duration) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(d))
+	n, err := c.Read(make([]byte, 64))
+	var ne net.Error
+	if err == nil || errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("connection still open after %v (read %d bytes, err %v)", d, n, err)
+	}
+}
+
+// expectClosedAfterFrames is expectClosed for a peer that may first send
+// frames (an Error, a GoAway).
+func expectClosedAfterFrames(t *testing.T, c net.Conn, d time.Duration) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(d))
+	_, err := io.Copy(io.Discard, c)
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("connection still open after %v", d)
+	}
+}
+
+// echoAgent registers a library agent that echoes, and returns its public
+// address.
+func echoAgent(t *testing.T, relayAddr string) string {
+	t.Helper()
+	cfg := tunnel.Config{Logger: testutil.Logger(t)}
+	ln, err := cfg.Listen(testutil.Context(t), relayAddr)
+	if err != nil {
+		t.Fatalf("Listen: %v", err)
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				io.Copy(c, c)
+				c.(*tunnel.Conn).CloseWrite()
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	return ln.Addr().String()
+}
+
+// checkEcho sends msg through addr and expects it back within a second.
+func checkEcho(t *testing.T, addr, msg string) {
+	t.Helper()
+	c := testutil.Dial(t, addr)
+	defer c.Close()
+	c.Write([]byte(msg))
+	c.CloseWrite()
+	if got := testutil.ReadAllTimeout(t, c, 5*time.Second); string(got) != msg {
+		t.Fatalf("echo through %s: got %q, want %q", addr, got, msg)
+	}
+}
+
+func TestGarbageOnControlPort(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{})
+	before := echoAgent(t, relay.Addr)
+
+	random := make([]byte, 4096)
+	rand.Read(random)
+	huge := append(proto.Preamble(), byte(proto.TypeHello), 0xff, 0xff, 0xff, 0xff)
+	cases := map[string][]byte{
+		"random bytes":         random,
+		"http request":         []byte("GET / HTTP/1.1\r\nHost: relay\r\n\r\n"),
+		"tls client hello":     {0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03},
+		"wrong version":        {'T', 'R', 'L', 'Y', 99, byte(proto.TypeHello), 0, 0, 0, 0},
+		"oversized frame":      huge,
+		"listen before hello":  proto.Append(proto.Preamble(), &proto.Listen{ID: 1}),
+		"unknown first frame":  proto.Append(proto.Preamble(), &proto.Ping{Data: 1}),
+		"truncated hello":      append(proto.Preamble(), byte(proto.TypeHello), 0, 0, 0, 9, 0),
+		"attach with bad size": append(proto.Preamble(), byte(proto.TypeAttach), 0, 0, 0, 3, 1, 2, 3),
+	}
+	for name, b := range cases {
+		t.Run(name, func(t *testing.T) {
+			c := testutil.Dial(t, relay.Addr)
+			c.Write(b)
+			if name == "truncated hello" {
+				c.CloseWrite()
+			}
+			expectClosed(t, c, 5*time.Second)
+		})
+	}
+	checkEcho(t, before, "agent registered before the garbage")
+	checkEcho(t, echoAgent(t, relay.Addr), "agent registered after the garbage")
+}
+
+// TestSilentConnectionsDoNotBlockAgents: hundreds of connections that send
+// nothing do not delay a real agent, and each is dropped at the handshake
+// deadline.
+func TestSilentConnectionsDoNotBlockAgents(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{HandshakeTimeout: 3 * time.Second})
+	var silent []*net.TCPConn
+	for range 300 {
+		silent = append(silent, testutil.Dial(t, relay.Addr))
+	}
+	checkEcho(t, echoAgent(t, relay.Addr), "hello")
+	// Had the agent waited behind them, they would have hit their deadline
+	// by now: they must all still be open.
+	for i, c := range silent {
+		c.SetReadDeadline(time.Now().Add(time.Millisecond))
+		var ne net.Error
+		if _, err := c.Read(make([]byte, 1)); !errors.As(err, &ne) || !ne.Timeout() {
+			t.Fatalf("silent connection %d ended before the agent was served: %v", i, err)
+		}
+	}
+	for _, c := range silent {
+		expectClosed(t, c, 10*time.Second)
+	}
+}
+
+func TestTokens(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{})
+	agent := testutil.NewRawAgent(t, relay.Addr, "")
+	pub := agent.Listen(t, 0)
+	client := testutil.Dial(t, pub)
+	in := agent.ExpectIncoming(t)
+	if in.Client != client.LocalAddr().String() {
+		t.Errorf("Incoming.Client = %s, want %s", in.Client, client.LocalAddr())
+	}
+
+	// A guessed token gets the data connection closed, and the waiting
+	// client is not disturbed.
+	guess := in.Token
+	guess[0] ^= 1
+	expectClosed(t, agent.Attach(t, guess), 5*time.Second)
+
+	data := agent.Attach(t, in.Token)
+	client.Write([]byte("ping"))
+	buf := make([]byte, 4)
+	data.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(data, buf); err != nil || string(buf) != "ping" {
+		t.Fatalf("data conn read %q, %v; want ping", buf, err)
+	}
+	data.Write([]byte("pong"))
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(client, buf); err != nil || string(buf) != "pong" {
+		t.Fatalf("client read %q, %v; want pong", buf, err)
+	}
+
+	// The token is spent: replaying it attaches to nothing.
+	expectClosed(t, agent.Attach(t, in.Token), 5*time.Second)
+	data.Write([]byte("still"))
+	if _, err := io.ReadFull(client, buf[:4]); err != nil || string(buf) != "stil" {
+		t.Fatalf("first binding broken by the replay: read %q, %v", buf, err)
+	}
+}
+
+func TestPickupTimeout(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{PickupTimeout: 200 * time.Millisecond})
+	agent := testutil.NewRawAgent(t, relay.Addr, "")
+	pub := agent.Listen(t, 0)
+	client := testutil.Dial(t, pub)
+	in := agent.ExpectIncoming(t)
+	expectClosed(t, client, 5*time.Second)
+	// The expired token attaches to nothing.
+	expectClosed(t, agent.Attach(t, in.Token), 5*time.Second)
+}
+
+// freeRange finds n consecutive bindable ports below the ephemeral range,
+// so no test connection can take one of them meanwhile.
+func freeRange(t *testing.T, n int) int {
+	t.Helper()
+	for base := 20000 + int(time.Now().UnixNano()%5000); base < 32000; base += n {
+		ok := true
+		for p := base; p < base+n && ok; p++ {
+			ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p))
+			if err != nil {
+				ok = false
+				continue
+			}
+			ln.Close()
+		}
+		if ok {
+			return base
+		}
+	}
+	t.Fatal("no free port range")
+	return 0
+}
+
+func TestPortRange(t *testing.T) {
+	testutil.CheckLeaks(t)
+	base := freeRange(t, 3)
+	relay := testutil.StartRelay(t, server.Config{PortMin: base, PortMax: base + 2})
+	listenPort := func(cfg tunnel.Config) (*tunnel.Listener, error) {
+		cfg.Logger = testutil.Logger(t)
+		ln, err := cfg.Listen(testutil.Context(t), relay.Addr)
+		if err == nil {
+			t.Cleanup(func() { ln.Close() })
+		}
+		return ln, err
+	}
+	var lns []*tunnel.Listener
+	for i := range 3 {
+		ln, err := listenPort(tunnel.Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := ln.Addr().(*tunnel.Addr).Port; got != base+i {
+			t.Errorf("tunnel %d got port %d, want %d (in order from the start of the range)", i, got, base+i)
+		}
+		lns = append(lns, ln)
+	}
+	if _, err := listenPort(tunnel.Config{}); !errors.Is(err, tunnel.ErrLimit) {
+		t.Fatalf("Listen on a full range: %v, want ErrLimit", err)
+	}
+	if _, err := listenPort(tunnel.Config{Port: base + 1, PortRequired: true}); !errors.Is(err, tunnel.ErrPortUnavailable) {
+		t.Fatalf("Listen on a taken required port: %v, want ErrPortUnavailable", err)
+	}
+
+	lns[1].Close()
+	waitFree := func(port int) {
+		// Closing the control conn is seen by the relay asynchronously.
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			ln, err := listenPort(tunnel.Config{Port: port, PortRequired: true})
+			if err == nil {
+				ln.Close()
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("port %d not released: %v", port, err)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	waitFree(base + 1)
+	if _, err := listenPort(tunnel.Config{Port: base + 100, PortRequired: true}); !errors.Is(err, tunnel.ErrPortUnavailable) {
+		t.Fatalf("Listen on a required port outside the range: %v, want ErrPortUnavailable", err)
+	}
+	// A preferred port outside the range falls back to a free one inside.
+	ln, err := listenPort(tunnel.Config{Port: base + 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := ln.Addr().(*tunnel.Addr).Port; got != base+1 {
+		t.Errorf("fallback port %d, want the only free one, %d", got, base+1)
+	}
+}
+
+func TestUnknownFramesSkippedOversizedRejected(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{MaxFrameSize: 1024})
+	agent := testutil.NewRawAgent(t, relay.Addr, "")
+	agent.Send(t, proto.AppendFrame(nil, proto.Type(0x7f), []byte("from a newer agent")))
+	agent.Listen(t, 0) // still served
+
+	agent.Send(t, proto.AppendFrame(nil, proto.Type(0x7f), make([]byte, 2048)))
+	expectClosedAfterFrames(t, agent.Conn, 5*time.Second)
+}
+
+// TestHeartbeatDropsSilentAgent: an agent that stops answering is dropped
+// after three heartbeats and its public port is freed.
+func TestHeartbeatDropsSilentAgent(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{Heartbeat: 50 * time.Millisecond})
+	agent := testutil.NewRawAgent(t, relay.Addr, "")
+	pub := agent.Listen(t, 0)
+	start := time.Now()
+	expectClosedAfterFrames(t, agent.Conn, 5*time.Second) // reads pings, answers none
+	if d := time.Since(start); d < 100*time.Millisecond {
+		t.Errorf("silent agent dropped after %v, before three heartbeats", d)
+	}
+	if c, err := net.Dial("tcp", pub); err == nil {
+		c.Close()
+		t.Fatalf("public port %s still open after its agent was dropped", pub)
+	}
+
+	// A library agent answers pings and stays.
+	live := echoAgent(t, relay.Addr)
+	time.Sleep(300 * time.Millisecond) // six heartbeats: the point of the test is time passing
+	checkEcho(t, live, "alive")
+}
+
+func TestShutdownDrains(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{})
+	pub := echoAgent(t, relay.Addr)
+	client := testutil.Dial(t, pub)
+	client.Write([]byte("before"))
+	buf := make([]byte, 6)
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(client, buf); err != nil {
+		t.Fatal(err)
+	}
+
+	done := make(chan error, 1)
+	go func() { done <- relay.Shutdown(context.Background()) }()
+
+	// New clients are refused at once; the live one keeps flowing.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		c, err := net.Dial("tcp", pub)
+		if err != nil {
+			break
+		}
+		c.Close()
+		if time.Now().After(deadline) {
+			t.Fatal("public port still open during shutdown")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("Shutdown returned (%v) while a connection was live", err)
+	default:
+	}
+	client.Write([]byte("during"))
+	if _, err := io.ReadFull(client, buf); err != nil || string(buf) != "during" {
+		t.Fatalf("live connection broken by shutdown: %q %v", buf, err)
+	}
+	client.CloseWrite()
+	if rest := testutil.ReadAllTimeout(t, client, 5*time.Second); len(rest) != 0 {
+		t.Fatalf("unexpected bytes %q", rest)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Shutdown: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Shutdown did not return after the last connection ended")
+	}
+}
+
+func TestShutdownDeadlineClosesStragglers(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{})
+	pub := echoAgent(t, relay.Addr)
+	client := testutil.Dial(t, pub)
+	checkEcho(t, pub, "x") // the tunnel works
+	client.Write([]byte("y"))
+	client.Read(make([]byte, 1))
+
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if err := relay.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Shutdown: %v, want DeadlineExceeded", err)
+	}
+	expectClosed(t, client, 5*time.Second)
+}

@@ -1,0 +1,361 @@
+package tunnel_test
+
+import (
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand"
+	"net"
+	"os"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/nettest"
+
+	"tcprelay/internal/testutil"
+	"tcprelay/server"
+	"tcprelay/tunnel"
+)
+
+// listen registers a tunnel with the relay and closes it when the test ends.
+func listen(t *testing.T, relayAddr string, cfg tunnel.Config) *tunnel.Listener {
+	t.Helper()
+	if cfg.Logger == nil {
+		cfg.Logger = testutil.Logger(t)
+	}
+	ln, err := cfg.Listen(testutil.Context(t), relayAddr)
+	if err != nil {
+		t.Fatalf("Listen: %v", err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+// serveEcho accepts until the listener closes, echoing each conn and
+// half-closing after the client does. It returns a channel closed when every
+// handler has returned.
+func serveEcho(ln net.Listener) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		var wg sync.WaitGroup
+		defer func() { wg.Wait(); close(done) }()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				if _, err := io.Copy(c, c); err == nil {
+					c.(*tunnel.Conn).CloseWrite()
+				}
+			}()
+		}
+	}()
+	return done
+}
+
+func TestAddrAndRemoteAddr(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{})
+	ln := listen(t, relay.Addr, tunnel.Config{})
+
+	a, ok := ln.Addr().(*tunnel.Addr)
+	if !ok || a.Host != "127.0.0.1" || a.Port == 0 {
+		t.Fatalf("Addr() = %#v, want 127.0.0.1 (the dialed host) and a port", ln.Addr())
+	}
+	client := testutil.Dial(t, ln.Addr().String())
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if got, want := c.RemoteAddr().String(), client.LocalAddr().String(); got != want {
+		t.Errorf("RemoteAddr() = %s, want the outside client's address %s", got, want)
+	}
+	if c.LocalAddr().String() != ln.Addr().String() {
+		t.Errorf("LocalAddr() = %s, want the public address %s", c.LocalAddr(), ln.Addr())
+	}
+}
+
+func TestPublicHostAdvertised(t *testing.T) {
+	relay := testutil.StartRelay(t, server.Config{PublicHost: "relay.example.com"})
+	ln := listen(t, relay.Addr, tunnel.Config{})
+	if h := ln.Addr().(*tunnel.Addr).Host; h != "relay.example.com" {
+		t.Fatalf("Addr host = %q, want the relay's advertised host", h)
+	}
+}
+
+// TestManyClientsManyTunnels relays random payloads through several tunnels
+// with many concurrent clients each, writing and reading at the same time,
+// and checks every byte by hash.
+func TestManyClientsManyTunnels(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{})
+	const tunnels, clients, size = 4, 25, 256 << 10
+
+	var wg sync.WaitGroup
+	errc := make(chan error, tunnels*clients)
+	for i := range tunnels {
+		ln := listen(t, relay.Addr, tunnel.Config{})
+		done := serveEcho(ln)
+		t.Cleanup(func() { ln.Close(); <-done })
+		for j := range clients {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				errc <- echoRoundTrip(ln.Addr().String(), int64(i*1000+j), size)
+			}()
+		}
+	}
+	wg.Wait()
+	close(errc)
+	for err := range errc {
+		if err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// echoRoundTrip sends size random bytes while reading the echo concurrently,
+// half-closes, and compares hashes.
+func echoRoundTrip(addr string, seed int64, size int) error {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	data := make([]byte, size)
+	rand.New(rand.NewSource(seed)).Read(data)
+
+	werr := make(chan error, 1)
+	go func() {
+		_, err := c.Write(data)
+		if err == nil {
+			err = c.(*net.TCPConn).CloseWrite()
+		}
+		werr <- err
+	}()
+	got, err := io.ReadAll(c)
+	if err != nil {
+		return fmt.Errorf("client %d: read: %v after %d bytes", seed, err, len(got))
+	}
+	if err := <-werr; err != nil {
+		return fmt.Errorf("client %d: write: %v", seed, err)
+	}
+	if sha256.Sum256(got) != sha256.Sum256(data) {
+		return fmt.Errorf("client %d: echo differs: got %d bytes, sent %d", seed, len(got), len(data))
+	}
+	return nil
+}
+
+// TestHalfClose: the client half-closes, the server sees EOF, and its answer
+// still reaches the client, followed by EOF.
+func TestHalfClose(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{})
+	ln := listen(t, relay.Addr, tunnel.Config{})
+
+	client := testutil.Dial(t, ln.Addr().String())
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := client.Write([]byte("request")); err != nil {
+		t.Fatal(err)
+	}
+	client.CloseWrite()
+
+	if got := testutil.ReadAllTimeout(t, c, 5*time.Second); string(got) != "request" {
+		t.Fatalf("server read %q, want %q then EOF", got, "request")
+	}
+	if _, err := c.Write([]byte("response")); err != nil {
+		t.Fatalf("server write after client half-close: %v", err)
+	}
+	c.(*tunnel.Conn).CloseWrite()
+	if got := testutil.ReadAllTimeout(t, client, 5*time.Second); string(got) != "response" {
+		t.Fatalf("client read %q, want %q then EOF", got, "response")
+	}
+}
+
+// TestConnConformance runs x/net/nettest's net.Conn suite on a relayed pair:
+// the outside client's conn and the conn Accept returned.
+func TestConnConformance(t *testing.T) {
+	relay := testutil.StartRelay(t, server.Config{})
+	ln := listen(t, relay.Addr, tunnel.Config{})
+	nettest.TestConn(t, func() (c1, c2 net.Conn, stop func(), err error) {
+		c1, err = net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		c2, err = ln.Accept()
+		if err != nil {
+			c1.Close()
+			return nil, nil, nil, err
+		}
+		return c1, c2, func() { c1.Close(); c2.Close() }, nil
+	})
+}
+
+func TestCloseUnblocksAcceptAndFreesPort(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{})
+	ln := listen(t, relay.Addr, tunnel.Config{})
+	pub := ln.Addr().String()
+
+	errc := make(chan error, 1)
+	go func() {
+		_, err := ln.Accept()
+		errc <- err
+	}()
+	ln.Close()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("Accept after Close: %v, want net.ErrClosed", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close did not unblock Accept")
+	}
+	if _, err := ln.Accept(); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("second Accept after Close: %v, want net.ErrClosed", err)
+	}
+	waitRefused(t, pub)
+}
+
+// waitRefused polls until connections to addr are refused: the relay
+// closed the public port.
+func waitRefused(t *testing.T, addr string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			return
+		}
+		c.Close()
+		if time.Now().After(deadline) {
+			t.Fatalf("public port %s still accepts connections", addr)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestRelayGoneEndsAccept: when the relay closes, Accept returns an error
+// wrapping ErrRelayLost (not net.ErrClosed: the caller did not close it).
+func TestRelayGoneEndsAccept(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{})
+	ln := listen(t, relay.Addr, tunnel.Config{})
+	relay.Close()
+	_, err := ln.Accept()
+	if !errors.Is(err, tunnel.ErrRelayLost) || errors.Is(err, net.ErrClosed) {
+		t.Fatalf("Accept after the relay closed: %v, want ErrRelayLost", err)
+	}
+}
+
+func TestSecret(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{Secret: "s3cret"})
+	for _, secret := range []string{"", "wrong", "s3cret "} {
+		cfg := tunnel.Config{Secret: secret, Logger: testutil.Logger(t)}
+		ln, err := cfg.Listen(testutil.Context(t), relay.Addr)
+		if !errors.Is(err, tunnel.ErrAuthFailed) {
+			if ln != nil {
+				ln.Close()
+			}
+			t.Fatalf("Listen with secret %q: %v, want ErrAuthFailed", secret, err)
+		}
+	}
+	ln := listen(t, relay.Addr, tunnel.Config{Secret: "s3cret"})
+	done := serveEcho(ln)
+	defer func() { ln.Close(); <-done }()
+	if err := echoRoundTrip(ln.Addr().String(), 1, 1000); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestStalledReaderBoundsMemory: a client that stops reading makes the
+// server's writes block, through the relay, instead of piling up in memory.
+func TestStalledReaderBoundsMemory(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{})
+	ln := listen(t, relay.Addr, tunnel.Config{})
+	client := testutil.Dial(t, ln.Addr().String())
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+
+	var before runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+
+	// The server writes as fast as it can for 2s; the client reads nothing.
+	chunk := make([]byte, 64<<10)
+	var written int64
+	c.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	for written < 1<<30 {
+		n, err := c.Write(chunk)
+		written += int64(n)
+		if err != nil {
+			break
+		}
+	}
+	var after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	growth := int64(after.HeapInuse) - int64(before.HeapInuse)
+	t.Logf("stalled reader: server wrote %d KiB before blocking; heap in use grew %d KiB", written>>10, growth>>10)
+	// Socket buffers on three connections plus one pipe per direction.
+	if written > 32<<20 {
+		t.Errorf("%d MiB accepted for a reader that reads nothing: the path buffers without bound", written>>20)
+	}
+	if growth > 8<<20 {
+		t.Errorf("heap grew %d MiB while the reader stalled", growth>>20)
+	}
+
+	// Everything accepted is delivered once the reader wakes up.
+	c.Close()
+	var got int64
+	client.SetReadDeadline(time.Now().Add(30 * time.Second))
+	got, err = io.Copy(io.Discard, client)
+	if err != nil || got != written {
+		t.Fatalf("reader got %d bytes (err %v), want the %d written", got, err, written)
+	}
+}
+
+// TestAgentDeathClosesPortAndWaitingClients uses a raw agent whose control
+// connection dies abruptly while a client waits to be picked up.
+func TestAgentDeathClosesPortAndWaitingClients(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{})
+	other := listen(t, relay.Addr, tunnel.Config{})
+	done := serveEcho(other)
+	defer func() { other.Close(); <-done }()
+
+	agent := testutil.NewRawAgent(t, relay.Addr, "")
+	pub := agent.Listen(t, 0)
+	waiting := testutil.Dial(t, pub)
+	agent.ExpectIncoming(t)
+
+	agent.Conn.SetLinger(0)
+	agent.Conn.Close() // the agent dies without a word
+
+	waiting.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := waiting.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("waiting client: read %d bytes, err %v; want the relay to close it", n, err)
+	}
+	waitRefused(t, pub)
+	if err := echoRoundTrip(other.Addr().String(), 7, 100<<10); err != nil {
+		t.Fatalf("another agent's tunnel was disturbed: %v", err)
+	}
+}
