@@ -55,6 +55,9 @@ func main() {
 		c.Usagef("-ports %d-%d contains the control PORT %d", cfg.PortMin, cfg.PortMax, port)
 	}
 
+	// Signals are caught before the port opens, so a SIGTERM right after
+	// start-up is a graceful shutdown too.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	ln, err := net.Listen("tcp", net.JoinHostPort(*bind, strconv.Itoa(port)))
 	if err != nil {
 		c.Fatal(err)
@@ -62,7 +65,6 @@ func main() {
 	srv := server.New(cfg)
 	log.Info("relay listening", "addr", ln.Addr().String(), "public_ports", strconv.Itoa(cfg.PortMin)+"-"+strconv.Itoa(cfg.PortMax), "version", cli.Version)
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	select {

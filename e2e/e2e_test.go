@@ -1,0 +1,321 @@
+// Package e2e runs the built relay and echoserver binaries with real,
+// unmodified clients (nc from Debian's netcat-openbsd, and telnet), as a new
+// user would.
+package e2e
+
+import (
+	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
+	"errors"
+	"io"
+	"net"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestWorkedExampleTelnet is the example a new user tries first: a relay,
+// an echoserver, and telnet to the announced port.
+func TestWorkedExampleTelnet(t *testing.T) {
+	requireTelnet(t)
+	e := newEnv(t)
+	r := e.startRelay(nil)
+	es, pub := e.startEcho("127.0.0.1", r.port)
+
+	tel := e.start("telnet", []string{"127.0.0.1", strconv.Itoa(pub)}, procOpts{stdinPipe: true})
+	if _, err := io.WriteString(tel.stdin, "Hello, world\r\n"); err != nil {
+		t.Fatalf("write to telnet's stdin: %v", err)
+	}
+	// Keep stdin open until the echo arrives: telnet closes the connection
+	// at stdin EOF.
+	afterEscape := regexp.MustCompile(`(?s)Escape character is '\^\]'\.\r?\n(.*)`)
+	echoed := func() bool {
+		m := afterEscape.FindStringSubmatch(tel.stdout.String())
+		return m != nil && strings.Contains(m[1], "Hello, world")
+	}
+	if !waitFor(10*time.Second, echoed) {
+		t.Fatalf("no \"Hello, world\" after the Escape-character line of telnet within 10s\ntelnet stdout: %q\ntelnet stderr: %q\nrelay stderr:\n%s\nechoserver stderr:\n%s",
+			tel.stdout, tel.stderr, r.stderr, es.stderr)
+	}
+	tel.stdin.Close()
+	tel.mustExit(10 * time.Second)
+	if tel.exitCode() != 0 {
+		t.Errorf("%s: %s after stdin EOF, want exit status 0; stderr: %q", tel, tel.status(), tel.stderr)
+	}
+	out := tel.stdout.String()
+	for _, want := range []string{"Trying 127.0.0.1...", "Connected to 127.0.0.1."} {
+		if !strings.Contains(out, want) {
+			t.Errorf("telnet stdout lacks %q: %q", want, out)
+		}
+	}
+	t.Logf("telnet stdout: %q", out)
+
+	// Graceful shutdown in the order a user would do it.
+	es.stop()
+	r.stop()
+}
+
+// TestAnnounceLocalhostFirstPort checks that an agent announces the host it
+// dialed, and that the first agent on a fresh relay gets PORT+1.
+func TestAnnounceLocalhostFirstPort(t *testing.T) {
+	requireNC(t)
+	e := newEnv(t)
+	nextFree := false
+	r := e.startRelay(func() int {
+		for range 20 {
+			p := freePort(t)
+			if p >= 65535 {
+				continue
+			}
+			ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(p+1)))
+			if err == nil {
+				ln.Close()
+				nextFree = true
+				return p
+			}
+		}
+		nextFree = false
+		return freePort(t)
+	})
+	_, pub := e.startEcho("localhost", r.port) // asserts "established relay address: localhost:N"
+	if nextFree {
+		if pub != r.port+1 {
+			t.Errorf("first agent on relay at PORT %d got public port %d, want PORT+1 = %d (it was free a moment before the relay started)", r.port, pub, r.port+1)
+		}
+	} else {
+		t.Logf("PORT+1 = %d was busy; only checking that the public port is above PORT", r.port+1)
+		if pub <= r.port {
+			t.Errorf("first agent on relay at PORT %d got public port %d, want > PORT", r.port, pub)
+		}
+	}
+	e.ncEcho("localhost", pub, []byte("via localhost\n"))
+}
+
+// TestNcBinaryParallel pipes 4 MiB of random bytes through nc -N, eight
+// clients at once on one echoserver: every byte comes back, and every nc
+// exits, which needs the half-close to travel both ways through the relay.
+func TestNcBinaryParallel(t *testing.T) {
+	requireNC(t)
+	e := newEnv(t)
+	r := e.startRelay(nil)
+	_, pub := e.startEcho("127.0.0.1", r.port)
+
+	const clients, size = 8, 4 << 20
+	inputs := make([][]byte, clients)
+	procs := make([]*proc, clients)
+	start := time.Now()
+	for i := range clients {
+		data := make([]byte, size)
+		rand.Read(data)
+		for b := range 256 { // every byte value, NUL, CR, LF and 0xff included
+			data[i*300+b] = byte(b)
+		}
+		inputs[i] = data
+		procs[i] = e.nc("127.0.0.1", pub, data)
+	}
+	for i, p := range procs {
+		p.mustExit(clientTimeout)
+		if p.exitCode() != 0 {
+			t.Errorf("client %d: %s: %s, want 0; stderr: %q", i, p, p.status(), p.stderr)
+		}
+		got := p.stdout.Bytes()
+		if sha256.Sum256(got) != sha256.Sum256(inputs[i]) {
+			t.Errorf("client %d: got %d bytes back (sha256 %x), sent %d (sha256 %x)",
+				i, len(got), sha256.Sum256(got), size, sha256.Sum256(inputs[i]))
+		}
+	}
+	t.Logf("%d × %d bytes echoed in %v", clients, size, time.Since(start).Round(time.Millisecond))
+}
+
+// TestTwoAgentsKillOne runs two echoservers on one relay, then SIGKILLs one.
+func TestTwoAgentsKillOne(t *testing.T) {
+	requireNC(t)
+	e := newEnv(t)
+	r := e.startRelay(nil)
+	a, pa := e.startEcho("127.0.0.1", r.port)
+	_, pb := e.startEcho("127.0.0.1", r.port)
+	if pa == pb {
+		t.Fatalf("both echoservers got public port %d", pa)
+	}
+
+	// Both at once, each with its own data.
+	inA := bytes.Repeat([]byte("agent A\n"), 10000)
+	inB := bytes.Repeat([]byte("agent B\n"), 10000)
+	ncA, ncB := e.nc("127.0.0.1", pa, inA), e.nc("127.0.0.1", pb, inB)
+	for _, c := range []struct {
+		p  *proc
+		in []byte
+	}{{ncA, inA}, {ncB, inB}} {
+		c.p.mustExit(clientTimeout)
+		if c.p.exitCode() != 0 || !bytes.Equal(c.p.stdout.Bytes(), c.in) {
+			t.Errorf("%s: %s, got %d bytes back, want the %d sent; stderr: %q",
+				c.p, c.p.status(), len(c.p.stdout.Bytes()), len(c.in), c.p.stderr)
+		}
+	}
+
+	a.kill()
+	start := time.Now()
+	var last string
+	if !waitFor(5*time.Second, func() bool {
+		var gone bool
+		gone, last = publicPortGone(pa)
+		return gone
+	}) {
+		t.Errorf("public port %d of the SIGKILLed echoserver still accepts and holds connections 5s later (last probe: %s); relay stderr:\n%s",
+			pa, last, r.stderr)
+	} else {
+		t.Logf("public port %d gone %v after SIGKILL: %s", pa, time.Since(start).Round(time.Millisecond), last)
+	}
+	e.ncEcho("127.0.0.1", pb, []byte("B still echoes\n"))
+}
+
+// publicPortGone reports whether port refuses connections or closes them at
+// once, and what the probe saw.
+func publicPortGone(port int) (bool, string) {
+	c, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), 500*time.Millisecond)
+	if err != nil {
+		return errors.Is(err, syscall.ECONNREFUSED), "dial: " + err.Error()
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	n, err := c.Read(make([]byte, 1))
+	var ne net.Error
+	switch {
+	case n > 0:
+		return false, "connected and read a byte"
+	case errors.As(err, &ne) && ne.Timeout():
+		return false, "connected and held open"
+	case err != nil:
+		return true, "connected, then closed at once: " + err.Error()
+	}
+	return false, "connected"
+}
+
+// TestBadCommandLines checks exit statuses and messages of wrong, help and
+// version command lines.
+func TestBadCommandLines(t *testing.T) {
+	relayUsage := regexp.MustCompile(`(?m)^usage: relay \[flags\] PORT\b`)
+	echoUsage := regexp.MustCompile(`(?m)^usage: echoserver \[flags\] RELAYHOST RELAYPORT\b`)
+	for _, tc := range []struct {
+		name  string
+		bin   string
+		args  []string
+		usage *regexp.Regexp
+	}{
+		{"relay_no_args", relayBin, nil, relayUsage},
+		{"relay_notaport", relayBin, []string{"notaport"}, relayUsage},
+		{"relay_70000", relayBin, []string{"70000"}, relayUsage},
+		{"relay_unknown_flag", relayBin, []string{"-nosuchflag", "1234"}, relayUsage},
+		{"echoserver_onlyonearg", echoBin, []string{"onlyonearg"}, echoUsage},
+		{"echoserver_host_notaport", echoBin, []string{"host", "notaport"}, echoUsage},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			p := e.start(tc.bin, tc.args, procOpts{})
+			p.mustExit(10 * time.Second)
+			if p.exitCode() != 2 {
+				t.Errorf("%s: %s, want exit status 2", p, p.status())
+			}
+			if !tc.usage.MatchString(p.stderr.String()) {
+				t.Errorf("%s: stderr has no line matching %s:\n%s", p, tc.usage, p.stderr)
+			}
+			if strings.Contains(p.stderr.String(), "panic") {
+				t.Errorf("%s: stderr mentions a panic:\n%s", p, p.stderr)
+			}
+			t.Logf("%s: %s; stderr: %q", p, p.status(), p.stderr)
+		})
+	}
+
+	t.Run("relay_-h", func(t *testing.T) {
+		e := newEnv(t)
+		p := e.start(relayBin, []string{"-h"}, procOpts{})
+		p.mustExit(10 * time.Second)
+		if p.exitCode() != 0 {
+			t.Errorf("%s: %s, want exit status 0", p, p.status())
+		}
+		out := p.stdout.String() + p.stderr.String()
+		for _, flag := range []string{"bind", "public-host", "ports", "secret", "handshake-timeout",
+			"pickup-timeout", "heartbeat", "drain-timeout", "log-level", "version"} {
+			if !regexp.MustCompile(`(?m)^\s*-` + regexp.QuoteMeta(flag) + `\b`).MatchString(out) {
+				t.Errorf("%s: output does not document -%s:\n%s", p, flag, out)
+			}
+		}
+		if !relayUsage.MatchString(out) {
+			t.Errorf("%s: output has no usage line:\n%s", p, out)
+		}
+	})
+
+	t.Run("relay_-version", func(t *testing.T) {
+		e := newEnv(t)
+		p := e.start(relayBin, []string{"-version"}, procOpts{})
+		p.mustExit(10 * time.Second)
+		if p.exitCode() != 0 {
+			t.Errorf("%s: %s, want exit status 0", p, p.status())
+		}
+		if out := p.stdout.String(); !regexp.MustCompile(`^relay \S+\n$`).MatchString(out) {
+			t.Errorf("%s: stdout %q, want \"relay VERSION\\n\"", p, out)
+		}
+	})
+}
+
+// TestGarbageOnControlPort sends an HTTP request and random bytes to the
+// relay's control port: the relay closes each connection, logs one line for
+// it, and keeps serving agents registered before and after.
+func TestGarbageOnControlPort(t *testing.T) {
+	requireNC(t)
+	e := newEnv(t)
+	r := e.startRelay(nil)
+	_, before := e.startEcho("127.0.0.1", r.port)
+	e.ncEcho("127.0.0.1", before, []byte("before the garbage\n"))
+
+	junk := make([]byte, 1024)
+	rand.Read(junk)
+	var garbage []*proc
+	for _, in := range [][]byte{[]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), junk} {
+		p := e.start("nc", []string{"-N", "127.0.0.1", strconv.Itoa(r.port)}, procOpts{stdinPipe: true})
+		if _, err := p.stdin.Write(in); err != nil {
+			t.Fatalf("write to %s: %v", p, err)
+		}
+		garbage = append(garbage, p)
+	}
+	// stdin stays open, so nc exits only if the relay closes the connection.
+	for _, p := range garbage {
+		p.mustExit(5 * time.Second)
+		p.stdin.Close()
+		t.Logf("%s: %s; stdout %q, stderr %q", p, p.status(), p.stdout, p.stderr)
+	}
+
+	drops := func() []string {
+		var out []string
+	lines:
+		for _, l := range strings.Split(r.stderr.String(), "\n") {
+			if !strings.Contains(l, "dropped connection") {
+				continue
+			}
+			for _, a := range r.readyAddrs { // the readiness probes' own connections
+				if strings.Contains(l+" ", "remote="+a+" ") {
+					continue lines
+				}
+			}
+			out = append(out, l)
+		}
+		return out
+	}
+	if !waitFor(5*time.Second, func() bool { return len(drops()) >= 2 }) {
+		t.Errorf("relay logged %d \"dropped connection\" lines for the 2 garbage connections within 5s, want 2; stderr:\n%s", len(drops()), r.stderr)
+	}
+
+	e.ncEcho("127.0.0.1", before, []byte("after the garbage, old agent\n"))
+	_, after := e.startEcho("127.0.0.1", r.port)
+	e.ncEcho("127.0.0.1", after, []byte("after the garbage, new agent\n"))
+
+	if d := drops(); len(d) != 2 {
+		t.Errorf("relay logged %d \"dropped connection\" lines, want exactly 2 (one per garbage connection):\n%s", len(d), strings.Join(d, "\n"))
+	} else {
+		t.Logf("relay logged:\n%s", strings.Join(d, "\n"))
+	}
+}
