@@ -284,7 +284,8 @@ func (t *tunnel) handleClient(c net.Conn) {
 	s.pending[p.token] = p
 	s.mu.Unlock()
 
-	err := t.sess.send(&proto.Incoming{Tunnel: t.id, Token: p.token, Client: c.RemoteAddr().String()})
+	err := t.sess.send(&proto.Incoming{Tunnel: t.id, Token: p.token,
+		Client: c.RemoteAddr().String(), Local: c.LocalAddr().String()})
 	if err != nil {
 		t.sess.close() // also closes c, which is pending
 	}

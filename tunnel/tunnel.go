@@ -68,6 +68,10 @@ type Config struct {
 	Logger *slog.Logger
 }
 
+// maxAgentLen keeps Hello well inside the relay's pre-authentication frame
+// limit.
+const maxAgentLen = 256
+
 func (c *Config) dialTimeout() time.Duration {
 	if c.DialTimeout <= 0 {
 		return 10 * time.Second
@@ -183,6 +187,7 @@ func (l *Listener) handshake(dialedHost string) (time.Duration, error) {
 	if agent == "" {
 		agent = "tcprelay-go"
 	}
+	agent = agent[:min(len(agent), maxAgentLen)]
 	// Preamble and Hello leave in one segment.
 	l.wbuf = append(l.wbuf[:0], proto.Preamble()...)
 	if err := l.send(&proto.Hello{Agent: agent}); err != nil {
@@ -368,7 +373,7 @@ func (l *Listener) openData(m *proto.Incoming) {
 		return
 	}
 	c.SetWriteDeadline(time.Time{})
-	conn := &Conn{TCPConn: c.(*net.TCPConn), local: l.addr, remote: parseAddr(m.Client)}
+	conn := &Conn{TCPConn: c.(*net.TCPConn), local: parseAddr(m.Local), remote: parseAddr(m.Client)}
 	select {
 	case l.conns <- conn:
 	case <-l.done:
@@ -432,5 +437,6 @@ type Conn struct {
 // RemoteAddr is the outside client's address, as the relay saw it.
 func (c *Conn) RemoteAddr() net.Addr { return c.remote }
 
-// LocalAddr is the public address the client connected to.
+// LocalAddr is the relay's address that the client connected to, as an IP
+// address and port (Listener.Addr gives the advertised name, if any).
 func (c *Conn) LocalAddr() net.Addr { return c.local }

@@ -77,7 +77,8 @@ func (e *Error) Error() string { return fmt.Sprintf("relay error %d: %s", e.Code
 type Incoming struct {
 	Tunnel uint32
 	Token  [TokenLen]byte
-	Client string // the outside client's address, host:port
+	Client string // the outside client's address, ip:port
+	Local  string // the relay address the client connected to, ip:port
 }
 
 // Close releases a tunnel's public port.
@@ -134,7 +135,8 @@ func (m *Error) AppendPayload(b []byte) []byte {
 func (m *Incoming) AppendPayload(b []byte) []byte {
 	b = binary.BigEndian.AppendUint32(b, m.Tunnel)
 	b = append(b, m.Token[:]...)
-	return appendString(b, m.Client)
+	b = appendString(b, m.Client)
+	return appendString(b, m.Local)
 }
 func (m *Close) AppendPayload(b []byte) []byte  { return binary.BigEndian.AppendUint32(b, m.Tunnel) }
 func (m *Ping) AppendPayload(b []byte) []byte   { return binary.BigEndian.AppendUint64(b, m.Data) }
@@ -184,6 +186,7 @@ func Parse(t Type, payload []byte) (Message, error) {
 		v := &Incoming{Tunnel: d.u32()}
 		d.bytes(v.Token[:])
 		v.Client = d.string()
+		v.Local = d.string()
 		m = v
 	case TypeClose:
 		m = &Close{Tunnel: d.u32()}

@@ -120,11 +120,15 @@ func CheckPreamble(b []byte) error {
 	return nil
 }
 
-// ParseHeader decodes a frame header and checks the payload length against max.
+// ParseHeader decodes a frame header (HeaderLen bytes) and checks the
+// payload length against max.
 func ParseHeader(h []byte, max int) (Type, int, error) {
+	if len(h) < HeaderLen {
+		return 0, 0, ErrShortPayload
+	}
 	t := Type(h[0])
 	n := binary.BigEndian.Uint32(h[1:5])
-	if uint64(n) > uint64(max) {
+	if max < 0 || uint64(n) > uint64(max) {
 		return t, 0, fmt.Errorf("%w: %s frame of %d bytes (limit %d)", ErrFrameTooBig, t, n, max)
 	}
 	return t, int(n), nil
