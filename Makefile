@@ -1,6 +1,6 @@
 VERSION  := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -X tcprelay/internal/cli.Version=$(VERSION)
-BINARIES := relay echoserver
+BINARIES := relay echoserver expose
 FUZZTIME ?= 10s
 
 .PHONY: all test fuzz clean $(BINARIES)

@@ -2,4 +2,7 @@ module tcprelay
 
 go 1.26.0
 
-require golang.org/x/net v0.62.0 // indirect
+require (
+	github.com/pires/go-proxyproto v0.15.0
+	golang.org/x/net v0.62.0
+)

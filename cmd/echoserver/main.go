@@ -4,14 +4,11 @@ package main
 
 import (
 	"context"
-	"errors"
 	"io"
 	"net"
 	"os"
 	"os/signal"
-	"sync"
 	"syscall"
-	"time"
 
 	"tcprelay/internal/cli"
 	"tcprelay/tunnel"
@@ -39,29 +36,8 @@ func main() {
 	}
 	cli.Announce(os.Stdout, ln.Addr())
 	context.AfterFunc(ctx, func() { ln.Close() })
-
-	var wg sync.WaitGroup
-	for {
-		conn, err := ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				break
-			}
-			c.Fatal(err)
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			echo(conn)
-		}()
-	}
-	log.Info("shutting down: waiting for open connections", "deadline", *drain)
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(*drain):
-		log.Warn("drain deadline reached")
+	if err := cli.Serve(ln, echo, *drain, log); err != nil {
+		c.Fatal(err)
 	}
 }
 

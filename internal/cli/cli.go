@@ -4,6 +4,7 @@
 package cli
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -12,6 +13,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 )
 
 // Version is set at build time by the Makefile (-ldflags -X).
@@ -132,4 +135,37 @@ func PortRange(s string) (lo, hi int, err error) {
 		return 0, 0, fmt.Errorf("bad port range %q: %d > %d", s, lo, hi)
 	}
 	return lo, hi, nil
+}
+
+// Serve accepts from ln until it is closed, running handle for each conn in
+// its own goroutine. After the listener closes it waits up to drain for the
+// handlers to return. It returns nil if the listener was closed (by the
+// caller, e.g. on a signal), else the Accept error.
+func Serve(ln net.Listener, handle func(net.Conn), drain time.Duration, log *slog.Logger) error {
+	var wg sync.WaitGroup
+	var err error
+	for {
+		var c net.Conn
+		c, err = ln.Accept()
+		if err != nil {
+			break
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			handle(c)
+		}()
+	}
+	if errors.Is(err, net.ErrClosed) {
+		err = nil
+	}
+	log.Info("stopped accepting: waiting for open connections", "deadline", drain)
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(drain):
+		log.Warn("drain deadline reached: closing open connections")
+	}
+	return err
 }

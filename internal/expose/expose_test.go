@@ -1,0 +1,215 @@
+package expose
+
+import (
+	"bytes"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	pp "github.com/pires/go-proxyproto"
+
+	"tcprelay/internal/testutil"
+	"tcprelay/server"
+	"tcprelay/tunnel"
+)
+
+// lockedBuffer collects log output from several goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// setup runs a relay and a tunnel whose connections fw handles; it returns
+// the public address.
+func setup(t *testing.T, fw *Forwarder) string {
+	t.Helper()
+	relay := testutil.StartRelay(t, server.Config{})
+	cfg := tunnel.Config{Logger: testutil.Logger(t)}
+	ln, err := cfg.Listen(testutil.Context(t), relay.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() { defer wg.Done(); fw.Handle(c) }()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	return ln.Addr().String()
+}
+
+// serve runs handle for each conn accepted on ln until the test ends.
+func serve(t *testing.T, ln net.Listener, handle func(net.Conn)) {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() { defer wg.Done(); defer c.Close(); handle(c) }()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+}
+
+func echo(c net.Conn) {
+	io.Copy(c, c)
+	c.(*net.TCPConn).CloseWrite()
+}
+
+func listenLocal(t *testing.T, addr string) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ln
+}
+
+// roundTrip sends msg, half-closes, and returns all that comes back.
+func roundTrip(t *testing.T, addr, msg string) string {
+	t.Helper()
+	c := testutil.Dial(t, addr)
+	defer c.Close()
+	c.Write([]byte(msg))
+	c.CloseWrite()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	return string(b)
+}
+
+func TestForwardHalfClose(t *testing.T) {
+	testutil.CheckLeaks(t)
+	target := listenLocal(t, "127.0.0.1:0")
+	serve(t, target, echo)
+	pub := setup(t, &Forwarder{Target: target.Addr().String(), Logger: testutil.Logger(t)})
+	if got := roundTrip(t, pub, "hello target"); got != "hello target" {
+		t.Fatalf("got %q", got)
+	}
+}
+
+// TestTargetDownThenBack: while the target refuses connections each client
+// is closed promptly with a log line; once it is back, clients are served.
+func TestTargetDownThenBack(t *testing.T) {
+	testutil.CheckLeaks(t)
+	probe := listenLocal(t, "127.0.0.1:0")
+	targetAddr := probe.Addr().String()
+	probe.Close() // nothing listens there now
+
+	var logs lockedBuffer
+	fw := &Forwarder{Target: targetAddr, Logger: slog.New(slog.NewTextHandler(&logs, nil))}
+	pub := setup(t, fw)
+	for range 3 {
+		if got := roundTrip(t, pub, "anyone?"); got != "" {
+			t.Fatalf("got %q from a target that is down", got)
+		}
+	}
+	if n := strings.Count(logs.String(), "target unreachable"); n != 3 {
+		t.Fatalf("%d 'target unreachable' log lines for 3 refused clients:\n%s", n, logs.String())
+	}
+
+	target := listenLocal(t, targetAddr)
+	serve(t, target, echo)
+	if got := roundTrip(t, pub, "back"); got != "back" {
+		t.Fatalf("after the target came back: got %q", got)
+	}
+}
+
+// hangingListener is a listening socket with a backlog of 0 whose queue we
+// fill, so further connection attempts hang in SYN-SENT: a target that is up
+// but never answers.
+func hangingListener(t *testing.T) string {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, _ := syscall.Getsockname(fd)
+	addr := (&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: sa.(*syscall.SockaddrInet4).Port}).String()
+	for i := 0; ; i++ {
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err != nil {
+			return addr // the queue is full: dials hang now
+		}
+		t.Cleanup(func() { c.Close() })
+		if i > 16 {
+			t.Skip("could not fill a listen queue of 0 on this kernel")
+		}
+	}
+}
+
+func TestSlowTargetDialTimeout(t *testing.T) {
+	testutil.CheckLeaks(t)
+	var logs lockedBuffer
+	fw := &Forwarder{Target: hangingListener(t), DialTimeout: 300 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))}
+	pub := setup(t, fw)
+	if got := roundTrip(t, pub, "hello?"); got != "" {
+		t.Fatalf("got %q from a target that never answers", got)
+	}
+	if !strings.Contains(logs.String(), "target unreachable") || !strings.Contains(logs.String(), "timeout") {
+		t.Fatalf("want a log line naming the timeout, got:\n%s", logs.String())
+	}
+}
+
+// TestProxyProtocol: a target that parses PROXY headers with an independent
+// library sees the outside client's address as the connection's source.
+func TestProxyProtocol(t *testing.T) {
+	for _, version := range []int{1, 2} {
+		t.Run("v"+string(rune('0'+version)), func(t *testing.T) {
+			testutil.CheckLeaks(t)
+			inner := listenLocal(t, "127.0.0.1:0")
+			target := &pp.Listener{Listener: inner}
+			serve(t, target, func(c net.Conn) {
+				io.WriteString(c, c.RemoteAddr().String())
+				io.Copy(io.Discard, c)
+			})
+			pub := setup(t, &Forwarder{Target: inner.Addr().String(), ProxyProtocol: version, Logger: testutil.Logger(t)})
+			client := testutil.Dial(t, pub)
+			client.CloseWrite()
+			got := testutil.ReadAllTimeout(t, client, 5*time.Second)
+			if want := client.LocalAddr().String(); string(got) != want {
+				t.Fatalf("target saw client %q, want %q", got, want)
+			}
+		})
+	}
+}
