@@ -13,18 +13,16 @@
 package tunnel
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"strconv"
 	"sync"
 	"time"
-
-	"tcprelay/internal/proto"
 )
 
 // Errors returned by Listen; they wrap the relay's own message.
@@ -39,7 +37,8 @@ var (
 	ErrShuttingDown = errors.New("relay shutting down")
 	// ErrProtocol: the relay said something this library does not understand.
 	ErrProtocol = errors.New("relay protocol error")
-	// ErrRelayLost: the control connection to the relay ended.
+	// ErrRelayLost: the control connection to the relay ended and
+	// Config.DisableReconnect is set.
 	ErrRelayLost = errors.New("connection to relay lost")
 )
 
@@ -61,6 +60,19 @@ type Config struct {
 	// WriteTimeout bounds each write on the control connection. If zero, 10s.
 	WriteTimeout time.Duration
 
+	// OnAddr, if set, is called with the public address each time the
+	// Listener registers again after losing the relay (the first address is
+	// Addr's). It runs on the Listener's own goroutine and must not block.
+	OnAddr func(net.Addr)
+
+	// DisableReconnect makes Accept fail with ErrRelayLost when the control
+	// connection ends, instead of reconnecting.
+	DisableReconnect bool
+
+	// MaxBackoff caps the wait between reconnection attempts, which starts
+	// at 250ms and doubles, with jitter. If zero, 30s.
+	MaxBackoff time.Duration
+
 	// Agent names this software in the relay's logs. If empty, "tcprelay-go".
 	Agent string
 
@@ -77,6 +89,15 @@ func (c *Config) dialTimeout() time.Duration {
 		return 10 * time.Second
 	}
 	return c.DialTimeout
+}
+
+func (c *Config) minBackoff() time.Duration { return min(250*time.Millisecond, c.maxBackoff()) }
+
+func (c *Config) maxBackoff() time.Duration {
+	if c.MaxBackoff <= 0 {
+		return 30 * time.Second
+	}
+	return c.MaxBackoff
 }
 
 func (c *Config) writeTimeout() time.Duration {
@@ -104,22 +125,25 @@ func (a *Addr) Network() string { return "tcp" }
 func (a *Addr) String() string  { return net.JoinHostPort(a.Host, strconv.Itoa(a.Port)) }
 
 // Listener is a net.Listener for a relay's public port. It is safe for
-// concurrent use.
+// concurrent use. When the control connection to the relay is lost, the
+// Listener reconnects by itself and asks for the same public port; Accept
+// keeps waiting meanwhile, and connections already relayed keep flowing.
 type Listener struct {
-	cfg      Config
-	log      *slog.Logger
-	addr     *Addr
-	dataAddr string // where data connections are dialed: the relay's resolved control address
-	conn     net.Conn
-	br       *bufio.Reader
+	cfg        Config
+	log        *slog.Logger
+	relayAddr  string
+	dialedHost string
 
-	wmu  sync.Mutex
-	wbuf []byte
+	mu   sync.Mutex
+	addr *Addr    // current public address
+	ctl  *control // current control connection; nil while reconnecting
 
-	conns     chan net.Conn // data connections ready for Accept
-	done      chan struct{} // closed by Close
-	lost      chan struct{} // closed when the control connection ends
-	lostErr   error         // why; set before lost is closed
+	conns     chan net.Conn   // data connections ready for Accept
+	ctx       context.Context // cancelled by Close
+	cancel    context.CancelFunc
+	done      <-chan struct{} // ctx.Done()
+	failed    chan struct{}   // closed when the Listener gives up
+	failErr   error           // why; set before failed is closed
 	closeOnce sync.Once
 	wg        sync.WaitGroup
 }
@@ -127,259 +151,114 @@ type Listener struct {
 var _ net.Listener = (*Listener)(nil)
 
 // Listen registers with the relay at relayAddr and opens a public port. It
-// returns once the relay has bound the port, so Addr is final.
+// returns once the relay has bound the port, so Addr is final until a
+// reconnection (see Config.OnAddr). It fails at once if the relay cannot be
+// reached or refuses: retrying the first registration is the caller's call.
 func (c *Config) Listen(ctx context.Context, relayAddr string) (*Listener, error) {
 	host, _, err := net.SplitHostPort(relayAddr)
 	if err != nil {
 		return nil, fmt.Errorf("relay address %q: %w", relayAddr, err)
 	}
-	ctx, cancel := context.WithTimeout(ctx, c.dialTimeout())
-	defer cancel()
-	d := net.Dialer{KeepAlive: 15 * time.Second}
-	conn, err := d.DialContext(ctx, "tcp", relayAddr)
-	if err != nil {
-		return nil, fmt.Errorf("dial relay: %w", err)
-	}
 	l := &Listener{
-		cfg:      *c,
-		log:      c.Logger,
-		dataAddr: conn.RemoteAddr().String(),
-		conn:     conn,
-		br:       bufio.NewReader(conn),
-		conns:    make(chan net.Conn),
-		done:     make(chan struct{}),
-		lost:     make(chan struct{}),
+		cfg:        *c,
+		log:        c.Logger,
+		relayAddr:  relayAddr,
+		dialedHost: host,
+		conns:      make(chan net.Conn),
+		failed:     make(chan struct{}),
 	}
+	l.ctx, l.cancel = context.WithCancel(context.Background())
+	l.done = l.ctx.Done()
 	if l.log == nil {
 		l.log = slog.Default()
 	}
-	// A cancelled ctx unblocks the handshake's reads and writes.
-	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
-	hb, err := l.handshake(host)
-	if !stop() || err != nil {
-		conn.Close()
-		if err == nil || ctx.Err() != nil {
-			err = fmt.Errorf("relay handshake: %w", context.Cause(ctx))
-		}
+	ctl, addr, err := l.dial(ctx, c.Port, c.PortRequired)
+	if err != nil {
+		l.cancel()
 		return nil, err
 	}
-	conn.SetDeadline(time.Time{})
-
+	l.addr, l.ctl = addr, ctl
 	l.wg.Add(1)
 	go func() {
 		defer l.wg.Done()
-		l.readLoop(hb)
+		l.run(ctl)
 	}()
-	if hb > 0 {
-		l.wg.Add(1)
-		go func() {
-			defer l.wg.Done()
-			l.pingLoop(hb)
-		}()
-	}
 	return l, nil
 }
 
-// handshake authenticates and opens the tunnel; it returns the heartbeat
-// interval the relay asked for.
-func (l *Listener) handshake(dialedHost string) (time.Duration, error) {
-	agent := l.cfg.Agent
-	if agent == "" {
-		agent = "tcprelay-go"
-	}
-	agent = agent[:min(len(agent), maxAgentLen)]
-	// Preamble and Hello leave in one segment.
-	l.wbuf = append(l.wbuf[:0], proto.Preamble()...)
-	if err := l.send(&proto.Hello{Agent: agent}); err != nil {
-		return 0, fmt.Errorf("send hello: %w", err)
-	}
-	m, err := l.expect(proto.TypeChallenge)
-	if err != nil {
-		return 0, fmt.Errorf("read challenge: %w", err)
-	}
-	mac := proto.AuthMAC(l.cfg.Secret, m.(*proto.Challenge).Nonce)
-	if err := l.send(&proto.Auth{MAC: mac}); err != nil {
-		return 0, fmt.Errorf("send auth: %w", err)
-	}
-	m, err = l.expect(proto.TypeWelcome)
-	if err != nil {
-		return 0, err
-	}
-	hb := time.Duration(m.(*proto.Welcome).HeartbeatMillis) * time.Millisecond
-
-	req := &proto.Listen{ID: 1, Port: uint16(l.cfg.Port)}
-	if l.cfg.PortRequired {
-		req.Flags |= proto.ListenPortRequired
-	}
-	if err := l.send(req); err != nil {
-		return 0, fmt.Errorf("send listen: %w", err)
-	}
-	m, err = l.expect(proto.TypeListenOK)
-	if err != nil {
-		return 0, err
-	}
-	ok := m.(*proto.ListenOK)
-	l.addr = &Addr{Host: ok.Host, Port: int(ok.Port)}
-	if l.addr.Host == "" {
-		l.addr.Host = dialedHost
-	}
-	return hb, nil
-}
-
-// expect reads frames until one of type want, skipping pings and unknown
-// types; an Error frame becomes the matching sentinel error.
-func (l *Listener) expect(want proto.Type) (proto.Message, error) {
+// run serves the control connection and, each time it is lost, reconnects
+// with capped exponential backoff and jitter, asking for the same port.
+func (l *Listener) run(ctl *control) {
 	for {
-		t, payload, err := proto.ReadFrame(l.br, nil, proto.DefaultMaxPayload)
-		if err != nil {
-			return nil, err
-		}
-		m, err := proto.Parse(t, payload)
-		if errors.Is(err, proto.ErrUnknownType) {
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("%w: %v", ErrProtocol, err)
-		}
-		switch m := m.(type) {
-		case *proto.Error:
-			return nil, relayError(m)
-		case *proto.GoAway:
-			return nil, fmt.Errorf("%w: %s", ErrShuttingDown, m.Message)
-		case *proto.Ping:
-			if err := l.send(&proto.Pong{Data: m.Data}); err != nil {
-				return nil, err
-			}
-			continue
-		}
-		if t != want {
-			return nil, fmt.Errorf("%w: got %s, want %s", ErrProtocol, t, want)
-		}
-		return m, nil
-	}
-}
-
-func relayError(e *proto.Error) error {
-	var sentinel error
-	switch e.Code {
-	case proto.CodeAuthFailed:
-		sentinel = ErrAuthFailed
-	case proto.CodePortUnavailable:
-		sentinel = ErrPortUnavailable
-	case proto.CodeLimit:
-		sentinel = ErrLimit
-	case proto.CodeShuttingDown:
-		sentinel = ErrShuttingDown
-	default:
-		sentinel = ErrProtocol
-	}
-	return fmt.Errorf("%w: relay says: %s", sentinel, e.Message)
-}
-
-// send writes one frame (after anything already in wbuf) under the write
-// timeout.
-func (l *Listener) send(m proto.Message) error {
-	l.wmu.Lock()
-	defer l.wmu.Unlock()
-	l.wbuf = proto.Append(l.wbuf, m)
-	l.conn.SetWriteDeadline(time.Now().Add(l.cfg.writeTimeout()))
-	_, err := l.conn.Write(l.wbuf)
-	l.wbuf = l.wbuf[:0]
-	return err
-}
-
-// readLoop serves the relay's frames until the control connection ends.
-func (l *Listener) readLoop(hb time.Duration) {
-	var err error
-	defer func() {
-		l.lostErr = fmt.Errorf("%w: %v", ErrRelayLost, err)
-		close(l.lost)
-		l.conn.Close()
-	}()
-	buf := make([]byte, 0, 256)
-	for {
-		if hb > 0 {
-			l.conn.SetReadDeadline(time.Now().Add(3 * hb))
-		}
-		var t proto.Type
-		var payload []byte
-		t, payload, err = proto.ReadFrame(l.br, buf, proto.DefaultMaxPayload)
-		if err != nil {
+		err := ctl.serve()
+		l.mu.Lock()
+		l.ctl = nil
+		port := l.addr.Port
+		l.mu.Unlock()
+		if l.isClosed() {
 			return
 		}
-		m, perr := proto.Parse(t, payload)
-		if perr != nil {
-			if errors.Is(perr, proto.ErrUnknownType) {
-				continue
-			}
-			err = fmt.Errorf("%w: %v", ErrProtocol, perr)
+		if l.cfg.DisableReconnect {
+			l.fail(fmt.Errorf("%w: %v", ErrRelayLost, err))
 			return
 		}
-		switch m := m.(type) {
-		case *proto.Incoming:
-			l.wg.Add(1)
-			go func() {
-				defer l.wg.Done()
-				l.openData(m)
-			}()
-		case *proto.Ping:
-			if err = l.send(&proto.Pong{Data: m.Data}); err != nil {
-				return
-			}
-		case *proto.GoAway:
-			l.log.Info("relay is going away", "reason", m.Message)
-		case *proto.Error:
-			if m.ID == 0 {
-				err = relayError(m)
-				return
-			}
-			l.log.Warn("relay reported an error", "err", relayError(m))
+		l.log.Warn("lost the relay; reconnecting", "relay", l.relayAddr, "err", err)
+		var addr *Addr
+		if ctl, addr = l.reconnect(port); ctl == nil {
+			return
+		}
+		l.mu.Lock()
+		if l.isClosed() {
+			// Close ran after the dial: it could not see this conn.
+			l.mu.Unlock()
+			ctl.conn.Close()
+			return
+		}
+		old := l.addr
+		l.addr, l.ctl = addr, ctl
+		l.mu.Unlock()
+		l.log.Info("registered with the relay again", "addr", addr.String(), "same_port", addr.Port == old.Port)
+		if l.cfg.OnAddr != nil {
+			l.cfg.OnAddr(addr)
 		}
 	}
 }
 
-func (l *Listener) pingLoop(every time.Duration) {
-	tick := time.NewTicker(every)
-	defer tick.Stop()
-	for seq := uint64(1); ; seq++ {
+// reconnect dials until it registers again, the Listener is closed (nil),
+// or the relay refuses for good (nil, after fail).
+func (l *Listener) reconnect(port int) (*control, *Addr) {
+	delay := l.cfg.minBackoff()
+	for attempt := 1; ; attempt++ {
+		// Full jitter over the upper half: agents cut off together do not
+		// come back together.
+		wait := delay/2 + time.Duration(rand.Int64N(int64(delay/2)+1))
 		select {
-		case <-l.lost:
-			return
-		case <-tick.C:
-			if l.send(&proto.Ping{Data: seq}) != nil {
-				l.conn.Close()
-				return
-			}
+		case <-l.done:
+			return nil, nil
+		case <-time.After(wait):
 		}
+		ctl, addr, err := l.dial(l.ctx, port, l.cfg.PortRequired)
+		if err == nil {
+			return ctl, addr
+		}
+		if l.isClosed() {
+			return nil, nil
+		}
+		if errors.Is(err, ErrAuthFailed) {
+			l.fail(err)
+			return nil, nil
+		}
+		l.log.Warn("reconnect failed", "attempt", attempt, "err", err, "next_in", min(2*delay, l.cfg.maxBackoff()))
+		delay = min(2*delay, l.cfg.maxBackoff())
 	}
 }
 
-// openData dials the relay for one outside client, binds the connection to
-// it with the token, and hands the connection to Accept. The relay sends no
-// acknowledgement: raw bytes follow the Attach frame at once, so the new
-// connection costs one TCP handshake and no further round trip.
-func (l *Listener) openData(m *proto.Incoming) {
-	d := net.Dialer{Timeout: l.cfg.dialTimeout(), KeepAlive: 15 * time.Second}
-	c, err := d.Dial("tcp", l.dataAddr)
-	if err != nil {
-		l.log.Warn("data connection to relay failed", "client", m.Client, "err", err)
-		return
-	}
-	frame := proto.Append(proto.Preamble(), &proto.Attach{Token: m.Token})
-	c.SetWriteDeadline(time.Now().Add(l.cfg.writeTimeout()))
-	if _, err := c.Write(frame); err != nil {
-		l.log.Warn("data connection to relay failed", "client", m.Client, "err", err)
-		c.Close()
-		return
-	}
-	c.SetWriteDeadline(time.Time{})
-	conn := &Conn{TCPConn: c.(*net.TCPConn), local: parseAddr(m.Local), remote: parseAddr(m.Client)}
-	select {
-	case l.conns <- conn:
-	case <-l.done:
-		c.Close()
-	}
+func (l *Listener) fail(err error) {
+	l.failErr = err
+	close(l.failed)
 }
+
+func (l *Listener) isClosed() bool { return l.ctx.Err() != nil }
 
 func parseAddr(s string) net.Addr {
 	if ap, err := netip.ParseAddrPort(s); err == nil {
@@ -394,37 +273,45 @@ func (a stringAddr) Network() string { return "tcp" }
 func (a stringAddr) String() string  { return string(a) }
 
 // Accept waits for the next outside client. After Close it returns an error
-// that errors.Is(err, net.ErrClosed); after the relay connection is lost, one
-// that errors.Is(err, ErrRelayLost).
+// that errors.Is(err, net.ErrClosed). It returns another error only when the
+// Listener gives up on the relay: the relay refused the secret on
+// reconnection (ErrAuthFailed), or the connection was lost with
+// DisableReconnect set (ErrRelayLost).
 func (l *Listener) Accept() (net.Conn, error) {
 	select {
 	case c := <-l.conns:
 		return c, nil
 	case <-l.done:
-		return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: l.addr, Err: net.ErrClosed}
-	case <-l.lost:
-		select {
-		case <-l.done:
-			return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: l.addr, Err: net.ErrClosed}
-		default:
-			return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: l.addr, Err: l.lostErr}
+	case <-l.failed:
+		if !l.isClosed() {
+			return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: l.Addr(), Err: l.failErr}
 		}
 	}
+	return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: l.Addr(), Err: net.ErrClosed}
 }
 
 // Close releases the public port and unblocks Accept. Connections already
 // accepted stay open, as with any net.Listener.
 func (l *Listener) Close() error {
 	l.closeOnce.Do(func() {
-		close(l.done)
-		l.conn.Close()
+		l.cancel()
+		l.mu.Lock()
+		if l.ctl != nil {
+			l.ctl.conn.Close()
+		}
+		l.mu.Unlock()
 		l.wg.Wait()
 	})
 	return nil
 }
 
-// Addr returns the public address outside clients connect to.
-func (l *Listener) Addr() net.Addr { return l.addr }
+// Addr returns the public address outside clients connect to. It changes
+// only if a reconnection could not get the same port back.
+func (l *Listener) Addr() net.Addr {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.addr
+}
 
 // Conn is a relayed connection to one outside client. It embeds the data
 // connection's *net.TCPConn, so CloseWrite works and io.Copy still uses

@@ -248,12 +248,13 @@ func waitRefused(t *testing.T, addr string) {
 	}
 }
 
-// TestRelayGoneEndsAccept: when the relay closes, Accept returns an error
-// wrapping ErrRelayLost (not net.ErrClosed: the caller did not close it).
+// TestRelayGoneEndsAccept: without reconnection, when the relay closes,
+// Accept returns an error wrapping ErrRelayLost (not net.ErrClosed: the
+// caller did not close it).
 func TestRelayGoneEndsAccept(t *testing.T) {
 	testutil.CheckLeaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
-	ln := listen(t, relay.Addr, tunnel.Config{})
+	ln := listen(t, relay.Addr, tunnel.Config{DisableReconnect: true})
 	relay.Close()
 	_, err := ln.Accept()
 	if !errors.Is(err, tunnel.ErrRelayLost) || errors.Is(err, net.ErrClosed) {

@@ -48,7 +48,8 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	cfg := tunnel.Config{Secret: c.Secret(), Port: *port, Agent: "expose/" + cli.Version, Logger: log}
+	cfg := tunnel.Config{Secret: c.Secret(), Port: *port, Agent: "expose/" + cli.Version, Logger: log,
+		OnAddr: func(a net.Addr) { cli.Announce(os.Stdout, a) }}
 	ln, err := cfg.Listen(ctx, relayAddr)
 	if err != nil {
 		c.Fatal(err)

@@ -28,10 +28,17 @@ type Relay struct {
 // Unless cfg sets one, logs go to the test log at debug level.
 func StartRelay(t testing.TB, cfg server.Config) *Relay {
 	t.Helper()
+	return StartRelayAt(t, "127.0.0.1:0", cfg)
+}
+
+// StartRelayAt is StartRelay on a given address, e.g. the address of a relay
+// that was closed, to play a restart.
+func StartRelayAt(t testing.TB, addr string, cfg server.Config) *Relay {
+	t.Helper()
 	if cfg.Logger == nil {
 		cfg.Logger = Logger(t)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,258 @@
+package tunnel
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+
+	"tcprelay/internal/proto"
+)
+
+// control is one control connection to the relay, from the handshake until
+// it ends. A Listener replaces it when it reconnects.
+type control struct {
+	l        *Listener
+	conn     net.Conn
+	br       *bufio.Reader
+	dataAddr string        // where data connections go: the relay's resolved address
+	hb       time.Duration // heartbeat the relay asked for; 0: none
+
+	wmu  sync.Mutex
+	wbuf []byte
+}
+
+// dial connects to the relay, authenticates, and opens the tunnel on port
+// (0: any). The handshake is bounded by the dial timeout and by ctx.
+func (l *Listener) dial(ctx context.Context, port int, required bool) (*control, *Addr, error) {
+	ctx, cancel := context.WithTimeout(ctx, l.cfg.dialTimeout())
+	defer cancel()
+	d := net.Dialer{KeepAlive: 15 * time.Second}
+	conn, err := d.DialContext(ctx, "tcp", l.relayAddr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("dial relay: %w", err)
+	}
+	c := &control{l: l, conn: conn, br: bufio.NewReader(conn), dataAddr: conn.RemoteAddr().String()}
+	// A cancelled ctx unblocks the handshake's reads and writes.
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	addr, err := c.handshake(port, required)
+	if !stop() || err != nil {
+		conn.Close()
+		if err == nil || ctx.Err() != nil {
+			err = fmt.Errorf("relay handshake: %w", context.Cause(ctx))
+		}
+		return nil, nil, err
+	}
+	conn.SetDeadline(time.Time{})
+	return c, addr, nil
+}
+
+// handshake authenticates and opens the tunnel.
+func (c *control) handshake(port int, required bool) (*Addr, error) {
+	agent := c.l.cfg.Agent
+	if agent == "" {
+		agent = "tcprelay-go"
+	}
+	agent = agent[:min(len(agent), maxAgentLen)]
+	// Preamble and Hello leave in one segment.
+	c.wbuf = append(c.wbuf[:0], proto.Preamble()...)
+	if err := c.send(&proto.Hello{Agent: agent}); err != nil {
+		return nil, fmt.Errorf("send hello: %w", err)
+	}
+	m, err := c.expect(proto.TypeChallenge)
+	if err != nil {
+		return nil, fmt.Errorf("read challenge: %w", err)
+	}
+	mac := proto.AuthMAC(c.l.cfg.Secret, m.(*proto.Challenge).Nonce)
+	if err := c.send(&proto.Auth{MAC: mac}); err != nil {
+		return nil, fmt.Errorf("send auth: %w", err)
+	}
+	m, err = c.expect(proto.TypeWelcome)
+	if err != nil {
+		return nil, err
+	}
+	c.hb = time.Duration(m.(*proto.Welcome).HeartbeatMillis) * time.Millisecond
+
+	req := &proto.Listen{ID: 1, Port: uint16(port)}
+	if required {
+		req.Flags |= proto.ListenPortRequired
+	}
+	if err := c.send(req); err != nil {
+		return nil, fmt.Errorf("send listen: %w", err)
+	}
+	m, err = c.expect(proto.TypeListenOK)
+	if err != nil {
+		return nil, err
+	}
+	ok := m.(*proto.ListenOK)
+	addr := &Addr{Host: ok.Host, Port: int(ok.Port)}
+	if addr.Host == "" {
+		addr.Host = c.l.dialedHost
+	}
+	return addr, nil
+}
+
+// expect reads frames until one of type want, answering pings and skipping
+// unknown types; an Error frame becomes the matching sentinel error.
+func (c *control) expect(want proto.Type) (proto.Message, error) {
+	for {
+		t, payload, err := proto.ReadFrame(c.br, nil, proto.DefaultMaxPayload)
+		if err != nil {
+			return nil, err
+		}
+		m, err := proto.Parse(t, payload)
+		if errors.Is(err, proto.ErrUnknownType) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrProtocol, err)
+		}
+		switch m := m.(type) {
+		case *proto.Error:
+			return nil, relayError(m)
+		case *proto.GoAway:
+			return nil, fmt.Errorf("%w: %s", ErrShuttingDown, m.Message)
+		case *proto.Ping:
+			if err := c.send(&proto.Pong{Data: m.Data}); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		if t != want {
+			return nil, fmt.Errorf("%w: got %s, want %s", ErrProtocol, t, want)
+		}
+		return m, nil
+	}
+}
+
+func relayError(e *proto.Error) error {
+	var sentinel error
+	switch e.Code {
+	case proto.CodeAuthFailed:
+		sentinel = ErrAuthFailed
+	case proto.CodePortUnavailable:
+		sentinel = ErrPortUnavailable
+	case proto.CodeLimit:
+		sentinel = ErrLimit
+	case proto.CodeShuttingDown:
+		sentinel = ErrShuttingDown
+	default:
+		sentinel = ErrProtocol
+	}
+	return fmt.Errorf("%w: relay says: %s", sentinel, e.Message)
+}
+
+// send writes one frame (after anything already in wbuf) under the write
+// timeout.
+func (c *control) send(m proto.Message) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.wbuf = proto.Append(c.wbuf, m)
+	c.conn.SetWriteDeadline(time.Now().Add(c.l.cfg.writeTimeout()))
+	_, err := c.conn.Write(c.wbuf)
+	c.wbuf = c.wbuf[:0]
+	return err
+}
+
+// serve handles the relay's frames, and pings it, until the control
+// connection ends; it returns why.
+func (c *control) serve() error {
+	lost := make(chan struct{})
+	var wg sync.WaitGroup
+	defer func() {
+		close(lost)
+		c.conn.Close()
+		wg.Wait()
+	}()
+	if c.hb > 0 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.pingLoop(lost)
+		}()
+	}
+	buf := make([]byte, 0, 256)
+	for {
+		if c.hb > 0 {
+			// Three silent heartbeats: the relay is dead or cut off.
+			c.conn.SetReadDeadline(time.Now().Add(3 * c.hb))
+		}
+		t, payload, err := proto.ReadFrame(c.br, buf, proto.DefaultMaxPayload)
+		if err != nil {
+			return err
+		}
+		m, err := proto.Parse(t, payload)
+		if errors.Is(err, proto.ErrUnknownType) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("%w: %v", ErrProtocol, err)
+		}
+		switch m := m.(type) {
+		case *proto.Incoming:
+			c.l.wg.Add(1)
+			go func() {
+				defer c.l.wg.Done()
+				c.openData(m)
+			}()
+		case *proto.Ping:
+			if err := c.send(&proto.Pong{Data: m.Data}); err != nil {
+				return err
+			}
+		case *proto.GoAway:
+			return fmt.Errorf("%w: %s", ErrShuttingDown, m.Message)
+		case *proto.Error:
+			if m.ID == 0 {
+				return relayError(m)
+			}
+			c.l.log.Warn("relay reported an error", "err", relayError(m))
+		}
+	}
+}
+
+func (c *control) pingLoop(lost <-chan struct{}) {
+	tick := time.NewTicker(c.hb)
+	defer tick.Stop()
+	for seq := uint64(1); ; seq++ {
+		select {
+		case <-lost:
+			return
+		case <-tick.C:
+			if c.send(&proto.Ping{Data: seq}) != nil {
+				c.conn.Close()
+				return
+			}
+		}
+	}
+}
+
+// openData dials the relay for one outside client, binds the connection to
+// it with the token, and hands the connection to Accept. The relay sends no
+// acknowledgement: raw bytes follow the Attach frame at once, so the new
+// connection costs one TCP handshake and no further round trip.
+func (c *control) openData(m *proto.Incoming) {
+	l := c.l
+	d := net.Dialer{Timeout: l.cfg.dialTimeout(), KeepAlive: 15 * time.Second}
+	conn, err := d.Dial("tcp", c.dataAddr)
+	if err != nil {
+		l.log.Warn("data connection to relay failed", "client", m.Client, "err", err)
+		return
+	}
+	frame := proto.Append(proto.Preamble(), &proto.Attach{Token: m.Token})
+	conn.SetWriteDeadline(time.Now().Add(l.cfg.writeTimeout()))
+	if _, err := conn.Write(frame); err != nil {
+		l.log.Warn("data connection to relay failed", "client", m.Client, "err", err)
+		conn.Close()
+		return
+	}
+	conn.SetWriteDeadline(time.Time{})
+	rc := &Conn{TCPConn: conn.(*net.TCPConn), local: parseAddr(m.Local), remote: parseAddr(m.Client)}
+	select {
+	case l.conns <- rc:
+	case <-l.done:
+		conn.Close()
+	}
+}
