@@ -14,6 +14,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"math"
 	"net"
 	"sync"
 	"time"
@@ -55,6 +56,20 @@ type Config struct {
 	// agent cannot hold up the relay. If zero, 10s.
 	WriteTimeout time.Duration
 
+	// MaxTunnelsPerAgent bounds the public ports one agent (control
+	// connection) may hold. If zero, 16; if negative, unlimited.
+	MaxTunnelsPerAgent int
+
+	// MaxConnsPerTunnel bounds the outside clients of one tunnel, waiting or
+	// relayed; a client past it is closed at once. If zero, 4096; if
+	// negative, unlimited.
+	MaxConnsPerTunnel int
+
+	// MaxPendingPerTunnel bounds the outside clients of one tunnel waiting
+	// for their agent's data connection. If zero, 128; if negative,
+	// unlimited.
+	MaxPendingPerTunnel int
+
 	// MaxFrameSize bounds the payload of control frames after the handshake.
 	// If zero, proto.DefaultMaxPayload.
 	MaxFrameSize int
@@ -76,6 +91,21 @@ func (c *Config) maxFrameSize() int {
 	}
 	return c.MaxFrameSize
 }
+
+// limit applies the zero-means-default, negative-means-unlimited rule.
+func limit(v, def int) int {
+	switch {
+	case v == 0:
+		return def
+	case v < 0:
+		return math.MaxInt
+	}
+	return v
+}
+
+func (c *Config) maxTunnels() int { return limit(c.MaxTunnelsPerAgent, 16) }
+func (c *Config) maxConns() int   { return limit(c.MaxConnsPerTunnel, 4096) }
+func (c *Config) maxPending() int { return limit(c.MaxPendingPerTunnel, 128) }
 
 func orDefault(d, def time.Duration) time.Duration {
 	if d == 0 {
@@ -275,6 +305,7 @@ func (s *Server) attach(c net.Conn, token [proto.TokenLen]byte) bool {
 	s.untrackConn(c)
 	s.mu.Lock()
 	s.links--
+	p.tunnel.conns--
 	if s.links == 0 && s.linksDone != nil {
 		close(s.linksDone)
 		s.linksDone = nil
@@ -299,7 +330,10 @@ type pending struct {
 func (s *Server) takePending(token [proto.TokenLen]byte) *pending {
 	s.mu.Lock()
 	p := s.pending[token]
-	delete(s.pending, token)
+	if p != nil {
+		delete(s.pending, token)
+		p.tunnel.pending--
+	}
 	s.mu.Unlock()
 	return p
 }

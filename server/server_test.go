@@ -368,3 +368,87 @@ func TestShutdownDeadlineClosesStragglers(t *testing.T) {
 	}
 	expectClosed(t, client, 5*time.Second)
 }
+
+func TestTunnelLimitPerAgent(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{MaxTunnelsPerAgent: 2})
+	agent := testutil.NewRawAgent(t, relay.Addr, "")
+	agent.Listen(t, 0)
+	agent.Listen(t, 0)
+	agent.Send(t, proto.Append(nil, &proto.Listen{ID: 9}))
+	e := agent.Expect(t, proto.TypeError).(*proto.Error)
+	if e.ID != 9 || e.Code != proto.CodeLimit {
+		t.Fatalf("third tunnel: %+v, want a limit error for request 9", e)
+	}
+	// The session and another agent are undisturbed.
+	agent.Send(t, proto.Append(nil, &proto.Ping{Data: 5}))
+	if p := agent.Expect(t, proto.TypePong).(*proto.Pong); p.Data != 5 {
+		t.Fatalf("pong %d, want 5", p.Data)
+	}
+	checkEcho(t, echoAgent(t, relay.Addr), "other agent")
+}
+
+func TestConnLimitPerTunnel(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{MaxConnsPerTunnel: 3})
+	pub := echoAgent(t, relay.Addr)
+	var live []*net.TCPConn
+	for i := range 3 {
+		c := testutil.Dial(t, pub)
+		c.Write([]byte{byte(i)})
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+			t.Fatalf("client %d within the limit: %v", i, err)
+		}
+		live = append(live, c)
+	}
+	extra := testutil.Dial(t, pub)
+	extra.Write([]byte("x"))
+	expectClosed(t, extra, 5*time.Second)
+
+	// A finished connection frees its place.
+	live[0].CloseWrite()
+	testutil.ReadAllTimeout(t, live[0], 5*time.Second)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		c := testutil.Dial(t, pub)
+		c.Write([]byte("y"))
+		c.CloseWrite()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if b, _ := io.ReadAll(c); string(b) == "y" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("place not freed after a connection ended")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	echoOK := func(c *net.TCPConn) {
+		c.Write([]byte("z"))
+		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+			t.Fatalf("live connection disturbed by the limit: %v", err)
+		}
+	}
+	echoOK(live[1])
+	echoOK(live[2])
+}
+
+func TestPendingLimitPerTunnel(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{MaxPendingPerTunnel: 2})
+	agent := testutil.NewRawAgent(t, relay.Addr, "") // never picks anyone up
+	pub := agent.Listen(t, 0)
+	w1, w2 := testutil.Dial(t, pub), testutil.Dial(t, pub)
+	agent.ExpectIncoming(t)
+	agent.ExpectIncoming(t)
+	expectClosed(t, testutil.Dial(t, pub), 5*time.Second)
+	// The two waiting clients are still waiting.
+	for _, w := range []*net.TCPConn{w1, w2} {
+		w.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
+		var ne net.Error
+		if _, err := w.Read(make([]byte, 1)); !errors.As(err, &ne) || !ne.Timeout() {
+			t.Fatalf("waiting client closed by another client's refusal: %v", err)
+		}
+	}
+	checkEcho(t, echoAgent(t, relay.Addr), "other tunnel")
+}

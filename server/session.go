@@ -36,6 +36,12 @@ type tunnel struct {
 	sess *session
 	ln   net.Listener
 	port int
+
+	// Guarded by s.mu.
+	conns    int       // outside clients waiting or relayed
+	pending  int       // outside clients waiting
+	refused  int       // clients refused since the last log line about it
+	lastWarn time.Time // when that line was written
 }
 
 // runSession authenticates an agent that sent Hello and serves its requests
@@ -199,6 +205,14 @@ func (ss *session) listen(req *proto.Listen) {
 		s.ports.close(ln)
 		return
 	}
+	if max := s.cfg.maxTunnels(); len(ss.tunnels) >= max {
+		s.mu.Unlock()
+		s.ports.close(ln)
+		err := fmt.Errorf("tunnel limit reached: %d per agent", max)
+		ss.log.Warn("listen request refused", "err", err)
+		ss.send(&proto.Error{ID: req.ID, Code: proto.CodeLimit, Message: err.Error()})
+		return
+	}
 	ss.nextTunnel++
 	t := &tunnel{id: ss.nextTunnel, sess: ss, ln: ln, port: port}
 	ss.tunnels[t.id] = t
@@ -271,16 +285,32 @@ func (t *tunnel) handleClient(c net.Conn) {
 		if s.takePending(p.token) != nil {
 			t.sess.log.Warn("closed outside client: agent did not pick it up in time",
 				"tunnel", t.id, "client", c.RemoteAddr().String(), "timeout", s.cfg.pickupTimeout())
-			s.closeConn(c)
+			s.dropClient(p)
 		}
 	})
 	s.mu.Lock()
-	if t.sess.closed {
+	var refuse string
+	switch {
+	case t.sess.closed:
+		refuse = "tunnel closed"
+	case t.conns >= s.cfg.maxConns():
+		refuse = "tunnel at its connection limit"
+	case t.pending >= s.cfg.maxPending():
+		refuse = "tunnel at its limit of clients waiting for the agent"
+	}
+	if refuse != "" {
+		logNow := t.refusedLocked()
 		s.mu.Unlock()
 		p.timer.Stop()
 		s.closeConn(c)
+		if logNow > 0 {
+			t.sess.log.Warn("closed outside client: "+refuse, "tunnel", t.id, "port", t.port,
+				"conns", s.cfg.maxConns(), "pending", s.cfg.maxPending(), "refused", logNow)
+		}
 		return
 	}
+	t.conns++
+	t.pending++
 	s.pending[p.token] = p
 	s.mu.Unlock()
 
@@ -291,6 +321,19 @@ func (t *tunnel) handleClient(c net.Conn) {
 	}
 }
 
+// refusedLocked counts a refused client and returns how many to report
+// now: at most one log line per second per tunnel, so a flood past a limit
+// cannot flood the log too. s.mu must be held.
+func (t *tunnel) refusedLocked() int {
+	t.refused++
+	if now := time.Now(); now.Sub(t.lastWarn) >= time.Second {
+		n := t.refused
+		t.refused, t.lastWarn = 0, now
+		return n
+	}
+	return 0
+}
+
 // takePendingLocked removes and returns the waiting clients that match.
 // s.mu must be held.
 func (s *Server) takePendingLocked(match func(*pending) bool) []*pending {
@@ -298,6 +341,7 @@ func (s *Server) takePendingLocked(match func(*pending) bool) []*pending {
 	for tok, p := range s.pending {
 		if match(p) {
 			delete(s.pending, tok)
+			p.tunnel.pending--
 			out = append(out, p)
 		}
 	}
@@ -306,9 +350,18 @@ func (s *Server) takePendingLocked(match func(*pending) bool) []*pending {
 
 func (s *Server) closeWaiting(ps []*pending) {
 	for _, p := range ps {
-		p.timer.Stop()
-		s.closeConn(p.client)
+		s.dropClient(p)
 	}
+}
+
+// dropClient closes an outside client that will not be relayed and frees
+// its place in its tunnel.
+func (s *Server) dropClient(p *pending) {
+	p.timer.Stop()
+	s.closeConn(p.client)
+	s.mu.Lock()
+	p.tunnel.conns--
+	s.mu.Unlock()
 }
 
 // errNoFreePort means every port of the allowed range is taken.

@@ -25,6 +25,10 @@ func main() {
 	pickup := c.FS.Duration("pickup-timeout", 10e9, "time an outside client waits for its agent before it is closed")
 	heartbeat := c.FS.Duration("heartbeat", 10e9, "interval of pings to agents; an agent silent for 3 intervals is dropped (0: never)")
 	drain := c.FS.Duration("drain-timeout", 10e9, "on SIGINT/SIGTERM, how long relayed connections may finish before they are closed")
+	maxTunnels := c.FS.Int("max-tunnels-per-agent", 16, "public ports one agent may hold (-1: unlimited)")
+	maxConns := c.FS.Int("max-conns-per-tunnel", 4096, "outside clients one tunnel may have, waiting or relayed; more are closed at once (-1: unlimited)")
+	maxPending := c.FS.Int("max-pending-per-tunnel", 128, "outside clients one tunnel may have waiting for its agent; more are closed at once (-1: unlimited)")
+	maxFrame := c.FS.Int("max-frame-size", 16384, "largest control frame payload accepted from an authenticated agent, in bytes")
 	args, log := c.Parse(os.Args[1:], 1)
 
 	port, err := cli.Port(args[0])
@@ -40,6 +44,19 @@ func main() {
 		PickupTimeout:    *pickup,
 		Heartbeat:        *heartbeat,
 		Logger:           log,
+
+		MaxTunnelsPerAgent:  *maxTunnels,
+		MaxConnsPerTunnel:   *maxConns,
+		MaxPendingPerTunnel: *maxPending,
+		MaxFrameSize:        *maxFrame,
+	}
+	for name, v := range map[string]int{"max-tunnels-per-agent": *maxTunnels, "max-conns-per-tunnel": *maxConns, "max-pending-per-tunnel": *maxPending} {
+		if v == 0 || v < -1 {
+			c.Usagef("-%s %d: want a positive number, or -1 for unlimited", name, v)
+		}
+	}
+	if *maxFrame < 256 {
+		c.Usagef("-max-frame-size %d: want at least 256", *maxFrame)
 	}
 	if *heartbeat == 0 {
 		cfg.Heartbeat = -1
