@@ -3,6 +3,7 @@ package tunnel
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -30,10 +31,9 @@ type control struct {
 func (l *Listener) dial(ctx context.Context, port int, required bool) (*control, *Addr, error) {
 	ctx, cancel := context.WithTimeout(ctx, l.cfg.dialTimeout())
 	defer cancel()
-	d := net.Dialer{KeepAlive: 15 * time.Second}
-	conn, err := d.DialContext(ctx, "tcp", l.relayAddr)
+	conn, err := l.dialRelay(ctx, l.relayAddr)
 	if err != nil {
-		return nil, nil, fmt.Errorf("dial relay: %w", err)
+		return nil, nil, err
 	}
 	c := &control{l: l, conn: conn, br: bufio.NewReader(conn), dataAddr: conn.RemoteAddr().String()}
 	// A cancelled ctx unblocks the handshake's reads and writes.
@@ -48,6 +48,31 @@ func (l *Listener) dial(ctx context.Context, port int, required bool) (*control,
 	}
 	conn.SetDeadline(time.Time{})
 	return c, addr, nil
+}
+
+// dialRelay opens a TCP connection to addr (the relay's control port) and,
+// if configured, runs the TLS handshake on it. Data connections dial the
+// address the control connection resolved, and verify the same name.
+func (l *Listener) dialRelay(ctx context.Context, addr string) (net.Conn, error) {
+	d := net.Dialer{KeepAlive: 15 * time.Second}
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial relay: %w", err)
+	}
+	if l.cfg.TLS == nil {
+		return conn, nil
+	}
+	cfg := l.cfg.TLS
+	if cfg.ServerName == "" {
+		cfg = cfg.Clone()
+		cfg.ServerName = l.dialedHost
+	}
+	tc := tls.Client(conn, cfg)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("TLS handshake with relay: %w", err)
+	}
+	return tc, nil
 }
 
 // handshake authenticates and opens the tunnel.
@@ -235,8 +260,9 @@ func (c *control) pingLoop(lost <-chan struct{}) {
 // connection costs one TCP handshake and no further round trip.
 func (c *control) openData(m *proto.Incoming) {
 	l := c.l
-	d := net.Dialer{Timeout: l.cfg.dialTimeout(), KeepAlive: 15 * time.Second}
-	conn, err := d.Dial("tcp", c.dataAddr)
+	ctx, cancel := context.WithTimeout(l.ctx, l.cfg.dialTimeout())
+	conn, err := l.dialRelay(ctx, c.dataAddr)
+	cancel()
 	if err != nil {
 		l.log.Warn("data connection to relay failed", "client", m.Client, "err", err)
 		return
@@ -249,7 +275,7 @@ func (c *control) openData(m *proto.Incoming) {
 		return
 	}
 	conn.SetWriteDeadline(time.Time{})
-	rc := &Conn{TCPConn: conn.(*net.TCPConn), local: parseAddr(m.Local), remote: parseAddr(m.Client)}
+	rc := &Conn{Conn: conn, local: parseAddr(m.Local), remote: parseAddr(m.Client)}
 	select {
 	case l.conns <- rc:
 	case <-l.done:

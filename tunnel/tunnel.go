@@ -13,14 +13,20 @@
 package tunnel
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -53,6 +59,11 @@ type Config struct {
 	// PortRequired is set, in which case Listen fails.
 	Port         int
 	PortRequired bool
+
+	// TLS, if set, secures the control and data connections to the relay.
+	// If its ServerName is empty, the host of the relay address is used.
+	// See PinnedTLS for a relay with a self-signed certificate.
+	TLS *tls.Config
 
 	// DialTimeout bounds dialing the relay and the handshake. If zero, 10s.
 	DialTimeout time.Duration
@@ -313,13 +324,19 @@ func (l *Listener) Addr() net.Addr {
 	return l.addr
 }
 
-// Conn is a relayed connection to one outside client. It embeds the data
-// connection's *net.TCPConn, so CloseWrite works and io.Copy still uses
-// splice(2).
+// Conn is a relayed connection to one outside client: the agent's data
+// connection to the relay, a *net.TCPConn or, with TLS, a *tls.Conn.
+// ReadFrom and WriteTo hand over to the *net.TCPConn when there is one, so
+// io.Copy between a Conn and another TCP connection still uses splice(2).
 type Conn struct {
-	*net.TCPConn
+	net.Conn
 	local, remote net.Addr
 }
+
+var (
+	_ io.ReaderFrom = (*Conn)(nil)
+	_ io.WriterTo   = (*Conn)(nil)
+)
 
 // RemoteAddr is the outside client's address, as the relay saw it.
 func (c *Conn) RemoteAddr() net.Addr { return c.remote }
@@ -327,3 +344,64 @@ func (c *Conn) RemoteAddr() net.Addr { return c.remote }
 // LocalAddr is the relay's address that the client connected to, as an IP
 // address and port (Listener.Addr gives the advertised name, if any).
 func (c *Conn) LocalAddr() net.Addr { return c.local }
+
+// NetConn returns the data connection to the relay.
+func (c *Conn) NetConn() net.Conn { return c.Conn }
+
+// CloseWrite half-closes the connection: the outside client reads EOF after
+// the bytes already written, and can keep sending.
+func (c *Conn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
+}
+
+// ReadFrom copies r to the outside client.
+func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
+	if tc, ok := c.Conn.(*net.TCPConn); ok {
+		return tc.ReadFrom(r)
+	}
+	return io.Copy(struct{ io.Writer }{c.Conn}, r)
+}
+
+// WriteTo copies what the outside client sends to w.
+func (c *Conn) WriteTo(w io.Writer) (int64, error) {
+	if tc, ok := c.Conn.(*net.TCPConn); ok {
+		return tc.WriteTo(w)
+	}
+	return io.Copy(w, struct{ io.Reader }{c.Conn})
+}
+
+// PinnedTLS returns a TLS configuration that trusts exactly the relay
+// certificate whose SHA-256 fingerprint (of its DER encoding) is given, in
+// hex with or without colons, as the relay logs it at start-up. Use it for
+// a relay with a self-signed certificate.
+func PinnedTLS(fingerprint string) (*tls.Config, error) {
+	want, err := hex.DecodeString(strings.ReplaceAll(strings.TrimPrefix(fingerprint, "sha256:"), ":", ""))
+	if err != nil || len(want) != sha256.Size {
+		return nil, fmt.Errorf("bad certificate fingerprint %q: want 64 hex digits (SHA-256)", fingerprint)
+	}
+	return &tls.Config{
+		// Chain verification is replaced by the pin below, which Go runs
+		// on every handshake, resumed ones included.
+		InsecureSkipVerify: true,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return errors.New("relay sent no certificate")
+			}
+			got := sha256.Sum256(cs.PeerCertificates[0].Raw)
+			if !bytes.Equal(got[:], want) {
+				return fmt.Errorf("relay certificate fingerprint %x does not match the pinned %x", got, want)
+			}
+			return nil
+		},
+	}, nil
+}
+
+// Fingerprint is the SHA-256 fingerprint of a certificate, as PinnedTLS
+// takes it.
+func Fingerprint(cert []byte) string {
+	sum := sha256.Sum256(cert)
+	return hex.EncodeToString(sum[:])
+}

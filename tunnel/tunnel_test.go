@@ -52,7 +52,7 @@ func serveEcho(ln net.Listener) <-chan struct{} {
 				defer wg.Done()
 				defer c.Close()
 				if _, err := io.Copy(c, c); err == nil {
-					c.(*tunnel.Conn).CloseWrite()
+					c.(interface{ CloseWrite() error }).CloseWrite()
 				}
 			}()
 		}
@@ -179,7 +179,7 @@ func TestHalfClose(t *testing.T) {
 	if _, err := c.Write([]byte("response")); err != nil {
 		t.Fatalf("server write after client half-close: %v", err)
 	}
-	c.(*tunnel.Conn).CloseWrite()
+	c.(interface{ CloseWrite() error }).CloseWrite()
 	if got := testutil.ReadAllTimeout(t, client, 5*time.Second); string(got) != "response" {
 		t.Fatalf("client read %q, want %q then EOF", got, "response")
 	}

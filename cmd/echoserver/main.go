@@ -21,15 +21,21 @@ func main() {
 			"on stdout, and echoes every byte each client sends, half-closing after it does.")
 	port := c.FS.Int("port", 0, "public port to ask the relay for (0: any)")
 	drain := c.FS.Duration("drain-timeout", 5e9, "on SIGINT/SIGTERM, how long open connections may finish")
+	tlsConfig := c.AgentTLS()
 	args, log := c.Parse(os.Args[1:], 2)
 	relayAddr, err := cli.RelayAddr(args[0], args[1])
 	if err != nil {
 		c.Usagef("%v", err)
 	}
 
+	tlsCfg, err := tlsConfig()
+	if err != nil {
+		c.Usagef("%v", err)
+	}
+
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	cfg := tunnel.Config{Secret: c.Secret(), Port: *port, Agent: "echoserver/" + cli.Version, Logger: log,
+	cfg := tunnel.Config{TLS: tlsCfg, Secret: c.Secret(), Port: *port, Agent: "echoserver/" + cli.Version, Logger: log,
 		OnAddr: func(a net.Addr) { cli.Announce(os.Stdout, a) }}
 	ln, err := cfg.Listen(ctx, relayAddr)
 	if err != nil {

@@ -24,6 +24,7 @@ func main() {
 	dialTimeout := c.FS.Duration("dial-timeout", 5e9, "time to connect to TARGET before the outside client is closed")
 	proxyProto := c.FS.String("proxy-protocol", "", "send a PROXY protocol header (v1 or v2) with the client's real address to TARGET (default: none)")
 	drain := c.FS.Duration("drain-timeout", 5e9, "on SIGINT/SIGTERM, how long open connections may finish")
+	tlsConfig := c.AgentTLS()
 	args, log := c.Parse(os.Args[1:], 3)
 	relayAddr, err := cli.RelayAddr(args[0], args[1])
 	if err != nil {
@@ -46,9 +47,14 @@ func main() {
 		c.Usagef("bad -proxy-protocol %q: want v1 or v2", *proxyProto)
 	}
 
+	tlsCfg, err := tlsConfig()
+	if err != nil {
+		c.Usagef("%v", err)
+	}
+
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	cfg := tunnel.Config{Secret: c.Secret(), Port: *port, Agent: "expose/" + cli.Version, Logger: log,
+	cfg := tunnel.Config{TLS: tlsCfg, Secret: c.Secret(), Port: *port, Agent: "expose/" + cli.Version, Logger: log,
 		OnAddr: func(a net.Addr) { cli.Announce(os.Stdout, a) }}
 	ln, err := cfg.Listen(ctx, relayAddr)
 	if err != nil {

@@ -3,7 +3,9 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/signal"
@@ -12,6 +14,7 @@ import (
 
 	"tcprelay/internal/cli"
 	"tcprelay/server"
+	"tcprelay/tunnel"
 )
 
 func main() {
@@ -28,6 +31,8 @@ func main() {
 	maxTunnels := c.FS.Int("max-tunnels-per-agent", 16, "public ports one agent may hold (-1: unlimited)")
 	maxConns := c.FS.Int("max-conns-per-tunnel", 4096, "outside clients one tunnel may have, waiting or relayed; more are closed at once (-1: unlimited)")
 	maxPending := c.FS.Int("max-pending-per-tunnel", 128, "outside clients one tunnel may have waiting for its agent; more are closed at once (-1: unlimited)")
+	tlsCert := c.FS.String("tls-cert", "", "PEM certificate file: serve agents over TLS (with -tls-key)")
+	tlsKey := c.FS.String("tls-key", "", "PEM private key file for -tls-cert")
 	maxFrame := c.FS.Int("max-frame-size", 16384, "largest control frame payload accepted from an authenticated agent, in bytes")
 	args, log := c.Parse(os.Args[1:], 1)
 
@@ -72,12 +77,28 @@ func main() {
 		c.Usagef("-ports %d-%d contains the control PORT %d", cfg.PortMin, cfg.PortMax, port)
 	}
 
+	var tlsCfg *tls.Config
+	if (*tlsCert == "") != (*tlsKey == "") {
+		c.Usagef("-tls-cert and -tls-key go together")
+	}
+	if *tlsCert != "" {
+		cert, err := tls.LoadX509KeyPair(*tlsCert, *tlsKey)
+		if err != nil {
+			c.Fatal(fmt.Errorf("load TLS certificate: %w", err))
+		}
+		tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		log.Info("serving agents over TLS", "cert", *tlsCert, "fingerprint", tunnel.Fingerprint(cert.Certificate[0]))
+	}
+
 	// Signals are caught before the port opens, so a SIGTERM right after
 	// start-up is a graceful shutdown too.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	ln, err := net.Listen("tcp", net.JoinHostPort(*bind, strconv.Itoa(port)))
 	if err != nil {
 		c.Fatal(err)
+	}
+	if tlsCfg != nil {
+		ln = tls.NewListener(ln, tlsCfg)
 	}
 	srv := server.New(cfg)
 	log.Info("relay listening", "addr", ln.Addr().String(), "public_ports", strconv.Itoa(cfg.PortMin)+"-"+strconv.Itoa(cfg.PortMax), "version", cli.Version)

@@ -4,6 +4,8 @@
 package cli
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -15,6 +17,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"tcprelay/tunnel"
 )
 
 // Version is set at build time by the Makefile (-ldflags -X).
@@ -71,6 +75,35 @@ func (c *Common) Parse(argv []string, nargs int) ([]string, *slog.Logger) {
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	return c.FS.Args(), log
+}
+
+// AgentTLS registers the agents' TLS flags and returns a function that
+// builds the tunnel's TLS configuration from them (nil: plain TCP).
+func (c *Common) AgentTLS() func() (*tls.Config, error) {
+	on := c.FS.Bool("tls", false, "connect to the relay over TLS, verifying its certificate against the system's roots")
+	ca := c.FS.String("tls-ca", "", "PEM file of the CA that signed the relay's certificate (implies -tls)")
+	pin := c.FS.String("tls-fingerprint", "", "trust only the relay certificate with this SHA-256 fingerprint, as the relay logs it (implies -tls)")
+	return func() (*tls.Config, error) {
+		switch {
+		case *pin != "" && *ca != "":
+			return nil, errors.New("-tls-fingerprint and -tls-ca exclude each other")
+		case *pin != "":
+			return tunnel.PinnedTLS(*pin)
+		case *ca != "":
+			pem, err := os.ReadFile(*ca)
+			if err != nil {
+				return nil, fmt.Errorf("-tls-ca: %w", err)
+			}
+			pool := x509.NewCertPool()
+			if !pool.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("-tls-ca %s: no PEM certificate in it", *ca)
+			}
+			return &tls.Config{RootCAs: pool}, nil
+		case *on:
+			return &tls.Config{}, nil
+		}
+		return nil, nil
+	}
 }
 
 // Secret is the -secret flag, else the environment variable.

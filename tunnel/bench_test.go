@@ -1,0 +1,83 @@
+package tunnel_test
+
+import (
+	"crypto/tls"
+	"io"
+	"log/slog"
+	"net"
+	"testing"
+
+	"tcprelay/internal/testutil"
+	"tcprelay/server"
+	"tcprelay/tunnel"
+)
+
+// BenchmarkThroughput moves bytes one way over a single connection: direct
+// loopback, through the relay, and through the relay with TLS on the agent's
+// data connection. Compare the MB/s of the three in one run:
+//
+//	go test -run='^$' -bench=Throughput -benchtime=2s ./tunnel
+func BenchmarkThroughput(b *testing.B) {
+	quiet := slog.New(slog.DiscardHandler)
+	b.Run("direct", func(b *testing.B) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			b.Fatal(err)
+		}
+		benchSink(b, ln, ln.Addr().String())
+	})
+	b.Run("relay", func(b *testing.B) {
+		relay := testutil.StartRelay(b, server.Config{Logger: quiet})
+		cfg := tunnel.Config{Logger: quiet}
+		ln, err := cfg.Listen(testutil.Context(b), relay.Addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		benchSink(b, ln, ln.Addr().String())
+	})
+	b.Run("relay-tls", func(b *testing.B) {
+		cert, pool := testutil.SelfSignedCert(b)
+		relay := testutil.StartTLSRelay(b, server.Config{Logger: quiet}, cert)
+		cfg := tunnel.Config{Logger: quiet, TLS: &tls.Config{RootCAs: pool}}
+		ln, err := cfg.Listen(testutil.Context(b), relay.Addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		benchSink(b, ln, ln.Addr().String())
+	})
+}
+
+// benchSink accepts one connection on ln and discards what it reads, while
+// the benchmark writes b.N chunks of 1 MiB to addr.
+func benchSink(b *testing.B, ln net.Listener, addr string) {
+	defer ln.Close()
+	got := make(chan int64, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			got <- -1
+			return
+		}
+		defer c.Close()
+		n, _ := io.Copy(io.Discard, c)
+		got <- n
+	}()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	chunk := make([]byte, 1<<20)
+	b.SetBytes(int64(len(chunk)))
+	b.ResetTimer()
+	for range b.N {
+		if _, err := c.Write(chunk); err != nil {
+			b.Fatal(err)
+		}
+	}
+	c.(*net.TCPConn).CloseWrite()
+	if n := <-got; n != int64(b.N)*int64(len(chunk)) {
+		b.Fatalf("sink read %d bytes, want %d", n, int64(b.N)*int64(len(chunk)))
+	}
+	b.StopTimer()
+	c.Close()
+}

@@ -1,0 +1,128 @@
+package tunnel_test
+
+import (
+	"crypto/tls"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"tcprelay/internal/testutil"
+	"tcprelay/server"
+	"tcprelay/tunnel"
+)
+
+func TestTLSWithCA(t *testing.T) {
+	testutil.CheckLeaks(t)
+	cert, pool := testutil.SelfSignedCert(t)
+	relay := testutil.StartTLSRelay(t, server.Config{}, cert)
+	ln := listen(t, relay.Addr, tunnel.Config{TLS: &tls.Config{RootCAs: pool}})
+	done := serveEcho(ln)
+	defer func() { ln.Close(); <-done }()
+
+	var wg sync.WaitGroup
+	errs := make(chan error, 10)
+	for i := range 10 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- echoRoundTrip(ln.Addr().String(), int64(100+i), 512<<10)
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// TestTLSHalfClose: over TLS a half-close travels as close_notify, and the
+// other direction keeps flowing.
+func TestTLSHalfClose(t *testing.T) {
+	testutil.CheckLeaks(t)
+	cert, pool := testutil.SelfSignedCert(t)
+	relay := testutil.StartTLSRelay(t, server.Config{}, cert)
+	ln := listen(t, relay.Addr, tunnel.Config{TLS: &tls.Config{RootCAs: pool}})
+	client := testutil.Dial(t, ln.Addr().String())
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, ok := c.(*tunnel.Conn).NetConn().(*tls.Conn); !ok {
+		t.Fatalf("data connection is %T, want *tls.Conn", c.(*tunnel.Conn).NetConn())
+	}
+	client.Write([]byte("request"))
+	client.CloseWrite()
+	if got := testutil.ReadAllTimeout(t, c, 5*time.Second); string(got) != "request" {
+		t.Fatalf("server read %q", got)
+	}
+	c.Write([]byte("response"))
+	c.(*tunnel.Conn).CloseWrite()
+	if got := testutil.ReadAllTimeout(t, client, 5*time.Second); string(got) != "response" {
+		t.Fatalf("client read %q", got)
+	}
+}
+
+func TestTLSPinned(t *testing.T) {
+	testutil.CheckLeaks(t)
+	cert, _ := testutil.SelfSignedCert(t)
+	relay := testutil.StartTLSRelay(t, server.Config{}, cert)
+
+	pin, err := tunnel.PinnedTLS(tunnel.Fingerprint(cert.Certificate[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := listen(t, relay.Addr, tunnel.Config{TLS: pin})
+	done := serveEcho(ln)
+	defer func() { ln.Close(); <-done }()
+	if err := echoRoundTrip(ln.Addr().String(), 5, 64<<10); err != nil {
+		t.Fatal(err)
+	}
+
+	other, _ := testutil.SelfSignedCert(t)
+	wrong, err := tunnel.PinnedTLS(tunnel.Fingerprint(other.Certificate[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := tunnel.Config{TLS: wrong, Logger: testutil.Logger(t)}
+	if _, err := cfg.Listen(testutil.Context(t), relay.Addr); err == nil || !strings.Contains(err.Error(), "fingerprint") {
+		t.Fatalf("Listen with the wrong pin: %v, want a fingerprint mismatch", err)
+	}
+	for _, bad := range []string{"", "abc", strings.Repeat("zz", 32)} {
+		if _, err := tunnel.PinnedTLS(bad); err == nil {
+			t.Errorf("PinnedTLS(%q) accepted", bad)
+		}
+	}
+}
+
+func TestTLSRefusals(t *testing.T) {
+	testutil.CheckLeaks(t)
+	cert, _ := testutil.SelfSignedCert(t)
+	tlsRelay := testutil.StartTLSRelay(t, server.Config{HandshakeTimeout: time.Second}, cert)
+	plainRelay := testutil.StartRelay(t, server.Config{})
+	cases := []struct {
+		name  string
+		relay string
+		cfg   tunnel.Config
+		want  string
+	}{
+		{"untrusted certificate", tlsRelay.Addr, tunnel.Config{TLS: &tls.Config{}}, "certificate"},
+		{"plain agent, TLS relay", tlsRelay.Addr, tunnel.Config{DialTimeout: 3 * time.Second}, ""},
+		{"TLS agent, plain relay", plainRelay.Addr, tunnel.Config{TLS: &tls.Config{}}, "TLS handshake"},
+	}
+	for _, tc := range cases {
+		tc.cfg.Logger = testutil.Logger(t)
+		ln, err := tc.cfg.Listen(testutil.Context(t), tc.relay)
+		if err == nil {
+			ln.Close()
+			t.Errorf("%s: Listen succeeded", tc.name)
+			continue
+		}
+		if !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want an error mentioning %q", tc.name, err, tc.want)
+		}
+	}
+}
