@@ -268,12 +268,14 @@ func (ss *session) close() {
 	waiting := s.takePendingLocked(func(p *pending) bool { return p.tunnel.sess == ss })
 	s.mu.Unlock()
 
-	close(ss.done)
-	ss.conn.Close()
+	// Ports first: an agent that sees its control connection end can count
+	// on its port being free again, e.g. to ask for it back.
 	for _, t := range tunnels {
 		s.ports.close(t.ln)
 	}
 	s.closeWaiting(waiting)
+	close(ss.done)
+	ss.conn.Close()
 }
 
 // handleClient announces an outside client to the agent and parks it until
