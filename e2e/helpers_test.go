@@ -21,7 +21,7 @@ import (
 )
 
 // Paths of the binaries TestMain builds.
-var relayBin, echoBin string
+var relayBin, echoBin, exposeBin string
 
 // Bounds. None of them is a synchronisation sleep: each bounds a wait for
 // an event, and the tests fail when one is exceeded.
@@ -31,6 +31,7 @@ const (
 	stopTimeout     = 15 * time.Second // exit after SIGTERM (the relay drains up to 10s)
 	killTimeout     = 5 * time.Second  // exit after SIGKILL
 	clientTimeout   = 60 * time.Second // one nc or telnet run
+	serviceTimeout  = 10 * time.Second // a third-party server accepting on its port
 	pollInterval    = 20 * time.Millisecond
 )
 
@@ -47,7 +48,12 @@ func buildAndRun(m *testing.M) int {
 	defer os.RemoveAll(dir)
 	relayBin = filepath.Join(dir, "relay")
 	echoBin = filepath.Join(dir, "echoserver")
-	for bin, pkg := range map[string]string{relayBin: "tcprelay/cmd/relay", echoBin: "tcprelay/cmd/echoserver"} {
+	exposeBin = filepath.Join(dir, "expose")
+	for bin, pkg := range map[string]string{
+		relayBin:  "tcprelay/cmd/relay",
+		echoBin:   "tcprelay/cmd/echoserver",
+		exposeBin: "tcprelay/cmd/expose",
+	} {
 		cmd := exec.Command("go", "build", "-o", bin, pkg)
 		if out, err := cmd.CombinedOutput(); err != nil {
 			fmt.Fprintf(os.Stderr, "e2e: go build -o %s %s: %v\n%s", bin, pkg, err, out)
@@ -167,6 +173,9 @@ type proc struct {
 	stdin  io.WriteCloser // if procOpts.stdinPipe
 	done   chan struct{}  // closed when Wait returned
 	daemon bool           // runs until the test stops it; must exit 0 on SIGTERM
+	// service runs until the test stops it, like a daemon, but may end
+	// in any way on SIGTERM (third-party servers: python3, iperf3, sshd).
+	service bool
 
 	mu      sync.Mutex
 	stopped bool // stop ran
@@ -184,6 +193,7 @@ type procOpts struct {
 	stdinPipe  bool
 	scanStdout bool
 	daemon     bool
+	service    bool
 }
 
 func (p *proc) String() string { return p.desc }
@@ -197,12 +207,13 @@ func (e *env) start(bin string, args []string, o procOpts) *proc {
 	cmd.Env = append(withoutEnv(os.Environ(), "RELAY_SECRET", "LC_ALL", "LANG", "LANGUAGE"), "LC_ALL=C")
 	cmd.WaitDelay = 5 * time.Second // never hang in Wait on a stray pipe holder
 	p := &proc{
-		t:      t,
-		desc:   strings.Join(append([]string{filepath.Base(bin)}, args...), " "),
-		cmd:    cmd,
-		stderr: &lockedBuffer{},
-		done:   make(chan struct{}),
-		daemon: o.daemon,
+		t:       t,
+		desc:    strings.Join(append([]string{filepath.Base(bin)}, args...), " "),
+		cmd:     cmd,
+		stderr:  &lockedBuffer{},
+		done:    make(chan struct{}),
+		daemon:  o.daemon,
+		service: o.service,
 	}
 	cmd.Stderr = p.stderr
 	var pr, pw *os.File
@@ -358,7 +369,7 @@ func (p *proc) stop() {
 	p.mu.Unlock()
 
 	if p.exited() {
-		if p.daemon && !killed {
+		if (p.daemon || p.service) && !killed {
 			t.Errorf("%s exited before the test stopped it (%s); stderr:\n%s", p, p.status(), p.stderr)
 		}
 	} else {
@@ -465,14 +476,29 @@ func (e *env) startRelay(pick func() int) *relay {
 	return nil
 }
 
-// startEcho starts `echoserver HOST RELAYPORT`, reads its announcement line
-// with a bufio.Scanner under a timeout, checks it is exactly
-// "established relay address: HOST:PORT" with the HOST it dialed, and
-// returns the process and the public port.
+// startEcho starts `echoserver HOST RELAYPORT` and returns the process and
+// the public port it announced (see startAgent).
 func (e *env) startEcho(host string, relayPort int) (*proc, int) {
+	e.t.Helper()
+	return e.startAgent(echoBin, []string{host, strconv.Itoa(relayPort)}, host)
+}
+
+// startExpose starts `expose [flags] HOST RELAYPORT TARGET` and returns the
+// process and the public port it announced (see startAgent).
+func (e *env) startExpose(host string, relayPort int, target string, flags ...string) (*proc, int) {
+	e.t.Helper()
+	args := append(append([]string(nil), flags...), host, strconv.Itoa(relayPort), target)
+	return e.startAgent(exposeBin, args, host)
+}
+
+// startAgent starts an agent (echoserver, expose) as a daemon, reads its
+// announcement line with a bufio.Scanner under a timeout, checks it is
+// exactly "established relay address: HOST:PORT" with the HOST it dialed,
+// and returns the process and the public port.
+func (e *env) startAgent(bin string, args []string, host string) (*proc, int) {
 	t := e.t
 	t.Helper()
-	p := e.start(echoBin, []string{host, strconv.Itoa(relayPort)}, procOpts{scanStdout: true, daemon: true})
+	p := e.start(bin, args, procOpts{scanStdout: true, daemon: true})
 	var line string
 	select {
 	case line = <-p.firstLine:
@@ -495,6 +521,104 @@ func (e *env) startEcho(host string, relayPort int) (*proc, int) {
 		t.Fatalf("%s: bad port in %q", p, line)
 	}
 	return p, port
+}
+
+// requireProgram returns the path of name (a command looked up in PATH, or
+// an absolute path), or skips the test naming the Debian package to install
+// (fails instead on CI).
+func requireProgram(t *testing.T, name, debianPackage string) string {
+	t.Helper()
+	path, err := exec.LookPath(name)
+	if err != nil {
+		missing(t, "%s not found (install Debian package %s): %v", name, debianPackage, err)
+	}
+	return path
+}
+
+// startService starts a third-party server (redis-server, sshd, ...) that
+// listens on 127.0.0.1:PORT, with args(PORT) as its arguments, on a free
+// PORT, and waits until ready(p, PORT) holds (tcpReady if nil) by polling.
+// If the server exits during startup because the port got taken between
+// freePort and its bind, it retries with a new port, up to 5 times. The
+// server must still be running when the test stops it; its exit status on
+// SIGTERM is only logged.
+func (e *env) startService(bin string, args func(port int) []string, ready func(p *proc, port int) bool) (*proc, int) {
+	t := e.t
+	t.Helper()
+	if ready == nil {
+		ready = func(_ *proc, port int) bool { return tcpReady(port) }
+	}
+	for attempt := 1; attempt <= 5; attempt++ {
+		port := freePort(t)
+		p := e.start(bin, args(port), procOpts{service: true})
+		deadline := time.Now().Add(serviceTimeout)
+		for {
+			if p.exited() {
+				if strings.Contains(strings.ToLower(p.out()+p.stderr.String()), "address already in use") {
+					t.Logf("attempt %d: port %d got taken (%s); retrying with a new port", attempt, port, p.status())
+					p.mu.Lock()
+					p.stopped = true // ended as it should: nothing to stop
+					p.mu.Unlock()
+					break
+				}
+				t.Fatalf("%s exited during startup (%s)\nstdout:\n%s\nstderr:\n%s", p, p.status(), p.out(), p.stderr)
+			}
+			if ready(p, port) {
+				if !p.exited() { // else whoever took the port answered: loop to retry
+					return p, port
+				}
+				continue
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s not ready on 127.0.0.1:%d within %v\nstdout:\n%s\nstderr:\n%s", p, port, serviceTimeout, p.out(), p.stderr)
+			}
+			time.Sleep(pollInterval)
+		}
+	}
+	t.Fatalf("%s: could not get a free port in 5 attempts", filepath.Base(bin))
+	return nil, 0
+}
+
+// tcpReady reports whether 127.0.0.1:port accepts a connection.
+func tcpReady(port int) bool {
+	c, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), 200*time.Millisecond)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
+// run runs a client program to completion (bounded by clientTimeout) and
+// returns it; the caller checks its exit status and output.
+func (e *env) run(bin string, args []string, stdin []byte) *proc {
+	e.t.Helper()
+	var o procOpts
+	if stdin != nil {
+		o.stdin = bytes.NewReader(stdin)
+	}
+	p := e.start(bin, args, o)
+	p.mustExit(clientTimeout)
+	return p
+}
+
+// runOK is run, and fails the test unless the program exits 0.
+func (e *env) runOK(bin string, args []string, stdin []byte) *proc {
+	e.t.Helper()
+	p := e.run(bin, args, stdin)
+	if p.exitCode() != 0 {
+		e.t.Fatalf("%s: %s, want exit status 0\nstdout:\n%s\nstderr:\n%s", p, p.status(), clip(p.out()), p.stderr)
+	}
+	return p
+}
+
+// clip shortens s for an error message.
+func clip(s string) string {
+	const limit = 2000
+	if len(s) <= limit {
+		return s
+	}
+	return s[:limit] + fmt.Sprintf("... (%d bytes in all)", len(s))
 }
 
 // nc starts `nc -N HOST PORT` with input on stdin.
