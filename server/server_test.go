@@ -64,7 +64,7 @@ func echoAgent(t *testing.T, relayAddr string) string {
 				defer wg.Done()
 				defer c.Close()
 				io.Copy(c, c)
-				c.(*tunnel.Conn).CloseWrite()
+				c.(interface{ CloseWrite() error }).CloseWrite()
 			}()
 		}
 	}()

@@ -105,8 +105,8 @@ func (ss *session) handshake() error {
 		return fmt.Errorf("read auth: %w", err)
 	}
 	if secret := ss.s.cfg.Secret; secret != "" && !proto.CheckMAC(secret, nonce, m.(*proto.Auth).MAC) {
-		ss.send(&proto.Error{Code: proto.CodeAuthFailed, Message: "authentication failed: wrong secret"})
-		return errors.New("authentication failed: wrong secret")
+		ss.send(&proto.Error{Code: proto.CodeAuthFailed, Message: "wrong or missing secret"})
+		return errors.New("authentication failed: wrong or missing secret")
 	}
 	hb := max(ss.s.cfg.heartbeat(), 0)
 	if err := ss.send(&proto.Welcome{HeartbeatMillis: uint32(hb.Milliseconds())}); err != nil {
