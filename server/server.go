@@ -40,11 +40,11 @@ type Config struct {
 	PortMin, PortMax int
 
 	// HandshakeTimeout bounds the time from accepting a connection on the
-	// control port to the end of its handshake. If zero, 10s.
+	// control port to the end of its handshake. If zero or negative, 10s.
 	HandshakeTimeout time.Duration
 
 	// PickupTimeout is how long an outside client waits for its agent to
-	// open the data connection before it is closed. If zero, 10s.
+	// open the data connection before it is closed. If zero or negative, 10s.
 	PickupTimeout time.Duration
 
 	// Heartbeat is how often the relay pings each agent. An agent silent for
@@ -53,7 +53,7 @@ type Config struct {
 	Heartbeat time.Duration
 
 	// WriteTimeout bounds each write on a control connection, so one stuck
-	// agent cannot hold up the relay. If zero, 10s.
+	// agent cannot hold up the relay. If zero or negative, 10s.
 	WriteTimeout time.Duration
 
 	// MaxTunnelsPerAgent bounds the public ports one agent (control
@@ -83,7 +83,17 @@ func (c *Config) handshakeTimeout() time.Duration {
 }
 func (c *Config) pickupTimeout() time.Duration { return orDefault(c.PickupTimeout, 10*time.Second) }
 func (c *Config) writeTimeout() time.Duration  { return orDefault(c.WriteTimeout, 10*time.Second) }
-func (c *Config) heartbeat() time.Duration     { return orDefault(c.Heartbeat, 10*time.Second) }
+
+// heartbeat is 0 when disabled; it is sent in whole milliseconds.
+func (c *Config) heartbeat() time.Duration {
+	switch {
+	case c.Heartbeat == 0:
+		return 10 * time.Second
+	case c.Heartbeat < 0:
+		return 0
+	}
+	return max(c.Heartbeat.Truncate(time.Millisecond), time.Millisecond)
+}
 
 func (c *Config) maxFrameSize() int {
 	if c.MaxFrameSize <= 0 {
@@ -108,7 +118,7 @@ func (c *Config) maxConns() int   { return limit(c.MaxConnsPerTunnel, 4096) }
 func (c *Config) maxPending() int { return limit(c.MaxPendingPerTunnel, 128) }
 
 func orDefault(d, def time.Duration) time.Duration {
-	if d == 0 {
+	if d <= 0 {
 		return def
 	}
 	return d
@@ -429,6 +439,10 @@ func (s *Server) Close() error {
 	conns := make([]net.Conn, 0, len(s.conns))
 	for c := range s.conns {
 		conns = append(conns, c)
+	}
+	for tok, p := range s.pending {
+		delete(s.pending, tok)
+		p.timer.Stop()
 	}
 	s.mu.Unlock()
 	for _, c := range conns {

@@ -108,7 +108,7 @@ func (ss *session) handshake() error {
 		ss.send(&proto.Error{Code: proto.CodeAuthFailed, Message: "wrong or missing secret"})
 		return errors.New("authentication failed: wrong or missing secret")
 	}
-	hb := max(ss.s.cfg.heartbeat(), 0)
+	hb := ss.s.cfg.heartbeat()
 	if err := ss.send(&proto.Welcome{HeartbeatMillis: uint32(hb.Milliseconds())}); err != nil {
 		return fmt.Errorf("send welcome: %w", err)
 	}
@@ -234,14 +234,13 @@ func (ss *session) closeTunnel(id uint32) {
 	ss.s.mu.Lock()
 	t := ss.tunnels[id]
 	delete(ss.tunnels, id)
-	waiting := ss.s.takePendingLocked(func(p *pending) bool { return p.tunnel == t })
+	ss.s.expireWaitingLocked(func(p *pending) bool { return p.tunnel == t })
 	ss.s.mu.Unlock()
 	if t == nil {
 		ss.log.Debug("close for unknown tunnel", "tunnel", id)
 		return
 	}
 	ss.s.ports.close(t.ln)
-	ss.s.closeWaiting(waiting)
 	ss.log.Info("tunnel closed by agent", "tunnel", id, "port", t.port)
 }
 
@@ -265,7 +264,7 @@ func (ss *session) close() {
 	delete(s.sessions, ss)
 	tunnels := ss.tunnels
 	ss.tunnels = nil
-	waiting := s.takePendingLocked(func(p *pending) bool { return p.tunnel.sess == ss })
+	s.expireWaitingLocked(func(p *pending) bool { return p.tunnel.sess == ss })
 	s.mu.Unlock()
 
 	// Ports first: an agent that sees its control connection end can count
@@ -273,7 +272,6 @@ func (ss *session) close() {
 	for _, t := range tunnels {
 		s.ports.close(t.ln)
 	}
-	s.closeWaiting(waiting)
 	close(ss.done)
 	ss.conn.Close()
 }
@@ -285,8 +283,8 @@ func (t *tunnel) handleClient(c net.Conn) {
 	p := &pending{token: proto.NewToken(), client: c, tunnel: t}
 	p.timer = time.AfterFunc(s.cfg.pickupTimeout(), func() {
 		if s.takePending(p.token) != nil {
-			t.sess.log.Warn("closed outside client: agent did not pick it up in time",
-				"tunnel", t.id, "client", c.RemoteAddr().String(), "timeout", s.cfg.pickupTimeout())
+			t.sess.log.Warn("closed outside client: no data connection from the agent in time",
+				"tunnel", t.id, "client", c.RemoteAddr().String())
 			s.dropClient(p)
 		}
 	})
@@ -336,23 +334,19 @@ func (t *tunnel) refusedLocked() int {
 	return 0
 }
 
-// takePendingLocked removes and returns the waiting clients that match.
-// s.mu must be held.
-func (s *Server) takePendingLocked(match func(*pending) bool) []*pending {
-	var out []*pending
-	for tok, p := range s.pending {
-		if match(p) {
-			delete(s.pending, tok)
-			p.tunnel.pending--
-			out = append(out, p)
-		}
-	}
-	return out
-}
+// claimGrace is how long a waiting client outlives its tunnel. The agent
+// may already have accepted it: its data connection, racing the end of the
+// control connection on another socket, can still claim it.
+const claimGrace = time.Second
 
-func (s *Server) closeWaiting(ps []*pending) {
-	for _, p := range ps {
-		s.dropClient(p)
+// expireWaitingLocked gives the waiting clients that match claimGrace (or
+// what is left of the pickup timeout, if less) before they are closed.
+// s.mu must be held.
+func (s *Server) expireWaitingLocked(match func(*pending) bool) {
+	for _, p := range s.pending {
+		if match(p) {
+			p.timer.Reset(min(claimGrace, s.cfg.pickupTimeout()))
+		}
 	}
 }
 

@@ -31,7 +31,8 @@ import (
 	"time"
 )
 
-// Errors returned by Listen; they wrap the relay's own message.
+// Errors returned by Listen and Accept; those from the relay wrap its own
+// message.
 var (
 	// ErrAuthFailed: the relay refused the secret (or its absence).
 	ErrAuthFailed = errors.New("authentication failed")
@@ -170,6 +171,9 @@ func (c *Config) Listen(ctx context.Context, relayAddr string) (*Listener, error
 	if err != nil {
 		return nil, fmt.Errorf("relay address %q: %w", relayAddr, err)
 	}
+	if c.Port < 0 || c.Port > 65535 {
+		return nil, fmt.Errorf("Config.Port %d: want 0 (any) or 1-65535", c.Port)
+	}
 	l := &Listener{
 		cfg:        *c,
 		log:        c.Logger,
@@ -210,7 +214,7 @@ func (l *Listener) run(ctl *control) {
 			return
 		}
 		if l.cfg.DisableReconnect {
-			l.fail(fmt.Errorf("%w: %v", ErrRelayLost, err))
+			l.fail(fmt.Errorf("%w: %w", ErrRelayLost, err))
 			return
 		}
 		l.log.Warn("lost the relay; reconnecting", "relay", l.relayAddr, "err", err)

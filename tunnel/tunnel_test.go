@@ -360,3 +360,31 @@ func TestAgentDeathClosesPortAndWaitingClients(t *testing.T) {
 		t.Fatalf("another agent's tunnel was disturbed: %v", err)
 	}
 }
+
+// TestAcceptedConnSurvivesClose: a conn Accept returned stays usable when
+// the listener is closed right away, although its data connection may still
+// be on its way to the relay.
+func TestAcceptedConnSurvivesClose(t *testing.T) {
+	testutil.CheckLeaks(t)
+	relay := testutil.StartRelay(t, server.Config{})
+	for i := range 20 {
+		cfg := tunnel.Config{Logger: testutil.Logger(t)}
+		ln, err := cfg.Listen(testutil.Context(t), relay.Addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		client := testutil.Dial(t, ln.Addr().String())
+		c, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln.Close()
+		client.Write([]byte("still here"))
+		buf := make([]byte, 10)
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(c, buf); err != nil {
+			t.Fatalf("round %d: accepted conn lost when the listener closed: %v", i, err)
+		}
+		c.Close()
+	}
+}

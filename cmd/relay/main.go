@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"strconv"
 	"syscall"
+	"time"
 
 	"tcprelay/internal/cli"
 	"tcprelay/server"
@@ -54,6 +55,14 @@ func main() {
 		MaxConnsPerTunnel:   *maxConns,
 		MaxPendingPerTunnel: *maxPending,
 		MaxFrameSize:        *maxFrame,
+	}
+	for name, d := range map[string]time.Duration{"handshake-timeout": *handshake, "pickup-timeout": *pickup, "drain-timeout": *drain} {
+		if d <= 0 {
+			c.Usagef("-%s %v: want a positive duration, e.g. 10s", name, d)
+		}
+	}
+	if *heartbeat < 0 || *heartbeat > 0 && *heartbeat < 100*time.Millisecond {
+		c.Usagef("-heartbeat %v: want 0 (off) or at least 100ms", *heartbeat)
 	}
 	for name, v := range map[string]int{"max-tunnels-per-agent": *maxTunnels, "max-conns-per-tunnel": *maxConns, "max-pending-per-tunnel": *maxPending} {
 		if v == 0 || v < -1 {
