@@ -180,6 +180,9 @@ type proc struct {
 	mu      sync.Mutex
 	stopped bool // stop ran
 	killed  bool // the test SIGKILLed it on purpose
+	// wantLines is how many stdout lines stop expects of a line-scanned
+	// process; 0 means 1 (one announcement). See expectLines.
+	wantLines int
 
 	// Line-scanned stdout (echoserver).
 	firstLine chan string
@@ -194,6 +197,7 @@ type procOpts struct {
 	scanStdout bool
 	daemon     bool
 	service    bool
+	env        []string // extra VAR=value entries, after the cleaned environment
 }
 
 func (p *proc) String() string { return p.desc }
@@ -205,6 +209,7 @@ func (e *env) start(bin string, args []string, o procOpts) *proc {
 	t.Helper()
 	cmd := exec.Command(bin, args...)
 	cmd.Env = append(withoutEnv(os.Environ(), "RELAY_SECRET", "LC_ALL", "LANG", "LANGUAGE"), "LC_ALL=C")
+	cmd.Env = append(cmd.Env, o.env...)
 	cmd.WaitDelay = 5 * time.Second // never hang in Wait on a stray pipe holder
 	p := &proc{
 		t:       t,
@@ -395,13 +400,16 @@ func (p *proc) stop() {
 		t.Errorf("%s: stderr mentions a panic:\n%s", p, p.stderr)
 	}
 	if p.scanDone != nil {
+		p.mu.Lock()
+		want := max(p.wantLines, 1)
+		p.mu.Unlock()
 		select {
 		case <-p.scanDone:
 			p.linesMu.Lock()
 			lines := append([]string(nil), p.lines...)
 			p.linesMu.Unlock()
-			if len(lines) != 1 {
-				t.Errorf("%s printed %d stdout lines, want exactly 1: %q", p, len(lines), lines)
+			if len(lines) != want {
+				t.Errorf("%s printed %d stdout lines, want exactly %d: %q", p, len(lines), want, lines)
 			}
 		case <-time.After(killTimeout):
 			t.Errorf("%s: stdout not closed %v after exit", p, killTimeout)
@@ -418,6 +426,7 @@ type relay struct {
 	// readyAddrs are the local addresses of the readiness probes: the relay
 	// may log their connections as dropped.
 	readyAddrs []string
+	env, flags []string // as started, for restartRelay
 }
 
 // freePort returns a port that was free on 127.0.0.1 a moment ago.
@@ -435,6 +444,13 @@ func freePort(t *testing.T) int {
 // pick (freePort if nil), retrying with a new port up to 5 times if the
 // relay exits because the port got taken, and waits until it accepts.
 func (e *env) startRelay(pick func() int) *relay {
+	e.t.Helper()
+	return e.startRelayWith(pick, nil)
+}
+
+// startRelayWith is startRelay with extra environment entries (such as
+// RELAY_SECRET=...) and extra flags before PORT.
+func (e *env) startRelayWith(pick func() int, env []string, flags ...string) *relay {
 	t := e.t
 	t.Helper()
 	if pick == nil {
@@ -442,38 +458,75 @@ func (e *env) startRelay(pick func() int) *relay {
 	}
 	for attempt := 1; attempt <= 5; attempt++ {
 		port := pick()
-		p := e.start(relayBin, []string{"-bind", "127.0.0.1", strconv.Itoa(port)}, procOpts{daemon: true})
-		r := &relay{proc: p, port: port}
-		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-		deadline := time.Now().Add(readyTimeout)
-		for {
-			if p.exited() {
-				if strings.Contains(p.stderr.String(), "address already in use") {
-					t.Logf("attempt %d: port %d got taken (%s); retrying with a new port", attempt, port, p.status())
-					p.mu.Lock()
-					p.stopped = true // ended as it should: nothing to stop
-					p.mu.Unlock()
-					break
-				}
-				t.Fatalf("%s exited during startup (%s); stderr:\n%s", p, p.status(), p.stderr)
-			}
-			c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
-			if err == nil {
-				r.readyAddrs = append(r.readyAddrs, c.LocalAddr().String())
-				c.Close()
-				if !p.exited() { // else whoever took the port answered: loop to retry
-					return r
-				}
-				continue
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s not accepting on %s within %v (last dial error: %v); stderr:\n%s", p, addr, readyTimeout, err, p.stderr)
-			}
-			time.Sleep(pollInterval)
+		if r := e.tryRelay(port, env, flags); r != nil {
+			return r
 		}
+		t.Logf("attempt %d: port %d got taken; retrying with a new port", attempt, port)
 	}
 	t.Fatalf("relay: could not get a free port in 5 attempts")
 	return nil
+}
+
+// restartRelay starts a new relay like old (same PORT, environment and
+// flags) after old ended, retrying for up to readyTimeout while the port is
+// not bindable yet, and waits until it accepts.
+func (e *env) restartRelay(old *relay) *relay {
+	t := e.t
+	t.Helper()
+	if !old.exited() {
+		t.Fatalf("restartRelay: %s (pid %d) is still running", old, old.pid())
+	}
+	deadline := time.Now().Add(readyTimeout)
+	for attempt := 1; ; attempt++ {
+		if r := e.tryRelay(old.port, old.env, old.flags); r != nil {
+			if attempt > 1 {
+				t.Logf("relay restarted on port %d at attempt %d", old.port, attempt)
+			}
+			return r
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("relay: port %d still not bindable %v after the old relay ended", old.port, readyTimeout)
+		}
+		time.Sleep(pollInterval) // poll: the port frees up on the kernel's schedule
+	}
+}
+
+// tryRelay starts `relay -bind 127.0.0.1 FLAGS PORT` and waits until it
+// accepts. It returns nil if the relay exited because the port was taken,
+// and fails the test if it exited for any other reason.
+func (e *env) tryRelay(port int, env, flags []string) *relay {
+	t := e.t
+	t.Helper()
+	args := append(append([]string{"-bind", "127.0.0.1"}, flags...), strconv.Itoa(port))
+	p := e.start(relayBin, args, procOpts{daemon: true, env: env})
+	r := &relay{proc: p, port: port, env: env, flags: flags}
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	deadline := time.Now().Add(readyTimeout)
+	for {
+		if p.exited() {
+			if strings.Contains(p.stderr.String(), "address already in use") {
+				t.Logf("port %d taken (%s)", port, p.status())
+				p.mu.Lock()
+				p.stopped = true // ended as it should: nothing to stop
+				p.mu.Unlock()
+				return nil
+			}
+			t.Fatalf("%s exited during startup (%s); stderr:\n%s", p, p.status(), p.stderr)
+		}
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err == nil {
+			r.readyAddrs = append(r.readyAddrs, c.LocalAddr().String())
+			c.Close()
+			if !p.exited() { // else whoever took the port answered: loop to retry
+				return r
+			}
+			continue
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not accepting on %s within %v (last dial error: %v); stderr:\n%s", p, addr, readyTimeout, err, p.stderr)
+		}
+		time.Sleep(pollInterval)
+	}
 }
 
 // startEcho starts `echoserver HOST RELAYPORT` and returns the process and
@@ -496,9 +549,22 @@ func (e *env) startExpose(host string, relayPort int, target string, flags ...st
 // exactly "established relay address: HOST:PORT" with the HOST it dialed,
 // and returns the process and the public port.
 func (e *env) startAgent(bin string, args []string, host string) (*proc, int) {
+	e.t.Helper()
+	return e.startAgentWith(bin, args, host, nil)
+}
+
+// startEchoWith is startEcho with extra environment entries and flags.
+func (e *env) startEchoWith(host string, relayPort int, env []string, flags ...string) (*proc, int) {
+	e.t.Helper()
+	args := append(append([]string(nil), flags...), host, strconv.Itoa(relayPort))
+	return e.startAgentWith(echoBin, args, host, env)
+}
+
+// startAgentWith is startAgent with extra environment entries.
+func (e *env) startAgentWith(bin string, args []string, host string, env []string) (*proc, int) {
 	t := e.t
 	t.Helper()
-	p := e.start(bin, args, procOpts{scanStdout: true, daemon: true})
+	p := e.start(bin, args, procOpts{scanStdout: true, daemon: true, env: env})
 	var line string
 	select {
 	case line = <-p.firstLine:
@@ -511,16 +577,67 @@ func (e *env) startAgent(bin string, args []string, host string) (*proc, int) {
 	case <-time.After(announceTimeout):
 		t.Fatalf("%s printed no line within %v; stderr:\n%s", p, announceTimeout, p.stderr)
 	}
+	port, ok := announcedPort(line, host)
+	if !ok {
+		t.Fatalf("%s: stdout line %q is not \"established relay address: %s:PORT\"", p, line, host)
+	}
+	return p, port
+}
+
+// announcedPort parses "established relay address: HOST:PORT".
+func announcedPort(line, host string) (int, bool) {
 	re := regexp.MustCompile(`^established relay address: ` + regexp.QuoteMeta(host) + `:(\d+)$`)
 	m := re.FindStringSubmatch(line)
 	if m == nil {
-		t.Fatalf("%s: stdout line %q does not match %s", p, line, re)
+		return 0, false
 	}
 	port, err := strconv.Atoi(m[1])
 	if err != nil || port < 1 || port > 65535 {
-		t.Fatalf("%s: bad port in %q", p, line)
+		return 0, false
 	}
-	return p, port
+	return port, true
+}
+
+// expectLines sets how many stdout lines stop expects of a line-scanned
+// agent: one more per re-registration the test causes.
+func (p *proc) expectLines(n int) {
+	p.mu.Lock()
+	p.wantLines = n
+	p.mu.Unlock()
+}
+
+// waitLine waits up to d for the n-th stdout line (1-based) of a
+// line-scanned process and returns it.
+func (p *proc) waitLine(n int, d time.Duration) (string, bool) {
+	var line string
+	ok := waitFor(d, func() bool {
+		p.linesMu.Lock()
+		defer p.linesMu.Unlock()
+		if len(p.lines) >= n {
+			line = p.lines[n-1]
+			return true
+		}
+		return false
+	})
+	return line, ok
+}
+
+// signal sends sig (SIGSTOP, SIGCONT, ...) to the process.
+func (p *proc) signal(sig syscall.Signal) {
+	p.t.Helper()
+	if err := p.cmd.Process.Signal(sig); err != nil {
+		p.t.Fatalf("%s: send %v: %v", p, sig, err)
+	}
+}
+
+// sigterm sends SIGTERM for a test that checks the shutdown itself (with
+// waitExit and status): stop, at cleanup, then leaves the process alone.
+func (p *proc) sigterm() {
+	p.t.Helper()
+	p.mu.Lock()
+	p.stopped = true
+	p.mu.Unlock()
+	p.signal(syscall.SIGTERM)
 }
 
 // requireProgram returns the path of name (a command looked up in PATH, or
