@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"tcprelay/internal/testutil"
 )
 
 // Paths of the binaries TestMain builds.
@@ -107,30 +109,6 @@ func requireTelnet(t *testing.T) {
 	}
 }
 
-// lockedBuffer is a bytes.Buffer safe to read while a process writes it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-func (l *lockedBuffer) Bytes() []byte {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return bytes.Clone(l.b.Bytes())
-}
-
 // env is one test's set of processes.
 type env struct {
 	t     *testing.T
@@ -168,8 +146,8 @@ type proc struct {
 	t      *testing.T
 	desc   string
 	cmd    *exec.Cmd
-	stdout *lockedBuffer // nil if scanned line by line (lines)
-	stderr *lockedBuffer
+	stdout *testutil.LockedBuffer // nil if scanned line by line (lines)
+	stderr *testutil.LockedBuffer
 	stdin  io.WriteCloser // if procOpts.stdinPipe
 	done   chan struct{}  // closed when Wait returned
 	daemon bool           // runs until the test stops it; must exit 0 on SIGTERM
@@ -215,7 +193,7 @@ func (e *env) start(bin string, args []string, o procOpts) *proc {
 		t:       t,
 		desc:    strings.Join(append([]string{filepath.Base(bin)}, args...), " "),
 		cmd:     cmd,
-		stderr:  &lockedBuffer{},
+		stderr:  &testutil.LockedBuffer{},
 		done:    make(chan struct{}),
 		daemon:  o.daemon,
 		service: o.service,
@@ -231,7 +209,7 @@ func (e *env) start(bin string, args []string, o procOpts) *proc {
 		p.firstLine = make(chan string, 1)
 		p.scanDone = make(chan struct{})
 	} else {
-		p.stdout = &lockedBuffer{}
+		p.stdout = &testutil.LockedBuffer{}
 		cmd.Stdout = p.stdout
 	}
 	if o.stdinPipe {

@@ -50,8 +50,7 @@ func TestReconnectAfterRelayRestart(t *testing.T) {
 	relay := testutil.StartRelay(t, server.Config{})
 	cfg, addrs := reconnecting()
 	ln := listen(t, relay.Addr, cfg)
-	done := serveEcho(ln)
-	t.Cleanup(func() { ln.Close(); <-done })
+	testutil.Serve(t, ln, testutil.Echo)
 	pub := ln.Addr().String()
 	if err := echoRoundTrip(pub, 1, 10<<10); err != nil {
 		t.Fatal(err)
@@ -79,8 +78,7 @@ func TestControlLossKeepsRelayedConns(t *testing.T) {
 	proxy := testutil.NewFaultProxy(t, relay.Addr)
 	cfg, addrs := reconnecting()
 	ln := listen(t, proxy.Addr(), cfg)
-	done := serveEcho(ln)
-	t.Cleanup(func() { ln.Close(); <-done })
+	testutil.Serve(t, ln, testutil.Echo)
 	pub := ln.Addr().String()
 
 	client := testutil.Dial(t, pub)
@@ -105,8 +103,7 @@ func TestFrozenRelayDetected(t *testing.T) {
 	proxy := testutil.NewFaultProxy(t, relay.Addr)
 	cfg, addrs := reconnecting()
 	ln := listen(t, proxy.Addr(), cfg)
-	done := serveEcho(ln)
-	t.Cleanup(func() { ln.Close(); <-done })
+	testutil.Serve(t, ln, testutil.Echo)
 
 	proxy.Freeze(t, 0)
 	a := nextAddr(t, addrs)

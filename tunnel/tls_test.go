@@ -17,8 +17,7 @@ func TestTLSWithCA(t *testing.T) {
 	cert, pool := testutil.SelfSignedCert(t)
 	relay := testutil.StartTLSRelay(t, server.Config{}, cert)
 	ln := listen(t, relay.Addr, tunnel.Config{TLS: &tls.Config{RootCAs: pool}})
-	done := serveEcho(ln)
-	defer func() { ln.Close(); <-done }()
+	testutil.Serve(t, ln, testutil.Echo)
 
 	var wg sync.WaitGroup
 	errs := make(chan error, 10)
@@ -76,8 +75,7 @@ func TestTLSPinned(t *testing.T) {
 		t.Fatal(err)
 	}
 	ln := listen(t, relay.Addr, tunnel.Config{TLS: pin})
-	done := serveEcho(ln)
-	defer func() { ln.Close(); <-done }()
+	testutil.Serve(t, ln, testutil.Echo)
 	if err := echoRoundTrip(ln.Addr().String(), 5, 64<<10); err != nil {
 		t.Fatal(err)
 	}

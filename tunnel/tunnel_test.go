@@ -34,32 +34,6 @@ func listen(t *testing.T, relayAddr string, cfg tunnel.Config) *tunnel.Listener 
 	return ln
 }
 
-// serveEcho accepts until the listener closes, echoing each conn and
-// half-closing after the client does. It returns a channel closed when every
-// handler has returned.
-func serveEcho(ln net.Listener) <-chan struct{} {
-	done := make(chan struct{})
-	go func() {
-		var wg sync.WaitGroup
-		defer func() { wg.Wait(); close(done) }()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				if _, err := io.Copy(c, c); err == nil {
-					c.(interface{ CloseWrite() error }).CloseWrite()
-				}
-			}()
-		}
-	}()
-	return done
-}
-
 func TestAddrAndRemoteAddr(t *testing.T) {
 	testutil.CheckLeaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
@@ -103,8 +77,7 @@ func TestManyClientsManyTunnels(t *testing.T) {
 	errc := make(chan error, tunnels*clients)
 	for i := range tunnels {
 		ln := listen(t, relay.Addr, tunnel.Config{})
-		done := serveEcho(ln)
-		t.Cleanup(func() { ln.Close(); <-done })
+		testutil.Serve(t, ln, testutil.Echo)
 		for j := range clients {
 			wg.Add(1)
 			go func() {
@@ -276,8 +249,7 @@ func TestSecret(t *testing.T) {
 		}
 	}
 	ln := listen(t, relay.Addr, tunnel.Config{Secret: "s3cret"})
-	done := serveEcho(ln)
-	defer func() { ln.Close(); <-done }()
+	testutil.Serve(t, ln, testutil.Echo)
 	if err := echoRoundTrip(ln.Addr().String(), 1, 1000); err != nil {
 		t.Fatal(err)
 	}
@@ -340,8 +312,7 @@ func TestAgentDeathClosesPortAndWaitingClients(t *testing.T) {
 	testutil.CheckLeaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	other := listen(t, relay.Addr, tunnel.Config{})
-	done := serveEcho(other)
-	defer func() { other.Close(); <-done }()
+	testutil.Serve(t, other, testutil.Echo)
 
 	agent := testutil.NewRawAgent(t, relay.Addr, "")
 	pub := agent.Listen(t, 0)

@@ -4,6 +4,7 @@
 package cli
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -13,9 +14,11 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/signal"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"tcprelay/tunnel"
@@ -201,4 +204,55 @@ func Serve(ln net.Listener, handle func(net.Conn), drain time.Duration, log *slo
 		log.Warn("drain deadline reached: closing open connections")
 	}
 	return err
+}
+
+// Agent holds what the relayed programs (echoserver, expose) share: the
+// flags -port, -drain-timeout and the TLS flags, and the way they register
+// with the relay and serve.
+type Agent struct {
+	c     *Common
+	port  *int
+	drain *time.Duration
+	tls   func() (*tls.Config, error)
+}
+
+// Agent registers the agent flags; call it before Parse.
+func (c *Common) Agent() *Agent {
+	return &Agent{
+		c:     c,
+		port:  c.FS.Int("port", 0, "public port to ask the relay for (0: any); after a reconnection the last one is asked for"),
+		drain: c.FS.Duration("drain-timeout", 5*time.Second, "on SIGINT/SIGTERM, how long open connections may finish"),
+		tls:   c.AgentTLS(),
+	}
+}
+
+// Run registers with the relay at relayAddr, prints the announcement line
+// on stdout (again after each re-registration), and runs handle for every
+// relayed connection until SIGINT or SIGTERM; then it stops accepting and
+// lets open connections drain. Fatal errors exit the program.
+func (a *Agent) Run(relayAddr string, log *slog.Logger, handle func(net.Conn)) {
+	tlsCfg, err := a.tls()
+	if err != nil {
+		a.c.Usagef("%v", err)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	cfg := tunnel.Config{
+		Secret: a.c.Secret(),
+		Port:   *a.port,
+		TLS:    tlsCfg,
+		Agent:  a.c.Name + "/" + Version,
+		Logger: log,
+		OnAddr: func(addr net.Addr) { Announce(os.Stdout, addr) },
+	}
+	ln, err := cfg.Listen(ctx, relayAddr)
+	if err != nil {
+		a.c.Fatal(err)
+	}
+	Announce(os.Stdout, ln.Addr())
+	log.Info("registered with the relay", "public", ln.Addr().String())
+	context.AfterFunc(ctx, func() { ln.Close() })
+	if err := Serve(ln, handle, *a.drain, log); err != nil {
+		a.c.Fatal(err)
+	}
 }

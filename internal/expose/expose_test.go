@@ -1,12 +1,10 @@
 package expose
 
 import (
-	"bytes"
 	"io"
 	"log/slog"
 	"net"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -18,24 +16,6 @@ import (
 	"tcprelay/tunnel"
 )
 
-// lockedBuffer collects log output from several goroutines.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // setup runs a relay and a tunnel whose connections fw handles; it returns
 // the public address.
 func setup(t *testing.T, fw *Forwarder) string {
@@ -46,44 +26,8 @@ func setup(t *testing.T, fw *Forwarder) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() { defer wg.Done(); fw.Handle(c) }()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	testutil.Serve(t, ln, fw.Handle)
 	return ln.Addr().String()
-}
-
-// serve runs handle for each conn accepted on ln until the test ends.
-func serve(t *testing.T, ln net.Listener, handle func(net.Conn)) {
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() { defer wg.Done(); defer c.Close(); handle(c) }()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-}
-
-func echo(c net.Conn) {
-	io.Copy(c, c)
-	c.(*net.TCPConn).CloseWrite()
 }
 
 func listenLocal(t *testing.T, addr string) net.Listener {
@@ -113,7 +57,7 @@ func roundTrip(t *testing.T, addr, msg string) string {
 func TestForwardHalfClose(t *testing.T) {
 	testutil.CheckLeaks(t)
 	target := listenLocal(t, "127.0.0.1:0")
-	serve(t, target, echo)
+	testutil.Serve(t, target, testutil.Echo)
 	pub := setup(t, &Forwarder{Target: target.Addr().String(), Logger: testutil.Logger(t)})
 	if got := roundTrip(t, pub, "hello target"); got != "hello target" {
 		t.Fatalf("got %q", got)
@@ -128,7 +72,7 @@ func TestTargetDownThenBack(t *testing.T) {
 	targetAddr := probe.Addr().String()
 	probe.Close() // nothing listens there now
 
-	var logs lockedBuffer
+	var logs testutil.LockedBuffer
 	fw := &Forwarder{Target: targetAddr, Logger: slog.New(slog.NewTextHandler(&logs, nil))}
 	pub := setup(t, fw)
 	for range 3 {
@@ -141,7 +85,7 @@ func TestTargetDownThenBack(t *testing.T) {
 	}
 
 	target := listenLocal(t, targetAddr)
-	serve(t, target, echo)
+	testutil.Serve(t, target, testutil.Echo)
 	if got := roundTrip(t, pub, "back"); got != "back" {
 		t.Fatalf("after the target came back: got %q", got)
 	}
@@ -179,7 +123,7 @@ func hangingListener(t *testing.T) string {
 
 func TestSlowTargetDialTimeout(t *testing.T) {
 	testutil.CheckLeaks(t)
-	var logs lockedBuffer
+	var logs testutil.LockedBuffer
 	fw := &Forwarder{Target: hangingListener(t), DialTimeout: 300 * time.Millisecond,
 		Logger: slog.New(slog.NewTextHandler(&logs, nil))}
 	pub := setup(t, fw)
@@ -199,7 +143,7 @@ func TestProxyProtocol(t *testing.T) {
 			testutil.CheckLeaks(t)
 			inner := listenLocal(t, "127.0.0.1:0")
 			target := &pp.Listener{Listener: inner}
-			serve(t, target, func(c net.Conn) {
+			testutil.Serve(t, target, func(c net.Conn) {
 				io.WriteString(c, c.RemoteAddr().String())
 				io.Copy(io.Discard, c)
 			})
