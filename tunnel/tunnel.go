@@ -28,6 +28,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -340,6 +341,7 @@ type Conn struct {
 var (
 	_ io.ReaderFrom = (*Conn)(nil)
 	_ io.WriterTo   = (*Conn)(nil)
+	_ syscall.Conn  = (*Conn)(nil)
 )
 
 // RemoteAddr is the outside client's address, as the relay saw it.
@@ -359,6 +361,20 @@ func (c *Conn) CloseWrite() error {
 		return cw.CloseWrite()
 	}
 	return c.Conn.Close()
+}
+
+// errNotRaw is SyscallConn's answer when the data connection is TLS: its
+// descriptor carries ciphertext, not the client's bytes.
+var errNotRaw = errors.New("tunnel: data connection is not raw TCP")
+
+// SyscallConn gives access to the data connection's socket when it is plain
+// TCP, so copiers can splice(2) the client's bytes without a user-space
+// copy. With TLS it returns an error.
+func (c *Conn) SyscallConn() (syscall.RawConn, error) {
+	if tc, ok := c.Conn.(*net.TCPConn); ok {
+		return tc.SyscallConn()
+	}
+	return nil, errNotRaw
 }
 
 // ReadFrom copies r to the outside client.

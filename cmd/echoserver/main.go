@@ -3,11 +3,11 @@
 package main
 
 import (
-	"io"
 	"net"
 	"os"
 
 	"tcprelay/internal/cli"
+	"tcprelay/internal/copier"
 )
 
 func main() {
@@ -26,10 +26,11 @@ func main() {
 }
 
 // echo writes back everything the client sends; when the client half-closes,
-// it half-closes too, after the last byte.
+// it half-closes too, after the last byte. The copier splices and holds no
+// pipe while the client is quiet, so idle clients cost one socket each.
 func echo(c net.Conn) {
 	defer c.Close()
-	if _, err := io.Copy(c, c); err != nil {
+	if _, err := copier.Copy(c, c); err != nil {
 		return
 	}
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {

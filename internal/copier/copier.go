@@ -32,9 +32,9 @@ type closeWriter interface {
 //
 // Memory is bounded: each direction holds at most one pipe's or one buffer's
 // worth of data, so a peer that stops reading blocks the writer on the far
-// side (backpressure) instead of growing a buffer. Between two *net.TCPConn
-// (or types embedding one) the bytes move with splice(2), never through user
-// space.
+// side (backpressure) instead of growing a buffer. See Copy for when the
+// bytes move with splice(2), never through user space, and why an idle
+// connection holds no pipe.
 func Join(a, b net.Conn) Result {
 	j := &join{a: a, b: b}
 	done := make(chan struct{})
@@ -73,9 +73,22 @@ func (j *join) copyBToA() {
 	j.fail(err)
 }
 
+// Copy copies src to dst until EOF on src or an error, like io.Copy. When
+// both are sockets that expose their descriptors (syscall.Conn: a
+// *net.TCPConn, or a *tunnel.Conn over plain TCP) the bytes move with
+// splice(2) on Linux, through a pipe held only while bytes are in flight:
+// a connection waiting for data holds no pipe. Anything else (TLS) is
+// copied through a buffer.
+func Copy(dst, src net.Conn) (int64, error) {
+	if n, err, ok := spliceCopy(dst, src); ok {
+		return n, err
+	}
+	return io.Copy(dst, src)
+}
+
 // forward copies src to dst until EOF, then half-closes dst.
 func (j *join) forward(dst, src net.Conn) (int64, error) {
-	n, err := io.Copy(dst, src)
+	n, err := Copy(dst, src)
 	if err != nil {
 		return n, err
 	}
