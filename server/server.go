@@ -70,6 +70,11 @@ type Config struct {
 	// unlimited.
 	MaxPendingPerTunnel int
 
+	// MaxPoolPerAgent bounds the idle data connections an agent may open in
+	// advance, so a new client is joined without a round trip to the agent.
+	// If zero, 32; if negative, agents are not offered a pool.
+	MaxPoolPerAgent int
+
 	// MaxFrameSize bounds the payload of control frames after the handshake.
 	// If zero, proto.DefaultMaxPayload.
 	MaxFrameSize int
@@ -117,6 +122,14 @@ func (c *Config) maxTunnels() int { return limit(c.MaxTunnelsPerAgent, 16) }
 func (c *Config) maxConns() int   { return limit(c.MaxConnsPerTunnel, 4096) }
 func (c *Config) maxPending() int { return limit(c.MaxPendingPerTunnel, 128) }
 
+// maxPool is 0 when pooling is off; it travels as a u16.
+func (c *Config) maxPool() int {
+	if c.MaxPoolPerAgent < 0 {
+		return 0
+	}
+	return min(limit(c.MaxPoolPerAgent, 32), math.MaxUint16)
+}
+
 func orDefault(d, def time.Duration) time.Duration {
 	if d <= 0 {
 		return def
@@ -140,8 +153,9 @@ type Server struct {
 	sessions  map[*session]struct{}     // authenticated agents
 	conns     map[net.Conn]struct{}     // every other open conn: handshaking, waiting, relayed
 	pending   map[[proto.TokenLen]byte]*pending
-	links     int           // relayed connections being copied
-	linksDone chan struct{} // closed and replaced when links drops to 0 during Shutdown
+	poolKeys  map[[proto.TokenLen]byte]*session // sessions that accept pre-opened data connections
+	links     int                               // relayed connections being copied
+	linksDone chan struct{}                     // closed and replaced when links drops to 0 during Shutdown
 
 	ports portAllocator
 
@@ -164,6 +178,7 @@ func New(cfg Config) *Server {
 		sessions:  make(map[*session]struct{}),
 		conns:     make(map[net.Conn]struct{}),
 		pending:   make(map[[proto.TokenLen]byte]*pending),
+		poolKeys:  make(map[[proto.TokenLen]byte]*session),
 		ports:     portAllocator{min: cfg.PortMin, max: cfg.PortMax, next: cfg.PortMin, used: make(map[int]bool)},
 	}
 }
@@ -271,6 +286,8 @@ func (s *Server) handleConn(c net.Conn, bindIP net.IP) {
 	switch m := m.(type) {
 	case *proto.Attach:
 		keep = s.attach(c, m.Token)
+	case *proto.PoolJoin:
+		keep = s.park(c, m.Key)
 	case *proto.Hello:
 		keep = true // runSession closes c
 		s.runSession(c, m, bindIP)
@@ -306,25 +323,31 @@ func (s *Server) attach(c net.Conn, token [proto.TokenLen]byte) bool {
 	}
 	p.timer.Stop()
 	c.SetDeadline(time.Time{})
+	s.relayLink(p.tunnel, p.client, c)
+	return true
+}
 
+// relayLink copies between an outside client and the data connection bound
+// to it until both directions end, then frees the client's place in its
+// tunnel.
+func (s *Server) relayLink(t *tunnel, client, data net.Conn) {
 	s.mu.Lock()
 	s.links++
 	s.mu.Unlock()
-	res := copier.Join(p.client, c)
-	s.untrackConn(p.client)
-	s.untrackConn(c)
+	res := copier.Join(client, data)
+	s.untrackConn(client)
+	s.untrackConn(data)
 	s.mu.Lock()
 	s.links--
-	p.tunnel.conns--
+	t.conns--
 	if s.links == 0 && s.linksDone != nil {
 		close(s.linksDone)
 		s.linksDone = nil
 	}
 	s.mu.Unlock()
 
-	s.log.Debug("connection closed", "tunnel", p.tunnel.id, "client", p.client.RemoteAddr().String(),
+	s.log.Debug("connection closed", "tunnel", t.id, "client", client.RemoteAddr().String(),
 		"bytes_in", res.AToB, "bytes_out", res.BToA, "err", res.Err)
-	return true
 }
 
 // pending is an outside client waiting for its agent's data connection.
@@ -450,4 +473,25 @@ func (s *Server) Close() error {
 	}
 	s.wg.Wait()
 	return nil
+}
+
+// Stats is a snapshot of what the relay holds.
+type Stats struct {
+	Agents  int // authenticated control connections
+	Tunnels int // open public ports
+	Waiting int // outside clients waiting for their agent
+	Relayed int // connections being relayed
+	Parked  int // pre-opened data connections waiting for a client
+}
+
+// Stats returns a snapshot of the relay's state.
+func (s *Server) Stats() Stats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := Stats{Agents: len(s.sessions), Waiting: len(s.pending), Relayed: s.links}
+	for ss := range s.sessions {
+		st.Tunnels += len(ss.tunnels)
+		st.Parked += len(ss.pool)
+	}
+	return st
 }

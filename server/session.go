@@ -28,6 +28,8 @@ type session struct {
 	closed     bool
 	tunnels    map[uint32]*tunnel
 	nextTunnel uint32
+	poolKey    [proto.TokenLen]byte
+	pool       []net.Conn // parked pre-opened data connections
 }
 
 // tunnel is one public port of a session.
@@ -71,8 +73,19 @@ func (s *Server) runSession(c net.Conn, hello *proto.Hello, bindIP net.IP) {
 	// From here the session, not the conn set, owns c.
 	delete(s.conns, c)
 	s.sessions[ss] = struct{}{}
+	if max := s.cfg.maxPool(); max > 0 {
+		ss.poolKey = proto.NewToken()
+		s.poolKeys[ss.poolKey] = ss
+	}
 	s.mu.Unlock()
 	ss.log.Info("agent connected", "software", hello.Agent)
+	if max := s.cfg.maxPool(); max > 0 {
+		if err := ss.send(&proto.PoolKey{Key: ss.poolKey, Max: uint16(max)}); err != nil {
+			ss.close()
+			ss.log.Info("agent disconnected", "reason", err)
+			return
+		}
+	}
 
 	if hb := s.cfg.heartbeat(); hb > 0 {
 		s.wg.Add(1)
@@ -262,8 +275,11 @@ func (ss *session) close() {
 	}
 	ss.closed = true
 	delete(s.sessions, ss)
+	delete(s.poolKeys, ss.poolKey)
 	tunnels := ss.tunnels
 	ss.tunnels = nil
+	pool := ss.pool
+	ss.pool = nil
 	s.expireWaitingLocked(func(p *pending) bool { return p.tunnel.sess == ss })
 	s.mu.Unlock()
 
@@ -271,6 +287,9 @@ func (ss *session) close() {
 	// on its port being free again, e.g. to ask for it back.
 	for _, t := range tunnels {
 		s.ports.close(t.ln)
+	}
+	for _, c := range pool {
+		s.closeConn(c)
 	}
 	close(ss.done)
 	ss.conn.Close()
@@ -310,6 +329,17 @@ func (t *tunnel) handleClient(c net.Conn) {
 		return
 	}
 	t.conns++
+	s.mu.Unlock()
+	if t.bindPooled(c) {
+		p.timer.Stop()
+		return
+	}
+	s.mu.Lock()
+	if t.sess.closed {
+		s.mu.Unlock()
+		s.dropClient(p)
+		return
+	}
 	t.pending++
 	s.pending[p.token] = p
 	s.mu.Unlock()

@@ -81,3 +81,46 @@ func benchSink(b *testing.B, ln net.Listener, addr string) {
 	b.StopTimer()
 	c.Close()
 }
+
+// BenchmarkConnectEcho measures a new connection plus a 1-byte echo, the
+// latency a new client sees: direct loopback against the relay path, in
+// the same run.
+//
+//	go test -run='^$' -bench=ConnectEcho -count=5 ./tunnel
+func BenchmarkConnectEcho(b *testing.B) {
+	quiet := slog.New(slog.DiscardHandler)
+	run := func(b *testing.B, ln net.Listener, addr string) {
+		testutil.Serve(b, ln, testutil.Echo)
+		buf := make([]byte, 1)
+		b.ResetTimer()
+		for range b.N {
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := c.Write(buf); err != nil {
+				b.Fatal(err)
+			}
+			if _, err := io.ReadFull(c, buf); err != nil {
+				b.Fatal(err)
+			}
+			c.Close()
+		}
+	}
+	b.Run("direct", func(b *testing.B) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			b.Fatal(err)
+		}
+		run(b, ln, ln.Addr().String())
+	})
+	b.Run("relay", func(b *testing.B) {
+		relay := testutil.StartRelay(b, server.Config{Logger: quiet})
+		cfg := tunnel.Config{Logger: quiet}
+		ln, err := cfg.Listen(testutil.Context(b), relay.Addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		run(b, ln, ln.Addr().String())
+	})
+}

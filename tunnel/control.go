@@ -19,8 +19,10 @@ type control struct {
 	l        *Listener
 	conn     net.Conn
 	br       *bufio.Reader
-	dataAddr string        // where data connections go: the relay's resolved address
-	hb       time.Duration // heartbeat the relay asked for; 0: none
+	dataAddr string         // where data connections go: the relay's resolved address
+	hb       time.Duration  // heartbeat the relay asked for; 0: none
+	poolKey  *proto.PoolKey // the relay's offer of pre-opened data connections; nil: none
+	pool     *pool
 
 	wmu  sync.Mutex
 	wbuf []byte
@@ -145,6 +147,9 @@ func (c *control) expect(want proto.Type) (proto.Message, error) {
 				return nil, err
 			}
 			continue
+		case *proto.PoolKey:
+			c.poolKey = m
+			continue
 		}
 		if t != want {
 			return nil, fmt.Errorf("%w: got %s, want %s", ErrProtocol, t, want)
@@ -199,6 +204,14 @@ func (c *control) serve() error {
 			c.pingLoop(lost)
 		}()
 	}
+	if c.poolKey != nil && c.poolKey.Max > 0 && !c.l.cfg.DisablePool {
+		c.pool = newPool(c, c.poolKey)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.pool.run(lost)
+		}()
+	}
 	buf := make([]byte, 0, 256)
 	for {
 		if c.hb > 0 {
@@ -218,6 +231,9 @@ func (c *control) serve() error {
 		}
 		switch m := m.(type) {
 		case *proto.Incoming:
+			if c.pool != nil {
+				c.pool.miss()
+			}
 			c.l.wg.Add(1)
 			go func() {
 				defer c.l.wg.Done()
@@ -275,10 +291,15 @@ func (c *control) openData(m *proto.Incoming) {
 		return
 	}
 	conn.SetWriteDeadline(time.Time{})
-	rc := &Conn{Conn: conn, local: parseAddr(m.Local), remote: parseAddr(m.Client)}
+	l.deliver(&Conn{Conn: conn, local: parseAddr(m.Local), remote: parseAddr(m.Client)})
+}
+
+// deliver hands a relayed conn to Accept, or closes it if the Listener
+// closes first.
+func (l *Listener) deliver(c *Conn) {
 	select {
-	case l.conns <- rc:
+	case l.conns <- c:
 	case <-l.done:
-		conn.Close()
+		c.Conn.Close()
 	}
 }

@@ -82,6 +82,10 @@ type Config struct {
 	// connection ends, instead of reconnecting.
 	DisableReconnect bool
 
+	// DisablePool turns off pre-opened data connections: each new client
+	// then costs a round trip to the relay before its first byte.
+	DisablePool bool
+
 	// MaxBackoff caps the wait between reconnection attempts, which starts
 	// at 250ms and doubles, with jitter. If zero, 30s.
 	MaxBackoff time.Duration

@@ -96,6 +96,25 @@ type GoAway struct{ Message string }
 // Attach is the only frame of a data connection; raw bytes follow it.
 type Attach struct{ Token [TokenLen]byte }
 
+// PoolKey lets the agent pre-open data connections for this session, up to
+// Max at a time. Relays that send none do not pool.
+type PoolKey struct {
+	Key [TokenLen]byte
+	Max uint16
+}
+
+// PoolJoin opens a pre-opened data connection: the relay parks it until an
+// outside client arrives, then sends Bind on it.
+type PoolJoin struct{ Key [TokenLen]byte }
+
+// Bind is the relay's only frame on a pre-opened data connection: from the
+// next byte on, it carries the outside client's stream.
+type Bind struct {
+	Tunnel uint32
+	Client string // the outside client's address, ip:port
+	Local  string // the relay address the client connected to, ip:port
+}
+
 func (*Hello) Type() Type     { return TypeHello }
 func (*Challenge) Type() Type { return TypeChallenge }
 func (*Auth) Type() Type      { return TypeAuth }
@@ -109,6 +128,9 @@ func (*Ping) Type() Type      { return TypePing }
 func (*Pong) Type() Type      { return TypePong }
 func (*GoAway) Type() Type    { return TypeGoAway }
 func (*Attach) Type() Type    { return TypeAttach }
+func (*PoolKey) Type() Type   { return TypePoolKey }
+func (*PoolJoin) Type() Type  { return TypePoolJoin }
+func (*Bind) Type() Type      { return TypeBind }
 
 func (m *Hello) AppendPayload(b []byte) []byte     { return appendString(b, m.Agent) }
 func (m *Challenge) AppendPayload(b []byte) []byte { return append(b, m.Nonce[:]...) }
@@ -143,6 +165,16 @@ func (m *Ping) AppendPayload(b []byte) []byte   { return binary.BigEndian.Append
 func (m *Pong) AppendPayload(b []byte) []byte   { return binary.BigEndian.AppendUint64(b, m.Data) }
 func (m *GoAway) AppendPayload(b []byte) []byte { return appendString(b, m.Message) }
 func (m *Attach) AppendPayload(b []byte) []byte { return append(b, m.Token[:]...) }
+func (m *PoolKey) AppendPayload(b []byte) []byte {
+	b = append(b, m.Key[:]...)
+	return binary.BigEndian.AppendUint16(b, m.Max)
+}
+func (m *PoolJoin) AppendPayload(b []byte) []byte { return append(b, m.Key[:]...) }
+func (m *Bind) AppendPayload(b []byte) []byte {
+	b = binary.BigEndian.AppendUint32(b, m.Tunnel)
+	b = appendString(b, m.Client)
+	return appendString(b, m.Local)
+}
 
 // Append appends m as a complete frame (header and payload) to dst.
 func Append(dst []byte, m Message) []byte {
@@ -200,6 +232,17 @@ func Parse(t Type, payload []byte) (Message, error) {
 		v := &Attach{}
 		d.bytes(v.Token[:])
 		m = v
+	case TypePoolKey:
+		v := &PoolKey{}
+		d.bytes(v.Key[:])
+		v.Max = d.u16()
+		m = v
+	case TypePoolJoin:
+		v := &PoolJoin{}
+		d.bytes(v.Key[:])
+		m = v
+	case TypeBind:
+		m = &Bind{Tunnel: d.u32(), Client: d.string(), Local: d.string()}
 	default:
 		return nil, fmt.Errorf("%w: %s", ErrUnknownType, t)
 	}

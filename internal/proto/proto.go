@@ -60,7 +60,10 @@ const (
 	TypePing      Type = 0x0A // either way: liveness probe
 	TypePong      Type = 0x0B // either way: answer to a ping
 	TypeGoAway    Type = 0x0C // relay → agent: the relay is shutting down
+	TypePoolKey   Type = 0x0D // relay → agent: key for pre-opened data connections
 	TypeAttach    Type = 0x10 // agent → relay: first and only frame of a data connection
+	TypePoolJoin  Type = 0x11 // agent → relay: first frame of a pre-opened data connection
+	TypeBind      Type = 0x12 // relay → agent: on a pre-opened data connection, a client is joined
 )
 
 func (t Type) String() string {
@@ -91,6 +94,12 @@ func (t Type) String() string {
 		return "goaway"
 	case TypeAttach:
 		return "attach"
+	case TypePoolKey:
+		return "pool-key"
+	case TypePoolJoin:
+		return "pool-join"
+	case TypeBind:
+		return "bind"
 	}
 	return fmt.Sprintf("type(0x%02x)", uint8(t))
 }

@@ -17,6 +17,7 @@ import (
 var allTypes = []Type{
 	TypeHello, TypeChallenge, TypeAuth, TypeWelcome, TypeListen, TypeListenOK,
 	TypeError, TypeIncoming, TypeClose, TypePing, TypePong, TypeGoAway, TypeAttach,
+	TypePoolKey, TypePoolJoin, TypeBind,
 }
 
 func isKnownType(t Type) bool {
@@ -115,6 +116,12 @@ func samples() []sample {
 		{"attach/zero", &Attach{}},
 		{"attach/seq", &Attach{Token: seqToken()}},
 		{"attach/ff", &Attach{Token: ffToken()}},
+		{"pool-key/zero", &PoolKey{}},
+		{"pool-key/max", &PoolKey{Key: ffToken(), Max: math.MaxUint16}},
+		{"pool-join/seq", &PoolJoin{Key: seqToken()}},
+		{"bind/zero", &Bind{}},
+		{"bind/typical", &Bind{Tunnel: 3, Client: "203.0.113.5:51234", Local: "198.51.100.1:8081"}},
+		{"bind/max-string", &Bind{Tunnel: math.MaxUint32, Client: maxString, Local: maxString}},
 	}
 }
 
@@ -240,6 +247,12 @@ func TestWireBytes(t *testing.T) {
 	}{
 		{"attach", &Attach{Token: seqToken()},
 			"10" + "00000010" + "000102030405060708090a0b0c0d0e0f"},
+		{"pool-key", &PoolKey{Key: seqToken(), Max: 64},
+			"0d" + "00000012" + "000102030405060708090a0b0c0d0e0f" + "0040"},
+		{"pool-join", &PoolJoin{Key: seqToken()},
+			"11" + "00000010" + "000102030405060708090a0b0c0d0e0f"},
+		{"bind", &Bind{Tunnel: 7, Client: "x:1", Local: "y:2"},
+			"12" + "0000000e" + "00000007" + "0003" + "783a31" + "0003" + "793a32"},
 		{"listen", &Listen{ID: 0x01020304, Port: 8080, Flags: ListenPortRequired},
 			"05" + "00000007" + "01020304" + "1f90" + "01"},
 		{"listen-ok", &ListenOK{ID: 0x01020304, Tunnel: 0xA0B0C0D0, Host: "ab", Port: 8080},
@@ -322,6 +335,9 @@ func TestTypeValuesAndNames(t *testing.T) {
 		{TypePong, 0x0B, "pong"},
 		{TypeGoAway, 0x0C, "goaway"},
 		{TypeAttach, 0x10, "attach"},
+		{TypePoolKey, 0x0D, "pool-key"},
+		{TypePoolJoin, 0x11, "pool-join"},
+		{TypeBind, 0x12, "bind"},
 	}
 	if len(tests) != len(allTypes) {
 		t.Fatalf("%d types pinned, %d known", len(tests), len(allTypes))
@@ -334,8 +350,8 @@ func TestTypeValuesAndNames(t *testing.T) {
 			t.Errorf("Type(0x%02x).String() = %q, want %q", tt.wire, got, tt.name)
 		}
 	}
-	if got := Type(0x0D).String(); got != "type(0x0d)" {
-		t.Errorf("Type(0x0d).String() = %q", got)
+	if got := Type(0x0E).String(); got != "type(0x0e)" {
+		t.Errorf("Type(0x0e).String() = %q", got)
 	}
 	if got := Type(0xFF).String(); got != "type(0xff)" {
 		t.Errorf("Type(0xff).String() = %q", got)

@@ -15,6 +15,7 @@ type FaultProxy struct {
 	target string
 	mu     sync.Mutex
 	links  []*faultLink
+	closed bool
 	wg     sync.WaitGroup
 }
 
@@ -56,6 +57,12 @@ func (p *FaultProxy) accept() {
 		}
 		l := &faultLink{a: a, b: b, frozen: make(chan struct{})}
 		p.mu.Lock()
+		if p.closed {
+			// close ran while this one was being dialed.
+			p.mu.Unlock()
+			l.cut()
+			return
+		}
 		p.links = append(p.links, l)
 		p.mu.Unlock()
 		p.wg.Add(2)
@@ -129,6 +136,7 @@ func (p *FaultProxy) Freeze(t testing.TB, i int) {
 func (p *FaultProxy) close() {
 	p.ln.Close()
 	p.mu.Lock()
+	p.closed = true
 	for _, l := range p.links {
 		l.cut()
 	}

@@ -13,9 +13,10 @@ import (
 // RawAgent speaks the wire protocol frame by frame, so tests can make an
 // agent misbehave in ways the tunnel package never would.
 type RawAgent struct {
-	Conn *net.TCPConn
-	br   *bufio.Reader
-	addr string
+	Conn    *net.TCPConn
+	PoolKey *proto.PoolKey // the relay's offer of pre-opened data connections, if any
+	br      *bufio.Reader
+	addr    string
 }
 
 // NewRawAgent dials the relay and completes the handshake with secret.
@@ -39,7 +40,8 @@ func (a *RawAgent) Send(t testing.TB, b []byte) {
 	}
 }
 
-// Next reads the next frame that is not a Ping.
+// Next reads the next frame that is not a Ping or a PoolKey (kept in
+// PoolKey).
 func (a *RawAgent) Next(t testing.TB) proto.Message {
 	t.Helper()
 	for {
@@ -51,7 +53,11 @@ func (a *RawAgent) Next(t testing.TB) proto.Message {
 		if err != nil {
 			t.Fatalf("raw agent parse %s: %v", typ, err)
 		}
-		if _, ok := m.(*proto.Ping); !ok {
+		switch m := m.(type) {
+		case *proto.Ping:
+		case *proto.PoolKey:
+			a.PoolKey = m
+		default:
 			return m
 		}
 	}
@@ -90,6 +96,16 @@ func (a *RawAgent) Attach(t testing.TB, token [proto.TokenLen]byte) *net.TCPConn
 	c := Dial(t, a.addr)
 	if _, err := c.Write(proto.Append(proto.Preamble(), &proto.Attach{Token: token})); err != nil {
 		t.Fatalf("attach: %v", err)
+	}
+	return c
+}
+
+// Park opens a pre-opened data connection with key.
+func (a *RawAgent) Park(t testing.TB, key [proto.TokenLen]byte) *net.TCPConn {
+	t.Helper()
+	c := Dial(t, a.addr)
+	if _, err := c.Write(proto.Append(proto.Preamble(), &proto.PoolJoin{Key: key})); err != nil {
+		t.Fatalf("park: %v", err)
 	}
 	return c
 }

@@ -6,12 +6,14 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"os"
 	"runtime"
 	"runtime/pprof"
+	"strings"
 	"testing"
 	"time"
 
@@ -94,9 +96,20 @@ func CheckLeaks(t testing.TB) {
 			t.Errorf("goroutine leak: %d goroutines, baseline %d\n%s", g, g0, buf.String())
 		}
 		if fd > fd0 {
-			t.Errorf("fd leak: %d open fds, baseline %d", fd, fd0)
+			t.Errorf("fd leak: %d open fds, baseline %d:\n%s", fd, fd0, describeFDs())
 		}
 	})
+}
+
+// describeFDs lists this process's fds and what they are.
+func describeFDs() string {
+	ents, _ := os.ReadDir("/proc/self/fd")
+	var b strings.Builder
+	for _, e := range ents {
+		target, _ := os.Readlink("/proc/self/fd/" + e.Name())
+		fmt.Fprintf(&b, "  fd %s -> %s\n", e.Name(), target)
+	}
+	return b.String()
 }
 
 // OpenFDs counts this process's open file descriptors.

@@ -1,0 +1,175 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"tcprelay/internal/proto"
+)
+
+// pool keeps pre-opened data connections parked at the relay, so a new
+// outside client is joined to one without a round trip to this agent. It
+// starts small and grows by one each time a client had to be announced on
+// the control connection instead (a miss), up to the relay's maximum.
+type pool struct {
+	c   *control
+	key [proto.TokenLen]byte
+	max int
+
+	mu      sync.Mutex
+	target  int                   // connections to keep parked
+	open    map[net.Conn]struct{} // parked, waiting for Bind
+	dialing int                   // being opened
+	wake    chan struct{}         // something changed: top up
+	failed  bool                  // the last attempt failed: pause before the next
+	closed  bool                  // the session is over: park nothing more
+}
+
+// initialPool is the parked connections an agent starts with.
+const initialPool = 4
+
+func newPool(c *control, k *proto.PoolKey) *pool {
+	return &pool{
+		c:      c,
+		key:    k.Key,
+		max:    int(k.Max),
+		target: min(initialPool, int(k.Max)),
+		open:   make(map[net.Conn]struct{}),
+		wake:   make(chan struct{}, 1),
+	}
+}
+
+func (p *pool) poke() {
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// miss grows the pool: a client arrived while none was parked.
+func (p *pool) miss() {
+	p.mu.Lock()
+	p.target = min(p.target+1, p.max)
+	p.mu.Unlock()
+	p.poke()
+}
+
+// run tops the pool up until lost is closed, then closes what is parked.
+func (p *pool) run(lost <-chan struct{}) {
+	l := p.c.l
+	defer func() {
+		p.mu.Lock()
+		p.closed = true
+		for c := range p.open {
+			c.Close()
+		}
+		p.mu.Unlock()
+	}()
+	for {
+		p.mu.Lock()
+		pause := p.failed
+		p.failed = false
+		n := p.target - len(p.open) - p.dialing
+		if pause {
+			n = 0
+		}
+		p.dialing += max(n, 0)
+		p.mu.Unlock()
+		for range n {
+			l.wg.Add(1)
+			go func() {
+				defer l.wg.Done()
+				p.park()
+			}()
+		}
+		var retry <-chan time.Time
+		if pause {
+			retry = time.After(time.Second)
+		}
+		select {
+		case <-lost:
+			return
+		case <-p.wake:
+		case <-retry:
+		}
+	}
+}
+
+// park opens one data connection, parks it at the relay, and waits for a
+// client to be bound to it.
+func (p *pool) park() {
+	l := p.c.l
+	ctx, cancel := context.WithTimeout(l.ctx, l.cfg.dialTimeout())
+	conn, err := l.dialRelay(ctx, p.c.dataAddr)
+	cancel()
+	if err == nil {
+		frame := proto.Append(proto.Preamble(), &proto.PoolJoin{Key: p.key})
+		conn.SetWriteDeadline(time.Now().Add(l.cfg.writeTimeout()))
+		if _, err = conn.Write(frame); err != nil {
+			conn.Close()
+		}
+		conn.SetWriteDeadline(time.Time{})
+	}
+	p.mu.Lock()
+	p.dialing--
+	if err == nil && p.closed {
+		err = errors.New("session over")
+	}
+	if err != nil {
+		p.failed = true
+		p.mu.Unlock()
+		if conn != nil {
+			conn.Close()
+		}
+		p.poke()
+		return
+	}
+	p.open[conn] = struct{}{}
+	p.mu.Unlock()
+
+	bind, err := readBind(conn)
+
+	p.mu.Lock()
+	delete(p.open, conn)
+	if err != nil {
+		p.failed = true
+	}
+	p.mu.Unlock()
+	p.poke()
+	if err != nil {
+		conn.Close()
+		return
+	}
+	l.deliver(&Conn{Conn: conn, local: parseAddr(bind.Local), remote: parseAddr(bind.Client)})
+}
+
+// readBind reads the relay's Bind frame and nothing past it: the bytes that
+// follow belong to the outside client.
+func readBind(conn net.Conn) (*proto.Bind, error) {
+	var h [proto.HeaderLen]byte
+	if _, err := io.ReadFull(conn, h[:]); err != nil {
+		return nil, err
+	}
+	t, n, err := proto.ParseHeader(h[:], proto.DefaultMaxPayload)
+	if err != nil {
+		return nil, err
+	}
+	payload := make([]byte, n)
+	if _, err := io.ReadFull(conn, payload); err != nil {
+		return nil, err
+	}
+	m, err := proto.Parse(t, payload)
+	if err != nil {
+		return nil, err
+	}
+	bind, ok := m.(*proto.Bind)
+	if !ok {
+		return nil, fmt.Errorf("%w: got %s on a pre-opened data connection", ErrProtocol, t)
+	}
+	return bind, nil
+}
