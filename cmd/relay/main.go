@@ -34,6 +34,7 @@ func main() {
 	maxPending := c.FS.Int("max-pending-per-tunnel", 128, "outside clients one tunnel may have waiting for its agent; more are closed at once (-1: unlimited)")
 	tlsCert := c.FS.String("tls-cert", "", "PEM certificate file: serve agents over TLS (with -tls-key)")
 	tlsKey := c.FS.String("tls-key", "", "PEM private key file for -tls-cert")
+	maxPool := c.FS.Int("max-pool-per-agent", 32, "idle data connections an agent may open in advance, so new clients skip a round trip (-1: none)")
 	maxFrame := c.FS.Int("max-frame-size", 16384, "largest control frame payload accepted from an authenticated agent, in bytes")
 	args, log := c.Parse(os.Args[1:], 1)
 
@@ -54,6 +55,7 @@ func main() {
 		MaxTunnelsPerAgent:  *maxTunnels,
 		MaxConnsPerTunnel:   *maxConns,
 		MaxPendingPerTunnel: *maxPending,
+		MaxPoolPerAgent:     *maxPool,
 		MaxFrameSize:        *maxFrame,
 	}
 	for name, d := range map[string]time.Duration{"handshake-timeout": *handshake, "pickup-timeout": *pickup, "drain-timeout": *drain} {
@@ -64,7 +66,8 @@ func main() {
 	if *heartbeat < 0 || *heartbeat > 0 && *heartbeat < 100*time.Millisecond {
 		c.Usagef("-heartbeat %v: want 0 (off) or at least 100ms", *heartbeat)
 	}
-	for name, v := range map[string]int{"max-tunnels-per-agent": *maxTunnels, "max-conns-per-tunnel": *maxConns, "max-pending-per-tunnel": *maxPending} {
+	for name, v := range map[string]int{"max-tunnels-per-agent": *maxTunnels, "max-conns-per-tunnel": *maxConns,
+		"max-pending-per-tunnel": *maxPending, "max-pool-per-agent": *maxPool} {
 		if v == 0 || v < -1 {
 			c.Usagef("-%s %d: want a positive number, or -1 for unlimited", name, v)
 		}
