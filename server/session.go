@@ -295,9 +295,44 @@ func (ss *session) close() {
 	ss.conn.Close()
 }
 
-// handleClient announces an outside client to the agent and parks it until
-// the agent's data connection claims it or the pickup timeout closes it.
+// handleClient serves one outside client: within the tunnel's limits, it
+// is joined to a parked data connection if there is one, else announced to
+// the agent.
 func (t *tunnel) handleClient(c net.Conn) {
+	if !t.admit(c) {
+		return
+	}
+	if t.bindPooled(c) {
+		return
+	}
+	t.announce(c)
+}
+
+// admit counts c against the tunnel's connection limit, or refuses it.
+func (t *tunnel) admit(c net.Conn) bool {
+	s := t.sess.s
+	s.mu.Lock()
+	var why string
+	switch {
+	case t.sess.closed:
+		why = "tunnel closed"
+	case t.conns >= s.cfg.maxConns():
+		why = "tunnel at its connection limit"
+	default:
+		t.conns++
+		s.mu.Unlock()
+		return true
+	}
+	n := t.refusedLocked()
+	s.mu.Unlock()
+	s.closeConn(c)
+	t.logRefused(why, n)
+	return false
+}
+
+// announce sends Incoming for c and parks it until the agent's data
+// connection claims it or the pickup timeout closes it.
+func (t *tunnel) announce(c net.Conn) {
 	s := t.sess.s
 	p := &pending{token: proto.NewToken(), client: c, tunnel: t}
 	p.timer = time.AfterFunc(s.cfg.pickupTimeout(), func() {
@@ -308,36 +343,14 @@ func (t *tunnel) handleClient(c net.Conn) {
 		}
 	})
 	s.mu.Lock()
-	var refuse string
-	switch {
-	case t.sess.closed:
-		refuse = "tunnel closed"
-	case t.conns >= s.cfg.maxConns():
-		refuse = "tunnel at its connection limit"
-	case t.pending >= s.cfg.maxPending():
-		refuse = "tunnel at its limit of clients waiting for the agent"
-	}
-	if refuse != "" {
-		logNow := t.refusedLocked()
-		s.mu.Unlock()
-		p.timer.Stop()
-		s.closeConn(c)
-		if logNow > 0 {
-			t.sess.log.Warn("closed outside client: "+refuse, "tunnel", t.id, "port", t.port,
-				"conns", s.cfg.maxConns(), "pending", s.cfg.maxPending(), "refused", logNow)
+	if t.sess.closed || t.pending >= s.cfg.maxPending() {
+		n := 0
+		if !t.sess.closed {
+			n = t.refusedLocked()
 		}
-		return
-	}
-	t.conns++
-	s.mu.Unlock()
-	if t.bindPooled(c) {
-		p.timer.Stop()
-		return
-	}
-	s.mu.Lock()
-	if t.sess.closed {
 		s.mu.Unlock()
 		s.dropClient(p)
+		t.logRefused("tunnel at its limit of clients waiting for the agent", n)
 		return
 	}
 	t.pending++
@@ -347,7 +360,15 @@ func (t *tunnel) handleClient(c net.Conn) {
 	err := t.sess.send(&proto.Incoming{Tunnel: t.id, Token: p.token,
 		Client: c.RemoteAddr().String(), Local: c.LocalAddr().String()})
 	if err != nil {
-		t.sess.close() // also closes c, which is pending
+		t.sess.close() // its waiting clients, c among them, are closed after the grace
+	}
+}
+
+func (t *tunnel) logRefused(why string, n int) {
+	if n > 0 {
+		s := t.sess.s
+		t.sess.log.Warn("closed outside client: "+why, "tunnel", t.id, "port", t.port,
+			"conns", s.cfg.maxConns(), "pending", s.cfg.maxPending(), "refused", n)
 	}
 }
 
