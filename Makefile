@@ -2,8 +2,9 @@ VERSION  := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -X tcprelay/internal/cli.Version=$(VERSION)
 BINARIES := relay echoserver expose
 FUZZTIME ?= 10s
+RUNS     ?= 3
 
-.PHONY: all test fuzz clean $(BINARIES)
+.PHONY: all test fuzz bench clean $(BINARIES)
 
 all: $(BINARIES)
 
@@ -21,6 +22,14 @@ test: all
 fuzz:
 	go test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME) ./internal/proto
 	go test -run='^$$' -fuzz='^FuzzReadFrame$$' -fuzztime=$(FUZZTIME) ./internal/proto
+
+# The relay path against a direct connection, side by side on loopback
+# (iperf3, CPU per GB, redis-benchmark, connect latency, idle cost, capacity):
+# a table on stdout, docs/bench/results.json and docs/bench/chart.svg.
+# Timing figures are medians of RUNS runs; BENCHFLAGS passes more flags
+# (go run ./bench -h lists them).
+bench: all
+	go run ./bench -runs $(RUNS) $(BENCHFLAGS)
 
 clean:
 	rm -f $(BINARIES)
