@@ -12,39 +12,54 @@ import (
 	"tcprelay/tunnel"
 )
 
-// BenchmarkThroughput moves bytes one way over a single connection: direct
-// loopback, through the relay, and through the relay with TLS on the agent's
-// data connection. Compare the MB/s of the three in one run:
-//
-//	go test -run='^$' -bench=Throughput -benchtime=2s ./tunnel
-func BenchmarkThroughput(b *testing.B) {
-	quiet := slog.New(slog.DiscardHandler)
-	b.Run("direct", func(b *testing.B) {
+// benchPaths are the paths the benchmarks compare, in one run: direct
+// loopback, through the relay, and through the relay with TLS on the
+// agent's connections.
+var benchPaths = []struct {
+	name   string
+	listen func(b *testing.B) net.Listener
+}{
+	{"direct", func(b *testing.B) net.Listener {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			b.Fatal(err)
 		}
-		benchSink(b, ln, ln.Addr().String())
-	})
-	b.Run("relay", func(b *testing.B) {
-		relay := testutil.StartRelay(b, server.Config{Logger: quiet})
-		cfg := tunnel.Config{Logger: quiet}
-		ln, err := cfg.Listen(testutil.Context(b), relay.Addr)
-		if err != nil {
-			b.Fatal(err)
-		}
-		benchSink(b, ln, ln.Addr().String())
-	})
-	b.Run("relay-tls", func(b *testing.B) {
+		b.Cleanup(func() { ln.Close() })
+		return ln
+	}},
+	{"relay", func(b *testing.B) net.Listener {
+		return benchRelay(b, testutil.StartRelay(b, server.Config{Logger: quiet}), nil)
+	}},
+	{"relay-tls", func(b *testing.B) net.Listener {
 		cert, pool := testutil.SelfSignedCert(b)
 		relay := testutil.StartTLSRelay(b, server.Config{Logger: quiet}, cert)
-		cfg := tunnel.Config{Logger: quiet, TLS: &tls.Config{RootCAs: pool}}
-		ln, err := cfg.Listen(testutil.Context(b), relay.Addr)
-		if err != nil {
-			b.Fatal(err)
-		}
-		benchSink(b, ln, ln.Addr().String())
-	})
+		return benchRelay(b, relay, &tls.Config{RootCAs: pool})
+	}},
+}
+
+var quiet = slog.New(slog.DiscardHandler)
+
+func benchRelay(b *testing.B, relay *testutil.Relay, tlsCfg *tls.Config) net.Listener {
+	cfg := tunnel.Config{Logger: quiet, TLS: tlsCfg}
+	ln, err := cfg.Listen(testutil.Context(b), relay.Addr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+// BenchmarkThroughput moves bytes one way over a single connection on each
+// path. Compare the MB/s of the paths in one run:
+//
+//	go test -run='^$' -bench=Throughput -benchtime=2s -count=5 ./tunnel
+func BenchmarkThroughput(b *testing.B) {
+	for _, p := range benchPaths {
+		b.Run(p.name, func(b *testing.B) {
+			ln := p.listen(b)
+			benchSink(b, ln, ln.Addr().String())
+		})
+	}
 }
 
 // benchSink accepts one connection on ln and discards what it reads, while
@@ -83,44 +98,30 @@ func benchSink(b *testing.B, ln net.Listener, addr string) {
 }
 
 // BenchmarkConnectEcho measures a new connection plus a 1-byte echo, the
-// latency a new client sees: direct loopback against the relay path, in
-// the same run.
+// latency a new client sees, on each path in the same run.
 //
-//	go test -run='^$' -bench=ConnectEcho -count=5 ./tunnel
+//	go test -run='^$' -bench=ConnectEcho -benchtime=2000x -count=5 ./tunnel
 func BenchmarkConnectEcho(b *testing.B) {
-	quiet := slog.New(slog.DiscardHandler)
-	run := func(b *testing.B, ln net.Listener, addr string) {
-		testutil.Serve(b, ln, testutil.Echo)
-		buf := make([]byte, 1)
-		b.ResetTimer()
-		for range b.N {
-			c, err := net.Dial("tcp", addr)
-			if err != nil {
-				b.Fatal(err)
+	for _, p := range benchPaths {
+		b.Run(p.name, func(b *testing.B) {
+			ln := p.listen(b)
+			testutil.Serve(b, ln, testutil.Echo)
+			addr := ln.Addr().String()
+			buf := make([]byte, 1)
+			b.ResetTimer()
+			for range b.N {
+				c, err := net.Dial("tcp", addr)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := c.Write(buf); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := io.ReadFull(c, buf); err != nil {
+					b.Fatal(err)
+				}
+				c.Close()
 			}
-			if _, err := c.Write(buf); err != nil {
-				b.Fatal(err)
-			}
-			if _, err := io.ReadFull(c, buf); err != nil {
-				b.Fatal(err)
-			}
-			c.Close()
-		}
+		})
 	}
-	b.Run("direct", func(b *testing.B) {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			b.Fatal(err)
-		}
-		run(b, ln, ln.Addr().String())
-	})
-	b.Run("relay", func(b *testing.B) {
-		relay := testutil.StartRelay(b, server.Config{Logger: quiet})
-		cfg := tunnel.Config{Logger: quiet}
-		ln, err := cfg.Listen(testutil.Context(b), relay.Addr)
-		if err != nil {
-			b.Fatal(err)
-		}
-		run(b, ln, ln.Addr().String())
-	})
 }

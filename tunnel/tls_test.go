@@ -44,12 +44,7 @@ func TestTLSHalfClose(t *testing.T) {
 	cert, pool := testutil.SelfSignedCert(t)
 	relay := testutil.StartTLSRelay(t, server.Config{}, cert)
 	ln := listen(t, relay.Addr, tunnel.Config{TLS: &tls.Config{RootCAs: pool}})
-	client := testutil.Dial(t, ln.Addr().String())
-	c, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	client, c := acceptPair(t, ln)
 	if _, ok := c.(*tunnel.Conn).NetConn().(*tls.Conn); !ok {
 		t.Fatalf("data connection is %T, want *tls.Conn", c.(*tunnel.Conn).NetConn())
 	}

@@ -22,6 +22,19 @@ import (
 	"tcprelay/tunnel"
 )
 
+// acceptPair connects an outside client to ln's public address and returns
+// it with the conn Accept gave for it; both close when the test ends.
+func acceptPair(t *testing.T, ln net.Listener) (*net.TCPConn, net.Conn) {
+	t.Helper()
+	client := testutil.Dial(t, ln.Addr().String())
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return client, c
+}
+
 // listen registers a tunnel with the relay and closes it when the test ends.
 func listen(t *testing.T, relayAddr string, cfg tunnel.Config) *tunnel.Listener {
 	t.Helper()
@@ -45,12 +58,7 @@ func TestAddrAndRemoteAddr(t *testing.T) {
 	if !ok || a.Host != "127.0.0.1" || a.Port == 0 {
 		t.Fatalf("Addr() = %#v, want 127.0.0.1 (the dialed host) and a port", ln.Addr())
 	}
-	client := testutil.Dial(t, ln.Addr().String())
-	c, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	client, c := acceptPair(t, ln)
 	if got, want := c.RemoteAddr().String(), client.LocalAddr().String(); got != want {
 		t.Errorf("RemoteAddr() = %s, want the outside client's address %s", got, want)
 	}
@@ -137,12 +145,7 @@ func TestHalfClose(t *testing.T) {
 	relay := testutil.StartRelay(t, server.Config{})
 	ln := listen(t, relay.Addr, tunnel.Config{})
 
-	client := testutil.Dial(t, ln.Addr().String())
-	c, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	client, c := acceptPair(t, ln)
 	if _, err := client.Write([]byte("request")); err != nil {
 		t.Fatal(err)
 	}
@@ -263,12 +266,7 @@ func TestStalledReaderBoundsMemory(t *testing.T) {
 	testutil.CheckLeaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	ln := listen(t, relay.Addr, tunnel.Config{})
-	client := testutil.Dial(t, ln.Addr().String())
-	c, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	client, c := acceptPair(t, ln)
 
 	var before runtime.MemStats
 	runtime.GC()
@@ -303,9 +301,8 @@ func TestStalledReaderBoundsMemory(t *testing.T) {
 
 	// Everything accepted is delivered once the reader wakes up.
 	c.Close()
-	var got int64
 	client.SetReadDeadline(time.Now().Add(30 * time.Second))
-	got, err = io.Copy(io.Discard, client)
+	got, err := io.Copy(io.Discard, client)
 	if err != nil || got != written {
 		t.Fatalf("reader got %d bytes (err %v), want the %d written", got, err, written)
 	}
@@ -349,11 +346,7 @@ func TestAcceptedConnSurvivesClose(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		client := testutil.Dial(t, ln.Addr().String())
-		c, err := ln.Accept()
-		if err != nil {
-			t.Fatal(err)
-		}
+		client, c := acceptPair(t, ln)
 		ln.Close()
 		client.Write([]byte("still here"))
 		buf := make([]byte, 10)
