@@ -16,6 +16,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"tcprelay/internal/child"
 )
 
 // echo writes back everything the client sends and half-closes after it
@@ -34,23 +36,19 @@ var echoAddrRE = regexp.MustCompile(`^listening on 127\.0\.0\.1:(\d+)$`)
 
 // startDirectEcho runs this program with -serve-echo: the direct echo
 // server, a separate process like ./echoserver.
-func startDirectEcho(cfg *config) (*proc, int, error) {
-	p, err := start("direct echo server", cfg.self, []string{"-serve-echo"}, procOpts{scan: true})
+func startDirectEcho(cfg *config) (*child.Proc, int, error) {
+	p, err := start("direct echo server", cfg.self, []string{"-serve-echo"}, child.Options{Scan: true})
 	if err != nil {
 		return nil, 0, err
 	}
-	var line string
-	if !waitFor(10*time.Second, func() bool {
-		var ok bool
-		line, ok = p.firstLine()
-		return ok || p.exited()
-	}) || line == "" {
-		p.kill()
-		return nil, 0, fmt.Errorf("direct echo server announced no address: %s", clip(p.stderr.String(), 500))
+	line, err := p.FirstLine(10 * time.Second)
+	if err != nil {
+		p.Kill()
+		return nil, 0, fmt.Errorf("direct echo server announced no address: %v: %s", err, clip(p.Stderr.String(), 500))
 	}
 	m := echoAddrRE.FindStringSubmatch(line)
 	if m == nil {
-		p.kill()
+		p.Kill()
 		return nil, 0, fmt.Errorf("direct echo server printed %q", line)
 	}
 	port, _ := strconv.Atoi(m[1])
@@ -148,7 +146,7 @@ func benchLatency(cfg *config) []*Figure {
 		failAll(figs, err)
 		return figs
 	}
-	_, exPub, err := startAgent(cfg, cfg.exposeBin, relay.port, addr(echoPort))
+	_, exPub, err := startAgent(cfg, cfg.exposeBin, relay.port, child.Addr(echoPort))
 	if err != nil {
 		failAll(figs, err)
 		return figs
@@ -165,7 +163,7 @@ func benchLatency(cfg *config) []*Figure {
 		var parts []string
 		for k := range paths {
 			p := paths[(k+run-1)%len(paths)] // rotate the order from run to run
-			s, err := latencySamples(addr(p.port), cfg.latencyN, cfg.connTimeout)
+			s, err := latencySamples(child.Addr(p.port), cfg.latencyN, cfg.connTimeout)
 			if err != nil {
 				failAll(figs, fmt.Errorf("run %d, %s: %w", run, p.name, err))
 				return figs
@@ -261,21 +259,21 @@ type usage struct {
 	relayRSS, agentRSS int64 // KiB
 }
 
-func readUsage(relay *proc, agents []*proc) (usage, error) {
+func readUsage(relay *child.Proc, agents []*child.Proc) (usage, error) {
 	var u usage
 	var err error
-	if u.relayFD, err = fdCount(relay.pid()); err != nil {
+	if u.relayFD, err = fdCount(relay.Pid()); err != nil {
 		return u, err
 	}
-	if u.relayRSS, err = rssKiB(relay.pid()); err != nil {
+	if u.relayRSS, err = rssKiB(relay.Pid()); err != nil {
 		return u, err
 	}
 	for _, a := range agents {
-		fd, err := fdCount(a.pid())
+		fd, err := fdCount(a.Pid())
 		if err != nil {
 			return u, err
 		}
-		rss, err := rssKiB(a.pid())
+		rss, err := rssKiB(a.Pid())
 		if err != nil {
 			return u, err
 		}
@@ -299,7 +297,7 @@ func kib(k int64) string {
 // settle polls the usage every 250ms until the fd counts are unchanged and
 // each RSS moved by at most 1% (or 64 KiB) for 4 polls in a row, or until
 // limit has passed. It reports whether the counts settled.
-func settle(relay *proc, agents []*proc, limit time.Duration) (usage, bool, error) {
+func settle(relay *child.Proc, agents []*child.Proc, limit time.Duration) (usage, bool, error) {
 	prev, err := readUsage(relay, agents)
 	if err != nil {
 		return prev, false, err
@@ -337,17 +335,17 @@ var limitFlags = []string{"-max-conns-per-tunnel", "-1", "-max-pending-per-tunne
 
 // diagnose describes the state of the relay and the agents after a failure:
 // fds against their limits, and their last warning.
-func diagnose(relay *proc, agents []*proc) string {
+func diagnose(relay *child.Proc, agents []*child.Proc) string {
 	var parts []string
-	for _, p := range append([]*proc{relay}, agents...) {
-		if p.exited() {
-			parts = append(parts, fmt.Sprintf("%s pid %d EXITED (%s): %s", p.name, p.pid(), p.status(), clip(p.stderr.String(), 300)))
+	for _, p := range append([]*child.Proc{relay}, agents...) {
+		if p.Exited() {
+			parts = append(parts, fmt.Sprintf("%s pid %d EXITED (%s): %s", p.Name, p.Pid(), p.Status(), clip(p.Stderr.String(), 300)))
 			continue
 		}
-		fd, _ := fdCount(p.pid())
-		soft, _, _ := fdLimit(p.pid())
-		s := fmt.Sprintf("%s pid %d: %d fds open, limit %s", p.name, p.pid(), fd, soft)
-		if l := p.lastLog("level=WARN", "level=ERROR"); l != "" {
+		fd, _ := fdCount(p.Pid())
+		soft, _, _ := fdLimit(p.Pid())
+		s := fmt.Sprintf("%s pid %d: %d fds open, limit %s", p.Name, p.Pid(), fd, soft)
+		if l := lastLog(p, "level=WARN", "level=ERROR"); l != "" {
 			s += "; last warning: " + l
 		}
 		parts = append(parts, s)
@@ -375,23 +373,23 @@ func benchIdle(cfg *config) []*Figure {
 		failAll(figs, err)
 		return figs
 	}
-	agents := []*proc{agent}
+	agents := []*child.Proc{agent}
 	fmt.Printf("   relay (%s) and one ./echoserver, public port %d\n", strings.Join(limitFlags, " "), pub)
-	fmt.Printf("   %s\n   %s\n", limitsLine(relay.proc), limitsLine(agent))
-	warm, err := openEchoed([]string{addr(pub)}, 0, 20, 20, cfg.connTimeout)
+	fmt.Printf("   %s\n   %s\n", limitsLine(relay.Proc), limitsLine(agent))
+	warm, err := openEchoed([]string{child.Addr(pub)}, 0, 20, 20, cfg.connTimeout)
 	closeAll(warm)
 	if err != nil {
 		failAll(figs, fmt.Errorf("warm-up: %w", err))
 		return figs
 	}
-	before, ok, err := settle(relay.proc, agents, cfg.settle)
+	before, ok, err := settle(relay.Proc, agents, cfg.settle)
 	if err != nil {
 		failAll(figs, err)
 		return figs
 	}
 	fmt.Printf("   before: %s (settled: %v)\n", before, ok)
-	relayKinds0, err1 := fdKinds(relay.pid())
-	agentKinds0, err2 := fdKinds(agent.pid())
+	relayKinds0, err1 := fdKinds(relay.Pid())
+	agentKinds0, err2 := fdKinds(agent.Pid())
 	if err := errors.Join(err1, err2); err != nil {
 		failAll(figs, err)
 		return figs
@@ -402,7 +400,7 @@ func benchIdle(cfg *config) []*Figure {
 	var openErr error
 	t0 := time.Now()
 	for len(conns) < n {
-		got, err := openEchoed([]string{addr(pub)}, len(conns), min(500, n-len(conns)), 64, cfg.connTimeout)
+		got, err := openEchoed([]string{child.Addr(pub)}, len(conns), min(500, n-len(conns)), 64, cfg.connTimeout)
 		conns = append(conns, got...)
 		if err != nil {
 			openErr = err
@@ -411,7 +409,7 @@ func benchIdle(cfg *config) []*Figure {
 	}
 	fmt.Printf("   opened %d of %d connections in %v, each echoed 1 byte\n", len(conns), n, time.Since(t0).Round(time.Millisecond))
 	if openErr != nil {
-		diag := diagnose(relay.proc, agents)
+		diag := diagnose(relay.Proc, agents)
 		fmt.Printf("   stopped at the first failure: %v\n   %s\n", openErr, diag)
 		count.Detail = fmt.Sprintf("stopped after %d: %v; %s", len(conns), openErr, diag)
 	}
@@ -421,14 +419,14 @@ func benchIdle(cfg *config) []*Figure {
 		failAll(figs, fmt.Errorf("no connection established: %v", openErr))
 		return figs
 	}
-	after, ok, err := settle(relay.proc, agents, cfg.settle)
+	after, ok, err := settle(relay.Proc, agents, cfg.settle)
 	if err != nil {
 		failAll(figs, err)
 		return figs
 	}
 	fmt.Printf("   after (idle): %s (settled: %v)\n", after, ok)
-	relayKinds1, err1 := fdKinds(relay.pid())
-	agentKinds1, err2 := fdKinds(agent.pid())
+	relayKinds1, err1 := fdKinds(relay.Pid())
+	agentKinds1, err2 := fdKinds(agent.Pid())
 	if err := errors.Join(err1, err2); err != nil {
 		failAll(figs, err)
 		return figs
@@ -462,7 +460,7 @@ func benchCapacity(cfg *config) []*Figure {
 		failAll(figs, err)
 		return figs
 	}
-	var agents []*proc
+	var agents []*child.Proc
 	var addrs []string
 	for range cfg.capAgents {
 		a, pub, err := startAgent(cfg, cfg.echoBin, relay.port)
@@ -471,11 +469,11 @@ func benchCapacity(cfg *config) []*Figure {
 			return figs
 		}
 		agents = append(agents, a)
-		addrs = append(addrs, addr(pub))
+		addrs = append(addrs, child.Addr(pub))
 	}
 	fmt.Printf("   relay (%s) and %d ./echoserver (connections spread over them, so that the relay's limit is reached first); up to %d connections in batches of %d\n",
 		strings.Join(limitFlags, " "), cfg.capAgents, cfg.capMax, cfg.capBatch)
-	for _, p := range append([]*proc{relay.proc}, agents...) {
+	for _, p := range append([]*child.Proc{relay.Proc}, agents...) {
 		fmt.Printf("   %s\n", limitsLine(p))
 	}
 	var conns []net.Conn
@@ -487,7 +485,7 @@ func benchCapacity(cfg *config) []*Figure {
 		got, err := openEchoed(addrs, len(conns), min(cfg.capBatch, cfg.capMax-len(conns)), 64, cfg.connTimeout)
 		conns = append(conns, got...)
 		if len(conns) >= next || err != nil || len(conns) >= cfg.capMax {
-			u, _ := readUsage(relay.proc, agents)
+			u, _ := readUsage(relay.Proc, agents)
 			fmt.Printf("   %5d conns after %5.1fs: %s\n", len(conns), time.Since(t0).Seconds(), u)
 			for next <= len(conns) {
 				next += 1000
@@ -501,7 +499,7 @@ func benchCapacity(cfg *config) []*Figure {
 	opened := len(conns)
 	var details []string
 	if openErr != nil {
-		diag := diagnose(relay.proc, agents)
+		diag := diagnose(relay.Proc, agents)
 		fmt.Printf("   stopped at the first failure: %v\n   %s\n", openErr, diag)
 		details = append(details, fmt.Sprintf("stopped at %d: %v; %s", opened, openErr, diag))
 	}

@@ -7,21 +7,19 @@ package main
 // forked from one locked thread that never exits.
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"tcprelay/internal/child"
 )
 
 var spawnCh = make(chan func())
@@ -45,196 +43,39 @@ func onSpawnThread(f func()) {
 	<-done
 }
 
-// tailBuf keeps the last max bytes written to it.
-type tailBuf struct {
-	mu  sync.Mutex
-	b   []byte
-	max int
-}
-
-func (t *tailBuf) Write(p []byte) (int, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.b = append(t.b, p...)
-	if t.max > 0 && len(t.b) > t.max {
-		t.b = append([]byte(nil), t.b[len(t.b)-t.max:]...)
-	}
-	return len(p), nil
-}
-
-func (t *tailBuf) String() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return string(t.b)
-}
-
-func (t *tailBuf) Bytes() []byte {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return append([]byte(nil), t.b...)
-}
-
-// proc is a started process.
-type proc struct {
-	name   string
-	cmd    *exec.Cmd
-	done   chan struct{} // closed when Wait returned
-	stdout *tailBuf      // nil when stdout is scanned line by line
-	stderr *tailBuf
-
-	linesMu  sync.Mutex
-	lines    []string
-	scanDone chan struct{}
-}
-
-type procOpts struct {
-	scan bool     // read stdout line by line (servers); else collect it
-	env  []string // extra VAR=value entries
-}
-
 var registry struct {
 	sync.Mutex
-	procs   []*proc
+	procs   []*child.Proc
 	closing bool
 }
 
 var errInterrupted = errors.New("interrupted")
 
-// start starts bin with args and registers it for killAll.
-func start(name, bin string, args []string, o procOpts) (*proc, error) {
-	cmd := exec.Command(bin, args...)
-	cmd.Env = append(append(os.Environ(), "LC_ALL=C"), o.env...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	cmd.WaitDelay = 2 * time.Second
-	p := &proc{name: name, cmd: cmd, done: make(chan struct{}), stderr: &tailBuf{max: 64 << 10}}
-	cmd.Stderr = p.stderr
-	var pr, pw *os.File
-	if o.scan {
+// start starts bin with args (child.Start, keeping the last 16 MiB of
+// stdout and 64 KiB of stderr) from the spawning thread, with Pdeathsig,
+// and registers it for killAll.
+func start(name, bin string, args []string, o child.Options) (*child.Proc, error) {
+	o.KeepStdout, o.KeepStderr = 16<<20, 64<<10
+	o.Start = func(p *child.Proc) error {
+		p.Cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+		registry.Lock()
+		defer registry.Unlock()
+		if registry.closing {
+			return errInterrupted
+		}
 		var err error
-		if pr, pw, err = os.Pipe(); err != nil {
-			return nil, err
+		onSpawnThread(func() { err = p.Cmd.Start() })
+		if err == nil {
+			registry.procs = append(registry.procs, p)
 		}
-		cmd.Stdout = pw
-		p.scanDone = make(chan struct{})
-	} else {
-		p.stdout = &tailBuf{max: 16 << 20}
-		cmd.Stdout = p.stdout
+		return err
 	}
-	registry.Lock()
-	if registry.closing {
-		registry.Unlock()
-		if pr != nil {
-			pr.Close()
-			pw.Close()
-		}
-		return nil, errInterrupted
-	}
-	var err error
-	onSpawnThread(func() { err = cmd.Start() })
-	if err == nil {
-		registry.procs = append(registry.procs, p)
-	}
-	registry.Unlock()
-	if pw != nil {
-		pw.Close() // the child holds the write end now
-	}
-	if err != nil {
-		if pr != nil {
-			pr.Close()
-		}
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
-	if pr != nil {
-		go p.scan(pr)
-	}
-	go func() {
-		cmd.Wait()
-		close(p.done)
-	}()
-	return p, nil
-}
-
-func (p *proc) pid() int { return p.cmd.Process.Pid }
-
-func (p *proc) scan(r *os.File) {
-	defer close(p.scanDone)
-	defer r.Close()
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		p.linesMu.Lock()
-		if len(p.lines) < 100000 {
-			p.lines = append(p.lines, sc.Text())
-		}
-		p.linesMu.Unlock()
-	}
-}
-
-// countLines counts the stdout lines that contain s (scanned processes).
-func (p *proc) countLines(s string) int {
-	p.linesMu.Lock()
-	defer p.linesMu.Unlock()
-	n := 0
-	for _, l := range p.lines {
-		if strings.Contains(l, s) {
-			n++
-		}
-	}
-	return n
-}
-
-// firstLine returns the first stdout line, if any (scanned processes).
-func (p *proc) firstLine() (string, bool) {
-	p.linesMu.Lock()
-	defer p.linesMu.Unlock()
-	if len(p.lines) == 0 {
-		return "", false
-	}
-	return p.lines[0], true
-}
-
-func (p *proc) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-func (p *proc) wait(d time.Duration) bool {
-	select {
-	case <-p.done:
-		return true
-	case <-time.After(d):
-		return false
-	}
-}
-
-// status describes how the process ended; call after done.
-func (p *proc) status() string {
-	ps := p.cmd.ProcessState
-	if ps == nil {
-		return "not waited"
-	}
-	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-		return "killed by " + ws.Signal().String()
-	}
-	return "exit status " + strconv.Itoa(ps.ExitCode())
-}
-
-// kill SIGKILLs the process and waits for it (bounded).
-func (p *proc) kill() {
-	if p == nil || p.exited() {
-		return
-	}
-	p.cmd.Process.Kill()
-	p.wait(5 * time.Second)
+	return child.Start(name, bin, args, o)
 }
 
 // lastLog returns the last stderr line that contains one of subs, clipped.
-func (p *proc) lastLog(subs ...string) string {
-	lines := strings.Split(strings.TrimSpace(p.stderr.String()), "\n")
+func lastLog(p *child.Proc, subs ...string) string {
+	lines := strings.Split(strings.TrimSpace(p.Stderr.String()), "\n")
 	for i := len(lines) - 1; i >= 0; i-- {
 		for _, s := range subs {
 			if strings.Contains(lines[i], s) {
@@ -253,16 +94,16 @@ func (p *proc) lastLog(subs ...string) string {
 func killAll() {
 	registry.Lock()
 	registry.closing = true
-	procs := append([]*proc(nil), registry.procs...)
+	procs := append([]*child.Proc(nil), registry.procs...)
 	registry.Unlock()
 	for _, p := range procs {
-		if !p.exited() {
-			p.cmd.Process.Kill()
+		if !p.Exited() {
+			p.Cmd.Process.Kill()
 		}
 	}
 	for _, p := range procs {
-		if !p.wait(5 * time.Second) {
-			fmt.Fprintf(os.Stderr, "bench: %s (pid %d) did not exit within 5s of SIGKILL\n", p.name, p.pid())
+		if !p.Wait(5 * time.Second) {
+			fmt.Fprintf(os.Stderr, "bench: %s (pid %d) did not exit within 5s of SIGKILL\n", p.Name, p.Pid())
 		}
 	}
 }
@@ -273,7 +114,7 @@ func runningCount() int {
 	defer registry.Unlock()
 	n := 0
 	for _, p := range registry.procs {
-		if !p.exited() {
+		if !p.Exited() {
 			n++
 		}
 	}
@@ -288,19 +129,9 @@ func clip(s string, n int) string {
 	return s[:n] + "..."
 }
 
-// freePort returns a port that was free on 127.0.0.1 a moment ago.
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
-}
-
 // relayProc is a running ./relay.
 type relayProc struct {
-	*proc
+	*child.Proc
 	port int
 }
 
@@ -309,135 +140,93 @@ type relayProc struct {
 // "relay listening" log line.
 func startRelay(cfg *config, flags ...string) (*relayProc, error) {
 	for attempt := 1; attempt <= 5; attempt++ {
-		port, err := freePort()
+		port, err := child.FreePort()
 		if err != nil {
 			return nil, err
 		}
 		args := append(append([]string{"-bind", "127.0.0.1"}, flags...), strconv.Itoa(port))
-		p, err := start("relay", cfg.relayBin, args, procOpts{scan: true, env: cfg.agentEnv()})
+		p, err := start("relay", cfg.relayBin, args, child.Options{Scan: true, Env: cfg.agentEnv()})
 		if err != nil {
 			return nil, err
 		}
-		deadline := time.Now().Add(10 * time.Second)
-		for {
-			if p.exited() {
-				if strings.Contains(p.stderr.String(), "address already in use") {
-					break // retry with another port
-				}
-				return nil, fmt.Errorf("relay exited during start-up (%s): %s", p.status(), clip(p.stderr.String(), 1000))
-			}
-			if strings.Contains(p.stderr.String(), "relay listening") {
-				return &relayProc{proc: p, port: port}, nil
-			}
-			if time.Now().After(deadline) {
-				p.kill()
-				return nil, fmt.Errorf("relay not listening within 10s: %s", clip(p.stderr.String(), 1000))
-			}
-			time.Sleep(20 * time.Millisecond)
+		err = p.AwaitReady(10*time.Second, func() bool { return strings.Contains(p.Stderr.String(), "relay listening") })
+		if errors.Is(err, child.ErrPortTaken) {
+			continue
 		}
+		if err != nil {
+			p.Kill()
+			return nil, fmt.Errorf("%v: %s", err, clip(p.Stderr.String(), 1000))
+		}
+		return &relayProc{Proc: p, port: port}, nil
 	}
 	return nil, errors.New("relay: no free port in 5 attempts")
 }
 
-var announceRE = regexp.MustCompile(`^established relay address: 127\.0\.0\.1:(\d+)$`)
-
 // startAgent starts an agent (./echoserver or ./expose) that dials the relay
 // at 127.0.0.1:relayPort and returns it with the public port it announced.
-func startAgent(cfg *config, bin string, relayPort int, extra ...string) (*proc, int, error) {
+func startAgent(cfg *config, bin string, relayPort int, extra ...string) (*child.Proc, int, error) {
 	name := filepath.Base(bin)
 	args := append([]string{"127.0.0.1", strconv.Itoa(relayPort)}, extra...)
-	p, err := start(name, bin, args, procOpts{scan: true, env: cfg.agentEnv()})
+	p, err := start(name, bin, args, child.Options{Scan: true, Env: cfg.agentEnv()})
 	if err != nil {
 		return nil, 0, err
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if line, ok := p.firstLine(); ok {
-			m := announceRE.FindStringSubmatch(line)
-			if m == nil {
-				p.kill()
-				return nil, 0, fmt.Errorf("%s: first stdout line %q is not \"established relay address: 127.0.0.1:PORT\"", name, line)
-			}
-			port, _ := strconv.Atoi(m[1])
-			return p, port, nil
-		}
-		if p.exited() {
-			return nil, 0, fmt.Errorf("%s exited (%s) without announcing its address: %s", name, p.status(), clip(p.stderr.String(), 1000))
-		}
-		if time.Now().After(deadline) {
-			p.kill()
-			return nil, 0, fmt.Errorf("%s announced no address within 10s: %s", name, clip(p.stderr.String(), 1000))
-		}
-		time.Sleep(10 * time.Millisecond)
+	line, err := p.FirstLine(10 * time.Second)
+	if err != nil {
+		p.Kill()
+		return nil, 0, fmt.Errorf("%v, want its address: %s", err, clip(p.Stderr.String(), 1000))
 	}
+	port, ok := child.AnnouncedPort(line, "127.0.0.1")
+	if !ok {
+		p.Kill()
+		return nil, 0, fmt.Errorf("%s: first stdout line %q is not \"established relay address: 127.0.0.1:PORT\"", name, line)
+	}
+	return p, port, nil
 }
 
 // startService starts a third-party server on a free port (args(port)) and
-// waits until ready(p, port), retrying with another port if it was taken.
-func startService(name, bin string, args func(port int) []string, ready func(p *proc, port int) bool) (*proc, int, error) {
+// waits until ready(p, port) (child.TCPReady if nil), retrying with another
+// port if it was taken.
+func startService(name, bin string, args func(port int) []string, ready func(p *child.Proc, port int) bool) (*child.Proc, int, error) {
 	if ready == nil {
-		ready = func(_ *proc, port int) bool { return tcpReady(port) }
+		ready = func(_ *child.Proc, port int) bool { return child.TCPReady(port) }
 	}
 	for attempt := 1; attempt <= 5; attempt++ {
-		port, err := freePort()
+		port, err := child.FreePort()
 		if err != nil {
 			return nil, 0, err
 		}
-		p, err := start(name, bin, args(port), procOpts{scan: true})
+		p, err := start(name, bin, args(port), child.Options{Scan: true})
 		if err != nil {
 			return nil, 0, err
 		}
-		deadline := time.Now().Add(10 * time.Second)
-		for {
-			if p.exited() {
-				p.linesMu.Lock()
-				out := strings.Join(p.lines, "\n")
-				p.linesMu.Unlock()
-				out += p.stderr.String()
-				if strings.Contains(strings.ToLower(out), "address already in use") {
-					break
-				}
-				return nil, 0, fmt.Errorf("%s exited during start-up (%s): %s", name, p.status(), clip(out, 1000))
-			}
-			if ready(p, port) {
-				return p, port, nil
-			}
-			if time.Now().After(deadline) {
-				p.kill()
-				return nil, 0, fmt.Errorf("%s not ready on port %d within 10s: %s", name, port, clip(p.stderr.String(), 1000))
-			}
-			time.Sleep(20 * time.Millisecond)
+		err = p.AwaitReady(10*time.Second, func() bool { return ready(p, port) })
+		if errors.Is(err, child.ErrPortTaken) {
+			continue
 		}
+		if err != nil {
+			p.Kill()
+			return nil, 0, fmt.Errorf("%v (port %d): %s", err, port, clip(p.Out()+p.Stderr.String(), 1000))
+		}
+		return p, port, nil
 	}
 	return nil, 0, fmt.Errorf("%s: no free port in 5 attempts", name)
 }
 
-// tcpReady reports whether 127.0.0.1:port accepts a connection.
-func tcpReady(port int) bool {
-	c, err := net.DialTimeout("tcp", addr(port), 200*time.Millisecond)
-	if err != nil {
-		return false
-	}
-	c.Close()
-	return true
-}
-
-func addr(port int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(port)) }
-
 // runClient runs a client program to completion, bounded by timeout, and
 // returns its stdout. A non-zero exit is an error that quotes stderr.
 func runClient(name, bin string, args []string, timeout time.Duration) ([]byte, error) {
-	p, err := start(name, bin, args, procOpts{})
+	p, err := start(name, bin, args, child.Options{})
 	if err != nil {
 		return nil, err
 	}
-	if !p.wait(timeout) {
-		p.kill()
-		return p.stdout.Bytes(), fmt.Errorf("%s did not finish within %v", name, timeout)
+	if !p.Wait(timeout) {
+		p.Kill()
+		return p.Stdout.Bytes(), fmt.Errorf("%s did not finish within %v", name, timeout)
 	}
-	out := p.stdout.Bytes()
-	if p.cmd.ProcessState.ExitCode() != 0 {
-		return out, fmt.Errorf("%s: %s: %s %s", name, p.status(), clip(p.stderr.String(), 500), clip(string(out), 500))
+	out := p.Stdout.Bytes()
+	if p.ExitCode() != 0 {
+		return out, fmt.Errorf("%s: %s: %s %s", name, p.Status(), clip(p.Stderr.String(), 500), clip(string(out), 500))
 	}
 	return out, nil
 }
@@ -568,10 +357,10 @@ func fdLimit(pid int) (soft, hard string, err error) {
 }
 
 // limitsLine describes a process's fd limit, for the log.
-func limitsLine(p *proc) string {
-	soft, hard, err := fdLimit(p.pid())
+func limitsLine(p *child.Proc) string {
+	soft, hard, err := fdLimit(p.Pid())
 	if err != nil {
-		return fmt.Sprintf("%s (pid %d): %v", p.name, p.pid(), err)
+		return fmt.Sprintf("%s (pid %d): %v", p.Name, p.Pid(), err)
 	}
-	return fmt.Sprintf("%s (pid %d): Max open files soft %s, hard %s (/proc/%d/limits)", p.name, p.pid(), soft, hard, p.pid())
+	return fmt.Sprintf("%s (pid %d): Max open files soft %s, hard %s (/proc/%d/limits)", p.Name, p.Pid(), soft, hard, p.Pid())
 }

@@ -13,35 +13,9 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"tcprelay/internal/child"
 )
-
-// iperfResult is the part of iperf3 -J's output the bench reads.
-type iperfResult struct {
-	Error string `json:"error"`
-	End   struct {
-		SumSent     iperfSum `json:"sum_sent"`
-		SumReceived iperfSum `json:"sum_received"`
-	} `json:"end"`
-}
-
-type iperfSum struct {
-	Bytes         int64   `json:"bytes"`
-	BitsPerSecond float64 `json:"bits_per_second"`
-}
-
-// waitFor polls cond every 20ms until it holds or d has passed.
-func waitFor(d time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(d)
-	for {
-		if cond() {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
 
 func seconds(d time.Duration) int { return max(1, int(math.Round(d.Seconds()))) }
 
@@ -64,7 +38,7 @@ func benchIperf(cfg *config) []*Figure {
 	listening := func(port int) string { return fmt.Sprintf("Server listening on %d", port) }
 	srv, port, err := startService("iperf3 -s", bin, func(port int) []string {
 		return []string{"-s", "-p", strconv.Itoa(port), "-B", "127.0.0.1", "--forceflush"}
-	}, func(p *proc, port int) bool { return p.countLines(listening(port)) >= 1 })
+	}, func(p *child.Proc, port int) bool { return strings.Count(p.Out(), listening(port)) >= 1 })
 	if err != nil {
 		failAll(figs, err)
 		return figs
@@ -74,7 +48,7 @@ func benchIperf(cfg *config) []*Figure {
 		failAll(figs, err)
 		return figs
 	}
-	ex, pub, err := startAgent(cfg, cfg.exposeBin, relay.port, addr(port))
+	ex, pub, err := startAgent(cfg, cfg.exposeBin, relay.port, child.Addr(port))
 	if err != nil {
 		failAll(figs, err)
 		return figs
@@ -82,13 +56,13 @@ func benchIperf(cfg *config) []*Figure {
 	fmt.Printf("   iperf3 -s on port %d; relay control port %d; ./expose announced public port %d -> %d\n", port, relay.port, pub, port)
 
 	tests := 0
-	client := func(p int, d time.Duration, streams int) (iperfResult, error) {
-		var res iperfResult
+	client := func(p int, d time.Duration, streams int) (child.IperfResult, error) {
+		var res child.IperfResult
 		tests++
 		want := tests
 		// One test at a time: iperf3 -s refuses a client while busy.
-		if !waitFor(20*time.Second, func() bool { return srv.countLines(listening(port)) >= want }) {
-			return res, fmt.Errorf("iperf3 -s not ready for test #%d within 20s: %s", want, clip(srv.stderr.String(), 500))
+		if !child.WaitFor(20*time.Second, func() bool { return strings.Count(srv.Out(), listening(port)) >= want }) {
+			return res, fmt.Errorf("iperf3 -s not ready for test #%d within 20s: %s", want, clip(srv.Stderr.String(), 500))
 		}
 		args := []string{"-c", "127.0.0.1", "-p", strconv.Itoa(p), "-J", "-t", strconv.Itoa(seconds(d))}
 		if streams > 1 {
@@ -106,7 +80,7 @@ func benchIperf(cfg *config) []*Figure {
 		}
 		return res, err
 	}
-	gbps := func(r iperfResult) float64 { return r.End.SumReceived.BitsPerSecond / 1e9 }
+	gbps := func(r child.IperfResult) float64 { return r.End.SumReceived.BitsPerSecond / 1e9 }
 
 	var d1, r1, dP, rP, cpuRuns []float64
 	var relaySecs, agentSecs, userSecs, gbs, srvCPU []float64
@@ -115,7 +89,7 @@ func benchIperf(cfg *config) []*Figure {
 		var line []string
 		// One stream: direct, and relayed with the CPU of relay and expose.
 		err := pair(directFirst, func() error {
-			sb, err := cpuTicks(srv.pid())
+			sb, err := cpuTicks(srv.Pid())
 			if err != nil {
 				return err
 			}
@@ -123,7 +97,7 @@ func benchIperf(cfg *config) []*Figure {
 			if err != nil {
 				return err
 			}
-			sa, err := cpuTicks(srv.pid())
+			sa, err := cpuTicks(srv.Pid())
 			if err != nil {
 				return err
 			}
@@ -131,8 +105,8 @@ func benchIperf(cfg *config) []*Figure {
 			srvCPU = append(srvCPU, float64(sa-sb)/float64(cfg.clkTck)/(float64(r.End.SumReceived.Bytes)/1e9))
 			return nil
 		}, func() error {
-			rbu, rbs, err1 := cpuTicksSplit(relay.pid())
-			ebu, ebs, err2 := cpuTicksSplit(ex.pid())
+			rbu, rbs, err1 := cpuTicksSplit(relay.Pid())
+			ebu, ebs, err2 := cpuTicksSplit(ex.Pid())
 			if err := errors.Join(err1, err2); err != nil {
 				return err
 			}
@@ -140,8 +114,8 @@ func benchIperf(cfg *config) []*Figure {
 			if err != nil {
 				return err
 			}
-			rau, ras, err1 := cpuTicksSplit(relay.pid())
-			eau, eas, err2 := cpuTicksSplit(ex.pid())
+			rau, ras, err1 := cpuTicksSplit(relay.Pid())
+			eau, eas, err2 := cpuTicksSplit(ex.Pid())
 			if err := errors.Join(err1, err2); err != nil {
 				return err
 			}
@@ -246,7 +220,7 @@ func benchRedis(cfg *config) []*Figure {
 		failAll(figs, err)
 		return figs
 	}
-	_, pub, err := startAgent(cfg, cfg.exposeBin, relay.port, addr(port))
+	_, pub, err := startAgent(cfg, cfg.exposeBin, relay.port, child.Addr(port))
 	if err != nil {
 		failAll(figs, err)
 		return figs

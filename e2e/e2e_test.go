@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"tcprelay/internal/child"
 )
 
 // TestWorkedExampleTelnet is the example a new user tries first: a relay,
@@ -27,26 +29,26 @@ func TestWorkedExampleTelnet(t *testing.T) {
 	es, pub := e.startEcho("127.0.0.1", r.port)
 
 	tel := e.start("telnet", []string{"127.0.0.1", strconv.Itoa(pub)}, procOpts{stdinPipe: true})
-	if _, err := io.WriteString(tel.stdin, "Hello, world\r\n"); err != nil {
+	if _, err := io.WriteString(tel.Stdin, "Hello, world\r\n"); err != nil {
 		t.Fatalf("write to telnet's stdin: %v", err)
 	}
 	// Keep stdin open until the echo arrives: telnet closes the connection
 	// at stdin EOF.
 	afterEscape := regexp.MustCompile(`(?s)Escape character is '\^\]'\.\r?\n(.*)`)
 	echoed := func() bool {
-		m := afterEscape.FindStringSubmatch(tel.stdout.String())
+		m := afterEscape.FindStringSubmatch(tel.Stdout.String())
 		return m != nil && strings.Contains(m[1], "Hello, world")
 	}
-	if !waitFor(10*time.Second, echoed) {
+	if !child.WaitFor(10*time.Second, echoed) {
 		t.Fatalf("no \"Hello, world\" after the Escape-character line of telnet within 10s\ntelnet stdout: %q\ntelnet stderr: %q\nrelay stderr:\n%s\nechoserver stderr:\n%s",
-			tel.stdout, tel.stderr, r.stderr, es.stderr)
+			tel.Stdout, tel.Stderr, r.Stderr, es.Stderr)
 	}
-	tel.stdin.Close()
+	tel.Stdin.Close()
 	tel.mustExit(10 * time.Second)
-	if tel.exitCode() != 0 {
-		t.Errorf("%s: %s after stdin EOF, want exit status 0; stderr: %q", tel, tel.status(), tel.stderr)
+	if tel.ExitCode() != 0 {
+		t.Errorf("%s: %s after stdin EOF, want exit status 0; stderr: %q", tel, tel.Status(), tel.Stderr)
 	}
-	out := tel.stdout.String()
+	out := tel.Stdout.String()
 	for _, want := range []string{"Trying 127.0.0.1...", "Connected to 127.0.0.1."} {
 		if !strings.Contains(out, want) {
 			t.Errorf("telnet stdout lacks %q: %q", want, out)
@@ -119,10 +121,10 @@ func TestNcBinaryParallel(t *testing.T) {
 	}
 	for i, p := range procs {
 		p.mustExit(clientTimeout)
-		if p.exitCode() != 0 {
-			t.Errorf("client %d: %s: %s, want 0; stderr: %q", i, p, p.status(), p.stderr)
+		if p.ExitCode() != 0 {
+			t.Errorf("client %d: %s: %s, want 0; stderr: %q", i, p, p.Status(), p.Stderr)
 		}
-		got := p.stdout.Bytes()
+		got := p.Stdout.Bytes()
 		if sha256.Sum256(got) != sha256.Sum256(inputs[i]) {
 			t.Errorf("client %d: got %d bytes back (sha256 %x), sent %d (sha256 %x)",
 				i, len(got), sha256.Sum256(got), size, sha256.Sum256(inputs[i]))
@@ -151,22 +153,22 @@ func TestTwoAgentsKillOne(t *testing.T) {
 		in []byte
 	}{{ncA, inA}, {ncB, inB}} {
 		c.p.mustExit(clientTimeout)
-		if c.p.exitCode() != 0 || !bytes.Equal(c.p.stdout.Bytes(), c.in) {
+		if c.p.ExitCode() != 0 || !bytes.Equal(c.p.Stdout.Bytes(), c.in) {
 			t.Errorf("%s: %s, got %d bytes back, want the %d sent; stderr: %q",
-				c.p, c.p.status(), len(c.p.stdout.Bytes()), len(c.in), c.p.stderr)
+				c.p, c.p.Status(), len(c.p.Stdout.Bytes()), len(c.in), c.p.Stderr)
 		}
 	}
 
 	a.kill()
 	start := time.Now()
 	var last string
-	if !waitFor(5*time.Second, func() bool {
+	if !child.WaitFor(5*time.Second, func() bool {
 		var gone bool
 		gone, last = publicPortGone(pa)
 		return gone
 	}) {
 		t.Errorf("public port %d of the SIGKILLed echoserver still accepts and holds connections 5s later (last probe: %s); relay stderr:\n%s",
-			pa, last, r.stderr)
+			pa, last, r.Stderr)
 	} else {
 		t.Logf("public port %d gone %v after SIGKILL: %s", pa, time.Since(start).Round(time.Millisecond), last)
 	}
@@ -217,16 +219,16 @@ func TestBadCommandLines(t *testing.T) {
 			e := newEnv(t)
 			p := e.start(tc.bin, tc.args, procOpts{})
 			p.mustExit(10 * time.Second)
-			if p.exitCode() != 2 {
-				t.Errorf("%s: %s, want exit status 2", p, p.status())
+			if p.ExitCode() != 2 {
+				t.Errorf("%s: %s, want exit status 2", p, p.Status())
 			}
-			if !tc.usage.MatchString(p.stderr.String()) {
-				t.Errorf("%s: stderr has no line matching %s:\n%s", p, tc.usage, p.stderr)
+			if !tc.usage.MatchString(p.Stderr.String()) {
+				t.Errorf("%s: stderr has no line matching %s:\n%s", p, tc.usage, p.Stderr)
 			}
-			if strings.Contains(p.stderr.String(), "panic") {
-				t.Errorf("%s: stderr mentions a panic:\n%s", p, p.stderr)
+			if strings.Contains(p.Stderr.String(), "panic") {
+				t.Errorf("%s: stderr mentions a panic:\n%s", p, p.Stderr)
 			}
-			t.Logf("%s: %s; stderr: %q", p, p.status(), p.stderr)
+			t.Logf("%s: %s; stderr: %q", p, p.Status(), p.Stderr)
 		})
 	}
 
@@ -234,10 +236,10 @@ func TestBadCommandLines(t *testing.T) {
 		e := newEnv(t)
 		p := e.start(relayBin, []string{"-h"}, procOpts{})
 		p.mustExit(10 * time.Second)
-		if p.exitCode() != 0 {
-			t.Errorf("%s: %s, want exit status 0", p, p.status())
+		if p.ExitCode() != 0 {
+			t.Errorf("%s: %s, want exit status 0", p, p.Status())
 		}
-		out := p.stdout.String() + p.stderr.String()
+		out := p.Stdout.String() + p.Stderr.String()
 		for _, flag := range []string{"bind", "public-host", "ports", "secret", "handshake-timeout",
 			"pickup-timeout", "heartbeat", "drain-timeout", "log-level", "version"} {
 			if !regexp.MustCompile(`(?m)^\s*-` + regexp.QuoteMeta(flag) + `\b`).MatchString(out) {
@@ -253,10 +255,10 @@ func TestBadCommandLines(t *testing.T) {
 		e := newEnv(t)
 		p := e.start(relayBin, []string{"-version"}, procOpts{})
 		p.mustExit(10 * time.Second)
-		if p.exitCode() != 0 {
-			t.Errorf("%s: %s, want exit status 0", p, p.status())
+		if p.ExitCode() != 0 {
+			t.Errorf("%s: %s, want exit status 0", p, p.Status())
 		}
-		if out := p.stdout.String(); !regexp.MustCompile(`^relay \S+\n$`).MatchString(out) {
+		if out := p.Stdout.String(); !regexp.MustCompile(`^relay \S+\n$`).MatchString(out) {
 			t.Errorf("%s: stdout %q, want \"relay VERSION\\n\"", p, out)
 		}
 	})
@@ -277,7 +279,7 @@ func TestGarbageOnControlPort(t *testing.T) {
 	var garbage []*proc
 	for _, in := range [][]byte{[]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), junk} {
 		p := e.start("nc", []string{"-N", "127.0.0.1", strconv.Itoa(r.port)}, procOpts{stdinPipe: true})
-		if _, err := p.stdin.Write(in); err != nil {
+		if _, err := p.Stdin.Write(in); err != nil {
 			t.Fatalf("write to %s: %v", p, err)
 		}
 		garbage = append(garbage, p)
@@ -285,14 +287,14 @@ func TestGarbageOnControlPort(t *testing.T) {
 	// stdin stays open, so nc exits only if the relay closes the connection.
 	for _, p := range garbage {
 		p.mustExit(5 * time.Second)
-		p.stdin.Close()
-		t.Logf("%s: %s; stdout %q, stderr %q", p, p.status(), p.stdout, p.stderr)
+		p.Stdin.Close()
+		t.Logf("%s: %s; stdout %q, stderr %q", p, p.Status(), p.Stdout, p.Stderr)
 	}
 
 	drops := func() []string {
 		var out []string
 	lines:
-		for _, l := range strings.Split(r.stderr.String(), "\n") {
+		for _, l := range strings.Split(r.Stderr.String(), "\n") {
 			if !strings.Contains(l, "dropped connection") {
 				continue
 			}
@@ -305,8 +307,8 @@ func TestGarbageOnControlPort(t *testing.T) {
 		}
 		return out
 	}
-	if !waitFor(5*time.Second, func() bool { return len(drops()) >= 2 }) {
-		t.Errorf("relay logged %d \"dropped connection\" lines for the 2 garbage connections within 5s, want 2; stderr:\n%s", len(drops()), r.stderr)
+	if !child.WaitFor(5*time.Second, func() bool { return len(drops()) >= 2 }) {
+		t.Errorf("relay logged %d \"dropped connection\" lines for the 2 garbage connections within 5s, want 2; stderr:\n%s", len(drops()), r.Stderr)
 	}
 
 	e.ncEcho("127.0.0.1", before, []byte("after the garbage, old agent\n"))

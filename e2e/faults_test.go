@@ -24,6 +24,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"tcprelay/internal/child"
 )
 
 // ---------------------------------------------------------------- helpers
@@ -128,7 +130,7 @@ func firstDiff(a, b []byte) int {
 
 // waitRecv waits up to d until at least n bytes came back.
 func (s *stream) waitRecv(n int64, d time.Duration) bool {
-	waitFor(d, func() bool { return s.recv.Load() >= n || s.ended() })
+	child.WaitFor(d, func() bool { return s.recv.Load() >= n || s.ended() })
 	return s.recv.Load() >= n
 }
 
@@ -232,7 +234,7 @@ func refused(port int) bool {
 // waitRefused polls until port refuses connections, up to d, and returns
 // the time since from at that moment.
 func waitRefused(port int, from time.Time, d time.Duration) (time.Duration, bool) {
-	ok := waitFor(d, func() bool { return refused(port) })
+	ok := child.WaitFor(d, func() bool { return refused(port) })
 	return time.Since(from), ok
 }
 
@@ -302,10 +304,10 @@ func TestKillRelayMidTransferAndRestart(t *testing.T) {
 	line, ok := es.waitLine(2, 10*time.Second)
 	if !ok {
 		t.Fatalf("echoserver printed no second announcement within 10s of the relay's restart; stdout %q; stderr:\n%s\nnew relay stderr:\n%s",
-			es.out(), es.stderr, r2.stderr)
+			es.Out(), es.Stderr, r2.Stderr)
 	}
 	announced := time.Now()
-	port2, ok := announcedPort(line, "127.0.0.1")
+	port2, ok := child.AnnouncedPort(line, "127.0.0.1")
 	if !ok || port2 != pub {
 		t.Fatalf("echoserver's second announcement is %q, want %q (the same address)", line, fmt.Sprintf("established relay address: 127.0.0.1:%d", pub))
 	}
@@ -335,7 +337,7 @@ func TestKillAgent(t *testing.T) {
 	a.kill()
 	took, ok := waitRefused(pa, killAt, time.Second)
 	if !ok {
-		t.Fatalf("public port %d of the SIGKILLed echoserver still accepts %v later; relay stderr:\n%s", pa, took.Round(time.Millisecond), r.stderr)
+		t.Fatalf("public port %d of the SIGKILLed echoserver still accepts %v later; relay stderr:\n%s", pa, took.Round(time.Millisecond), r.Stderr)
 	}
 	t.Logf("public port %d refuses connections %v after the SIGKILL (heartbeat 1s: the relay saw the control connection close, not a missed heartbeat)", pa, took.Round(time.Millisecond))
 
@@ -369,7 +371,7 @@ func TestStoppedAgent(t *testing.T) {
 	r := e.startRelayWith(nil, nil, "-heartbeat", "500ms")
 	a, pa := e.startEcho("127.0.0.1", r.port)
 	// Registered after a's own stop cleanup: runs before it, whatever happens.
-	t.Cleanup(func() { a.cmd.Process.Signal(syscall.SIGCONT) })
+	t.Cleanup(func() { a.Cmd.Process.Signal(syscall.SIGCONT) })
 	_, pb := e.startEcho("127.0.0.1", r.port)
 
 	sa := startStream(t, pa)
@@ -382,7 +384,7 @@ func TestStoppedAgent(t *testing.T) {
 	took, ok := waitRefused(pa, stopAt, 5*time.Second)
 	if !ok {
 		t.Fatalf("public port %d of the SIGSTOPped echoserver still accepts %v later, want closed after 3 heartbeats of 500ms; relay stderr:\n%s",
-			pa, took.Round(time.Millisecond), r.stderr)
+			pa, took.Round(time.Millisecond), r.Stderr)
 	}
 	t.Logf("public port %d refuses connections %v after SIGSTOP (3 heartbeats = 1.5s)", pa, took.Round(time.Millisecond))
 	mustEcho(t, "other agent while one is stopped", pb, randomBytes(256<<10))
@@ -391,9 +393,9 @@ func TestStoppedAgent(t *testing.T) {
 	a.signal(syscall.SIGCONT)
 	line, ok := a.waitLine(2, 10*time.Second)
 	if !ok {
-		t.Fatalf("echoserver printed no second announcement within 10s of SIGCONT; stdout %q; stderr:\n%s", a.out(), a.stderr)
+		t.Fatalf("echoserver printed no second announcement within 10s of SIGCONT; stdout %q; stderr:\n%s", a.Out(), a.Stderr)
 	}
-	pa2, ok := announcedPort(line, "127.0.0.1")
+	pa2, ok := child.AnnouncedPort(line, "127.0.0.1")
 	if !ok {
 		t.Fatalf("echoserver's second line %q is not an announcement", line)
 	}
@@ -511,8 +513,8 @@ func TestSilentConnectionFlood(t *testing.T) {
 	t.Logf("relay closed all %d silent connections %v-%v after their dial (handshake timeout %v), the last %v after the flood ended",
 		flood, first.Round(time.Millisecond), last.Round(time.Millisecond), handshake, lastClose.Sub(floodEnd).Round(time.Millisecond))
 	var drops []string
-	if !waitFor(5*time.Second, func() bool {
-		drops = linesWith(r.stderr.String(), "dropped connection on control port: no preamble")
+	if !child.WaitFor(5*time.Second, func() bool {
+		drops = linesWith(r.Stderr.String(), "dropped connection on control port: no preamble")
 		return len(drops) >= flood
 	}) {
 		t.Errorf("relay logged %d \"no preamble\" drops, want at least %d (one per silent connection)", len(drops), flood)
@@ -546,7 +548,7 @@ func TestGarbageOnPublicPort(t *testing.T) {
 	}
 	mustEcho(t, "all of them on one connection", pub, all)
 	t.Logf("all %d bytes on one connection came back byte-identical: 0 bytes lost or altered", len(all))
-	if d := linesWith(r.stderr.String(), "dropped connection", "token"); len(d) > 0 {
+	if d := linesWith(r.Stderr.String(), "dropped connection", "token"); len(d) > 0 {
 		t.Errorf("relay interpreted public-port bytes as a frame:\n%s", strings.Join(d, "\n"))
 	}
 }
@@ -598,23 +600,23 @@ func TestSecrets(t *testing.T) {
 		p.mustExit(5 * time.Second)
 		took := time.Since(start)
 		switch {
-		case p.exitCode() <= 0:
-			t.Errorf("%s: %s: %s, want a non-zero exit status", c.name, p, p.status())
-		case !strings.Contains(p.stderr.String(), "authentication failed"):
-			t.Errorf("%s: %s: stderr lacks \"authentication failed\":\n%s", c.name, p, p.stderr)
-		case p.out() != "":
-			t.Errorf("%s: %s printed on stdout: %q, want nothing", c.name, p, p.out())
+		case p.ExitCode() <= 0:
+			t.Errorf("%s: %s: %s, want a non-zero exit status", c.name, p, p.Status())
+		case !strings.Contains(p.Stderr.String(), "authentication failed"):
+			t.Errorf("%s: %s: stderr lacks \"authentication failed\":\n%s", c.name, p, p.Stderr)
+		case p.Out() != "":
+			t.Errorf("%s: %s printed on stdout: %q, want nothing", c.name, p, p.Out())
 		case took > 3*time.Second:
 			t.Errorf("%s: %s took %v to give up, want < 3s", c.name, p, took.Round(time.Millisecond))
 		}
-		t.Logf("%s: %s in %v; stderr: %q", c.name, p.status(), took.Round(time.Millisecond), strings.TrimSpace(p.stderr.String()))
+		t.Logf("%s: %s in %v; stderr: %q", c.name, p.Status(), took.Round(time.Millisecond), strings.TrimSpace(p.Stderr.String()))
 	}
 	var refusals []string
-	if !waitFor(5*time.Second, func() bool {
-		refusals = linesWith(r.stderr.String(), "agent handshake failed", "authentication failed")
+	if !child.WaitFor(5*time.Second, func() bool {
+		refusals = linesWith(r.Stderr.String(), "agent handshake failed", "authentication failed")
 		return len(refusals) >= 4
 	}) || len(refusals) != 4 {
-		t.Errorf("relay logged %d refusals, want 4; stderr:\n%s", len(refusals), r.stderr)
+		t.Errorf("relay logged %d refusals, want 4; stderr:\n%s", len(refusals), r.Stderr)
 	} else {
 		t.Logf("relay logged:\n%s", strings.Join(refusals, "\n"))
 	}
@@ -623,15 +625,15 @@ func TestSecrets(t *testing.T) {
 	mustEcho(t, "right secret in RELAY_SECRET", p1, randomBytes(64<<10))
 	_, p2 := e.startEchoWith("127.0.0.1", r.port, nil, "-secret", "s3cret")
 	mustEcho(t, "right -secret flag", p2, randomBytes(64<<10))
-	if s := r.stderr.String(); strings.Contains(s, "OPEN relay") {
+	if s := r.Stderr.String(); strings.Contains(s, "OPEN relay") {
 		t.Errorf("relay with RELAY_SECRET set warns of an open relay:\n%s", s)
 	}
 
 	open := e.startRelay(nil)
-	if !waitFor(5*time.Second, func() bool { return strings.Contains(open.stderr.String(), "OPEN relay") }) {
-		t.Errorf("relay without a secret logged no warning containing \"OPEN relay\"; stderr:\n%s", open.stderr)
+	if !child.WaitFor(5*time.Second, func() bool { return strings.Contains(open.Stderr.String(), "OPEN relay") }) {
+		t.Errorf("relay without a secret logged no warning containing \"OPEN relay\"; stderr:\n%s", open.Stderr)
 	} else {
-		t.Logf("open relay warns: %s", linesWith(open.stderr.String(), "OPEN relay")[0])
+		t.Logf("open relay warns: %s", linesWith(open.Stderr.String(), "OPEN relay")[0])
 	}
 }
 
@@ -726,8 +728,8 @@ func TestHijackWithGuessedTokens(t *testing.T) {
 	t.Logf("%d forged Attach connections closed without a byte in %v (slowest close %v after its frame); %d real echo connections (32-64 KiB each) meanwhile, all byte-identical: 0 bytes lost or injected",
 		forged, forgedIn.Round(time.Millisecond), time.Duration(slowest.Load()).Round(time.Millisecond), rounds.Load())
 	var drops []string
-	if !waitFor(5*time.Second, func() bool {
-		drops = linesWith(r.stderr.String(), "unknown, used or expired token")
+	if !child.WaitFor(5*time.Second, func() bool {
+		drops = linesWith(r.Stderr.String(), "unknown, used or expired token")
 		return len(drops) >= forged
 	}) || len(drops) != forged {
 		t.Errorf("relay logged %d \"unknown, used or expired token\" drops, want %d", len(drops), forged)
@@ -786,12 +788,12 @@ func TestGracefulShutdown(t *testing.T) {
 		for i := range 3 {
 			msg := fmt.Sprintf("after SIGTERM %d: %s\n", i, strings.Repeat("x", 1000*i))
 			if err := converse(c, msg); err != nil {
-				t.Fatalf("%s: live client after SIGTERM: %v; stderr:\n%s", name, err, victim.stderr)
+				t.Fatalf("%s: live client after SIGTERM: %v; stderr:\n%s", name, err, victim.Stderr)
 			}
 			sent += len(msg)
 		}
-		if victim.exited() {
-			t.Fatalf("%s: %s exited (%s) while its client was still talking", name, victim, victim.status())
+		if victim.Exited() {
+			t.Fatalf("%s: %s exited (%s) while its client was still talking", name, victim, victim.Status())
 		}
 		c.SetDeadline(time.Now().Add(5 * time.Second))
 		if err := c.(*net.TCPConn).CloseWrite(); err != nil {
@@ -803,22 +805,22 @@ func TestGracefulShutdown(t *testing.T) {
 		}
 		finished := time.Now()
 		c.Close()
-		if !victim.waitExit(drain) {
+		if !victim.Wait(drain) {
 			t.Fatalf("%s: %s still running %v after its last client finished (drain deadline %v); stderr:\n%s",
-				name, victim, time.Since(finished).Round(time.Millisecond), drain, victim.stderr)
+				name, victim, time.Since(finished).Round(time.Millisecond), drain, victim.Stderr)
 		}
 		exited := time.Now()
-		if victim.exitCode() != 0 {
-			t.Errorf("%s: %s: %s after SIGTERM, want exit status 0; stderr:\n%s", name, victim, victim.status(), victim.stderr)
+		if victim.ExitCode() != 0 {
+			t.Errorf("%s: %s: %s after SIGTERM, want exit status 0; stderr:\n%s", name, victim, victim.Status(), victim.Stderr)
 		}
-		if s := victim.stderr.String(); strings.Contains(s, "drain deadline reached") || strings.Contains(s, "panic") {
+		if s := victim.Stderr.String(); strings.Contains(s, "drain deadline reached") || strings.Contains(s, "panic") {
 			t.Errorf("%s: %s hit its drain deadline or panicked; stderr:\n%s", name, victim, s)
 		}
 		if d := exited.Sub(termAt); d > drain-2*time.Second {
 			t.Errorf("%s: exited %v after SIGTERM, want well before the %v drain deadline", name, d.Round(time.Millisecond), drain)
 		}
 		t.Logf("%s: live client exchanged and half-closed, %d bytes each way, 0 lost; %s %v after it finished, %v after SIGTERM",
-			name, sent, victim.status(), exited.Sub(finished).Round(time.Millisecond), exited.Sub(termAt).Round(time.Millisecond))
+			name, sent, victim.Status(), exited.Sub(finished).Round(time.Millisecond), exited.Sub(termAt).Round(time.Millisecond))
 	}
 
 	r := e.startRelayWith(nil, nil, "-drain-timeout", drain.String())

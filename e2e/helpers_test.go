@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -11,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -19,7 +17,7 @@ import (
 	"testing"
 	"time"
 
-	"tcprelay/internal/testutil"
+	"tcprelay/internal/child"
 )
 
 // Paths of the binaries TestMain builds.
@@ -34,7 +32,6 @@ const (
 	killTimeout     = 5 * time.Second  // exit after SIGKILL
 	clientTimeout   = 60 * time.Second // one nc or telnet run
 	serviceTimeout  = 10 * time.Second // a third-party server accepting on its port
-	pollInterval    = 20 * time.Millisecond
 )
 
 func TestMain(m *testing.M) {
@@ -129,28 +126,22 @@ func (e *env) checkLeaks() {
 	procs := append([]*proc(nil), e.procs...)
 	e.mu.Unlock()
 	for _, p := range procs {
-		if !p.exited() {
-			e.t.Errorf("leak: %s (pid %d) still running at the end of the test; killing it", p, p.pid())
-			p.cmd.Process.Kill()
-			p.waitExit(killTimeout)
+		if !p.Exited() {
+			e.t.Errorf("leak: %s (pid %d) still running at the end of the test; killing it", p, p.Pid())
+			p.Proc.Kill()
 		}
 		// Reaped by Wait, so the pid must be gone from the process table.
-		if err := syscall.Kill(p.pid(), 0); !errors.Is(err, syscall.ESRCH) {
-			e.t.Errorf("leak: pid %d (%s) still exists after the test (kill -0: %v)", p.pid(), p, err)
+		if err := syscall.Kill(p.Pid(), 0); !errors.Is(err, syscall.ESRCH) {
+			e.t.Errorf("leak: pid %d (%s) still exists after the test (kill -0: %v)", p.Pid(), p, err)
 		}
 	}
 }
 
-// proc is a started process.
+// proc is a started process, with what the test expects of its end.
 type proc struct {
+	*child.Proc
 	t      *testing.T
-	desc   string
-	cmd    *exec.Cmd
-	stdout *testutil.LockedBuffer // nil if scanned line by line (lines)
-	stderr *testutil.LockedBuffer
-	stdin  io.WriteCloser // if procOpts.stdinPipe
-	done   chan struct{}  // closed when Wait returned
-	daemon bool           // runs until the test stops it; must exit 0 on SIGTERM
+	daemon bool // runs until the test stops it; must exit 0 on SIGTERM
 	// service runs until the test stops it, like a daemon, but may end
 	// in any way on SIGTERM (third-party servers: python3, iperf3, sshd).
 	service bool
@@ -161,12 +152,6 @@ type proc struct {
 	// wantLines is how many stdout lines stop expects of a line-scanned
 	// process; 0 means 1 (one announcement). See expectLines.
 	wantLines int
-
-	// Line-scanned stdout (echoserver).
-	firstLine chan string
-	scanDone  chan struct{}
-	linesMu   sync.Mutex
-	lines     []string
 }
 
 type procOpts struct {
@@ -178,65 +163,18 @@ type procOpts struct {
 	env        []string // extra VAR=value entries, after the cleaned environment
 }
 
-func (p *proc) String() string { return p.desc }
-func (p *proc) pid() int       { return p.cmd.Process.Pid }
-
 // start starts bin with args and registers a cleanup that stops it.
 func (e *env) start(bin string, args []string, o procOpts) *proc {
 	t := e.t
 	t.Helper()
-	cmd := exec.Command(bin, args...)
-	cmd.Env = append(withoutEnv(os.Environ(), "RELAY_SECRET", "LC_ALL", "LANG", "LANGUAGE"), "LC_ALL=C")
-	cmd.Env = append(cmd.Env, o.env...)
-	cmd.WaitDelay = 5 * time.Second // never hang in Wait on a stray pipe holder
-	p := &proc{
-		t:       t,
-		desc:    strings.Join(append([]string{filepath.Base(bin)}, args...), " "),
-		cmd:     cmd,
-		stderr:  &testutil.LockedBuffer{},
-		done:    make(chan struct{}),
-		daemon:  o.daemon,
-		service: o.service,
+	desc := strings.Join(append([]string{filepath.Base(bin)}, args...), " ")
+	cp, err := child.Start(desc, bin, args, child.Options{
+		Env: o.env, Stdin: o.stdin, StdinPipe: o.stdinPipe, Scan: o.scanStdout})
+	if err != nil {
+		t.Fatal(err)
 	}
-	cmd.Stderr = p.stderr
-	var pr, pw *os.File
-	if o.scanStdout {
-		var err error
-		if pr, pw, err = os.Pipe(); err != nil {
-			t.Fatal(err)
-		}
-		cmd.Stdout = pw
-		p.firstLine = make(chan string, 1)
-		p.scanDone = make(chan struct{})
-	} else {
-		p.stdout = &testutil.LockedBuffer{}
-		cmd.Stdout = p.stdout
-	}
-	if o.stdinPipe {
-		w, err := cmd.StdinPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		p.stdin = w
-	} else if o.stdin != nil {
-		cmd.Stdin = o.stdin
-	}
-	if err := cmd.Start(); err != nil {
-		if pr != nil {
-			pr.Close()
-			pw.Close()
-		}
-		t.Fatalf("start %s: %v", p, err)
-	}
-	t.Logf("started %s (pid %d)", p, p.pid())
-	if pw != nil {
-		pw.Close() // the child holds the write end now
-		go p.scan(pr)
-	}
-	go func() {
-		cmd.Wait()
-		close(p.done)
-	}()
+	p := &proc{Proc: cp, t: t, daemon: o.daemon, service: o.service}
+	t.Logf("started %s (pid %d)", p, p.Pid())
 	e.mu.Lock()
 	e.procs = append(e.procs, p)
 	e.mu.Unlock()
@@ -244,84 +182,12 @@ func (e *env) start(bin string, args []string, o procOpts) *proc {
 	return p
 }
 
-func withoutEnv(env []string, names ...string) []string {
-	var out []string
-outer:
-	for _, kv := range env {
-		for _, n := range names {
-			if strings.HasPrefix(kv, n+"=") {
-				continue outer
-			}
-		}
-		out = append(out, kv)
-	}
-	return out
-}
-
-func (p *proc) scan(r *os.File) {
-	defer close(p.scanDone)
-	defer r.Close()
-	sc := bufio.NewScanner(r)
-	first := true
-	for sc.Scan() {
-		p.linesMu.Lock()
-		p.lines = append(p.lines, sc.Text())
-		p.linesMu.Unlock()
-		if first {
-			p.firstLine <- sc.Text()
-			first = false
-		}
-	}
-}
-
-func (p *proc) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-func (p *proc) waitExit(d time.Duration) bool {
-	select {
-	case <-p.done:
-		return true
-	case <-time.After(d):
-		return false
-	}
-}
-
-// status describes how the process ended; call after done.
-func (p *proc) status() string {
-	ps := p.cmd.ProcessState
-	if ps == nil {
-		return "not waited"
-	}
-	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-		return "killed by signal " + strconv.Itoa(int(ws.Signal())) + " (" + ws.Signal().String() + ")"
-	}
-	return "exit status " + strconv.Itoa(ps.ExitCode())
-}
-
-// exitCode is the exit status, or -1 if killed by a signal; call after done.
-func (p *proc) exitCode() int { return p.cmd.ProcessState.ExitCode() }
-
 // mustExit waits for a process that is expected to end by itself.
 func (p *proc) mustExit(d time.Duration) {
 	p.t.Helper()
-	if !p.waitExit(d) {
-		p.t.Fatalf("%s did not exit within %v\nstdout so far: %q\nstderr so far:\n%s", p, d, p.out(), p.stderr)
+	if !p.Wait(d) {
+		p.t.Fatalf("%s did not exit within %v\nstdout so far: %q\nstderr so far:\n%s", p, d, p.Out(), p.Stderr)
 	}
-}
-
-func (p *proc) out() string {
-	if p.stdout == nil {
-		p.linesMu.Lock()
-		defer p.linesMu.Unlock()
-		return strings.Join(p.lines, "\n")
-	}
-	return p.stdout.String()
 }
 
 // kill SIGKILLs the process on purpose and waits for it.
@@ -330,8 +196,7 @@ func (p *proc) kill() {
 	p.mu.Lock()
 	p.killed = true
 	p.mu.Unlock()
-	p.cmd.Process.Signal(syscall.SIGKILL)
-	if !p.waitExit(killTimeout) {
+	if !p.Proc.Kill() {
 		p.t.Fatalf("%s did not exit within %v of SIGKILL", p, killTimeout)
 	}
 }
@@ -351,41 +216,38 @@ func (p *proc) stop() {
 	killed := p.killed
 	p.mu.Unlock()
 
-	if p.exited() {
+	if p.Exited() {
 		if (p.daemon || p.service) && !killed {
-			t.Errorf("%s exited before the test stopped it (%s); stderr:\n%s", p, p.status(), p.stderr)
+			t.Errorf("%s exited before the test stopped it (%s); stderr:\n%s", p, p.Status(), p.Stderr)
 		}
 	} else {
-		p.cmd.Process.Signal(syscall.SIGTERM)
+		p.Cmd.Process.Signal(syscall.SIGTERM)
 		start := time.Now()
 		switch {
-		case p.waitExit(stopTimeout):
-			if p.daemon && p.exitCode() != 0 {
-				t.Errorf("%s: %s after SIGTERM, want exit status 0 (graceful shutdown); stderr:\n%s", p, p.status(), p.stderr)
+		case p.Wait(stopTimeout):
+			if p.daemon && p.ExitCode() != 0 {
+				t.Errorf("%s: %s after SIGTERM, want exit status 0 (graceful shutdown); stderr:\n%s", p, p.Status(), p.Stderr)
 			} else {
-				t.Logf("%s: %s %v after SIGTERM", p, p.status(), time.Since(start).Round(time.Millisecond))
+				t.Logf("%s: %s %v after SIGTERM", p, p.Status(), time.Since(start).Round(time.Millisecond))
 			}
 		default:
-			t.Errorf("%s did not exit within %v of SIGTERM; sending SIGKILL; stderr:\n%s", p, stopTimeout, p.stderr)
-			p.cmd.Process.Kill()
-			if !p.waitExit(killTimeout) {
+			t.Errorf("%s did not exit within %v of SIGTERM; sending SIGKILL; stderr:\n%s", p, stopTimeout, p.Stderr)
+			if !p.Proc.Kill() {
 				t.Errorf("%s did not exit within %v of SIGKILL either", p, killTimeout)
 				return
 			}
 		}
 	}
-	if strings.Contains(p.stderr.String(), "panic") {
-		t.Errorf("%s: stderr mentions a panic:\n%s", p, p.stderr)
+	if strings.Contains(p.Stderr.String(), "panic") {
+		t.Errorf("%s: stderr mentions a panic:\n%s", p, p.Stderr)
 	}
-	if p.scanDone != nil {
+	if closed := p.StdoutClosed(); closed != nil {
 		p.mu.Lock()
 		want := max(p.wantLines, 1)
 		p.mu.Unlock()
 		select {
-		case <-p.scanDone:
-			p.linesMu.Lock()
-			lines := append([]string(nil), p.lines...)
-			p.linesMu.Unlock()
+		case <-closed:
+			lines := p.Lines()
 			if len(lines) != want {
 				t.Errorf("%s printed %d stdout lines, want exactly %d: %q", p, len(lines), want, lines)
 			}
@@ -410,12 +272,11 @@ type relay struct {
 // freePort returns a port that was free on 127.0.0.1 a moment ago.
 func freePort(t *testing.T) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	port, err := child.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	return port
 }
 
 // startRelay starts `relay -bind 127.0.0.1 PORT` on a free PORT chosen by
@@ -451,8 +312,8 @@ func (e *env) startRelayWith(pick func() int, env []string, flags ...string) *re
 func (e *env) restartRelay(old *relay) *relay {
 	t := e.t
 	t.Helper()
-	if !old.exited() {
-		t.Fatalf("restartRelay: %s (pid %d) is still running", old, old.pid())
+	if !old.Exited() {
+		t.Fatalf("restartRelay: %s (pid %d) is still running", old, old.Pid())
 	}
 	deadline := time.Now().Add(readyTimeout)
 	for attempt := 1; ; attempt++ {
@@ -465,7 +326,7 @@ func (e *env) restartRelay(old *relay) *relay {
 		if time.Now().After(deadline) {
 			t.Fatalf("relay: port %d still not bindable %v after the old relay ended", old.port, readyTimeout)
 		}
-		time.Sleep(pollInterval) // poll: the port frees up on the kernel's schedule
+		time.Sleep(child.PollInterval) // poll: the port frees up on the kernel's schedule
 	}
 }
 
@@ -478,33 +339,26 @@ func (e *env) tryRelay(port int, env, flags []string) *relay {
 	args := append(append([]string{"-bind", "127.0.0.1"}, flags...), strconv.Itoa(port))
 	p := e.start(relayBin, args, procOpts{daemon: true, env: env})
 	r := &relay{proc: p, port: port, env: env, flags: flags}
-	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-	deadline := time.Now().Add(readyTimeout)
-	for {
-		if p.exited() {
-			if strings.Contains(p.stderr.String(), "address already in use") {
-				t.Logf("port %d taken (%s)", port, p.status())
-				p.mu.Lock()
-				p.stopped = true // ended as it should: nothing to stop
-				p.mu.Unlock()
-				return nil
-			}
-			t.Fatalf("%s exited during startup (%s); stderr:\n%s", p, p.status(), p.stderr)
+	var dialErr error
+	err := p.AwaitReady(readyTimeout, func() bool {
+		c, err := net.DialTimeout("tcp", child.Addr(port), 200*time.Millisecond)
+		if err != nil {
+			dialErr = err
+			return false
 		}
-		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
-		if err == nil {
-			r.readyAddrs = append(r.readyAddrs, c.LocalAddr().String())
-			c.Close()
-			if !p.exited() { // else whoever took the port answered: loop to retry
-				return r
-			}
-			continue
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s not accepting on %s within %v (last dial error: %v); stderr:\n%s", p, addr, readyTimeout, err, p.stderr)
-		}
-		time.Sleep(pollInterval)
+		r.readyAddrs = append(r.readyAddrs, c.LocalAddr().String())
+		c.Close()
+		return true
+	})
+	switch {
+	case errors.Is(err, child.ErrPortTaken):
+		t.Logf("port %d taken (%s)", port, p.Status())
+		p.ended()
+		return nil
+	case err != nil:
+		t.Fatalf("%v (last dial error: %v); stderr:\n%s", err, dialErr, p.Stderr)
 	}
+	return r
 }
 
 // startEcho starts `echoserver HOST RELAYPORT` and returns the process and
@@ -543,37 +397,15 @@ func (e *env) startAgentWith(bin string, args []string, host string, env []strin
 	t := e.t
 	t.Helper()
 	p := e.start(bin, args, procOpts{scanStdout: true, daemon: true, env: env})
-	var line string
-	select {
-	case line = <-p.firstLine:
-	case <-p.done:
-		select {
-		case line = <-p.firstLine:
-		default:
-			t.Fatalf("%s exited (%s) without announcing its address; stderr:\n%s", p, p.status(), p.stderr)
-		}
-	case <-time.After(announceTimeout):
-		t.Fatalf("%s printed no line within %v; stderr:\n%s", p, announceTimeout, p.stderr)
+	line, err := p.FirstLine(announceTimeout)
+	if err != nil {
+		t.Fatalf("%v, want its address; stderr:\n%s", err, p.Stderr)
 	}
-	port, ok := announcedPort(line, host)
+	port, ok := child.AnnouncedPort(line, host)
 	if !ok {
 		t.Fatalf("%s: stdout line %q is not \"established relay address: %s:PORT\"", p, line, host)
 	}
 	return p, port
-}
-
-// announcedPort parses "established relay address: HOST:PORT".
-func announcedPort(line, host string) (int, bool) {
-	re := regexp.MustCompile(`^established relay address: ` + regexp.QuoteMeta(host) + `:(\d+)$`)
-	m := re.FindStringSubmatch(line)
-	if m == nil {
-		return 0, false
-	}
-	port, err := strconv.Atoi(m[1])
-	if err != nil || port < 1 || port > 65535 {
-		return 0, false
-	}
-	return port, true
 }
 
 // expectLines sets how many stdout lines stop expects of a line-scanned
@@ -588,14 +420,10 @@ func (p *proc) expectLines(n int) {
 // line-scanned process and returns it.
 func (p *proc) waitLine(n int, d time.Duration) (string, bool) {
 	var line string
-	ok := waitFor(d, func() bool {
-		p.linesMu.Lock()
-		defer p.linesMu.Unlock()
-		if len(p.lines) >= n {
-			line = p.lines[n-1]
-			return true
-		}
-		return false
+	ok := child.WaitFor(d, func() bool {
+		var ok bool
+		line, ok = p.Line(n)
+		return ok
 	})
 	return line, ok
 }
@@ -603,19 +431,25 @@ func (p *proc) waitLine(n int, d time.Duration) (string, bool) {
 // signal sends sig (SIGSTOP, SIGCONT, ...) to the process.
 func (p *proc) signal(sig syscall.Signal) {
 	p.t.Helper()
-	if err := p.cmd.Process.Signal(sig); err != nil {
+	if err := p.Cmd.Process.Signal(sig); err != nil {
 		p.t.Fatalf("%s: send %v: %v", p, sig, err)
 	}
 }
 
 // sigterm sends SIGTERM for a test that checks the shutdown itself (with
-// waitExit and status): stop, at cleanup, then leaves the process alone.
+// Wait and Status): stop, at cleanup, then leaves the process alone.
 func (p *proc) sigterm() {
 	p.t.Helper()
+	p.ended()
+	p.signal(syscall.SIGTERM)
+}
+
+// ended marks the process as needing no stop at cleanup: it ended as the
+// test wanted, or the test stops it itself.
+func (p *proc) ended() {
 	p.mu.Lock()
 	p.stopped = true
 	p.mu.Unlock()
-	p.signal(syscall.SIGTERM)
 }
 
 // requireProgram returns the path of name (a command looked up in PATH, or
@@ -632,56 +466,33 @@ func requireProgram(t *testing.T, name, debianPackage string) string {
 
 // startService starts a third-party server (redis-server, sshd, ...) that
 // listens on 127.0.0.1:PORT, with args(PORT) as its arguments, on a free
-// PORT, and waits until ready(p, PORT) holds (tcpReady if nil) by polling.
-// If the server exits during startup because the port got taken between
-// freePort and its bind, it retries with a new port, up to 5 times. The
-// server must still be running when the test stops it; its exit status on
-// SIGTERM is only logged.
+// PORT, and waits until ready(p, PORT) holds (child.TCPReady if nil) by
+// polling. If the server exits during startup because the port got taken
+// between freePort and its bind, it retries with a new port, up to 5
+// times. The server must still be running when the test stops it; its exit
+// status on SIGTERM is only logged.
 func (e *env) startService(bin string, args func(port int) []string, ready func(p *proc, port int) bool) (*proc, int) {
 	t := e.t
 	t.Helper()
 	if ready == nil {
-		ready = func(_ *proc, port int) bool { return tcpReady(port) }
+		ready = func(_ *proc, port int) bool { return child.TCPReady(port) }
 	}
 	for attempt := 1; attempt <= 5; attempt++ {
 		port := freePort(t)
 		p := e.start(bin, args(port), procOpts{service: true})
-		deadline := time.Now().Add(serviceTimeout)
-		for {
-			if p.exited() {
-				if strings.Contains(strings.ToLower(p.out()+p.stderr.String()), "address already in use") {
-					t.Logf("attempt %d: port %d got taken (%s); retrying with a new port", attempt, port, p.status())
-					p.mu.Lock()
-					p.stopped = true // ended as it should: nothing to stop
-					p.mu.Unlock()
-					break
-				}
-				t.Fatalf("%s exited during startup (%s)\nstdout:\n%s\nstderr:\n%s", p, p.status(), p.out(), p.stderr)
-			}
-			if ready(p, port) {
-				if !p.exited() { // else whoever took the port answered: loop to retry
-					return p, port
-				}
-				continue
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s not ready on 127.0.0.1:%d within %v\nstdout:\n%s\nstderr:\n%s", p, port, serviceTimeout, p.out(), p.stderr)
-			}
-			time.Sleep(pollInterval)
+		err := p.AwaitReady(serviceTimeout, func() bool { return ready(p, port) })
+		switch {
+		case errors.Is(err, child.ErrPortTaken):
+			t.Logf("attempt %d: port %d got taken (%s); retrying with a new port", attempt, port, p.Status())
+			p.ended()
+		case err != nil:
+			t.Fatalf("%v (127.0.0.1:%d)\nstdout:\n%s\nstderr:\n%s", err, port, p.Out(), p.Stderr)
+		default:
+			return p, port
 		}
 	}
 	t.Fatalf("%s: could not get a free port in 5 attempts", filepath.Base(bin))
 	return nil, 0
-}
-
-// tcpReady reports whether 127.0.0.1:port accepts a connection.
-func tcpReady(port int) bool {
-	c, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), 200*time.Millisecond)
-	if err != nil {
-		return false
-	}
-	c.Close()
-	return true
 }
 
 // run runs a client program to completion (bounded by clientTimeout) and
@@ -701,8 +512,8 @@ func (e *env) run(bin string, args []string, stdin []byte) *proc {
 func (e *env) runOK(bin string, args []string, stdin []byte) *proc {
 	e.t.Helper()
 	p := e.run(bin, args, stdin)
-	if p.exitCode() != 0 {
-		e.t.Fatalf("%s: %s, want exit status 0\nstdout:\n%s\nstderr:\n%s", p, p.status(), clip(p.out()), p.stderr)
+	if p.ExitCode() != 0 {
+		e.t.Fatalf("%s: %s, want exit status 0\nstdout:\n%s\nstderr:\n%s", p, p.Status(), clip(p.Out()), p.Stderr)
 	}
 	return p
 }
@@ -728,24 +539,10 @@ func (e *env) ncEcho(host string, port int, input []byte) {
 	t.Helper()
 	p := e.nc(host, port, input)
 	p.mustExit(clientTimeout)
-	if p.exitCode() != 0 {
-		t.Errorf("%s: %s, want 0; stderr:\n%s", p, p.status(), p.stderr)
+	if p.ExitCode() != 0 {
+		t.Errorf("%s: %s, want 0; stderr:\n%s", p, p.Status(), p.Stderr)
 	}
-	if got := p.stdout.Bytes(); !bytes.Equal(got, input) {
+	if got := p.Stdout.Bytes(); !bytes.Equal(got, input) {
 		t.Errorf("%s: echoed %q, want %q", p, got, input)
-	}
-}
-
-// waitFor polls cond every pollInterval until it is true or d has passed.
-func waitFor(d time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(d)
-	for {
-		if cond() {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(pollInterval)
 	}
 }

@@ -20,10 +20,9 @@ import (
 	"strings"
 	"testing"
 	"time"
-)
 
-// target is the address expose forwards to.
-func target(port int) string { return "127.0.0.1:" + strconv.Itoa(port) }
+	"tcprelay/internal/child"
+)
 
 // writeRandomFile writes size random bytes (every byte value included) to
 // path and returns their sha256.
@@ -75,12 +74,12 @@ func TestRedisThroughExpose(t *testing.T) {
 			"--save", "", "--appendonly", "no", "--dir", dir}
 	}, nil)
 	r := e.startRelay(nil)
-	ex, pub := e.startExpose("127.0.0.1", r.port, target(port))
+	ex, pub := e.startExpose("127.0.0.1", r.port, child.Addr(port))
 
 	redis := func(port int, stdin []byte, args ...string) string {
 		t.Helper()
 		p := e.runOK(cli, append([]string{"-h", "127.0.0.1", "-p", strconv.Itoa(port)}, args...), stdin)
-		return p.stdout.String()
+		return p.Stdout.String()
 	}
 	// Not a terminal: redis-cli prints raw replies, each followed by "\n".
 	if got := redis(pub, nil, "SET", "key", "value"); got != "OK\n" {
@@ -123,13 +122,13 @@ func TestRedisThroughExpose(t *testing.T) {
 		start := time.Now()
 		p := e.runOK(bench, []string{"-h", "127.0.0.1", "-p", strconv.Itoa(port),
 			"-c", "50", "-n", "20000", "-t", "set,get,incr,lpush", "--csv"}, nil)
-		out := p.stdout.String() + p.stderr.String()
+		out := p.Stdout.String() + p.Stderr.String()
 		if strings.Contains(strings.ToLower(out), "error") {
 			t.Errorf("%s: output mentions an error:\n%s", p, clip(out))
 		}
-		recs, err := csv.NewReader(strings.NewReader(p.stdout.String())).ReadAll()
+		recs, err := csv.NewReader(strings.NewReader(p.Stdout.String())).ReadAll()
 		if err != nil || len(recs) < 1 || len(recs[0]) < 2 || recs[0][0] != "test" || recs[0][1] != "rps" {
-			t.Fatalf("%s: stdout is not CSV with a \"test\",\"rps\" header (%v):\n%s", p, err, clip(p.stdout.String()))
+			t.Fatalf("%s: stdout is not CSV with a \"test\",\"rps\" header (%v):\n%s", p, err, clip(p.Stdout.String()))
 		}
 		rps := map[string]float64{}
 		for _, rec := range recs[1:] {
@@ -141,7 +140,7 @@ func TestRedisThroughExpose(t *testing.T) {
 		}
 		for _, name := range []string{"SET", "GET", "INCR", "LPUSH"} {
 			if _, ok := rps[name]; !ok {
-				t.Errorf("%s: no result for %s:\n%s", p, name, p.stdout)
+				t.Errorf("%s: no result for %s:\n%s", p, name, p.Stdout)
 			}
 		}
 		t.Logf("%s: %v", p, time.Since(start).Round(time.Millisecond))
@@ -153,7 +152,7 @@ func TestRedisThroughExpose(t *testing.T) {
 		t.Logf("redis-benchmark %-5s through expose %9.0f req/s, direct %9.0f req/s, ratio %.2f",
 			name, relayed[name], direct[name], relayed[name]/direct[name])
 	}
-	if s := ex.stderr.String(); strings.Contains(s, "level=WARN") || strings.Contains(s, "level=ERROR") {
+	if s := ex.Stderr.String(); strings.Contains(s, "level=WARN") || strings.Contains(s, "level=ERROR") {
 		t.Logf("expose stderr:\n%s", clip(s))
 	}
 }
@@ -184,7 +183,7 @@ func TestHTTPThroughExpose(t *testing.T) {
 		return []string{"-m", "http.server", strconv.Itoa(port), "--bind", "127.0.0.1", "--directory", root}
 	}, nil)
 	r := e.startRelay(nil)
-	_, pub := e.startExpose("127.0.0.1", r.port, target(port))
+	_, pub := e.startExpose("127.0.0.1", r.port, child.Addr(port))
 	base := fmt.Sprintf("http://127.0.0.1:%d", pub)
 
 	const clients = 6
@@ -196,8 +195,8 @@ func TestHTTPThroughExpose(t *testing.T) {
 	}
 	for i, p := range procs {
 		p.mustExit(clientTimeout)
-		if p.exitCode() != 0 {
-			t.Errorf("download %d: %s: %s, want exit status 0; stderr: %q", i, p, p.status(), p.stderr)
+		if p.ExitCode() != 0 {
+			t.Errorf("download %d: %s: %s, want exit status 0; stderr: %q", i, p, p.Status(), p.Stderr)
 			continue
 		}
 		got, n := fileSHA256(t, filepath.Join(outDir, fmt.Sprintf("out%d", i)))
@@ -210,7 +209,7 @@ func TestHTTPThroughExpose(t *testing.T) {
 		clients, size, want, d.Round(time.Millisecond), float64(clients*size)/(1<<20)/d.Seconds())
 
 	p := e.runOK(curl, []string{"-sS", "--max-time", "30", "-o", os.DevNull, "-w", "%{http_code}", base + "/missing"}, nil)
-	if got := p.stdout.String(); got != "404" {
+	if got := p.Stdout.String(); got != "404" {
 		t.Errorf("%s: HTTP status %q, want 404", p, got)
 	}
 }
@@ -276,10 +275,10 @@ func TestSSHThroughExpose(t *testing.T) {
 		}
 		return []string{"-D", "-e", "-f", config}
 	}, func(p *proc, port int) bool {
-		return strings.Contains(p.stderr.String(), fmt.Sprintf("Server listening on 127.0.0.1 port %d.", port))
+		return strings.Contains(p.Stderr.String(), fmt.Sprintf("Server listening on 127.0.0.1 port %d.", port))
 	})
 	r := e.startRelay(nil)
-	_, pub := e.startExpose("127.0.0.1", r.port, target(port))
+	_, pub := e.startExpose("127.0.0.1", r.port, child.Addr(port))
 
 	opts := []string{"-F", os.DevNull, "-i", clientKey, "-o", "StrictHostKeyChecking=no",
 		"-o", "UserKnownHostsFile=" + os.DevNull, "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
@@ -287,8 +286,8 @@ func TestSSHThroughExpose(t *testing.T) {
 	login := u.Username + "@127.0.0.1"
 
 	p := e.runOK(ssh, append(append([]string{}, opts...), "-p", strconv.Itoa(pub), login, "echo relayed-ok"), nil)
-	if got := p.stdout.String(); got != "relayed-ok\n" {
-		t.Errorf("%s printed %q, want %q; stderr: %q", p, got, "relayed-ok\n", p.stderr)
+	if got := p.Stdout.String(); got != "relayed-ok\n" {
+		t.Errorf("%s printed %q, want %q; stderr: %q", p, got, "relayed-ok\n", p.Stderr)
 	}
 
 	// Up with scp's default SFTP protocol, down with the legacy scp
@@ -318,20 +317,6 @@ func TestSSHThroughExpose(t *testing.T) {
 
 // ---------------------------------------------------------------- iperf3
 
-// iperfResult is the part of iperf3 -J's output the test reads.
-type iperfResult struct {
-	Error string `json:"error"`
-	End   struct {
-		SumSent     iperfSum `json:"sum_sent"`
-		SumReceived iperfSum `json:"sum_received"`
-	} `json:"end"`
-}
-
-type iperfSum struct {
-	Bytes         int64   `json:"bytes"`
-	BitsPerSecond float64 `json:"bits_per_second"`
-}
-
 // TestIperf3ThroughExpose runs iperf3 tests (one stream, reverse, four
 // streams) through expose: the control connection and every data
 // connection go through the public port. A last one-stream run against the
@@ -343,13 +328,13 @@ func TestIperf3ThroughExpose(t *testing.T) {
 	// The server prints "Server listening on PORT (test #N)" each time it
 	// is ready for a new test (--forceflush: at once, though not a tty).
 	listening := func(p *proc, port int) int {
-		return strings.Count(p.out(), fmt.Sprintf("Server listening on %d", port))
+		return strings.Count(p.Out(), fmt.Sprintf("Server listening on %d", port))
 	}
 	srv, port := e.startService(iperf3, func(port int) []string {
 		return []string{"-s", "-p", strconv.Itoa(port), "-B", "127.0.0.1", "--forceflush"}
 	}, func(p *proc, port int) bool { return listening(p, port) >= 1 })
 	r := e.startRelay(nil)
-	_, pub := e.startExpose("127.0.0.1", r.port, target(port))
+	_, pub := e.startExpose("127.0.0.1", r.port, child.Addr(port))
 
 	var relayedBps, directBps float64
 	for i, tc := range []struct {
@@ -369,22 +354,22 @@ func TestIperf3ThroughExpose(t *testing.T) {
 		}
 		// One test at a time: a client that arrives before the server has
 		// finished the previous test is refused as busy.
-		if !waitFor(serviceTimeout, func() bool { return listening(srv, port) >= i+1 }) {
+		if !child.WaitFor(serviceTimeout, func() bool { return listening(srv, port) >= i+1 }) {
 			t.Fatalf("iperf3 server not ready for test #%d within %v; stdout:\n%s\nstderr:\n%s",
-				i+1, serviceTimeout, clip(srv.out()), srv.stderr)
+				i+1, serviceTimeout, clip(srv.Out()), srv.Stderr)
 		}
 		args := append([]string{"-c", "127.0.0.1", "-p", strconv.Itoa(tc.port), "-J"}, tc.args...)
 		p := e.run(iperf3, args, nil)
-		out := p.stdout.Bytes()
+		out := p.Stdout.Bytes()
 		var raw map[string]any
-		var res iperfResult
+		var res child.IperfResult
 		if err := json.Unmarshal(out, &raw); err != nil {
-			t.Errorf("%s: %s; stdout is not JSON (%v):\n%s\nstderr:\n%s", p, p.status(), err, clip(string(out)), p.stderr)
+			t.Errorf("%s: %s; stdout is not JSON (%v):\n%s\nstderr:\n%s", p, p.Status(), err, clip(string(out)), p.Stderr)
 			continue
 		}
 		json.Unmarshal(out, &res)
-		if p.exitCode() != 0 {
-			t.Errorf("%s: %s, want exit status 0; error %q; stderr:\n%s", p, p.status(), res.Error, p.stderr)
+		if p.ExitCode() != 0 {
+			t.Errorf("%s: %s, want exit status 0; error %q; stderr:\n%s", p, p.Status(), res.Error, p.Stderr)
 		}
 		if _, ok := raw["error"]; ok {
 			t.Errorf("%s: JSON has an \"error\" key: %q", p, res.Error)
@@ -405,7 +390,7 @@ func TestIperf3ThroughExpose(t *testing.T) {
 	}
 	// Every test ended cleanly on the server's side too: it got the
 	// client's last control message through the relay.
-	if out := srv.out() + srv.stderr.String(); strings.Contains(strings.ToLower(out), "error") {
-		t.Errorf("iperf3 server reported an error:\nstdout:\n%s\nstderr:\n%s", clip(srv.out()), srv.stderr)
+	if out := srv.Out() + srv.Stderr.String(); strings.Contains(strings.ToLower(out), "error") {
+		t.Errorf("iperf3 server reported an error:\nstdout:\n%s\nstderr:\n%s", clip(srv.Out()), srv.Stderr)
 	}
 }
