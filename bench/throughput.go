@@ -43,12 +43,7 @@ func benchIperf(cfg *config) []*Figure {
 		failAll(figs, err)
 		return figs
 	}
-	relay, err := startRelay(cfg)
-	if err != nil {
-		failAll(figs, err)
-		return figs
-	}
-	ex, pub, err := startAgent(cfg, cfg.exposeBin, relay.port, child.Addr(port))
+	relay, ex, pub, err := startExposed(cfg, port)
 	if err != nil {
 		failAll(figs, err)
 		return figs
@@ -215,12 +210,7 @@ func benchRedis(cfg *config) []*Figure {
 		failAll(figs, err)
 		return figs
 	}
-	relay, err := startRelay(cfg)
-	if err != nil {
-		failAll(figs, err)
-		return figs
-	}
-	_, pub, err := startAgent(cfg, cfg.exposeBin, relay.port, child.Addr(port))
+	_, _, pub, err := startExposed(cfg, port)
 	if err != nil {
 		failAll(figs, err)
 		return figs
@@ -286,4 +276,18 @@ func benchRedis(cfg *config) []*Figure {
 		mean.judge()
 	}
 	return figs
+}
+
+// startExposed starts a relay and ./expose in front of the server on port,
+// and returns them with expose's public port.
+func startExposed(cfg *config, port int) (*relayProc, *child.Proc, int, error) {
+	relay, err := startRelay(cfg)
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	ex, pub, err := startAgent(cfg, cfg.exposeBin, relay.port, child.Addr(port))
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	return relay, ex, pub, nil
 }

@@ -30,19 +30,6 @@ func readBind(t *testing.T, c net.Conn) *proto.Bind {
 	return b
 }
 
-// waitParked polls until the relay holds n parked connections: the park
-// travels on its own socket, so nothing on the control connection orders it.
-func waitParked(t *testing.T, relay *testutil.Relay, n int) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for relay.Stats().Parked != n {
-		if time.Now().After(deadline) {
-			t.Fatalf("relay holds %d parked connections, want %d", relay.Stats().Parked, n)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
 // TestPooledConnection: a client is joined to a parked data connection
 // without any Incoming on the control connection.
 func TestPooledConnection(t *testing.T) {
@@ -54,7 +41,7 @@ func TestPooledConnection(t *testing.T) {
 		t.Fatalf("pool key %+v, want one allowing 32 connections", agent.PoolKey)
 	}
 	parked := agent.Park(t, agent.PoolKey.Key)
-	waitParked(t, relay, 1)
+	testutil.WaitParked(t, relay, 1)
 	client := testutil.Dial(t, pub)
 	b := readBind(t, parked)
 	if b.Client != client.LocalAddr().String() || b.Local != client.RemoteAddr().String() {
@@ -89,7 +76,7 @@ func TestPoolRefusals(t *testing.T) {
 	expectClosed(t, agent.Park(t, wrong), 5*time.Second)
 
 	a, b := agent.Park(t, agent.PoolKey.Key), agent.Park(t, agent.PoolKey.Key)
-	waitParked(t, relay, 2)
+	testutil.WaitParked(t, relay, 2)
 	expectClosed(t, agent.Park(t, agent.PoolKey.Key), 5*time.Second)
 	for _, conn := range []*net.TCPConn{a, b} {
 		conn.SetReadDeadline(time.Now().Add(time.Millisecond))
@@ -107,7 +94,7 @@ func TestDeadPooledConnSkipped(t *testing.T) {
 	agent := testutil.NewRawAgent(t, relay.Addr, "")
 	pub := agent.Listen(t, 0)
 	parked := agent.Park(t, agent.PoolKey.Key)
-	waitParked(t, relay, 1)
+	testutil.WaitParked(t, relay, 1)
 	parked.Close()
 
 	client := testutil.Dial(t, pub)
@@ -128,7 +115,7 @@ func TestPoolDiesWithSession(t *testing.T) {
 	agent := testutil.NewRawAgent(t, relay.Addr, "")
 	agent.Listen(t, 0)
 	parked := agent.Park(t, agent.PoolKey.Key)
-	waitParked(t, relay, 1)
+	testutil.WaitParked(t, relay, 1)
 	agent.Conn.Close()
 	expectClosed(t, parked, 5*time.Second)
 }

@@ -2,25 +2,11 @@ package tunnel_test
 
 import (
 	"testing"
-	"time"
 
 	"tcprelay/internal/testutil"
 	"tcprelay/server"
 	"tcprelay/tunnel"
 )
-
-// waitParked polls until the relay holds at least n parked connections
-// (a pool miss grows the pool, so it may hold more).
-func waitParked(t *testing.T, relay *testutil.Relay, n int) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for relay.Stats().Parked < n {
-		if time.Now().After(deadline) {
-			t.Fatalf("relay holds %d parked connections, want at least %d", relay.Stats().Parked, n)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
 
 // TestPoolKeptFull: the library parks data connections at the relay and
 // replaces each one a client uses.
@@ -29,13 +15,13 @@ func TestPoolKeptFull(t *testing.T) {
 	relay := testutil.StartRelay(t, server.Config{})
 	ln := listen(t, relay.Addr, tunnel.Config{})
 	testutil.Serve(t, ln, testutil.Echo)
-	waitParked(t, relay, 4)
+	testutil.WaitParked(t, relay, 4)
 	for i := range 10 {
 		if err := echoRoundTrip(ln.Addr().String(), int64(i), 1000); err != nil {
 			t.Fatal(err)
 		}
 	}
-	waitParked(t, relay, 4)
+	testutil.WaitParked(t, relay, 4)
 }
 
 func TestDisablePool(t *testing.T) {

@@ -151,3 +151,16 @@ func ReadAllTimeout(t testing.TB, c net.Conn, d time.Duration) []byte {
 	}
 	return b
 }
+
+// WaitParked polls until relay holds at least n pre-opened data
+// connections: a park travels on its own socket, so nothing else orders it.
+func WaitParked(t testing.TB, relay *Relay, n int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for relay.Stats().Parked < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("relay holds %d parked connections, want at least %d", relay.Stats().Parked, n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
