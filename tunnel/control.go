@@ -6,8 +6,10 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	"tcprelay/internal/proto"
@@ -91,6 +93,10 @@ func (c *control) handshake(port int, required bool) (*Addr, error) {
 	}
 	m, err := c.expect(proto.TypeChallenge)
 	if err != nil {
+		if c.l.cfg.TLS == nil && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
+			return nil, fmt.Errorf("read challenge: the relay closed the connection at once "+
+				"(is this its control port, and does it expect TLS?): %w", err)
+		}
 		return nil, fmt.Errorf("read challenge: %w", err)
 	}
 	mac := proto.AuthMAC(c.l.cfg.Secret, m.(*proto.Challenge).Nonce)

@@ -103,7 +103,7 @@ func TestTLSRefusals(t *testing.T) {
 		want  string
 	}{
 		{"untrusted certificate", tlsRelay.Addr, tunnel.Config{TLS: &tls.Config{}}, "certificate"},
-		{"plain agent, TLS relay", tlsRelay.Addr, tunnel.Config{DialTimeout: 3 * time.Second}, ""},
+		{"plain agent, TLS relay", tlsRelay.Addr, tunnel.Config{DialTimeout: 3 * time.Second}, "does it expect TLS?"},
 		{"TLS agent, plain relay", plainRelay.Addr, tunnel.Config{TLS: &tls.Config{}}, "TLS handshake"},
 	}
 	for _, tc := range cases {

@@ -1,0 +1,122 @@
+package e2e
+
+import (
+	"crypto/x509"
+	"encoding/pem"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	pp "github.com/pires/go-proxyproto"
+
+	"tcprelay/internal/child"
+	"tcprelay/internal/testutil"
+)
+
+// writeCert writes a self-signed certificate for 127.0.0.1 and its key as
+// PEM files, and returns their paths.
+func writeCert(t *testing.T) (certFile, keyFile string) {
+	t.Helper()
+	cert, _ := testutil.SelfSignedCert(t)
+	dir := t.TempDir()
+	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	key, err := x509.MarshalPKCS8PrivateKey(cert.PrivateKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: key}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return certFile, keyFile
+}
+
+var fingerprintRE = regexp.MustCompile(`fingerprint=([0-9a-f]{64})`)
+
+// TestTLSWithBinaries: a relay with -tls-cert/-tls-key, and agents that
+// trust it by pinned fingerprint (as the relay logs it) or by CA file. An
+// agent without TLS, or with the wrong pin, fails with a clear error.
+func TestTLSWithBinaries(t *testing.T) {
+	e := newEnv(t)
+	certFile, keyFile := writeCert(t)
+	r := e.startRelayWith(nil, nil, "-tls-cert", certFile, "-tls-key", keyFile)
+	rp := strconv.Itoa(r.port)
+
+	var fp string
+	if !child.WaitFor(5*time.Second, func() bool {
+		m := fingerprintRE.FindStringSubmatch(r.Stderr.String())
+		if m != nil {
+			fp = m[1]
+		}
+		return m != nil
+	}) {
+		t.Fatalf("relay did not log its certificate fingerprint; stderr:\n%s", r.Stderr)
+	}
+
+	_, pinned := e.startEchoWith("127.0.0.1", r.port, nil, "-tls-fingerprint", fp)
+	mustEcho(t, "echoserver -tls-fingerprint", pinned, randomBytes(256<<10))
+	_, byCA := e.startEchoWith("127.0.0.1", r.port, nil, "-tls-ca", certFile)
+	mustEcho(t, "echoserver -tls-ca", byCA, randomBytes(256<<10))
+
+	wrongPin := strings.Repeat("ab", 32)
+	for _, c := range []struct {
+		name   string
+		flags  []string
+		status int
+		stderr string
+	}{
+		{"plain agent", nil, 1, "does it expect TLS?"},
+		{"wrong pin", []string{"-tls-fingerprint", wrongPin}, 1, "fingerprint"},
+		{"system roots only", []string{"-tls"}, 1, "certificate"},
+		{"pin and CA together", []string{"-tls-fingerprint", fp, "-tls-ca", certFile}, 2, "exclude each other"},
+		{"malformed pin", []string{"-tls-fingerprint", "xyz"}, 2, "fingerprint"},
+	} {
+		p := e.start(echoBin, append(append([]string(nil), c.flags...), "127.0.0.1", rp), procOpts{})
+		p.mustExit(15 * time.Second)
+		if p.ExitCode() != c.status || !strings.Contains(p.Stderr.String(), c.stderr) || p.Out() != "" {
+			t.Errorf("%s: %s, stdout %q, stderr %q; want exit %d, stderr mentioning %q, no announcement",
+				c.name, p.Status(), p.Out(), p.Stderr, c.status, c.stderr)
+		}
+	}
+}
+
+// TestProxyProtocolWithBinaries: ./expose -proxy-protocol v1 and v2 in front
+// of a server that parses the header with an independent library; the server
+// sees the outside client's own address.
+func TestProxyProtocolWithBinaries(t *testing.T) {
+	e := newEnv(t)
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.Serve(t, &pp.Listener{Listener: inner}, func(c net.Conn) {
+		io.WriteString(c, c.RemoteAddr().String())
+	})
+	r := e.startRelay(nil)
+	for _, v := range []string{"v1", "v2"} {
+		_, pub := e.startExpose("127.0.0.1", r.port, inner.Addr().String(), "-proxy-protocol", v)
+		c, err := net.DialTimeout("tcp", child.Addr(pub), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		got, err := io.ReadAll(c)
+		c.Close()
+		if err != nil || string(got) != c.LocalAddr().String() {
+			t.Errorf("-proxy-protocol %s: target saw %q (err %v), want the client's %s", v, got, err, c.LocalAddr())
+		}
+	}
+	p := e.start(exposeBin, []string{"-proxy-protocol", "v3", "127.0.0.1", strconv.Itoa(r.port), inner.Addr().String()}, procOpts{})
+	p.mustExit(5 * time.Second)
+	if p.ExitCode() != 2 || !strings.Contains(p.Stderr.String(), "proxy-protocol") {
+		t.Errorf("-proxy-protocol v3: %s, stderr %q; want exit 2 naming the flag", p.Status(), p.Stderr)
+	}
+}
