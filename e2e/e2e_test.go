@@ -202,6 +202,7 @@ func publicPortGone(port int) (bool, string) {
 func TestBadCommandLines(t *testing.T) {
 	relayUsage := regexp.MustCompile(`(?m)^usage: relay \[flags\] PORT\b`)
 	echoUsage := regexp.MustCompile(`(?m)^usage: echoserver \[flags\] RELAYHOST RELAYPORT\b`)
+	exposeUsage := regexp.MustCompile(`(?m)^usage: expose \[flags\] RELAYHOST RELAYPORT TARGET\b`)
 	for _, tc := range []struct {
 		name  string
 		bin   string
@@ -214,6 +215,13 @@ func TestBadCommandLines(t *testing.T) {
 		{"relay_unknown_flag", relayBin, []string{"-nosuchflag", "1234"}, relayUsage},
 		{"echoserver_onlyonearg", echoBin, []string{"onlyonearg"}, echoUsage},
 		{"echoserver_host_notaport", echoBin, []string{"host", "notaport"}, echoUsage},
+		{"echoserver_port_70000", echoBin, []string{"-port", "70000", "host", "1"}, echoUsage},
+		{"expose_no_target", exposeBin, []string{"host", "1"}, exposeUsage},
+		{"expose_target_without_port", exposeBin, []string{"host", "1", "nohost"}, exposeUsage},
+		{"relay_bad_range", relayBin, []string{"-ports", "9000-8000", "1234"}, relayUsage},
+		{"relay_range_holds_port", relayBin, []string{"-ports", "1000-2000", "1234"}, relayUsage},
+		{"relay_heartbeat_10ms", relayBin, []string{"-heartbeat", "10ms", "1234"}, relayUsage},
+		{"relay_cert_without_key", relayBin, []string{"-tls-cert", "x.pem", "1234"}, relayUsage},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t)

@@ -231,6 +231,9 @@ func (c *Common) Agent() *Agent {
 // relayed connection until SIGINT or SIGTERM; then it stops accepting and
 // lets open connections drain. Fatal errors exit the program.
 func (a *Agent) Run(relayAddr string, log *slog.Logger, handle func(net.Conn)) {
+	if *a.port < 0 || *a.port > 65535 {
+		a.c.Usagef("-port %d: want 0 (any) or 1-65535", *a.port)
+	}
 	tlsCfg, err := a.tls()
 	if err != nil {
 		a.c.Usagef("%v", err)
