@@ -5,6 +5,7 @@ import (
 	"encoding/pem"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -118,5 +119,44 @@ func TestProxyProtocolWithBinaries(t *testing.T) {
 	p.mustExit(5 * time.Second)
 	if p.ExitCode() != 2 || !strings.Contains(p.Stderr.String(), "proxy-protocol") {
 		t.Errorf("-proxy-protocol v3: %s, stderr %q; want exit 2 naming the flag", p.Status(), p.Stderr)
+	}
+}
+
+// TestMetricsWithBinaries: relay -metrics-addr serves Prometheus text at
+// /metrics and the status view at /status.
+func TestMetricsWithBinaries(t *testing.T) {
+	e := newEnv(t)
+	maddr := child.Addr(freePort(t))
+	r := e.startRelayWith(nil, nil, "-metrics-addr", maddr)
+	_, pub := e.startEcho("127.0.0.1", r.port)
+	mustEcho(t, "through the relay", pub, randomBytes(10_000))
+
+	get := func(path string) string {
+		t.Helper()
+		resp, err := http.Get("http://" + maddr + path)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("GET %s: %s %v", path, resp.Status, err)
+		}
+		return string(b)
+	}
+	var metrics string
+	if !child.WaitFor(5*time.Second, func() bool {
+		metrics = get("/metrics")
+		return strings.Contains(metrics, "\ntcprelay_bytes_to_agents_total 10000\n")
+	}) {
+		t.Fatalf("/metrics does not count the 10000 bytes relayed:\n%s", metrics)
+	}
+	for _, want := range []string{"# TYPE tcprelay_agents gauge\ntcprelay_agents 1\n", "tcprelay_clients_total 1\n"} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %q:\n%s", want, metrics)
+		}
+	}
+	if status := get("/status"); !strings.Contains(status, "on port "+strconv.Itoa(pub)) {
+		t.Errorf("/status lacks the tunnel on port %d:\n%s", pub, status)
 	}
 }

@@ -105,6 +105,7 @@ func (t *tunnel) bindPooled(client net.Conn) bool {
 			continue
 		}
 		data.SetWriteDeadline(time.Time{})
+		s.count.poolHits.Add(1)
 		s.relayLink(t, client, data)
 		return true
 	}

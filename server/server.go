@@ -158,6 +158,7 @@ type Server struct {
 	linksDone chan struct{}                     // closed and replaced when links drops to 0 during Shutdown
 
 	ports portAllocator
+	count counters
 
 	wg sync.WaitGroup // every goroutine the server starts
 }
@@ -310,6 +311,7 @@ func readFull(c net.Conn, b []byte) (int, error) {
 }
 
 func (s *Server) dropConn(c net.Conn, why string, err error) {
+	s.count.dropped.Add(1)
 	s.log.Warn("dropped connection on control port: "+why, "remote", c.RemoteAddr().String(), "err", err)
 }
 
@@ -335,6 +337,12 @@ func (s *Server) relayLink(t *tunnel, client, data net.Conn) {
 	s.links++
 	s.mu.Unlock()
 	res := copier.Join(client, data)
+	s.count.relayed.Add(1)
+	s.count.bytesToAgents.Add(res.AToB)
+	s.count.bytesFromAgents.Add(res.BToA)
+	if res.Err != nil {
+		s.count.relayErrors.Add(1)
+	}
 	s.untrackConn(client)
 	s.untrackConn(data)
 	s.mu.Lock()

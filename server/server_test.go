@@ -171,6 +171,9 @@ func TestPickupTimeout(t *testing.T) {
 	expectClosed(t, client, 5*time.Second)
 	// The expired token attaches to nothing.
 	expectClosed(t, agent.Attach(t, in.Token), 5*time.Second)
+	if m := scrape(t, relay.Server); m["tcprelay_pickup_timeouts_total"] != 1 || m["tcprelay_pool_misses_total"] != 1 {
+		t.Errorf("pickup timeouts %d, pool misses %d; want 1 and 1", m["tcprelay_pickup_timeouts_total"], m["tcprelay_pool_misses_total"])
+	}
 }
 
 // freeRange finds n consecutive bindable ports below the ephemeral range,
@@ -386,6 +389,9 @@ func TestConnLimitPerTunnel(t *testing.T) {
 	extra := testutil.Dial(t, pub)
 	extra.Write([]byte("x"))
 	expectClosed(t, extra, 5*time.Second)
+	if n := scrape(t, relay.Server)["tcprelay_clients_refused_total"]; n != 1 {
+		t.Errorf("clients_refused_total %d, want 1", n)
+	}
 
 	// A finished connection frees its place.
 	live[0].CloseWrite()

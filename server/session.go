@@ -24,6 +24,10 @@ type session struct {
 	wmu  sync.Mutex // serialises writes on conn
 	wbuf []byte
 
+	remote   string    // the agent's address
+	software string    // what the agent says it is (Hello)
+	since    time.Time // when the session was established
+
 	// Guarded by s.mu.
 	closed     bool
 	tunnels    map[uint32]*tunnel
@@ -50,15 +54,18 @@ type tunnel struct {
 // until the control connection ends.
 func (s *Server) runSession(c net.Conn, hello *proto.Hello, bindIP net.IP) {
 	ss := &session{
-		s:       s,
-		conn:    c,
-		br:      bufio.NewReader(c),
-		bindIP:  bindIP,
-		log:     s.log.With("agent", c.RemoteAddr().String()),
-		done:    make(chan struct{}),
-		tunnels: make(map[uint32]*tunnel),
+		s:        s,
+		conn:     c,
+		br:       bufio.NewReader(c),
+		bindIP:   bindIP,
+		log:      s.log.With("agent", c.RemoteAddr().String()),
+		remote:   c.RemoteAddr().String(),
+		software: hello.Agent,
+		done:     make(chan struct{}),
+		tunnels:  make(map[uint32]*tunnel),
 	}
 	if err := ss.handshake(); err != nil {
+		s.count.handshakeFails.Add(1)
 		ss.log.Warn("agent handshake failed", "err", err)
 		s.closeConn(c)
 		return
@@ -71,6 +78,8 @@ func (s *Server) runSession(c net.Conn, hello *proto.Hello, bindIP net.IP) {
 		return
 	}
 	// From here the session, not the conn set, owns c.
+	s.count.agents.Add(1)
+	ss.since = time.Now()
 	delete(s.conns, c)
 	s.sessions[ss] = struct{}{}
 	if max := s.cfg.maxPool(); max > 0 {
@@ -118,6 +127,7 @@ func (ss *session) handshake() error {
 		return fmt.Errorf("read auth: %w", err)
 	}
 	if secret := ss.s.cfg.Secret; secret != "" && !proto.CheckMAC(secret, nonce, m.(*proto.Auth).MAC) {
+		ss.s.count.authFails.Add(1)
 		ss.send(&proto.Error{Code: proto.CodeAuthFailed, Message: "wrong or missing secret"})
 		return errors.New("authentication failed: wrong or missing secret")
 	}
@@ -299,6 +309,7 @@ func (ss *session) close() {
 // is joined to a parked data connection if there is one, else announced to
 // the agent.
 func (t *tunnel) handleClient(c net.Conn) {
+	t.sess.s.count.clients.Add(1)
 	if !t.admit(c) {
 		return
 	}
@@ -325,6 +336,7 @@ func (t *tunnel) admit(c net.Conn) bool {
 	}
 	n := t.refusedLocked()
 	s.mu.Unlock()
+	s.count.refused.Add(1)
 	s.closeConn(c)
 	t.logRefused(why, n)
 	return false
@@ -337,25 +349,30 @@ func (t *tunnel) announce(c net.Conn) {
 	p := &pending{token: proto.NewToken(), client: c, tunnel: t}
 	p.timer = time.AfterFunc(s.cfg.pickupTimeout(), func() {
 		if s.takePending(p.token) != nil {
+			s.count.pickupTimeouts.Add(1)
 			t.sess.log.Warn("closed outside client: no data connection from the agent in time",
 				"tunnel", t.id, "client", c.RemoteAddr().String())
 			s.dropClient(p)
 		}
 	})
 	s.mu.Lock()
-	if t.sess.closed || t.pending >= s.cfg.maxPending() {
+	if closed := t.sess.closed; closed || t.pending >= s.cfg.maxPending() {
 		n := 0
-		if !t.sess.closed {
+		if !closed {
 			n = t.refusedLocked()
 		}
 		s.mu.Unlock()
 		s.dropClient(p)
-		t.logRefused("tunnel at its limit of clients waiting for the agent", n)
+		if !closed {
+			s.count.refused.Add(1)
+			t.logRefused("tunnel at its limit of clients waiting for the agent", n)
+		}
 		return
 	}
 	t.pending++
 	s.pending[p.token] = p
 	s.mu.Unlock()
+	s.count.poolMisses.Add(1)
 
 	err := t.sess.send(&proto.Incoming{Tunnel: t.id, Token: p.token,
 		Client: c.RemoteAddr().String(), Local: c.LocalAddr().String()})

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"strconv"
@@ -32,6 +33,7 @@ func main() {
 	maxTunnels := c.FS.Int("max-tunnels-per-agent", 16, "public ports one agent may hold (-1: unlimited)")
 	maxConns := c.FS.Int("max-conns-per-tunnel", 4096, "outside clients one tunnel may have, waiting or relayed; more are closed at once (-1: unlimited)")
 	maxPending := c.FS.Int("max-pending-per-tunnel", 128, "outside clients one tunnel may have waiting for its agent; more are closed at once (-1: unlimited)")
+	metricsAddr := c.FS.String("metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics and a status view at /status, e.g. 127.0.0.1:9090 (default: off)")
 	tlsCert := c.FS.String("tls-cert", "", "PEM certificate file: serve agents over TLS (with -tls-key)")
 	tlsKey := c.FS.String("tls-key", "", "PEM private key file for -tls-cert")
 	maxPool := c.FS.Int("max-pool-per-agent", 32, "idle data connections an agent may open in advance, so new clients skip a round trip (-1: none)")
@@ -113,6 +115,18 @@ func main() {
 		ln = tls.NewListener(ln, tlsCfg)
 	}
 	srv := server.New(cfg)
+	if *metricsAddr != "" {
+		mln, err := net.Listen("tcp", *metricsAddr)
+		if err != nil {
+			ln.Close()
+			c.Fatal(fmt.Errorf("metrics: %w", err))
+		}
+		hs := &http.Server{Handler: opsHandler(srv), ReadHeaderTimeout: 5 * time.Second}
+		go hs.Serve(mln)
+		defer hs.Close()
+		log.Info("serving metrics and status", "metrics", "http://"+mln.Addr().String()+"/metrics",
+			"status", "http://"+mln.Addr().String()+"/status")
+	}
 	log.Info("relay listening", "addr", ln.Addr().String(), "public_ports", strconv.Itoa(cfg.PortMin)+"-"+strconv.Itoa(cfg.PortMax), "version", cli.Version)
 
 	errc := make(chan error, 1)
@@ -131,4 +145,18 @@ func main() {
 		log.Warn("drain deadline reached: closed the remaining connections")
 	}
 	log.Info("relay stopped")
+}
+
+// opsHandler serves the operator's views of srv.
+func opsHandler(srv *server.Server) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+		srv.WriteMetrics(w)
+	})
+	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		srv.WriteStatus(w)
+	})
+	return mux
 }

@@ -1,0 +1,98 @@
+package server
+
+import (
+	"fmt"
+	"io"
+	"sort"
+	"sync/atomic"
+	"time"
+)
+
+// counters are the relay's running totals, exported by WriteMetrics.
+type counters struct {
+	agents          atomic.Int64 // agent sessions established
+	handshakeFails  atomic.Int64 // agent handshakes that failed, wrong secret included
+	authFails       atomic.Int64 // agents refused for their secret
+	dropped         atomic.Int64 // connections dropped on the control port
+	clients         atomic.Int64 // outside clients accepted on public ports
+	refused         atomic.Int64 // outside clients closed at a limit
+	pickupTimeouts  atomic.Int64 // outside clients closed because no data connection came
+	poolHits        atomic.Int64 // clients joined to a parked data connection
+	poolMisses      atomic.Int64 // clients announced with Incoming
+	relayed         atomic.Int64 // relayed connections that ended
+	relayErrors     atomic.Int64 // relayed connections that ended on an error (a reset)
+	bytesToAgents   atomic.Int64 // bytes from outside clients to agents, counted when a connection ends
+	bytesFromAgents atomic.Int64 // bytes from agents to outside clients, counted when a connection ends
+}
+
+// WriteMetrics writes the relay's gauges and counters in the Prometheus text
+// exposition format. Byte counts grow when a relayed connection ends.
+func (s *Server) WriteMetrics(w io.Writer) error {
+	st := s.Stats()
+	c := &s.count
+	metrics := []struct {
+		name, kind, help string
+		value            int64
+	}{
+		{"tcprelay_agents", "gauge", "Agents connected now.", int64(st.Agents)},
+		{"tcprelay_tunnels", "gauge", "Public ports open now.", int64(st.Tunnels)},
+		{"tcprelay_clients_waiting", "gauge", "Outside clients waiting for their agent.", int64(st.Waiting)},
+		{"tcprelay_connections_relayed", "gauge", "Connections being relayed now.", int64(st.Relayed)},
+		{"tcprelay_pool_parked", "gauge", "Pre-opened data connections waiting for a client.", int64(st.Parked)},
+		{"tcprelay_agent_sessions_total", "counter", "Agent sessions established.", c.agents.Load()},
+		{"tcprelay_handshake_failures_total", "counter", "Agent handshakes that failed, wrong secrets included.", c.handshakeFails.Load()},
+		{"tcprelay_auth_failures_total", "counter", "Agents refused for a wrong or missing secret.", c.authFails.Load()},
+		{"tcprelay_control_dropped_total", "counter", "Connections dropped on the control port (garbage, bad tokens, bad pool keys).", c.dropped.Load()},
+		{"tcprelay_clients_total", "counter", "Outside clients accepted on public ports.", c.clients.Load()},
+		{"tcprelay_clients_refused_total", "counter", "Outside clients closed at a tunnel limit.", c.refused.Load()},
+		{"tcprelay_pickup_timeouts_total", "counter", "Outside clients closed because no data connection came in time.", c.pickupTimeouts.Load()},
+		{"tcprelay_pool_hits_total", "counter", "Outside clients joined to a pre-opened data connection.", c.poolHits.Load()},
+		{"tcprelay_pool_misses_total", "counter", "Outside clients announced to their agent instead.", c.poolMisses.Load()},
+		{"tcprelay_connections_total", "counter", "Relayed connections that ended.", c.relayed.Load()},
+		{"tcprelay_connection_errors_total", "counter", "Relayed connections that ended on an error, such as a reset.", c.relayErrors.Load()},
+		{"tcprelay_bytes_to_agents_total", "counter", "Bytes from outside clients to agents, counted when each connection ends.", c.bytesToAgents.Load()},
+		{"tcprelay_bytes_from_agents_total", "counter", "Bytes from agents to outside clients, counted when each connection ends.", c.bytesFromAgents.Load()},
+	}
+	for _, m := range metrics {
+		if _, err := fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s %s\n%s %d\n", m.name, m.help, m.name, m.kind, m.name, m.value); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// WriteStatus writes a plain-text view of the agents and their tunnels.
+func (s *Server) WriteStatus(w io.Writer) error {
+	type tunnelLine struct{ id, port, conns, waiting int }
+	type agentLine struct {
+		remote, software string
+		since            time.Time
+		parked           int
+		tunnels          []tunnelLine
+	}
+	s.mu.Lock()
+	agents := make([]agentLine, 0, len(s.sessions))
+	for ss := range s.sessions {
+		a := agentLine{remote: ss.remote, software: ss.software, since: ss.since, parked: len(ss.pool)}
+		for _, t := range ss.tunnels {
+			a.tunnels = append(a.tunnels, tunnelLine{int(t.id), t.port, t.conns, t.pending})
+		}
+		sort.Slice(a.tunnels, func(i, j int) bool { return a.tunnels[i].id < a.tunnels[j].id })
+		agents = append(agents, a)
+	}
+	s.mu.Unlock()
+	sort.Slice(agents, func(i, j int) bool { return agents[i].since.Before(agents[j].since) })
+
+	now := time.Now()
+	if _, err := fmt.Fprintf(w, "%d agents\n", len(agents)); err != nil {
+		return err
+	}
+	for _, a := range agents {
+		fmt.Fprintf(w, "agent %s (%s), connected %s ago, %d parked data connections\n",
+			a.remote, a.software, now.Sub(a.since).Round(time.Second), a.parked)
+		for _, t := range a.tunnels {
+			fmt.Fprintf(w, "  tunnel %d on port %d: %d connections, %d waiting\n", t.id, t.port, t.conns, t.waiting)
+		}
+	}
+	return nil
+}
