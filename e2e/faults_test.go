@@ -6,7 +6,6 @@ package e2e
 // lost, measured.
 
 import (
-	"bytes"
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/binary"
@@ -26,6 +25,7 @@ import (
 	"time"
 
 	"tcprelay/internal/child"
+	"tcprelay/internal/testutil"
 )
 
 // ---------------------------------------------------------------- helpers
@@ -176,35 +176,9 @@ func (s *stream) finish(d time.Duration) error {
 	return nil
 }
 
-// echoOnce sends data to an echo tunnel on 127.0.0.1:port, half-closes, and
-// checks that exactly data comes back before EOF, all within d.
+// echoOnce is testutil.EchoCheck on 127.0.0.1:port.
 func echoOnce(port int, data []byte, d time.Duration) error {
-	c, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), d)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(d))
-	werr := make(chan error, 1)
-	go func() {
-		_, err := c.Write(data)
-		if err == nil {
-			err = c.(*net.TCPConn).CloseWrite()
-		}
-		werr <- err
-	}()
-	got, rerr := io.ReadAll(c)
-	if err := <-werr; err != nil {
-		return fmt.Errorf("write: %w", err)
-	}
-	if rerr != nil {
-		return fmt.Errorf("read after %d bytes: %w", len(got), rerr)
-	}
-	if !bytes.Equal(got, data) {
-		i := firstDiff(got[:min(len(got), len(data))], data[:min(len(got), len(data))])
-		return fmt.Errorf("echoed %d bytes, sent %d; first difference at byte %d", len(got), len(data), i)
-	}
-	return nil
+	return testutil.EchoCheck(child.Addr(port), data, d)
 }
 
 // mustEcho is echoOnce that fails the test.

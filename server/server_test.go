@@ -53,15 +53,11 @@ func echoAgent(t *testing.T, relayAddr string) string {
 	return ln.Addr().String()
 }
 
-// checkEcho sends msg through addr and expects it back within a second.
+// checkEcho sends msg through addr and expects exactly it back.
 func checkEcho(t *testing.T, addr, msg string) {
 	t.Helper()
-	c := testutil.Dial(t, addr)
-	defer c.Close()
-	c.Write([]byte(msg))
-	c.CloseWrite()
-	if got := testutil.ReadAllTimeout(t, c, 5*time.Second); string(got) != msg {
-		t.Fatalf("echo through %s: got %q, want %q", addr, got, msg)
+	if err := testutil.EchoCheck(addr, []byte(msg), 5*time.Second); err != nil {
+		t.Fatalf("echo through %s: %v", addr, err)
 	}
 }
 

@@ -1,7 +1,6 @@
 package tunnel_test
 
 import (
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -105,35 +104,13 @@ func TestManyClientsManyTunnels(t *testing.T) {
 	}
 }
 
-// echoRoundTrip sends size random bytes while reading the echo concurrently,
-// half-closes, and compares hashes.
+// echoRoundTrip sends size random bytes (from seed) through the echo server
+// at addr while reading the echo concurrently, half-closes, and compares.
 func echoRoundTrip(addr string, seed int64, size int) error {
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(30 * time.Second))
 	data := make([]byte, size)
 	rand.New(rand.NewSource(seed)).Read(data)
-
-	werr := make(chan error, 1)
-	go func() {
-		_, err := c.Write(data)
-		if err == nil {
-			err = c.(*net.TCPConn).CloseWrite()
-		}
-		werr <- err
-	}()
-	got, err := io.ReadAll(c)
-	if err != nil {
-		return fmt.Errorf("client %d: read: %v after %d bytes", seed, err, len(got))
-	}
-	if err := <-werr; err != nil {
-		return fmt.Errorf("client %d: write: %v", seed, err)
-	}
-	if sha256.Sum256(got) != sha256.Sum256(data) {
-		return fmt.Errorf("client %d: echo differs: got %d bytes, sent %d", seed, len(got), len(data))
+	if err := testutil.EchoCheck(addr, data, 30*time.Second); err != nil {
+		return fmt.Errorf("client %d: %w", seed, err)
 	}
 	return nil
 }

@@ -2,10 +2,12 @@ package testutil
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"net"
 	"sync"
 	"testing"
+	"time"
 )
 
 // Serve accepts on ln until it is closed, running handle for each conn in its
@@ -63,4 +65,43 @@ func (l *LockedBuffer) Bytes() []byte {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return bytes.Clone(l.b.Bytes())
+}
+
+// EchoCheck sends data to the echo server at addr while reading the echo at
+// the same time, half-closes, and checks that exactly data comes back before
+// EOF, all within d.
+func EchoCheck(addr string, data []byte, d time.Duration) error {
+	c, err := net.DialTimeout("tcp", addr, d)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(d))
+	werr := make(chan error, 1)
+	go func() {
+		_, err := c.Write(data)
+		if err == nil {
+			err = c.(*net.TCPConn).CloseWrite()
+		}
+		werr <- err
+	}()
+	got, rerr := io.ReadAll(c)
+	if err := <-werr; err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	if rerr != nil {
+		return fmt.Errorf("read after %d bytes: %w", len(got), rerr)
+	}
+	if !bytes.Equal(got, data) {
+		n := min(len(got), len(data))
+		i := n
+		for j := range n {
+			if got[j] != data[j] {
+				i = j
+				break
+			}
+		}
+		return fmt.Errorf("echoed %d bytes, sent %d; first difference at byte %d", len(got), len(data), i)
+	}
+	return nil
 }
