@@ -154,7 +154,7 @@ type Server struct {
 	conns     map[net.Conn]struct{}     // every other open conn: handshaking, waiting, relayed
 	pending   map[[proto.TokenLen]byte]*pending
 	poolKeys  map[[proto.TokenLen]byte]*session // sessions that accept pre-opened data connections
-	links     int                               // relayed connections being copied
+	links     map[*copier.Link]struct{}         // relayed connections being copied
 	linksDone chan struct{}                     // closed and replaced when links drops to 0 during Shutdown
 
 	ports portAllocator
@@ -178,6 +178,7 @@ func New(cfg Config) *Server {
 		listeners: make(map[net.Listener]struct{}),
 		sessions:  make(map[*session]struct{}),
 		conns:     make(map[net.Conn]struct{}),
+		links:     make(map[*copier.Link]struct{}),
 		pending:   make(map[[proto.TokenLen]byte]*pending),
 		poolKeys:  make(map[[proto.TokenLen]byte]*session),
 		ports:     portAllocator{min: cfg.PortMin, max: cfg.PortMax, next: cfg.PortMin, used: make(map[int]bool)},
@@ -330,32 +331,37 @@ func (s *Server) attach(c net.Conn, token [proto.TokenLen]byte) bool {
 }
 
 // relayLink copies between an outside client and the data connection bound
-// to it until both directions end, then frees the client's place in its
-// tunnel.
+// to it, in the background, until both directions end; then it frees the
+// client's place in its tunnel. An idle link holds no goroutine.
 func (s *Server) relayLink(t *tunnel, client, data net.Conn) {
 	s.mu.Lock()
-	s.links++
+	// From now on the link owns both conns, and Close reaches them through
+	// it.
+	delete(s.conns, client)
+	delete(s.conns, data)
+	s.wg.Add(1)
+	var link *copier.Link
+	link = copier.Start(client, data, func(res copier.Result) {
+		s.count.relayed.Add(1)
+		s.count.bytesToAgents.Add(res.AToB)
+		s.count.bytesFromAgents.Add(res.BToA)
+		if res.Err != nil {
+			s.count.relayErrors.Add(1)
+		}
+		s.mu.Lock()
+		delete(s.links, link)
+		t.conns--
+		if len(s.links) == 0 && s.linksDone != nil {
+			close(s.linksDone)
+			s.linksDone = nil
+		}
+		s.mu.Unlock()
+		s.log.Debug("connection closed", "tunnel", t.id, "client", client.RemoteAddr().String(),
+			"bytes_in", res.AToB, "bytes_out", res.BToA, "err", res.Err)
+		s.wg.Done()
+	})
+	s.links[link] = struct{}{}
 	s.mu.Unlock()
-	res := copier.Join(client, data)
-	s.count.relayed.Add(1)
-	s.count.bytesToAgents.Add(res.AToB)
-	s.count.bytesFromAgents.Add(res.BToA)
-	if res.Err != nil {
-		s.count.relayErrors.Add(1)
-	}
-	s.untrackConn(client)
-	s.untrackConn(data)
-	s.mu.Lock()
-	s.links--
-	t.conns--
-	if s.links == 0 && s.linksDone != nil {
-		close(s.linksDone)
-		s.linksDone = nil
-	}
-	s.mu.Unlock()
-
-	s.log.Debug("connection closed", "tunnel", t.id, "client", client.RemoteAddr().String(),
-		"bytes_in", res.AToB, "bytes_out", res.BToA, "err", res.Err)
 }
 
 // pending is an outside client waiting for its agent's data connection.
@@ -441,7 +447,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	var err error
 	for {
 		s.mu.Lock()
-		if s.links == 0 {
+		if len(s.links) == 0 {
 			s.mu.Unlock()
 			break
 		}
@@ -471,6 +477,10 @@ func (s *Server) Close() error {
 	for c := range s.conns {
 		conns = append(conns, c)
 	}
+	links := make([]*copier.Link, 0, len(s.links))
+	for l := range s.links {
+		links = append(links, l)
+	}
 	for tok, p := range s.pending {
 		delete(s.pending, tok)
 		p.timer.Stop()
@@ -478,6 +488,9 @@ func (s *Server) Close() error {
 	s.mu.Unlock()
 	for _, c := range conns {
 		c.Close()
+	}
+	for _, l := range links {
+		l.Close()
 	}
 	s.wg.Wait()
 	return nil
@@ -496,7 +509,7 @@ type Stats struct {
 func (s *Server) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := Stats{Agents: len(s.sessions), Waiting: len(s.pending), Relayed: s.links}
+	st := Stats{Agents: len(s.sessions), Waiting: len(s.pending), Relayed: len(s.links)}
 	for ss := range s.sessions {
 		st.Tunnels += len(ss.tunnels)
 		st.Parked += len(ss.pool)

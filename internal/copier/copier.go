@@ -10,11 +10,12 @@ import (
 	"sync"
 )
 
-// Result reports what Join moved and why it stopped.
+// Result reports what a Link moved and why it stopped.
 type Result struct {
 	AToB, BToA int64 // bytes copied in each direction
 	// Err is the first error that ended a direction early (a reset, a write
-	// to a closed peer); nil when both directions ended with a clean EOF.
+	// to a closed peer, Close); nil when both directions ended with a clean
+	// EOF.
 	Err error
 }
 
@@ -24,53 +25,100 @@ type closeWriter interface {
 	CloseWrite() error
 }
 
-// Join copies a→b and b→a until both directions are done, then closes both
-// conns and reports. It propagates half-close: EOF read from one side becomes
-// CloseWrite on the other while the other direction keeps flowing. An error
-// in either direction (a reset, a failed write) closes both conns at once, so
-// a reset on one side becomes a close on the other.
+// Link copies a→b and b→a until both directions are done, then closes both
+// conns and reports. It propagates half-close: EOF read from one side
+// becomes CloseWrite on the other while the other direction keeps flowing.
+// An error in either direction (a reset, a failed write) closes both conns
+// at once, so a reset on one side becomes a close on the other.
 //
-// Memory is bounded: each direction holds at most one pipe's or one buffer's
-// worth of data, so a peer that stops reading blocks the writer on the far
-// side (backpressure) instead of growing a buffer. See Copy for when the
-// bytes move with splice(2), never through user space, and why an idle
-// connection holds no pipe.
+// Memory is bounded: each direction holds at most one pipe's or one
+// buffer's worth of data, so a peer that stops reading blocks the writer on
+// the far side (backpressure) instead of growing a buffer.
+//
+// A direction has a goroutine only while it has bytes to move. When both
+// conns are plain sockets (Linux), a direction whose source has nothing to
+// read gives back its splice pipe and its goroutine and waits in a shared
+// epoll set (see firstQuiet for when): an idle link costs its two sockets and
+// one small allocation. Other conns (TLS) are copied through a buffer by
+// one goroutine each way.
+//
+// Once a conn is in a Link, close it only with Link.Close: a conn closed
+// behind the Link's back may leave a waiting direction unwoken.
+type Link struct {
+	a, b   net.Conn
+	dirs   [2]dir // a→b, b→a
+	done   func(Result)
+	mu     sync.Mutex
+	res    Result
+	left   int  // directions not yet ended
+	closed bool // fail ran, or both directions ended
+}
+
+// dir is one direction of a Link.
+type dir struct {
+	l        *Link
+	dst, src net.Conn
+	n        *int64 // the Result field this direction counts into
+	spliced  bool   // sp is set up: both conns are sockets
+	parked   bool   // waiting in the poller, with no goroutine (under l.mu)
+	sp       splicer
+}
+
+// Start joins a and b in the background and returns at once. done is
+// called once, from another goroutine (or from Close's), when both
+// directions have ended and both conns are closed; it must not block.
+func Start(a, b net.Conn, done func(Result)) *Link {
+	l := &Link{a: a, b: b, done: done, left: 2}
+	l.dirs[0] = dir{l: l, dst: b, src: a, n: &l.res.AToB}
+	l.dirs[1] = dir{l: l, dst: a, src: b, n: &l.res.BToA}
+	// Both set up before either runs: a direction that fails at once
+	// reads the other's state.
+	for i := range l.dirs {
+		d := &l.dirs[i]
+		d.spliced = d.sp.init(d.dst, d.src, true)
+	}
+	for i := range l.dirs {
+		go l.dirs[i].run()
+	}
+	return l
+}
+
+// Join is Start that waits: it returns the Result when the link is done.
 func Join(a, b net.Conn) Result {
-	j := &join{a: a, b: b}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		j.copyBToA()
-	}()
-	j.copyAToB()
-	<-done
-	a.Close()
-	b.Close()
-	return j.res
+	ch := make(chan Result, 1)
+	Start(a, b, func(r Result) { ch <- r })
+	return <-ch
 }
 
-type join struct {
-	a, b      net.Conn
-	res       Result
-	mu        sync.Mutex
-	abortOnce sync.Once
-}
+// Close ends the link at once: it closes both conns, and the Result's Err
+// is net.ErrClosed unless the link had already failed. done still runs.
+func (l *Link) Close() { l.fail(net.ErrClosed) }
 
-// The two directions are named methods so stack dumps say which is which.
-func (j *join) copyAToB() {
-	n, err := j.forward(j.b, j.a)
-	j.mu.Lock()
-	j.res.AToB = n
-	j.mu.Unlock()
-	j.fail(err)
-}
-
-func (j *join) copyBToA() {
-	n, err := j.forward(j.a, j.b)
-	j.mu.Lock()
-	j.res.BToA = n
-	j.mu.Unlock()
-	j.fail(err)
+// run copies until the source has nothing to read (then parks, and a new
+// goroutine runs again once it has), EOF, or an error.
+func (d *dir) run() {
+	var n int64
+	var err error
+	if !d.spliced {
+		n, err = io.Copy(d.dst, d.src)
+	} else {
+		for {
+			var again bool
+			again, err = d.sp.loop()
+			if !again {
+				break
+			}
+			if d.l.park(d) {
+				return // woken by the poller into a new goroutine
+			}
+			d.sp.noPark() // wait in the runtime's poller from now on
+		}
+		n = d.sp.written
+	}
+	if err == nil {
+		err = halfClose(d.dst)
+	}
+	d.end(n, err)
 }
 
 // Copy copies src to dst until EOF on src or an error, like io.Copy. When
@@ -80,42 +128,107 @@ func (j *join) copyBToA() {
 // a connection waiting for data holds no pipe. Anything else (TLS) is
 // copied through a buffer.
 func Copy(dst, src net.Conn) (int64, error) {
-	if n, err, ok := spliceCopy(dst, src); ok {
-		return n, err
+	var sp splicer
+	if !sp.init(dst, src, false) {
+		return io.Copy(dst, src)
 	}
-	return io.Copy(dst, src)
+	_, err := sp.loop()
+	return sp.written, err
 }
 
-// forward copies src to dst until EOF, then half-closes dst.
-func (j *join) forward(dst, src net.Conn) (int64, error) {
-	n, err := Copy(dst, src)
-	if err != nil {
-		return n, err
-	}
+// halfClose tells dst's peer that no more bytes are coming.
+func halfClose(dst net.Conn) error {
 	cw, ok := dst.(closeWriter)
 	if !ok {
 		// dst cannot carry a half-close: ending the whole connection is the
 		// only way to tell its peer that no more bytes are coming.
-		return n, errNoHalfClose
+		return errNoHalfClose
 	}
-	return n, cw.CloseWrite()
+	return cw.CloseWrite()
 }
 
 var errNoHalfClose = errors.New("peer does not support half-close")
 
-// fail records the first error and closes both conns so the other direction
-// unblocks. Errors that are only the echo of that close are not recorded.
-func (j *join) fail(err error) {
-	if err == nil {
+// end records that d is done; the last direction to end closes the link.
+func (d *dir) end(n int64, err error) {
+	l := d.l
+	if err != nil {
+		l.fail(err)
+	}
+	l.mu.Lock()
+	*d.n = n
+	l.left--
+	last := l.left == 0
+	if last {
+		l.closed = true // a later Close changes nothing
+		l.unregisterLocked()
+	}
+	l.mu.Unlock()
+	if last {
+		l.a.Close()
+		l.b.Close()
+		l.done(l.res)
+	}
+}
+
+// fail records the first error and closes both conns so the other
+// direction ends too; a parked direction is ended here, since nothing will
+// wake it. Errors that are only the echo of that close are not recorded.
+func (l *Link) fail(err error) {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
 		return
 	}
-	j.abortOnce.Do(func() {
-		if err != errNoHalfClose {
-			j.mu.Lock()
-			j.res.Err = err
-			j.mu.Unlock()
+	l.closed = true
+	if err != errNoHalfClose {
+		l.res.Err = err
+	}
+	var parked []*dir
+	for i := range l.dirs {
+		if d := &l.dirs[i]; d.parked {
+			d.parked = false
+			parked = append(parked, d)
 		}
-		j.a.Close()
-		j.b.Close()
-	})
+	}
+	// Out of the poller's set while the descriptors are still open.
+	l.unregisterLocked()
+	l.mu.Unlock()
+	l.a.Close()
+	l.b.Close()
+	for _, d := range parked {
+		d.end(d.sp.written, nil)
+	}
+}
+
+// park hands d to the poller until its source is readable, and reports
+// whether it did; false means d's goroutine must go on waiting itself.
+func (l *Link) park(d *dir) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed || !idle.arm(d) {
+		return false
+	}
+	d.parked = true
+	return true
+}
+
+// wake runs a parked direction again in a new goroutine; the poller calls
+// it when d's source is readable (or by chance: a spurious wake costs one
+// splice that finds nothing and parks again).
+func (d *dir) wake() {
+	d.l.mu.Lock()
+	ok := d.parked
+	d.parked = false
+	d.l.mu.Unlock()
+	if ok {
+		go d.run()
+	}
+}
+
+// unregisterLocked takes both sources out of the poller's set.
+func (l *Link) unregisterLocked() {
+	for i := range l.dirs {
+		idle.disarm(&l.dirs[i])
+	}
 }

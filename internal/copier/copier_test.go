@@ -149,12 +149,12 @@ func startRelay(tb testing.TB) *relay {
 	r.b, r.clientB = tcpPair(tb)
 	go func() { r.res <- Join(r.a, r.b) }()
 	// Registered after the conns' cleanups, so it runs before them: close
-	// every conn (which ends Join whatever state it is in) and wait for Join
-	// to return, so no test leaves its goroutines running.
+	// both outer ends (which ends Join whatever state it is in: a Link's own
+	// conns are closed only by the Link) and wait for Join to return, so no
+	// test leaves its goroutines running.
 	tb.Cleanup(func() {
-		for _, c := range []*net.TCPConn{r.clientA, r.a, r.b, r.clientB} {
-			c.Close()
-		}
+		r.clientA.Close()
+		r.clientB.Close()
 		select {
 		case <-r.res:
 		case <-time.After(timeout):
@@ -690,5 +690,28 @@ func BenchmarkJoin(b *testing.B) {
 	r.clientB.CloseWrite()
 	if res := r.result(b); res.AToB != int64(b.N)*chunk || res.Err != nil {
 		b.Errorf("Result = %+v, want AToB=%d Err=nil", res, int64(b.N)*chunk)
+	}
+}
+
+// TestStartOnDeadConns: links whose conns are already reset or closed end
+// at once, whichever direction notices first (run under -race: the failing
+// direction reads the other's state while Start may still be setting it up).
+func TestStartOnDeadConns(t *testing.T) {
+	checkLeaks(t)
+	for i := range 50 {
+		clientA, a := tcpPair(t)
+		b, clientB := tcpPair(t)
+		if i%2 == 0 {
+			clientA.SetLinger(0)
+		}
+		clientA.Close()
+		clientB.Close()
+		res := make(chan Result, 1)
+		Start(a, b, func(r Result) { res <- r })
+		select {
+		case <-res:
+		case <-time.After(timeout):
+			t.Fatalf("link %d on dead conns did not end", i)
+		}
 	}
 }

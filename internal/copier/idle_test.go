@@ -1,6 +1,7 @@
 package copier
 
 import (
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -105,5 +106,142 @@ func BenchmarkCopy(b *testing.B) {
 				b.Fatalf("sink got %d bytes, want %d", n, int64(b.N)<<20)
 			}
 		})
+	}
+}
+
+// waitGoroutines polls until at most want goroutines run, and returns the
+// last count.
+func waitGoroutines(want int, within time.Duration) int {
+	deadline := time.Now().Add(within)
+	for {
+		n := runtime.NumGoroutine()
+		if n <= want || time.Now().After(deadline) {
+			return n
+		}
+		time.Sleep(5 * time.Millisecond) // polling interval, not synchronisation
+	}
+}
+
+// exchange sends msg from one end of r to the other, then back.
+func exchange(t *testing.T, r *relay, msg []byte) {
+	t.Helper()
+	buf := make([]byte, len(msg))
+	for _, p := range [][2]net.Conn{{r.clientA, r.clientB}, {r.clientB, r.clientA}} {
+		if _, err := p[0].Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		p[1].SetReadDeadline(time.Now().Add(timeout))
+		if _, err := io.ReadFull(p[1], buf); err != nil {
+			t.Fatalf("read: %v", err)
+		}
+		if string(buf) != string(msg) {
+			t.Fatalf("got %q, want %q", buf, msg)
+		}
+	}
+}
+
+// TestIdleLinksHoldNoGoroutine: links that have moved bytes and gone quiet
+// give their goroutines back (a Join'd pair would otherwise hold two each),
+// and wake up when bytes come, in either direction, as often as they come.
+func TestIdleLinksHoldNoGoroutine(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the idle poller is Linux only")
+	}
+	checkLeaks(t)
+	const n = 100
+	relays := make([]*relay, n)
+	g0 := runtime.NumGoroutine()
+	for i := range relays {
+		relays[i] = startRelay(t) // each Join waits in a goroutine of the test's
+		exchange(t, relays[i], []byte{byte(i), 'a'})
+	}
+	// n goroutines are the test's own (Join waiting for its Result), plus
+	// one for the poller; the links themselves should hold none.
+	want := g0 + n + 1
+	if got := waitGoroutines(want, 5*time.Second); got > want {
+		t.Fatalf("%d idle links: %d goroutines, want at most %d (%d more than the links' waiters): idle directions keep their goroutines", n, got, want, got-g0-n)
+	}
+	// Parked from both the cold start and, after a burst, from the hot wait:
+	// each must wake for new bytes, again and again.
+	for round := range 3 {
+		for i, r := range relays {
+			exchange(t, r, []byte{byte(i), byte(round), 'b'})
+		}
+		if got := waitGoroutines(want, 5*time.Second); got > want {
+			t.Fatalf("round %d: %d goroutines after going idle again, want at most %d", round, got, want)
+		}
+		time.Sleep(2 * hotFor) // let the next round find the links cold
+	}
+}
+
+// TestParkedLinkEnds: a parked link notices a half-close, a reset, and
+// Close, and reports each correctly.
+func TestParkedLinkEnds(t *testing.T) {
+	checkLeaks(t)
+	settle := func(r *relay) {
+		exchange(t, r, []byte("x"))
+		time.Sleep(2 * hotFor) // parked by now (or still waiting: both must work)
+	}
+	t.Run("half-close", func(t *testing.T) {
+		r := startRelay(t)
+		settle(r)
+		r.clientA.CloseWrite()
+		r.clientB.SetReadDeadline(time.Now().Add(timeout))
+		if b, err := io.ReadAll(r.clientB); err != nil || len(b) != 0 {
+			t.Fatalf("clientB read %q, %v; want a clean EOF", b, err)
+		}
+		r.notReturned(t, "after a half-close with the other direction open")
+		exchange1(t, r.clientB, r.clientA, []byte("still open"))
+		r.clientB.CloseWrite()
+		if res := r.result(t); res.Err != nil || res.AToB != 1 || res.BToA != 11 {
+			t.Fatalf("Result = %+v, want AToB=1 BToA=11 Err=nil", res)
+		}
+	})
+	t.Run("reset", func(t *testing.T) {
+		r := startRelay(t)
+		settle(r)
+		r.clientA.SetLinger(0)
+		r.clientA.Close()
+		r.clientB.SetReadDeadline(time.Now().Add(timeout))
+		if _, err := io.ReadAll(r.clientB); err != nil {
+			t.Logf("clientB: %v", err)
+		}
+		if res := r.result(t); res.Err == nil {
+			t.Fatalf("Result = %+v, want the reset as Err", res)
+		}
+	})
+	t.Run("Close", func(t *testing.T) {
+		clientA, a := tcpPair(t)
+		b, clientB := tcpPair(t)
+		res := make(chan Result, 1)
+		l := Start(a, b, func(r Result) { res <- r })
+		r := &relay{clientA: clientA, a: a, b: b, clientB: clientB}
+		exchange(t, r, []byte("y"))
+		time.Sleep(2 * hotFor)
+		l.Close()
+		select {
+		case got := <-res:
+			if !errors.Is(got.Err, net.ErrClosed) || got.AToB != 1 || got.BToA != 1 {
+				t.Fatalf("Result = %+v, want AToB=BToA=1 and Err net.ErrClosed", got)
+			}
+		case <-time.After(timeout):
+			t.Fatal("Close did not end a parked link")
+		}
+		assertClosed(t, "a", a)
+		assertClosed(t, "b", b)
+		l.Close() // a second Close changes nothing
+	})
+}
+
+// exchange1 sends msg from one conn and reads it at the other.
+func exchange1(t *testing.T, from, to net.Conn, msg []byte) {
+	t.Helper()
+	if _, err := from.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, len(msg))
+	to.SetReadDeadline(time.Now().Add(timeout))
+	if _, err := io.ReadFull(to, buf); err != nil || string(buf) != string(msg) {
+		t.Fatalf("read %q, %v; want %q", buf, err, msg)
 	}
 }

@@ -1,12 +1,14 @@
 package copier
 
 import (
+	"errors"
 	"io"
 	"net"
 	"os"
 	"runtime"
 	"sync"
 	"syscall"
+	"time"
 )
 
 // Linux splice(2) flags and fcntl(2) commands the syscall package lacks.
@@ -17,85 +19,151 @@ const (
 	fGetPipeSize   = 1032
 )
 
+// When a direction's source has nothing to read, it either parks at once
+// (its goroutine returns and the poller wakes a new one when bytes come) or
+// waits in the runtime's poller, goroutine and all, for a quiet window
+// before it parks. Parking at once on every wait would cost a busy
+// request-response connection an epoll_ctl and a new goroutine per
+// message; waiting long on every connection would keep a goroutine per
+// idle connection. So:
+//
+//   - a new link waits firstQuiet: its first reply is usually on its way;
+//   - a direction woken less than hotFor after it parked is busy: it waits
+//     hotFor;
+//   - any other wake parks as soon as the source is drained;
+//   - a window that saw bytes is followed by one twice as long, up to
+//     hotFor, so a busy connection pays one timer per hotFor, not one per
+//     message.
+var (
+	firstQuiet = 10 * time.Millisecond
+	hotFor     = 100 * time.Millisecond
+)
+
 // pipeSize is the capacity asked for each pipe: the most one splice moves.
 const pipeSize = 1 << 20
 
-// spliceCopy copies src to dst through a kernel pipe if both are sockets
-// that expose their file descriptors. The pipe is held only while bytes are
-// in flight: whenever src has nothing to read, the pipe goes back to the
-// pool before the goroutine waits, so an idle connection costs its sockets
-// and nothing more. handled is false if splice cannot be used.
-func spliceCopy(dst, src net.Conn) (written int64, err error, handled bool) {
-	sc, ok := src.(syscall.Conn)
-	if !ok {
-		return 0, nil, false
-	}
-	dc, ok := dst.(syscall.Conn)
-	if !ok {
-		return 0, nil, false
-	}
-	srcRaw, err := sc.SyscallConn()
-	if err != nil {
-		return 0, nil, false
-	}
-	dstRaw, err := dc.SyscallConn()
-	if err != nil {
-		return 0, nil, false
-	}
-	written, err = spliceLoop(dstRaw, srcRaw)
-	return written, err, true
-}
-
-// splicer is one direction's state. The RawConn callbacks are its methods,
-// bound once, so moving a chunk allocates nothing.
+// splicer copies one direction between two sockets through a kernel pipe,
+// held only while bytes are in flight: whenever src has nothing to read,
+// the pipe goes back to the pool, so an idle direction costs nothing but
+// its socket. The RawConn callbacks are methods bound once, so moving a
+// chunk allocates nothing.
 type splicer struct {
+	dst, src syscall.RawConn
+	fill     func(uintptr) bool
+	drain    func(uintptr) bool
+	srcConn  net.Conn // for its read deadline: the quiet window's timer
+	srcFD    int32    // src's descriptor, for the poller
+	// canPark makes loop return when src has nothing to read (see
+	// firstQuiet) instead of waiting in the runtime's poller.
+	canPark    bool
+	quiet      time.Duration // the current quiet window (0: park when drained)
+	registered bool          // srcFD is in the poller's set (under the Link's mu)
+	parkedAt   int64         // monotonic ns when loop last returned again
+	mark       int64         // written when the read deadline was last set
+	written    int64         // bytes moved to dst so far
+
 	p      *pipe
 	inPipe int64 // bytes in p not yet moved to dst
 	n      int64 // result of the last splice
 	err    error // error of the last splice
 }
 
-func spliceLoop(dst, src syscall.RawConn) (written int64, err error) {
-	s := &splicer{}
-	fill, drain := s.fill, s.drain
+// init sets s up to copy src to dst, and reports whether both expose a
+// socket descriptor (not TLS). canPark is for a Link's directions.
+func (s *splicer) init(dst, src net.Conn, canPark bool) bool {
+	sc, ok := src.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	dc, ok := dst.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	srcRaw, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	dstRaw, err := dc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	*s = splicer{dst: dstRaw, src: srcRaw, srcConn: src, canPark: canPark, srcFD: -1}
+	srcRaw.Control(func(fd uintptr) { s.srcFD = int32(fd) })
+	s.fill, s.drain = s.doFill, s.doDrain
+	if canPark {
+		s.quiet = firstQuiet
+	}
+	return true
+}
+
+// loop moves bytes until EOF on src (nil), an error, or, if canPark, src
+// has nothing to read (again is true; see firstQuiet).
+func (s *splicer) loop() (again bool, err error) {
 	defer func() {
-		if s.p != nil {
+		if s.p != nil { // EOF or an error: give the pipe back
 			pipes.put(s.p, s.inPipe == 0)
+			s.p = nil
 		}
 	}()
+	if s.canPark && s.parkedAt != 0 && nanotime()-s.parkedAt < int64(hotFor) {
+		s.quiet = hotFor
+	}
+	if s.quiet > 0 {
+		s.mark = s.written
+		s.srcConn.SetReadDeadline(time.Now().Add(s.quiet))
+	}
 	for {
-		// Fill the pipe from src; fill gives the pipe back and lets the
-		// runtime park this goroutine while src has nothing to read.
-		if err := src.Read(fill); err != nil {
-			return written, err
+		// Fill the pipe from src; fill gives the pipe back while src has
+		// nothing to read.
+		if err := s.src.Read(s.fill); err != nil {
+			if s.quiet == 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
+				return false, err
+			}
+			// The deadline ends the quiet window: no bytes since it was set
+			// means park, otherwise wait a longer window.
+			if s.written == s.mark {
+				s.quiet = 0
+				s.srcConn.SetReadDeadline(time.Time{})
+				return s.parked(), nil
+			}
+			s.quiet = min(2*s.quiet, hotFor)
+			s.mark = s.written
+			s.srcConn.SetReadDeadline(time.Now().Add(s.quiet))
+			continue
+		}
+		if s.err == syscall.EAGAIN { // nothing to read, no quiet window
+			s.err = nil
+			return s.parked(), nil
 		}
 		if s.err != nil {
-			return written, os.NewSyscallError("splice", s.err)
+			return false, os.NewSyscallError("splice", s.err)
 		}
 		if s.n == 0 {
-			return written, nil // EOF: the pipe was empty, so nothing is lost
+			return false, nil // EOF: the pipe was empty, so nothing is lost
 		}
 		// Drain the pipe into dst, waiting for dst to be writable.
 		s.inPipe = s.n
 		for s.inPipe > 0 {
-			if err := dst.Write(drain); err != nil {
-				return written, err
+			if err := s.dst.Write(s.drain); err != nil {
+				return false, err
 			}
 			if s.err != nil {
-				return written, os.NewSyscallError("splice", s.err)
+				return false, os.NewSyscallError("splice", s.err)
 			}
 			if s.n == 0 {
-				return written, io.ErrNoProgress
+				return false, io.ErrNoProgress
 			}
 			s.inPipe -= s.n
-			written += s.n
+			s.written += s.n
 		}
 	}
 }
 
-// fill moves what the socket fd has into the pipe. On EAGAIN it returns the
-// pipe to the pool and false, so RawConn.Read waits for readability.
-func (s *splicer) fill(fd uintptr) bool {
+// doFill moves what the socket fd has into the pipe. On EAGAIN it returns
+// the pipe to the pool, then returns true with s.err EAGAIN if the
+// direction should park, else false, so RawConn.Read waits for
+// readability.
+func (s *splicer) doFill(fd uintptr) bool {
 	for {
 		if s.p == nil {
 			if s.p, s.err = pipes.get(); s.err != nil {
@@ -109,15 +177,36 @@ func (s *splicer) fill(fd uintptr) bool {
 		case syscall.EAGAIN:
 			pipes.put(s.p, true)
 			s.p = nil
+			if s.canPark && s.quiet == 0 {
+				return true // loop parks
+			}
+			s.err = nil
 			return false
 		}
 		return true
 	}
 }
 
-// drain moves bytes from the pipe to the socket fd; on EAGAIN it returns
+// parked records when loop handed its direction to the poller.
+func (s *splicer) parked() bool {
+	s.parkedAt = nanotime()
+	return true
+}
+
+// nanotime is a monotonic clock in nanoseconds.
+func nanotime() int64 { return int64(time.Since(epoch)) }
+
+var epoch = time.Now()
+
+// noPark makes the direction wait in the runtime's poller from now on.
+func (s *splicer) noPark() {
+	s.canPark, s.quiet = false, 0
+	s.srcConn.SetReadDeadline(time.Time{})
+}
+
+// doDrain moves bytes from the pipe to the socket fd; on EAGAIN it returns
 // false, so RawConn.Write waits for writability.
-func (s *splicer) drain(fd uintptr) bool {
+func (s *splicer) doDrain(fd uintptr) bool {
 	for {
 		s.n, s.err = syscall.Splice(s.p.r, nil, int(fd), nil, int(s.inPipe), spliceMove|spliceNonblock)
 		if s.err == syscall.EINTR {
