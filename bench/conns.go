@@ -353,14 +353,33 @@ func diagnose(relay *child.Proc, agents []*child.Proc) string {
 	return strings.Join(parts, "; ")
 }
 
+// benchIdle measures idle relayed connections twice: through ./expose,
+// where the agent is nothing but relay machinery (the target it forwards
+// to is a separate process, not counted), and through ./echoserver, where
+// the agent is also the application and its own per-connection cost (a
+// goroutine and its buffers, as in any Go server) counts too.
 func benchIdle(cfg *config) []*Figure {
+	_, echoPort, err := startDirectEcho(cfg)
+	if err != nil {
+		f := &Figure{Section: "idle", Name: "idle relayed conns"}
+		failAll([]*Figure{f}, err)
+		return []*Figure{f}
+	}
+	figs := idleRun(cfg, "./expose", cfg.exposeBin, child.Addr(echoPort))
+	return append(figs, idleRun(cfg, "./echoserver", cfg.echoBin)...)
+}
+
+// idleRun opens cfg.idleConns idle connections through a relay and one
+// agent (bin with extra arguments), and reports fds and RSS per connection.
+func idleRun(cfg *config, agentName string, bin string, extra ...string) []*Figure {
 	n := cfg.idleConns
-	count := &Figure{Section: "idle", Name: "idle relayed conns established", Unit: "conns", Target: ge(float64(n))}
-	relayFD := &Figure{Section: "idle", Name: "relay fds per idle conn", DirectText: "n/a", Target: eq(2),
-		Chart: "relay fds per idle conn"}
-	agentFD := &Figure{Section: "idle", Name: "agent (./echoserver) fds per idle conn", DirectText: "n/a"}
-	rss := &Figure{Section: "idle", Name: "RSS relay+agent per idle conn", ValueUnit: "KiB", DirectText: "n/a",
-		Target: le(8), Chart: "RSS of relay + agent per idle conn"}
+	count := &Figure{Section: "idle", Name: "idle conns established, relay -> " + agentName, Unit: "conns",
+		Target: ge(float64(n))}
+	relayFD := &Figure{Section: "idle", Name: "relay fds per idle conn, relay -> " + agentName, DirectText: "n/a",
+		Target: eq(2), Chart: "relay fds per idle conn, " + agentName}
+	agentFD := &Figure{Section: "idle", Name: "agent (" + agentName + ") fds per idle conn", DirectText: "n/a"}
+	rss := &Figure{Section: "idle", Name: "RSS relay+" + agentName + " per idle conn", ValueUnit: "KiB", DirectText: "n/a",
+		Target: le(8), Chart: "RSS of relay + " + agentName + " per idle conn"}
 	figs := []*Figure{count, relayFD, agentFD, rss}
 
 	relay, err := startRelay(cfg, limitFlags...)
@@ -368,13 +387,15 @@ func benchIdle(cfg *config) []*Figure {
 		failAll(figs, err)
 		return figs
 	}
-	agent, pub, err := startAgent(cfg, cfg.echoBin, relay.port)
+	defer relay.Kill()
+	agent, pub, err := startAgent(cfg, bin, relay.port, extra...)
 	if err != nil {
 		failAll(figs, err)
 		return figs
 	}
+	defer agent.Kill()
 	agents := []*child.Proc{agent}
-	fmt.Printf("   relay (%s) and one ./echoserver, public port %d\n", strings.Join(limitFlags, " "), pub)
+	fmt.Printf("   relay (%s) and one %s %s, public port %d\n", strings.Join(limitFlags, " "), agentName, strings.Join(extra, " "), pub)
 	fmt.Printf("   %s\n   %s\n", limitsLine(relay.Proc), limitsLine(agent))
 	warm, err := openEchoed([]string{child.Addr(pub)}, 0, 20, 20, cfg.connTimeout)
 	closeAll(warm)

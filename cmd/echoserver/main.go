@@ -27,8 +27,10 @@ func main() {
 
 // echo writes back everything the client sends; when the client half-closes,
 // it half-closes too, after the last byte. The copier splices and holds no
-// pipe while the client is quiet, so idle clients cost one socket each.
-func echo(c net.Conn) {
+// pipe while the client is quiet, so an idle client costs its socket and
+// this goroutine.
+func echo(c net.Conn, done func()) {
+	defer done()
 	defer c.Close()
 	if _, err := copier.Copy(c, c); err != nil {
 		return

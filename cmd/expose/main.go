@@ -45,5 +45,5 @@ func main() {
 		c.Usagef("bad -proxy-protocol %q: want v1 or v2", *proxyProto)
 	}
 	log.Info("forwarding relayed connections", "target", target)
-	agent.Run(relayAddr, log, fw.Handle)
+	agent.Run(relayAddr, log, fw.Start)
 }

@@ -15,6 +15,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -43,6 +44,14 @@ type Common struct {
 
 // New creates the flag set with the common flags.
 func New(name, args, about string) *Common {
+	// The programs' heap is nearly all long-lived state of open
+	// connections, and their data path allocates nothing. Collecting at
+	// 50% growth instead of Go's default 100% keeps less garbage resident
+	// per idle connection, for a little CPU when connections open.
+	// GOGC in the environment still decides.
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(50)
+	}
 	c := &Common{Name: name, Args: args, About: about, FS: flag.NewFlagSet(name, flag.ContinueOnError)}
 	c.secret = c.FS.String("secret", "", "shared secret (default: the "+SecretEnv+" environment variable; empty means an open relay)")
 	c.logLevel = c.FS.String("log-level", "info", "log level on stderr: debug, info, warn or error")
@@ -173,11 +182,17 @@ func PortRange(s string) (lo, hi int, err error) {
 	return lo, hi, nil
 }
 
-// Serve accepts from ln until it is closed, running handle for each conn in
-// its own goroutine. After the listener closes it waits up to drain for the
-// handlers to return. It returns nil if the listener was closed (by the
+// Handler serves one relayed connection, in a goroutine of its own, and
+// calls done once the connection has ended. It may return before that: a
+// handler that hands its connection to a copier.Link returns at once, so an
+// idle connection holds no goroutine.
+type Handler func(c net.Conn, done func())
+
+// Serve accepts from ln until it is closed, running handle for each conn.
+// After the listener closes it waits up to drain for every connection to
+// end. It returns nil if the listener was closed (by the
 // caller, e.g. on a signal), else the Accept error.
-func Serve(ln net.Listener, handle func(net.Conn), drain time.Duration, log *slog.Logger) error {
+func Serve(ln net.Listener, handle Handler, drain time.Duration, log *slog.Logger) error {
 	var wg sync.WaitGroup
 	var err error
 	for {
@@ -187,10 +202,7 @@ func Serve(ln net.Listener, handle func(net.Conn), drain time.Duration, log *slo
 			break
 		}
 		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			handle(c)
-		}()
+		go handle(c, wg.Done)
 	}
 	if errors.Is(err, net.ErrClosed) {
 		err = nil
@@ -230,7 +242,7 @@ func (c *Common) Agent() *Agent {
 // on stdout (again after each re-registration), and runs handle for every
 // relayed connection until SIGINT or SIGTERM; then it stops accepting and
 // lets open connections drain. Fatal errors exit the program.
-func (a *Agent) Run(relayAddr string, log *slog.Logger, handle func(net.Conn)) {
+func (a *Agent) Run(relayAddr string, log *slog.Logger, handle Handler) {
 	if *a.port < 0 || *a.port > 65535 {
 		a.c.Usagef("-port %d: want 0 (any) or 1-65535", *a.port)
 	}

@@ -33,6 +33,19 @@ type Forwarder struct {
 // directions are done. If Target cannot be reached, the outside client is
 // closed at once and the reason logged.
 func (f *Forwarder) Handle(c net.Conn) {
+	ch := make(chan struct{})
+	f.Start(c, func() { close(ch) })
+	<-ch
+}
+
+// Start dials Target for one relayed connection and returns once the two
+// are joined, or c is closed because Target could not be reached. The
+// forwarding goes on in the background, with no goroutine while the
+// connection is idle; done, if not nil, is called when it has ended.
+func (f *Forwarder) Start(c net.Conn, done func()) {
+	if done == nil {
+		done = func() {}
+	}
 	log := f.Logger
 	if log == nil {
 		log = slog.Default()
@@ -45,6 +58,7 @@ func (f *Forwarder) Handle(c net.Conn) {
 	if err != nil {
 		log.Warn("closed client: target unreachable", "client", c.RemoteAddr().String(), "target", f.Target, "err", err)
 		c.Close()
+		done()
 		return
 	}
 	if f.ProxyProtocol != 0 {
@@ -52,11 +66,14 @@ func (f *Forwarder) Handle(c net.Conn) {
 			log.Warn("closed client: PROXY header not sent", "client", c.RemoteAddr().String(), "target", f.Target, "err", err)
 			c.Close()
 			target.Close()
+			done()
 			return
 		}
 	}
-	res := copier.Join(c, target)
-	log.Debug("connection closed", "client", c.RemoteAddr().String(), "bytes_in", res.AToB, "bytes_out", res.BToA, "err", res.Err)
+	copier.Start(c, target, func(res copier.Result) {
+		log.Debug("connection closed", "client", c.RemoteAddr().String(), "bytes_in", res.AToB, "bytes_out", res.BToA, "err", res.Err)
+		done()
+	})
 }
 
 func (f *Forwarder) sendProxyHeader(target, c net.Conn) error {
