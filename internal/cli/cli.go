@@ -15,7 +15,6 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -44,14 +43,6 @@ type Common struct {
 
 // New creates the flag set with the common flags.
 func New(name, args, about string) *Common {
-	// The programs' heap is nearly all long-lived state of open
-	// connections, and their data path allocates nothing. Collecting at
-	// 50% growth instead of Go's default 100% keeps less garbage resident
-	// per idle connection, for a little CPU when connections open.
-	// GOGC in the environment still decides.
-	if os.Getenv("GOGC") == "" {
-		debug.SetGCPercent(50)
-	}
 	c := &Common{Name: name, Args: args, About: about, FS: flag.NewFlagSet(name, flag.ContinueOnError)}
 	c.secret = c.FS.String("secret", "", "shared secret (default: the "+SecretEnv+" environment variable; empty means an open relay)")
 	c.logLevel = c.FS.String("log-level", "info", "log level on stderr: debug, info, warn or error")
