@@ -151,7 +151,7 @@ type Server struct {
 	closed    bool                      // Shutdown or Close called
 	listeners map[net.Listener]struct{} // control listeners being served
 	sessions  map[*session]struct{}     // authenticated agents
-	conns     map[net.Conn]struct{}     // every other open conn: handshaking, waiting, relayed
+	conns     map[net.Conn]struct{}     // every other open conn: handshaking, parked, waiting (relayed ones belong to links)
 	pending   map[[proto.TokenLen]byte]*pending
 	poolKeys  map[[proto.TokenLen]byte]*session // sessions that accept pre-opened data connections
 	links     map[*copier.Link]struct{}         // relayed connections being copied

@@ -62,20 +62,17 @@ func (p *poller) arm(d *dir) bool {
 // disarm takes d's source out of the set, if it is there. It runs under
 // d's Link's mu, before the source is closed.
 func (p *poller) disarm(d *dir) {
-	if d.sp.registered {
-		p.remove(d.sp.srcFD)
-		d.sp.registered = false
-	}
-}
-
-func (p *poller) remove(fd int32) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.dirs[fd] == nil {
+	if !d.sp.registered {
 		return
 	}
-	delete(p.dirs, fd)
-	syscall.EpollCtl(p.epfd, syscall.EPOLL_CTL_DEL, int(fd), nil)
+	d.sp.registered = false
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.dirs[d.sp.srcFD] != d {
+		return // the descriptor was closed behind the Link's back, and reused
+	}
+	delete(p.dirs, d.sp.srcFD)
+	syscall.EpollCtl(p.epfd, syscall.EPOLL_CTL_DEL, int(d.sp.srcFD), nil)
 	if len(p.dirs) == 0 {
 		p.stop()
 	}

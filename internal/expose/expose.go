@@ -41,11 +41,8 @@ func (f *Forwarder) Handle(c net.Conn) {
 // Start dials Target for one relayed connection and returns once the two
 // are joined, or c is closed because Target could not be reached. The
 // forwarding goes on in the background, with no goroutine while the
-// connection is idle; done, if not nil, is called when it has ended.
+// connection is idle; done is called when it has ended.
 func (f *Forwarder) Start(c net.Conn, done func()) {
-	if done == nil {
-		done = func() {}
-	}
 	log := f.Logger
 	if log == nil {
 		log = slog.Default()
