@@ -230,7 +230,7 @@ func linesWith(s string, subs ...string) []string {
 // attachFrame is a data connection's opening: preamble and Attach frame
 // (type 0x10, 4-byte big-endian length 16, then the token).
 func attachFrame(token []byte) []byte {
-	b := []byte("TRLY\x01\x10")
+	b := []byte("TRLY\x02\x10")
 	b = binary.BigEndian.AppendUint32(b, uint32(len(token)))
 	return append(b, token...)
 }
@@ -503,7 +503,7 @@ func TestGarbageOnPublicPort(t *testing.T) {
 	r := e.startRelay(nil)
 	_, pub := e.startEcho("127.0.0.1", r.port)
 
-	hello := []byte("TRLY\x01\x01\x00\x00\x00\x06\x00\x04evil") // a forged Hello frame
+	hello := []byte("TRLY\x02\x01\x00\x00\x00\x0e\x00\x04evil\x00\x00\x00\x00\x00\x00\x00\x01") // a forged Hello frame
 	payloads := []struct {
 		name string
 		data []byte

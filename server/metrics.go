@@ -61,37 +61,52 @@ func (s *Server) WriteMetrics(w io.Writer) error {
 	return nil
 }
 
-// WriteStatus writes a plain-text view of the agents and their tunnels.
+// WriteStatus writes a plain-text view of the agents, and of the endpoints
+// with their members.
 func (s *Server) WriteStatus(w io.Writer) error {
-	type tunnelLine struct{ id, port, conns, waiting int }
 	type agentLine struct {
 		remote, software string
 		since            time.Time
 		parked           int
-		tunnels          []tunnelLine
+	}
+	type memberLine struct {
+		remote  string
+		id      uint32
+		clients int // waiting for this member or relayed through it
+	}
+	type endpointLine struct {
+		port, conns, waiting int
+		members              []memberLine
 	}
 	s.mu.Lock()
 	agents := make([]agentLine, 0, len(s.sessions))
 	for ss := range s.sessions {
-		a := agentLine{remote: ss.remote, software: ss.software, since: ss.since, parked: len(ss.pool)}
-		for _, t := range ss.tunnels {
-			a.tunnels = append(a.tunnels, tunnelLine{int(t.id), t.port, t.conns, t.pending})
+		agents = append(agents, agentLine{ss.remote, ss.software, ss.since, len(ss.pool)})
+	}
+	eps := make([]endpointLine, 0, len(s.endpoints))
+	for ep := range s.endpoints {
+		e := endpointLine{port: ep.port, conns: ep.conns, waiting: ep.pending}
+		for _, m := range ep.members {
+			e.members = append(e.members, memberLine{m.sess.remote, m.id, m.clients})
 		}
-		sort.Slice(a.tunnels, func(i, j int) bool { return a.tunnels[i].id < a.tunnels[j].id })
-		agents = append(agents, a)
+		eps = append(eps, e)
 	}
 	s.mu.Unlock()
 	sort.Slice(agents, func(i, j int) bool { return agents[i].since.Before(agents[j].since) })
+	sort.Slice(eps, func(i, j int) bool { return eps[i].port < eps[j].port })
 
 	now := time.Now()
-	if _, err := fmt.Fprintf(w, "%d agents\n", len(agents)); err != nil {
+	if _, err := fmt.Fprintf(w, "%d agents, %d endpoints\n", len(agents), len(eps)); err != nil {
 		return err
 	}
 	for _, a := range agents {
 		fmt.Fprintf(w, "agent %s (%s), connected %s ago, %d parked data connections\n",
 			a.remote, a.software, now.Sub(a.since).Round(time.Second), a.parked)
-		for _, t := range a.tunnels {
-			fmt.Fprintf(w, "  tunnel %d on port %d: %d connections, %d waiting\n", t.id, t.port, t.conns, t.waiting)
+	}
+	for _, e := range eps {
+		fmt.Fprintf(w, "endpoint on port %d: %d connections, %d waiting\n", e.port, e.conns, e.waiting)
+		for _, m := range e.members {
+			fmt.Fprintf(w, "  member: agent %s tunnel %d, %d clients\n", m.remote, m.id, m.clients)
 		}
 	}
 	return nil

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -73,7 +74,6 @@ func TestGarbageOnControlPort(t *testing.T) {
 		"random bytes":         random,
 		"http request":         []byte("GET / HTTP/1.1\r\nHost: relay\r\n\r\n"),
 		"tls client hello":     {0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03},
-		"wrong version":        {'T', 'R', 'L', 'Y', 99, byte(proto.TypeHello), 0, 0, 0, 0},
 		"oversized frame":      huge,
 		"listen before hello":  proto.Append(proto.Preamble(), &proto.Listen{ID: 1}),
 		"unknown first frame":  proto.Append(proto.Preamble(), &proto.Ping{Data: 1}),
@@ -89,6 +89,19 @@ func TestGarbageOnControlPort(t *testing.T) {
 			}
 			expectClosed(t, c, 5*time.Second)
 		})
+	}
+	// An agent of another protocol version is told why, in an Error frame
+	// that every version reads alike, before the close.
+	for _, v := range []byte{1, 99} {
+		c := testutil.Dial(t, relay.Addr)
+		c.Write([]byte{'T', 'R', 'L', 'Y', v, byte(proto.TypeHello), 0, 0, 0, 0})
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		m, err := proto.ReadMessage(c, proto.DefaultMaxPayload)
+		e, ok := m.(*proto.Error)
+		if err != nil || !ok || e.Code != proto.CodeUnsupported || !strings.Contains(e.Message, "upgrade the") {
+			t.Fatalf("version %d: got %v, %v; want an Error with CodeUnsupported saying what to upgrade", v, m, err)
+		}
+		expectClosed(t, c, 5*time.Second)
 	}
 	checkEcho(t, before, "agent registered before the garbage")
 	checkEcho(t, echoAgent(t, relay.Addr), "agent registered after the garbage")

@@ -1,7 +1,6 @@
 package tunnel
 
 import (
-	"bufio"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -19,16 +18,16 @@ import (
 // it ends. A Listener replaces it when it reconnects.
 type control struct {
 	l        *Listener
-	conn     net.Conn
-	br       *bufio.Reader
+	conn     *proto.Conn
 	dataAddr string         // where data connections go: the relay's resolved address
 	hb       time.Duration  // heartbeat the relay asked for; 0: none
+	features proto.Features // spoken by both sides
 	poolKey  *proto.PoolKey // the relay's offer of pre-opened data connections; nil: none
 	pool     *pool
-
-	wmu  sync.Mutex
-	wbuf []byte
 }
+
+// features is what this library speaks.
+const features = proto.FeaturePool
 
 // dial connects to the relay, authenticates, and opens the tunnel on port
 // (0: any). The handshake is bounded by the dial timeout and by ctx.
@@ -39,7 +38,8 @@ func (l *Listener) dial(ctx context.Context, port int, required bool) (*control,
 	if err != nil {
 		return nil, nil, err
 	}
-	c := &control{l: l, conn: conn, br: bufio.NewReader(conn), dataAddr: conn.RemoteAddr().String()}
+	c := &control{l: l, conn: proto.NewConn(conn, l.cfg.writeTimeout(), proto.DefaultMaxPayload),
+		dataAddr: conn.RemoteAddr().String()}
 	// A cancelled ctx unblocks the handshake's reads and writes.
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
 	addr, err := c.handshake(port, required)
@@ -86,9 +86,7 @@ func (c *control) handshake(port int, required bool) (*Addr, error) {
 		agent = "tcprelay-go"
 	}
 	agent = agent[:min(len(agent), maxAgentLen)]
-	// Preamble and Hello leave in one segment.
-	c.wbuf = append(c.wbuf[:0], proto.Preamble()...)
-	if err := c.send(&proto.Hello{Agent: agent}); err != nil {
+	if err := c.conn.Open(&proto.Hello{Agent: agent, Features: features}); err != nil {
 		return nil, fmt.Errorf("send hello: %w", err)
 	}
 	m, err := c.expect(proto.TypeChallenge)
@@ -99,8 +97,13 @@ func (c *control) handshake(port int, required bool) (*Addr, error) {
 		}
 		return nil, fmt.Errorf("read challenge: %w", err)
 	}
-	mac := proto.AuthMAC(c.l.cfg.Secret, m.(*proto.Challenge).Nonce)
-	if err := c.send(&proto.Auth{MAC: mac}); err != nil {
+	ch := m.(*proto.Challenge)
+	if err := proto.Require("relay", ch.Features, c.l.need); err != nil {
+		return nil, err
+	}
+	c.features = ch.Features & features
+	mac := proto.AuthMAC(c.l.cfg.Secret, ch.Nonce)
+	if err := c.conn.Send(&proto.Auth{MAC: mac}); err != nil {
 		return nil, fmt.Errorf("send auth: %w", err)
 	}
 	m, err = c.expect(proto.TypeWelcome)
@@ -113,7 +116,7 @@ func (c *control) handshake(port int, required bool) (*Addr, error) {
 	if required {
 		req.Flags |= proto.ListenPortRequired
 	}
-	if err := c.send(req); err != nil {
+	if err := c.conn.Send(req); err != nil {
 		return nil, fmt.Errorf("send listen: %w", err)
 	}
 	m, err = c.expect(proto.TypeListenOK)
@@ -132,16 +135,12 @@ func (c *control) handshake(port int, required bool) (*Addr, error) {
 // unknown types; an Error frame becomes the matching sentinel error.
 func (c *control) expect(want proto.Type) (proto.Message, error) {
 	for {
-		t, payload, err := proto.ReadFrame(c.br, nil, proto.DefaultMaxPayload)
-		if err != nil {
-			return nil, err
-		}
-		m, err := proto.Parse(t, payload)
+		m, err := c.conn.Read()
 		if errors.Is(err, proto.ErrUnknownType) {
 			continue
 		}
 		if err != nil {
-			return nil, fmt.Errorf("%w: %v", ErrProtocol, err)
+			return nil, protocolError(err)
 		}
 		switch m := m.(type) {
 		case *proto.Error:
@@ -149,7 +148,7 @@ func (c *control) expect(want proto.Type) (proto.Message, error) {
 		case *proto.GoAway:
 			return nil, fmt.Errorf("%w: %s", ErrShuttingDown, m.Message)
 		case *proto.Ping:
-			if err := c.send(&proto.Pong{Data: m.Data}); err != nil {
+			if err := c.conn.Send(&proto.Pong{Data: m.Data}); err != nil {
 				return nil, err
 			}
 			continue
@@ -157,11 +156,19 @@ func (c *control) expect(want proto.Type) (proto.Message, error) {
 			c.poolKey = m
 			continue
 		}
-		if t != want {
-			return nil, fmt.Errorf("%w: got %s, want %s", ErrProtocol, t, want)
+		if m.Type() != want {
+			return nil, fmt.Errorf("%w: got %s, want %s", ErrProtocol, m.Type(), want)
 		}
 		return m, nil
 	}
+}
+
+// protocolError marks a malformed frame from the relay as ErrProtocol.
+func protocolError(err error) error {
+	if errors.Is(err, proto.ErrShortPayload) || errors.Is(err, proto.ErrFrameTooBig) {
+		return fmt.Errorf("%w: %v", ErrProtocol, err)
+	}
+	return err
 }
 
 func relayError(e *proto.Error) error {
@@ -175,22 +182,12 @@ func relayError(e *proto.Error) error {
 		sentinel = ErrLimit
 	case proto.CodeShuttingDown:
 		sentinel = ErrShuttingDown
+	case proto.CodeUnsupported:
+		sentinel = ErrUnsupported
 	default:
 		sentinel = ErrProtocol
 	}
 	return fmt.Errorf("%w: relay says: %s", sentinel, e.Message)
-}
-
-// send writes one frame (after anything already in wbuf) under the write
-// timeout.
-func (c *control) send(m proto.Message) error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	c.wbuf = proto.Append(c.wbuf, m)
-	c.conn.SetWriteDeadline(time.Now().Add(c.l.cfg.writeTimeout()))
-	_, err := c.conn.Write(c.wbuf)
-	c.wbuf = c.wbuf[:0]
-	return err
 }
 
 // serve handles the relay's frames, and pings it, until the control
@@ -203,13 +200,6 @@ func (c *control) serve() error {
 		c.conn.Close()
 		wg.Wait()
 	}()
-	if c.hb > 0 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			c.pingLoop(lost)
-		}()
-	}
 	if c.poolKey != nil && c.poolKey.Max > 0 && !c.l.cfg.DisablePool {
 		c.pool = newPool(c, c.poolKey)
 		wg.Add(1)
@@ -218,62 +208,30 @@ func (c *control) serve() error {
 			c.pool.run(lost)
 		}()
 	}
-	buf := make([]byte, 0, 256)
-	for {
-		if c.hb > 0 {
-			// Three silent heartbeats: the relay is dead or cut off.
-			c.conn.SetReadDeadline(time.Now().Add(3 * c.hb))
-		}
-		t, payload, err := proto.ReadFrame(c.br, buf, proto.DefaultMaxPayload)
-		if err != nil {
-			return err
-		}
-		m, err := proto.Parse(t, payload)
-		if errors.Is(err, proto.ErrUnknownType) {
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("%w: %v", ErrProtocol, err)
-		}
-		switch m := m.(type) {
-		case *proto.Incoming:
-			if c.pool != nil {
-				c.pool.miss()
-			}
-			c.l.wg.Add(1)
-			go func() {
-				defer c.l.wg.Done()
-				c.openData(m)
-			}()
-		case *proto.Ping:
-			if err := c.send(&proto.Pong{Data: m.Data}); err != nil {
-				return err
-			}
-		case *proto.GoAway:
-			return fmt.Errorf("%w: %s", ErrShuttingDown, m.Message)
-		case *proto.Error:
-			if m.ID == 0 {
-				return relayError(m)
-			}
-			c.l.log.Warn("relay reported an error", "err", relayError(m))
-		}
-	}
+	return protocolError(c.conn.Serve(c.hb, c.handle))
 }
 
-func (c *control) pingLoop(lost <-chan struct{}) {
-	tick := time.NewTicker(c.hb)
-	defer tick.Stop()
-	for seq := uint64(1); ; seq++ {
-		select {
-		case <-lost:
-			return
-		case <-tick.C:
-			if c.send(&proto.Ping{Data: seq}) != nil {
-				c.conn.Close()
-				return
-			}
+// handle serves one message from the relay.
+func (c *control) handle(m proto.Message) error {
+	switch m := m.(type) {
+	case *proto.Incoming:
+		if c.pool != nil {
+			c.pool.miss()
 		}
+		c.l.wg.Add(1)
+		go func() {
+			defer c.l.wg.Done()
+			c.openData(m)
+		}()
+	case *proto.GoAway:
+		return fmt.Errorf("%w: %s", ErrShuttingDown, m.Message)
+	case *proto.Error:
+		if m.ID == 0 {
+			return relayError(m)
+		}
+		c.l.log.Warn("relay reported an error", "err", relayError(m))
 	}
+	return nil
 }
 
 // openData dials the relay for one outside client, binds the connection to

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"sync"
 	"time"
@@ -151,25 +150,13 @@ func (p *pool) park() {
 // readBind reads the relay's Bind frame and nothing past it: the bytes that
 // follow belong to the outside client.
 func readBind(conn net.Conn) (*proto.Bind, error) {
-	var h [proto.HeaderLen]byte
-	if _, err := io.ReadFull(conn, h[:]); err != nil {
-		return nil, err
-	}
-	t, n, err := proto.ParseHeader(h[:], proto.DefaultMaxPayload)
-	if err != nil {
-		return nil, err
-	}
-	payload := make([]byte, n)
-	if _, err := io.ReadFull(conn, payload); err != nil {
-		return nil, err
-	}
-	m, err := proto.Parse(t, payload)
+	m, err := proto.ReadMessage(conn, proto.DefaultMaxPayload)
 	if err != nil {
 		return nil, err
 	}
 	bind, ok := m.(*proto.Bind)
 	if !ok {
-		return nil, fmt.Errorf("%w: got %s on a pre-opened data connection", ErrProtocol, t)
+		return nil, fmt.Errorf("%w: got %s on a pre-opened data connection", ErrProtocol, m.Type())
 	}
 	return bind, nil
 }

@@ -30,6 +30,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"tcprelay/internal/proto"
 )
 
 // Errors returned by Listen and Accept; those from the relay wrap its own
@@ -48,6 +50,9 @@ var (
 	// ErrRelayLost: the control connection to the relay ended and
 	// Config.DisableReconnect is set.
 	ErrRelayLost = errors.New("connection to relay lost")
+	// ErrUnsupported: the relay lacks a feature this Listener needs; the
+	// message names it. Upgrade the relay.
+	ErrUnsupported = proto.ErrUnsupported
 )
 
 // Config configures a relayed listener. The zero value is usable.
@@ -150,6 +155,7 @@ type Listener struct {
 	log        *slog.Logger
 	relayAddr  string
 	dialedHost string
+	need       proto.Features // features the relay must have for this Config
 
 	mu   sync.Mutex
 	addr *Addr    // current public address

@@ -47,7 +47,7 @@ type closeWriter interface {
 type Link struct {
 	a, b   net.Conn
 	dirs   [2]dir // a→b, b→a
-	done   func(Result)
+	done   func(*Link, Result)
 	mu     sync.Mutex
 	res    Result
 	left   int  // directions not yet ended
@@ -64,10 +64,19 @@ type dir struct {
 	sp       splicer
 }
 
-// Start joins a and b in the background and returns at once. done is
-// called once, from another goroutine (or from Close's), when both
-// directions have ended and both conns are closed; it must not block.
-func Start(a, b net.Conn, done func(Result)) *Link {
+// Start joins a and b in the background and returns at once: New, then
+// Link.Start.
+func Start(a, b net.Conn, done func(*Link, Result)) *Link {
+	l := New(a, b, done)
+	l.Start()
+	return l
+}
+
+// New prepares a link between a and b; Start starts the copying. done is
+// called once, from another goroutine (or from Close's), with the Link,
+// when both directions have ended and both conns are closed; it must not
+// block. A Link closed before it starts still calls done once started.
+func New(a, b net.Conn, done func(*Link, Result)) *Link {
 	l := &Link{a: a, b: b, done: done, left: 2}
 	l.dirs[0] = dir{l: l, dst: b, src: a, n: &l.res.AToB}
 	l.dirs[1] = dir{l: l, dst: a, src: b, n: &l.res.BToA}
@@ -77,16 +86,20 @@ func Start(a, b net.Conn, done func(Result)) *Link {
 		d := &l.dirs[i]
 		d.spliced = d.sp.init(d.dst, d.src, true)
 	}
+	return l
+}
+
+// Start runs both directions in the background. Call it once.
+func (l *Link) Start() {
 	for i := range l.dirs {
 		go l.dirs[i].run()
 	}
-	return l
 }
 
 // Join is Start that waits: it returns the Result when the link is done.
 func Join(a, b net.Conn) Result {
 	ch := make(chan Result, 1)
-	Start(a, b, func(r Result) { ch <- r })
+	Start(a, b, func(_ *Link, r Result) { ch <- r })
 	return <-ch
 }
 
@@ -167,7 +180,7 @@ func (d *dir) end(n int64, err error) {
 	if last {
 		l.a.Close()
 		l.b.Close()
-		l.done(l.res)
+		l.done(l, l.res)
 	}
 }
 

@@ -707,7 +707,7 @@ func TestStartOnDeadConns(t *testing.T) {
 		clientA.Close()
 		clientB.Close()
 		res := make(chan Result, 1)
-		Start(a, b, func(r Result) { res <- r })
+		Start(a, b, func(_ *Link, r Result) { res <- r })
 		select {
 		case <-res:
 		case <-time.After(timeout):

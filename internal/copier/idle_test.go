@@ -214,7 +214,7 @@ func TestParkedLinkEnds(t *testing.T) {
 		clientA, a := tcpPair(t)
 		b, clientB := tcpPair(t)
 		res := make(chan Result, 1)
-		l := Start(a, b, func(r Result) { res <- r })
+		l := Start(a, b, func(_ *Link, r Result) { res <- r })
 		r := &relay{clientA: clientA, a: a, b: b, clientB: clientB}
 		exchange(t, r, []byte("y"))
 		time.Sleep(2 * hotFor)

@@ -67,7 +67,7 @@ func (f *Forwarder) Start(c net.Conn, done func()) {
 			return
 		}
 	}
-	copier.Start(c, target, func(res copier.Result) {
+	copier.Start(c, target, func(_ *copier.Link, res copier.Result) {
 		log.Debug("connection closed", "client", c.RemoteAddr().String(), "bytes_in", res.AToB, "bytes_out", res.BToA, "err", res.Err)
 		done()
 	})

@@ -14,11 +14,15 @@ type Message interface {
 	AppendPayload(dst []byte) []byte
 }
 
-// Flags of a Listen request.
+// Flags of a Listen request. A relay refuses a request with a flag bit it
+// does not know (CodeUnsupported), rather than ignore what it was asked.
 const (
 	// ListenPortRequired makes the relay fail the request instead of picking
 	// another port when the requested one is not available.
-	ListenPortRequired uint8 = 1 << 0
+	ListenPortRequired uint32 = 1 << 0
+
+	// ListenKnownFlags are the flags this version knows.
+	ListenKnownFlags = ListenPortRequired
 )
 
 // Error codes carried by Error frames.
@@ -29,15 +33,20 @@ const (
 	CodeLimit           uint16 = 4 // a relay limit was reached
 	CodeShuttingDown    uint16 = 5 // the relay is going away
 	CodeInternal        uint16 = 6 // the relay failed for its own reasons
+	CodeUnsupported     uint16 = 7 // the request needs a feature, flag or version the receiver lacks
 )
 
 // Hello opens a control connection.
 type Hello struct {
-	Agent string // free-form software name and version, for the relay's logs
+	Agent    string   // free-form software name and version, for the relay's logs
+	Features Features // what the agent speaks
 }
 
 // Challenge carries the relay's nonce.
-type Challenge struct{ Nonce [NonceLen]byte }
+type Challenge struct {
+	Nonce    [NonceLen]byte
+	Features Features // what the relay speaks
+}
 
 // Auth carries the agent's HMAC of the nonce.
 type Auth struct{ MAC [MACLen]byte }
@@ -53,7 +62,7 @@ type Welcome struct {
 type Listen struct {
 	ID    uint32 // chosen by the agent, echoed in the answer
 	Port  uint16 // 0: any port
-	Flags uint8  // ListenPortRequired
+	Flags uint32 // ListenPortRequired
 }
 
 // ListenOK answers a Listen.
@@ -132,16 +141,22 @@ func (*PoolKey) Type() Type   { return TypePoolKey }
 func (*PoolJoin) Type() Type  { return TypePoolJoin }
 func (*Bind) Type() Type      { return TypeBind }
 
-func (m *Hello) AppendPayload(b []byte) []byte     { return appendString(b, m.Agent) }
-func (m *Challenge) AppendPayload(b []byte) []byte { return append(b, m.Nonce[:]...) }
-func (m *Auth) AppendPayload(b []byte) []byte      { return append(b, m.MAC[:]...) }
+func (m *Hello) AppendPayload(b []byte) []byte {
+	b = appendString(b, m.Agent)
+	return binary.BigEndian.AppendUint64(b, uint64(m.Features))
+}
+func (m *Challenge) AppendPayload(b []byte) []byte {
+	b = append(b, m.Nonce[:]...)
+	return binary.BigEndian.AppendUint64(b, uint64(m.Features))
+}
+func (m *Auth) AppendPayload(b []byte) []byte { return append(b, m.MAC[:]...) }
 func (m *Welcome) AppendPayload(b []byte) []byte {
 	return binary.BigEndian.AppendUint32(b, m.HeartbeatMillis)
 }
 func (m *Listen) AppendPayload(b []byte) []byte {
 	b = binary.BigEndian.AppendUint32(b, m.ID)
 	b = binary.BigEndian.AppendUint16(b, m.Port)
-	return append(b, m.Flags)
+	return binary.BigEndian.AppendUint32(b, m.Flags)
 }
 func (m *ListenOK) AppendPayload(b []byte) []byte {
 	b = binary.BigEndian.AppendUint32(b, m.ID)
@@ -191,16 +206,19 @@ func Append(dst []byte, m Message) []byte {
 var ErrUnknownType = errors.New("unknown frame type")
 
 // Parse decodes the payload of a frame of type t. The result does not alias
-// payload.
+// payload. Bytes after the last field this version knows are ignored: a
+// newer peer appends fields to a message, and an older one reads what it
+// knows (see docs/PROTOCOL.md, "How the protocol grows").
 func Parse(t Type, payload []byte) (Message, error) {
 	d := decoder{b: payload}
 	var m Message
 	switch t {
 	case TypeHello:
-		m = &Hello{Agent: d.string()}
+		m = &Hello{Agent: d.string(), Features: Features(d.u64())}
 	case TypeChallenge:
 		v := &Challenge{}
 		d.bytes(v.Nonce[:])
+		v.Features = Features(d.u64())
 		m = v
 	case TypeAuth:
 		v := &Auth{}
@@ -209,7 +227,7 @@ func Parse(t Type, payload []byte) (Message, error) {
 	case TypeWelcome:
 		m = &Welcome{HeartbeatMillis: d.u32()}
 	case TypeListen:
-		m = &Listen{ID: d.u32(), Port: d.u16(), Flags: d.u8()}
+		m = &Listen{ID: d.u32(), Port: d.u16(), Flags: d.u32()}
 	case TypeListenOK:
 		m = &ListenOK{ID: d.u32(), Tunnel: d.u32(), Host: d.string(), Port: d.u16()}
 	case TypeError:
@@ -249,9 +267,6 @@ func Parse(t Type, payload []byte) (Message, error) {
 	if d.err != nil {
 		return nil, fmt.Errorf("%s: %w", t, d.err)
 	}
-	if len(d.b) != 0 {
-		return nil, fmt.Errorf("%s: %w (%d)", t, ErrTrailing, len(d.b))
-	}
 	return m, nil
 }
 
@@ -285,13 +300,6 @@ func (d *decoder) take(n int) []byte {
 	v := d.b[:n]
 	d.b = d.b[n:]
 	return v
-}
-
-func (d *decoder) u8() uint8 {
-	if v := d.take(1); v != nil {
-		return v[0]
-	}
-	return 0
 }
 
 func (d *decoder) u16() uint16 {

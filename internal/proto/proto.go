@@ -11,10 +11,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 )
 
-// Version is the protocol version sent in every preamble.
-const Version = 1
+// Version is the protocol version sent in every preamble. Version 2 made
+// messages extensible (trailing fields), added feature sets to the
+// handshake and refuses unknown flag bits.
+const Version = 2
 
 // Magic starts every connection an agent opens to the relay's control port.
 var Magic = [4]byte{'T', 'R', 'L', 'Y'}
@@ -66,6 +69,69 @@ const (
 	TypeBind      Type = 0x12 // relay → agent: on a pre-opened data connection, a client is joined
 )
 
+// Features is a set of optional protocol features, one bit each. Each side
+// announces the set it speaks in the handshake (Hello, Challenge); a
+// feature is in use only when both speak it. Bit values are part of the
+// wire format.
+type Features uint64
+
+const (
+	// FeaturePool: pre-opened data connections (PoolKey, PoolJoin, Bind).
+	FeaturePool Features = 1 << 0
+)
+
+// featureNames names each feature, in bit order, for messages and docs.
+var featureNames = []struct {
+	f    Features
+	name string
+}{
+	{FeaturePool, "pool"},
+}
+
+// String names the features in f, comma-separated; unknown bits are shown
+// as hex.
+func (f Features) String() string {
+	var names []string
+	for _, fn := range featureNames {
+		if f&fn.f != 0 {
+			names = append(names, fn.name)
+			f &^= fn.f
+		}
+	}
+	if f != 0 {
+		names = append(names, fmt.Sprintf("0x%x", uint64(f)))
+	}
+	if len(names) == 0 {
+		return "none"
+	}
+	return strings.Join(names, ",")
+}
+
+// ErrUnsupported: a peer lacks a feature, flag or version that is needed.
+var ErrUnsupported = errors.New("unsupported")
+
+// UnsupportedError names the features a peer lacks. It matches
+// ErrUnsupported with errors.Is.
+type UnsupportedError struct {
+	Peer    string // "relay" or "agent"
+	Missing Features
+}
+
+func (e *UnsupportedError) Error() string {
+	return fmt.Sprintf("%s does not support %s: upgrade the %s", e.Peer, e.Missing, e.Peer)
+}
+
+func (e *UnsupportedError) Is(target error) bool { return target == ErrUnsupported }
+
+// Require returns an *UnsupportedError naming the features of need that
+// peer (the other side: "relay" or "agent") does not have, or nil.
+func Require(peer string, have, need Features) error {
+	if missing := need &^ have; missing != 0 {
+		return &UnsupportedError{Peer: peer, Missing: missing}
+	}
+	return nil
+}
+
 func (t Type) String() string {
 	switch t {
 	case TypeHello:
@@ -110,7 +176,6 @@ var (
 	ErrVersion      = errors.New("unsupported protocol version")
 	ErrFrameTooBig  = errors.New("frame too large")
 	ErrShortPayload = errors.New("payload too short")
-	ErrTrailing     = errors.New("trailing bytes in payload")
 )
 
 // Preamble returns magic + version.
@@ -124,7 +189,11 @@ func CheckPreamble(b []byte) error {
 		return ErrBadMagic
 	}
 	if b[4] != Version {
-		return fmt.Errorf("%w: %d (this relay speaks %d)", ErrVersion, b[4], Version)
+		side := "agent"
+		if b[4] > Version {
+			side = "relay"
+		}
+		return fmt.Errorf("%w %d: this relay speaks version %d; upgrade the %s", ErrVersion, b[4], Version, side)
 	}
 	return nil
 }
@@ -152,7 +221,8 @@ func AppendFrame(dst []byte, t Type, payload []byte) []byte {
 
 // ReadFrame reads one frame from r. The payload is read into buf when it fits,
 // so a caller that reuses buf reads without allocating. It never reads past
-// the end of the frame.
+// the end of the frame, so on an unbuffered connection the bytes after it
+// (a relayed stream) stay in the socket.
 func ReadFrame(r io.Reader, buf []byte, max int) (Type, []byte, error) {
 	var h [HeaderLen]byte
 	if _, err := io.ReadFull(r, h[:]); err != nil {
@@ -173,6 +243,16 @@ func ReadFrame(r io.Reader, buf []byte, max int) (Type, []byte, error) {
 		return t, nil, err
 	}
 	return t, buf, nil
+}
+
+// ReadMessage reads one frame from r, as ReadFrame, and decodes it. A frame
+// of an unknown type is read whole and reported with ErrUnknownType.
+func ReadMessage(r io.Reader, max int) (Message, error) {
+	t, payload, err := ReadFrame(r, nil, max)
+	if err != nil {
+		return nil, err
+	}
+	return Parse(t, payload)
 }
 
 // NewToken returns a fresh random 128-bit token.

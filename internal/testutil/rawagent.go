@@ -25,7 +25,7 @@ func NewRawAgent(t testing.TB, relayAddr, secret string) *RawAgent {
 	a := &RawAgent{Conn: Dial(t, relayAddr), addr: relayAddr}
 	a.br = bufio.NewReader(a.Conn)
 	a.Conn.SetDeadline(time.Now().Add(10 * time.Second))
-	a.Send(t, append(proto.Preamble(), proto.Append(nil, &proto.Hello{Agent: "rawagent"})...))
+	a.Send(t, append(proto.Preamble(), proto.Append(nil, &proto.Hello{Agent: "rawagent", Features: proto.FeaturePool})...))
 	ch := a.Expect(t, proto.TypeChallenge).(*proto.Challenge)
 	a.Send(t, proto.Append(nil, &proto.Auth{MAC: proto.AuthMAC(secret, ch.Nonce)}))
 	a.Expect(t, proto.TypeWelcome)

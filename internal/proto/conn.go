@@ -1,0 +1,135 @@
+package proto
+
+import (
+	"bufio"
+	"errors"
+	"net"
+	"sync"
+	"time"
+)
+
+// Conn is a control connection, seen from either end: the relay's session
+// and the agent's control loop are the same state machine. It writes whole
+// frames, one writer at a time, each under a write deadline so that a peer
+// that stops reading cannot block the writer for long, and it reads frames
+// through a buffer: after the first frame a control connection carries
+// nothing else.
+type Conn struct {
+	nc           net.Conn
+	br           *bufio.Reader
+	writeTimeout time.Duration
+	rbuf         []byte
+
+	// MaxPayload bounds the payload of each frame Read accepts.
+	MaxPayload int
+
+	wmu  sync.Mutex
+	wbuf []byte
+}
+
+// NewConn wraps nc. Writes time out after writeTimeout; reads accept
+// payloads up to maxPayload bytes.
+func NewConn(nc net.Conn, writeTimeout time.Duration, maxPayload int) *Conn {
+	return &Conn{nc: nc, br: bufio.NewReader(nc), writeTimeout: writeTimeout, MaxPayload: maxPayload}
+}
+
+// NetConn returns the underlying connection.
+func (c *Conn) NetConn() net.Conn { return c.nc }
+
+// Close closes the underlying connection; a blocked Read or Serve returns.
+func (c *Conn) Close() error { return c.nc.Close() }
+
+// Open sends the preamble and m (the agent's Hello) in one write, so they
+// leave in one segment.
+func (c *Conn) Open(m Message) error { return c.write(Preamble(), m) }
+
+// Send writes m as one frame.
+func (c *Conn) Send(m Message) error { return c.write(nil, m) }
+
+func (c *Conn) write(prefix []byte, m Message) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.wbuf = Append(append(c.wbuf[:0], prefix...), m)
+	c.nc.SetWriteDeadline(time.Now().Add(c.writeTimeout))
+	_, err := c.nc.Write(c.wbuf)
+	return err
+}
+
+// Read reads and decodes the next frame. A frame of a type this version
+// does not know is consumed and reported with ErrUnknownType, so the
+// caller can skip it.
+func (c *Conn) Read() (Message, error) {
+	t, payload, err := ReadFrame(c.br, c.rbuf, c.MaxPayload)
+	if err != nil {
+		return nil, err
+	}
+	if cap(payload) > cap(c.rbuf) && cap(payload) <= 4096 {
+		c.rbuf = payload[:0] // keep a grown buffer, within reason
+	}
+	return Parse(t, payload)
+}
+
+// Serve reads frames until the connection fails or handle returns an
+// error, and returns why. With a heartbeat hb > 0 it sends a Ping every hb
+// and gives the peer 3·hb to send any frame at all. It answers every Ping
+// with a Pong, and skips Pongs and frames of unknown types (so a newer
+// peer may send messages this side does not know); every other message
+// goes to handle. A malformed payload ends Serve with an error that wraps
+// ErrShortPayload.
+func (c *Conn) Serve(hb time.Duration, handle func(Message) error) error {
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	defer func() {
+		close(stop)
+		wg.Wait()
+	}()
+	if hb > 0 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.pingLoop(hb, stop)
+		}()
+	}
+	for {
+		if hb > 0 {
+			c.nc.SetReadDeadline(time.Now().Add(3 * hb))
+		}
+		m, err := c.Read()
+		if errors.Is(err, ErrUnknownType) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		switch m := m.(type) {
+		case *Ping:
+			if err := c.Send(&Pong{Data: m.Data}); err != nil {
+				return err
+			}
+		case *Pong:
+			// Its arrival already renewed the read deadline.
+		default:
+			if err := handle(m); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// pingLoop sends a Ping every hb until stop is closed. A Ping that cannot
+// be sent closes the connection, which ends Serve's read.
+func (c *Conn) pingLoop(hb time.Duration, stop <-chan struct{}) {
+	tick := time.NewTicker(hb)
+	defer tick.Stop()
+	for seq := uint64(1); ; seq++ {
+		select {
+		case <-stop:
+			return
+		case <-tick.C:
+			if c.Send(&Ping{Data: seq}) != nil {
+				c.nc.Close()
+				return
+			}
+		}
+	}
+}

@@ -1,0 +1,235 @@
+package server
+
+import (
+	"net"
+	"time"
+
+	"tcprelay/internal/copier"
+	"tcprelay/internal/proto"
+)
+
+// One outside client's journey, in the order it happens (the package
+// comment has it as a diagram):
+//
+//	serveClient → admit → bindPooled → link → linkDone
+//	                    ↘ announce → (attach | pickupTimeout) → link → linkDone
+
+// serveClient serves one outside client accepted on an endpoint's public
+// port: within the endpoint's limits it is joined to a pre-opened data
+// connection of the chosen member if there is one, else announced to that
+// member's agent.
+func (ep *endpoint) serveClient(c net.Conn) {
+	s := ep.s
+	s.count.clients.Add(1)
+	m := ep.admit(c)
+	if m == nil {
+		return
+	}
+	if s.bindPooled(m, c) {
+		return
+	}
+	s.announce(m, c)
+}
+
+// admit counts c against the endpoint's connection limit and picks the
+// member to serve it, or closes c and returns nil.
+func (ep *endpoint) admit(c net.Conn) *member {
+	s := ep.s
+	s.mu.Lock()
+	var why string
+	var m *member
+	switch {
+	case ep.closed:
+		why = "tunnel closed"
+	case ep.conns >= s.set.maxConns:
+		why = "tunnel at its connection limit"
+	default:
+		if m = ep.pickLocked(); m == nil {
+			why = "tunnel has no agent"
+			break
+		}
+		ep.conns++
+		m.clients++
+		s.mu.Unlock()
+		return m
+	}
+	n := ep.refusedLocked()
+	s.mu.Unlock()
+	s.count.refused.Add(1)
+	s.closeConn(c)
+	ep.logRefused(why, n)
+	return nil
+}
+
+// bindPooled joins client to a parked data connection of m's session if it
+// has one, and reports whether it did. The Bind frame tells the agent which
+// tunnel and client it is; the bytes after it are the client's.
+func (s *Server) bindPooled(m *member, client net.Conn) bool {
+	for {
+		data := m.sess.takePooled()
+		if data == nil {
+			return false
+		}
+		frame := proto.Append(nil, &proto.Bind{Tunnel: m.id,
+			Client: client.RemoteAddr().String(), Local: client.LocalAddr().String()})
+		data.SetWriteDeadline(time.Now().Add(s.set.writeTimeout))
+		if _, err := data.Write(frame); err != nil {
+			s.closeConn(data)
+			continue
+		}
+		data.SetWriteDeadline(time.Time{})
+		s.count.poolHits.Add(1)
+		s.link(m, client, data)
+		return true
+	}
+}
+
+// pending is an outside client waiting for its agent's data connection.
+type pending struct {
+	token  [proto.TokenLen]byte
+	client net.Conn
+	member *member
+	timer  *time.Timer // the pickup timeout; set under s.mu with the entry
+}
+
+// announce sends Incoming for c to m's agent and keeps c waiting until the
+// agent's data connection claims it (attach) or the pickup timeout closes
+// it.
+func (s *Server) announce(m *member, c net.Conn) {
+	p := &pending{token: proto.NewToken(), client: c, member: m}
+	ep := m.ep
+	s.mu.Lock()
+	if removed := m.removed; removed || ep.pending >= s.set.maxPending {
+		n := 0
+		if !removed {
+			n = ep.refusedLocked()
+		}
+		s.mu.Unlock()
+		s.dropClient(p)
+		if !removed {
+			s.count.refused.Add(1)
+			ep.logRefused("tunnel at its limit of clients waiting for the agent", n)
+		}
+		return
+	}
+	ep.pending++
+	s.pending[p.token] = p
+	// The timer starts once the entry exists, so whenever it fires it
+	// finds the entry, or finds it already claimed.
+	p.timer = time.AfterFunc(s.set.pickupTimeout, func() { s.pickupTimeout(p) })
+	s.mu.Unlock()
+	s.count.poolMisses.Add(1)
+
+	err := m.sess.ctl.Send(&proto.Incoming{Tunnel: m.id, Token: p.token,
+		Client: c.RemoteAddr().String(), Local: c.LocalAddr().String()})
+	if err != nil {
+		m.sess.close() // its waiting clients, c among them, are closed after the grace
+	}
+}
+
+// attach joins a data connection to the outside client waiting for token.
+// It reports whether it took ownership of c.
+func (s *Server) attach(c net.Conn, token [proto.TokenLen]byte) bool {
+	p := s.takePending(token)
+	if p == nil {
+		s.dropConn(c, "data connection with unknown, used or expired token", nil)
+		return false
+	}
+	p.timer.Stop()
+	c.SetDeadline(time.Time{})
+	s.link(p.member, p.client, c)
+	return true
+}
+
+// takePending removes and returns the client waiting for token, or nil. A
+// token is usable once: whoever takes it first owns the client.
+func (s *Server) takePending(token [proto.TokenLen]byte) *pending {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p := s.pending[token]
+	if p != nil {
+		delete(s.pending, token)
+		p.member.ep.pending--
+	}
+	return p
+}
+
+// pickupTimeout closes a client that no data connection claimed in time.
+func (s *Server) pickupTimeout(p *pending) {
+	if s.takePending(p.token) == nil {
+		return // claimed, or the server closed
+	}
+	s.count.pickupTimeouts.Add(1)
+	p.member.sess.log.Warn("closed outside client: no data connection from the agent in time",
+		"tunnel", p.member.id, "client", p.client.RemoteAddr().String())
+	s.dropClient(p)
+}
+
+// claimGrace is how long a waiting client outlives its member. The agent
+// may already have accepted it: its data connection, racing the end of the
+// control connection on another socket, can still claim it.
+const claimGrace = time.Second
+
+// expireWaitingLocked gives the waiting clients that match claimGrace (or
+// what is left of the pickup timeout, if less) before they are closed.
+// s.mu must be held.
+func (s *Server) expireWaitingLocked(match func(*pending) bool) {
+	for _, p := range s.pending {
+		if match(p) {
+			p.timer.Reset(min(claimGrace, s.set.pickupTimeout))
+		}
+	}
+}
+
+// dropClient closes an outside client that will not be relayed and frees
+// its place.
+func (s *Server) dropClient(p *pending) {
+	if p.timer != nil {
+		p.timer.Stop()
+	}
+	s.closeConn(p.client)
+	s.mu.Lock()
+	p.member.ep.conns--
+	p.member.clients--
+	s.mu.Unlock()
+}
+
+// link copies between an outside client and the data connection joined to
+// it, in the background, until both directions end. An idle link holds no
+// goroutine.
+func (s *Server) link(m *member, client, data net.Conn) {
+	l := copier.New(client, data, func(l *copier.Link, res copier.Result) {
+		s.linkDone(m, client, l, res)
+	})
+	s.mu.Lock()
+	// From now on the link owns both conns, and Close reaches them through
+	// it.
+	delete(s.conns, client)
+	delete(s.conns, data)
+	s.links[l] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	l.Start()
+}
+
+// linkDone records a link's end and frees the client's place.
+func (s *Server) linkDone(m *member, client net.Conn, l *copier.Link, res copier.Result) {
+	s.count.relayed.Add(1)
+	s.count.bytesToAgents.Add(res.AToB)
+	s.count.bytesFromAgents.Add(res.BToA)
+	if res.Err != nil {
+		s.count.relayErrors.Add(1)
+	}
+	s.mu.Lock()
+	delete(s.links, l)
+	m.ep.conns--
+	m.clients--
+	if len(s.links) == 0 && s.linksDone != nil {
+		close(s.linksDone)
+		s.linksDone = nil
+	}
+	s.mu.Unlock()
+	s.log.Debug("connection closed", "port", m.ep.port, "client", client.RemoteAddr().String(),
+		"bytes_in", res.AToB, "bytes_out", res.BToA, "err", res.Err)
+	s.wg.Done()
+}

@@ -1,0 +1,145 @@
+package server
+
+import (
+	"log/slog"
+	"math"
+	"time"
+
+	"tcprelay/internal/proto"
+)
+
+// Config configures a Server. The zero value is a working open relay that
+// lets the operating system choose public ports: in every field, zero means
+// the default that DefaultConfig shows, and the relay's flags are built
+// from DefaultConfig, so a zero means the same on its command line.
+type Config struct {
+	// Secret is the shared secret agents must prove they know. If empty, any
+	// agent is accepted (an open relay), and New logs a warning.
+	Secret string
+
+	// PublicHost is the host announced to agents as their public address.
+	// If empty, each agent announces the host it dialed.
+	PublicHost string
+
+	// PortMin and PortMax bound the public ports handed out (inclusive).
+	// If both are zero, the operating system picks a free ephemeral port for
+	// each tunnel and any requested port is tried as is.
+	PortMin, PortMax int
+
+	// HandshakeTimeout bounds the time from accepting a connection on the
+	// control port to the end of its handshake. If zero or negative, the
+	// default (10s).
+	HandshakeTimeout time.Duration
+
+	// PickupTimeout is how long an outside client waits for its agent to
+	// open the data connection before it is closed. If zero or negative,
+	// the default (10s).
+	PickupTimeout time.Duration
+
+	// Heartbeat is how often the relay pings each agent. An agent silent for
+	// three heartbeats is dropped and its ports freed. If zero, the default
+	// (10s); if negative, no pings are sent and silent agents are kept.
+	Heartbeat time.Duration
+
+	// WriteTimeout bounds each write on a control connection, so one stuck
+	// agent cannot hold up the relay. If zero or negative, the default
+	// (10s).
+	WriteTimeout time.Duration
+
+	// MaxTunnelsPerAgent bounds the public ports one agent (control
+	// connection) may hold. If zero, the default (16); if negative,
+	// unlimited.
+	MaxTunnelsPerAgent int
+
+	// MaxConnsPerTunnel bounds the outside clients of one tunnel, waiting or
+	// relayed; a client past it is closed at once. If zero, the default
+	// (4096); if negative, unlimited.
+	MaxConnsPerTunnel int
+
+	// MaxPendingPerTunnel bounds the outside clients of one tunnel waiting
+	// for their agent's data connection. If zero, the default (128); if
+	// negative, unlimited.
+	MaxPendingPerTunnel int
+
+	// MaxPoolPerAgent bounds the idle data connections an agent may open in
+	// advance, so a new client is joined without a round trip to the agent.
+	// If zero, the default (32); if negative, agents are not offered a pool.
+	MaxPoolPerAgent int
+
+	// MaxFrameSize bounds the payload of control frames after the handshake.
+	// If zero or negative, the default (proto.DefaultMaxPayload).
+	MaxFrameSize int
+
+	// Logger receives the relay's logs. If nil, slog.Default().
+	Logger *slog.Logger
+}
+
+// DefaultConfig returns the configuration a zero Config stands for: every
+// default in one place.
+func DefaultConfig() Config {
+	return Config{
+		HandshakeTimeout:    10 * time.Second,
+		PickupTimeout:       10 * time.Second,
+		Heartbeat:           10 * time.Second,
+		WriteTimeout:        10 * time.Second,
+		MaxTunnelsPerAgent:  16,
+		MaxConnsPerTunnel:   4096,
+		MaxPendingPerTunnel: 128,
+		MaxPoolPerAgent:     32,
+		MaxFrameSize:        proto.DefaultMaxPayload,
+	}
+}
+
+// settings are a Config with every default applied: what the Server runs
+// with. Limits are math.MaxInt when unlimited; heartbeat and maxPool are 0
+// when off.
+type settings struct {
+	handshakeTimeout, pickupTimeout, writeTimeout time.Duration
+	heartbeat                                     time.Duration
+	maxTunnels, maxConns, maxPending, maxPool     int
+	maxFrameSize                                  int
+}
+
+func (c *Config) settings() settings {
+	def := DefaultConfig()
+	st := settings{
+		handshakeTimeout: positive(c.HandshakeTimeout, def.HandshakeTimeout),
+		pickupTimeout:    positive(c.PickupTimeout, def.PickupTimeout),
+		writeTimeout:     positive(c.WriteTimeout, def.WriteTimeout),
+		maxTunnels:       limit(c.MaxTunnelsPerAgent, def.MaxTunnelsPerAgent),
+		maxConns:         limit(c.MaxConnsPerTunnel, def.MaxConnsPerTunnel),
+		maxPending:       limit(c.MaxPendingPerTunnel, def.MaxPendingPerTunnel),
+		maxFrameSize:     positive(c.MaxFrameSize, def.MaxFrameSize),
+	}
+	switch {
+	case c.Heartbeat == 0:
+		st.heartbeat = def.Heartbeat
+	case c.Heartbeat > 0:
+		// Sent in whole milliseconds.
+		st.heartbeat = max(c.Heartbeat.Truncate(time.Millisecond), time.Millisecond)
+	}
+	if c.MaxPoolPerAgent >= 0 {
+		// It travels as a u16.
+		st.maxPool = min(limit(c.MaxPoolPerAgent, def.MaxPoolPerAgent), math.MaxUint16)
+	}
+	return st
+}
+
+// positive is v, or def if v is zero or negative.
+func positive[T int | time.Duration](v, def T) T {
+	if v <= 0 {
+		return def
+	}
+	return v
+}
+
+// limit applies the zero-means-default, negative-means-unlimited rule.
+func limit(v, def int) int {
+	switch {
+	case v == 0:
+		return def
+	case v < 0:
+		return math.MaxInt
+	}
+	return v
+}
