@@ -16,69 +16,57 @@ import (
 
 	"tcprelay/internal/cli"
 	"tcprelay/server"
-	"tcprelay/tunnel"
 )
 
 func main() {
 	c := cli.New("relay", "PORT",
 		"Listens for agents on PORT. Each agent gets a public port (by default PORT+1\n"+
-			"upward) and every connection to it is relayed to the agent, byte for byte.")
-	bind := c.FS.String("bind", "", "IP address to listen on, for PORT and the public ports (default: all interfaces)")
-	publicHost := c.FS.String("public-host", "", "host name announced to agents as their public host (default: the host each agent dialed)")
-	ports := c.FS.String("ports", "", "public port range LO-HI (default: PORT+1-65535)")
-	handshake := c.FS.Duration("handshake-timeout", 10e9, "time a new connection has to finish its handshake")
-	pickup := c.FS.Duration("pickup-timeout", 10e9, "time an outside client waits for its agent before it is closed")
-	heartbeat := c.FS.Duration("heartbeat", 10e9, "interval of pings to agents; an agent silent for 3 intervals is dropped (0: never)")
-	drain := c.FS.Duration("drain-timeout", 10e9, "on SIGINT/SIGTERM, how long relayed connections may finish before they are closed")
-	maxTunnels := c.FS.Int("max-tunnels-per-agent", 16, "public ports one agent may hold (-1: unlimited)")
-	maxConns := c.FS.Int("max-conns-per-tunnel", 4096, "outside clients one tunnel may have, waiting or relayed; more are closed at once (-1: unlimited)")
-	maxPending := c.FS.Int("max-pending-per-tunnel", 128, "outside clients one tunnel may have waiting for its agent; more are closed at once (-1: unlimited)")
-	metricsAddr := c.FS.String("metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics and a status view at /status, e.g. 127.0.0.1:9090 (default: off)")
-	tlsCert := c.FS.String("tls-cert", "", "PEM certificate file: serve agents over TLS (with -tls-key)")
-	tlsKey := c.FS.String("tls-key", "", "PEM private key file for -tls-cert")
-	maxPool := c.FS.Int("max-pool-per-agent", 32, "idle data connections an agent may open in advance, so new clients skip a round trip (-1: none)")
-	maxFrame := c.FS.Int("max-frame-size", 16384, "largest control frame payload accepted from an authenticated agent, in bytes")
+			"upward) and every connection to it is relayed to the agent, byte for byte.\n"+
+			"A zero duration or limit means the default shown.")
+	// Every default comes from server.DefaultConfig, so a flag's zero and
+	// a Config field's zero mean the same.
+	cfg := server.DefaultConfig()
+	fs := c.FS
+	bind := fs.String("bind", "", "IP address to listen on, for PORT and the public ports (default: all interfaces)")
+	fs.StringVar(&cfg.PublicHost, "public-host", "", "host name announced to agents as their public host (default: the host each agent dialed)")
+	ports := fs.String("ports", "", "public port range LO-HI (default: PORT+1-65535)")
+	fs.DurationVar(&cfg.HandshakeTimeout, "handshake-timeout", cfg.HandshakeTimeout, "time a new connection has to finish its handshake")
+	fs.DurationVar(&cfg.PickupTimeout, "pickup-timeout", cfg.PickupTimeout, "time an outside client waits for its agent before it is closed")
+	c.DurationOff(&cfg.Heartbeat, "heartbeat", cfg.Heartbeat, "`interval` of pings to agents, a duration or off; an agent silent for 3 intervals is dropped (off: no pings, and silent agents are kept)")
+	drain := fs.Duration("drain-timeout", 10*time.Second, "on SIGINT/SIGTERM, how long relayed connections may finish before they are closed")
+	fs.IntVar(&cfg.MaxTunnelsPerAgent, "max-tunnels-per-agent", cfg.MaxTunnelsPerAgent, "public ports one agent may hold (-1: unlimited)")
+	fs.IntVar(&cfg.MaxConnsPerTunnel, "max-conns-per-tunnel", cfg.MaxConnsPerTunnel, "outside clients one tunnel may have, waiting or relayed; more are closed at once (-1: unlimited)")
+	fs.IntVar(&cfg.MaxPendingPerTunnel, "max-pending-per-tunnel", cfg.MaxPendingPerTunnel, "outside clients one tunnel may have waiting for its agent; more are closed at once (-1: unlimited)")
+	fs.IntVar(&cfg.MaxPoolPerAgent, "max-pool-per-agent", cfg.MaxPoolPerAgent, "idle data connections an agent may open in advance, so new clients skip a round trip (-1: none)")
+	fs.IntVar(&cfg.MaxFrameSize, "max-frame-size", cfg.MaxFrameSize, "largest control frame payload accepted from an authenticated agent, in bytes")
+	metricsAddr := fs.String("metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics and a status view at /status, e.g. 127.0.0.1:9090 (default: off)")
+	tlsCert := fs.String("tls-cert", "", "PEM certificate file: serve agents over TLS (with -tls-key)")
+	tlsKey := fs.String("tls-key", "", "PEM private key file for -tls-cert")
 	args, log := c.Parse(os.Args[1:], 1)
 
 	port, err := cli.Port(args[0])
 	if err != nil {
 		c.Usagef("%v", err)
 	}
-	cfg := server.Config{
-		Secret:           c.Secret(),
-		PublicHost:       *publicHost,
-		PortMin:          port + 1,
-		PortMax:          65535,
-		HandshakeTimeout: *handshake,
-		PickupTimeout:    *pickup,
-		Heartbeat:        *heartbeat,
-		Logger:           log,
-
-		MaxTunnelsPerAgent:  *maxTunnels,
-		MaxConnsPerTunnel:   *maxConns,
-		MaxPendingPerTunnel: *maxPending,
-		MaxPoolPerAgent:     *maxPool,
-		MaxFrameSize:        *maxFrame,
-	}
-	for name, d := range map[string]time.Duration{"handshake-timeout": *handshake, "pickup-timeout": *pickup, "drain-timeout": *drain} {
-		if d <= 0 {
+	cfg.Secret = c.Secret()
+	cfg.Logger = log
+	cfg.PortMin, cfg.PortMax = port+1, 65535
+	for name, d := range map[string]time.Duration{"handshake-timeout": cfg.HandshakeTimeout, "pickup-timeout": cfg.PickupTimeout, "drain-timeout": *drain} {
+		if d < 0 {
 			c.Usagef("-%s %v: want a positive duration, e.g. 10s", name, d)
 		}
 	}
-	if *heartbeat < 0 || *heartbeat > 0 && *heartbeat < 100*time.Millisecond {
-		c.Usagef("-heartbeat %v: want 0 (off) or at least 100ms", *heartbeat)
+	if cfg.Heartbeat > 0 && cfg.Heartbeat < 100*time.Millisecond {
+		c.Usagef("-heartbeat %v: want off or at least 100ms", cfg.Heartbeat)
 	}
-	for name, v := range map[string]int{"max-tunnels-per-agent": *maxTunnels, "max-conns-per-tunnel": *maxConns,
-		"max-pending-per-tunnel": *maxPending, "max-pool-per-agent": *maxPool} {
-		if v == 0 || v < -1 {
+	for name, v := range map[string]int{"max-tunnels-per-agent": cfg.MaxTunnelsPerAgent, "max-conns-per-tunnel": cfg.MaxConnsPerTunnel,
+		"max-pending-per-tunnel": cfg.MaxPendingPerTunnel, "max-pool-per-agent": cfg.MaxPoolPerAgent} {
+		if v < -1 {
 			c.Usagef("-%s %d: want a positive number, or -1 for unlimited", name, v)
 		}
 	}
-	if *maxFrame < 256 {
-		c.Usagef("-max-frame-size %d: want at least 256", *maxFrame)
-	}
-	if *heartbeat == 0 {
-		cfg.Heartbeat = -1
+	if cfg.MaxFrameSize != 0 && cfg.MaxFrameSize < 256 {
+		c.Usagef("-max-frame-size %d: want at least 256", cfg.MaxFrameSize)
 	}
 	if *ports != "" {
 		if cfg.PortMin, cfg.PortMax, err = cli.PortRange(*ports); err != nil {
@@ -89,6 +77,9 @@ func main() {
 	}
 	if port >= cfg.PortMin && port <= cfg.PortMax {
 		c.Usagef("-ports %d-%d contains the control PORT %d", cfg.PortMin, cfg.PortMax, port)
+	}
+	if *drain == 0 {
+		*drain = 10 * time.Second
 	}
 
 	var tlsCfg *tls.Config
@@ -101,7 +92,7 @@ func main() {
 			c.Fatal(fmt.Errorf("load TLS certificate: %w", err))
 		}
 		tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
-		log.Info("serving agents over TLS", "cert", *tlsCert, "fingerprint", tunnel.Fingerprint(cert.Certificate[0]))
+		log.Info("serving agents over TLS", "cert", *tlsCert, "fingerprint", cli.Fingerprint(cert.Certificate[0]))
 	}
 
 	// Signals are caught before the port opens, so a SIGTERM right after

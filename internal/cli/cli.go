@@ -5,8 +5,10 @@ package cli
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -56,28 +58,109 @@ func New(name, args, about string) *Common {
 }
 
 // Parse parses argv, handles -h and -version, checks the number of
-// positional arguments, and returns them with the logger. It exits on -h
-// (status 0), -version (0) and usage errors (2).
+// positional arguments, and returns them with the logger. Flags may come
+// before, between or after the positional arguments ("--" ends the flags).
+// It exits on -h (status 0), -version (0) and usage errors (2).
 func (c *Common) Parse(argv []string, nargs int) ([]string, *slog.Logger) {
-	if err := c.FS.Parse(argv); err != nil {
-		if err == flag.ErrHelp {
-			os.Exit(0)
+	// Help that was asked for goes to stdout (so it pipes into less);
+	// usage after a mistake goes to stderr.
+	c.FS.SetOutput(os.Stderr)
+	for _, a := range argv {
+		if a == "--" {
+			break
 		}
-		os.Exit(2) // the flag package already printed the error and usage
+		if a == "-h" || a == "-help" || a == "--h" || a == "--help" {
+			c.FS.SetOutput(os.Stdout)
+		}
+	}
+	var args []string
+	for {
+		if err := c.FS.Parse(argv); err != nil {
+			if err == flag.ErrHelp {
+				os.Exit(0)
+			}
+			os.Exit(2) // the flag package already printed the error and usage
+		}
+		rest := c.FS.Args()
+		if len(rest) == 0 {
+			break
+		}
+		if consumed := argv[:len(argv)-len(rest)]; len(consumed) > 0 && consumed[len(consumed)-1] == "--" {
+			args = append(args, rest...)
+			break
+		}
+		args, argv = append(args, rest[0]), rest[1:]
 	}
 	if *c.version {
 		fmt.Printf("%s %s\n", c.Name, Version)
 		os.Exit(0)
 	}
-	if c.FS.NArg() != nargs {
-		c.Usagef("expected %d arguments (%s), got %d", nargs, c.Args, c.FS.NArg())
+	if len(args) != nargs {
+		c.Usagef("%s", argCount(nargs, len(args), c.Args))
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*c.logLevel)); err != nil {
 		c.Usagef("bad -log-level %q: want debug, info, warn or error", *c.logLevel)
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-	return c.FS.Args(), log
+	return args, log
+}
+
+// argCount says, in English, that got positional arguments came where want
+// (named in names) were expected.
+func argCount(want, got int, names string) string {
+	plural := func(n int) string {
+		if n == 1 {
+			return "1 argument"
+		}
+		return strconv.Itoa(n) + " arguments"
+	}
+	if got == 0 {
+		return fmt.Sprintf("missing arguments: want %s", names)
+	}
+	return fmt.Sprintf("expected %s (%s), got %d", plural(want), names, got)
+}
+
+// DurationOff defines a duration flag that also takes "off", which it
+// stores as -1: the Config convention for "disabled".
+func (c *Common) DurationOff(p *time.Duration, name string, value time.Duration, usage string) {
+	*p = value
+	c.FS.Var(offDuration{p}, name, usage)
+}
+
+type offDuration struct{ d *time.Duration }
+
+func (o offDuration) String() string {
+	switch {
+	case o.d == nil:
+		return ""
+	case *o.d < 0:
+		return "off"
+	}
+	return o.d.String()
+}
+
+func (o offDuration) Set(s string) error {
+	if s == "off" {
+		*o.d = -1
+		return nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return errors.New("want a duration such as 10s, or off")
+	}
+	if d < 0 {
+		return errors.New("want a duration such as 10s, or off; not a negative one")
+	}
+	*o.d = d
+	return nil
+}
+
+// Fingerprint is the SHA-256 fingerprint of a DER certificate, in hex, as
+// agents take it in -tls-fingerprint.
+func Fingerprint(der []byte) string {
+	sum := sha256.Sum256(der)
+	return hex.EncodeToString(sum[:])
 }
 
 // AgentTLS registers the agents' TLS flags and returns a function that
