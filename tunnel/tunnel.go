@@ -100,7 +100,14 @@ type Config struct {
 
 	// Logger receives the library's logs. If nil, slog.Default().
 	Logger *slog.Logger
+
+	// require adds features the relay must have (tests only).
+	require proto.Features
 }
+
+// needs is the set of features a relay must have to serve c; Listen fails
+// with ErrUnsupported, naming them, at a relay that lacks one.
+func (c *Config) needs() proto.Features { return c.require }
 
 // maxAgentLen keeps Hello well inside the relay's pre-authentication frame
 // limit.
@@ -190,6 +197,7 @@ func (c *Config) Listen(ctx context.Context, relayAddr string) (*Listener, error
 		log:        c.Logger,
 		relayAddr:  relayAddr,
 		dialedHost: host,
+		need:       c.needs(),
 		conns:      make(chan net.Conn),
 		failed:     make(chan struct{}),
 	}

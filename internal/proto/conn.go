@@ -80,7 +80,11 @@ func (c *Conn) Serve(hb time.Duration, handle func(Message) error) error {
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	defer func() {
+		// A Ping blocked on a peer that reads nothing must not hold
+		// Serve's return for a whole write timeout. Each Send sets its own
+		// deadline, so the caller can still write afterwards.
 		close(stop)
+		c.nc.SetWriteDeadline(time.Unix(1, 0))
 		wg.Wait()
 	}()
 	if hb > 0 {
@@ -127,7 +131,11 @@ func (c *Conn) pingLoop(hb time.Duration, stop <-chan struct{}) {
 			return
 		case <-tick.C:
 			if c.Send(&Ping{Data: seq}) != nil {
-				c.nc.Close()
+				select {
+				case <-stop: // Serve is returning and cut the write short
+				default:
+					c.nc.Close()
+				}
 				return
 			}
 		}
