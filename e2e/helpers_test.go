@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"tcprelay/internal/check"
 	"tcprelay/internal/child"
 )
 
@@ -315,19 +316,20 @@ func (e *env) restartRelay(old *relay) *relay {
 	if !old.Exited() {
 		t.Fatalf("restartRelay: %s (pid %d) is still running", old, old.Pid())
 	}
-	deadline := time.Now().Add(readyTimeout)
-	for attempt := 1; ; attempt++ {
-		if r := e.tryRelay(old.port, old.env, old.flags); r != nil {
-			if attempt > 1 {
-				t.Logf("relay restarted on port %d at attempt %d", old.port, attempt)
-			}
-			return r
+	// The port frees up on the kernel's schedule: retry.
+	var r *relay
+	attempts := 0
+	check.Eventually(t, readyTimeout, func() error {
+		attempts++
+		if r = e.tryRelay(old.port, old.env, old.flags); r == nil {
+			return fmt.Errorf("relay: port %d still not bindable after the old relay ended", old.port)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("relay: port %d still not bindable %v after the old relay ended", old.port, readyTimeout)
-		}
-		time.Sleep(child.PollInterval) // poll: the port frees up on the kernel's schedule
+		return nil
+	})
+	if attempts > 1 {
+		t.Logf("relay restarted on port %d at attempt %d", old.port, attempts)
 	}
+	return r
 }
 
 // tryRelay starts `relay -bind 127.0.0.1 FLAGS PORT` and waits until it

@@ -1,50 +1,23 @@
 package server_test
 
 import (
-	"bufio"
 	"bytes"
+	"fmt"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"tcprelay/internal/check"
 	"tcprelay/internal/testutil"
 	"tcprelay/server"
 	"tcprelay/tunnel"
 )
 
-// scrape parses WriteMetrics output into name → value, checking that every
-// sample has its HELP and TYPE lines.
-func scrape(t *testing.T, s *server.Server) map[string]int64 {
-	t.Helper()
-	var buf bytes.Buffer
-	if err := s.WriteMetrics(&buf); err != nil {
-		t.Fatal(err)
-	}
-	out := map[string]int64{}
-	typed := map[string]bool{}
-	sc := bufio.NewScanner(&buf)
-	for sc.Scan() {
-		line := sc.Text()
-		if name, ok := strings.CutPrefix(line, "# TYPE "); ok {
-			typed[strings.Fields(name)[0]] = true
-			continue
-		}
-		if strings.HasPrefix(line, "#") {
-			continue
-		}
-		f := strings.Fields(line)
-		v, err := strconv.ParseInt(f[1], 10, 64)
-		if len(f) != 2 || err != nil || !typed[f[0]] {
-			t.Fatalf("bad metrics line %q", line)
-		}
-		out[f[0]] = v
-	}
-	return out
-}
+func scrape(t *testing.T, s *server.Server) map[string]int64 { return testutil.Metrics(t, s) }
 
 func TestMetricsCount(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{Secret: "s"})
 	// One refused agent, one garbage connection, one served agent.
 	bad := tunnel.Config{Secret: "wrong", Logger: testutil.Logger(t)}
@@ -67,13 +40,12 @@ func TestMetricsCount(t *testing.T) {
 	}
 	// Byte counts land when each relayed connection has ended on both sides.
 	var m map[string]int64
-	deadline := time.Now().Add(5 * time.Second)
-	for m = scrape(t, relay.Server); m["tcprelay_connections_total"] < clients; m = scrape(t, relay.Server) {
-		if time.Now().After(deadline) {
-			t.Fatalf("connections_total %d, want %d", m["tcprelay_connections_total"], clients)
+	check.Eventually(t, 5*time.Second, func() error {
+		if m = scrape(t, relay.Server); m["tcprelay_connections_total"] < clients {
+			return fmt.Errorf("connections_total %d, want %d", m["tcprelay_connections_total"], clients)
 		}
-		time.Sleep(5 * time.Millisecond)
-	}
+		return nil
+	})
 	want := map[string]int64{
 		"tcprelay_agents":                   1,
 		"tcprelay_tunnels":                  1,

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"tcprelay/internal/check"
 	"tcprelay/internal/proto"
 	"tcprelay/internal/testutil"
 	"tcprelay/server"
@@ -33,7 +34,7 @@ func readBind(t *testing.T, c net.Conn) *proto.Bind {
 // TestPooledConnection: a client is joined to a parked data connection
 // without any Incoming on the control connection.
 func TestPooledConnection(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	agent := testutil.NewRawAgent(t, relay.Addr, "")
 	pub := agent.Listen(t, 0)
@@ -66,7 +67,7 @@ func TestPooledConnection(t *testing.T) {
 }
 
 func TestPoolRefusals(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{MaxPoolPerAgent: 2})
 	agent := testutil.NewRawAgent(t, relay.Addr, "")
 	agent.Listen(t, 0)
@@ -89,7 +90,7 @@ func TestPoolRefusals(t *testing.T) {
 // TestDeadPooledConnSkipped: a parked connection the agent closed is not
 // used; the client is announced with Incoming instead.
 func TestDeadPooledConnSkipped(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	agent := testutil.NewRawAgent(t, relay.Addr, "")
 	pub := agent.Listen(t, 0)
@@ -110,7 +111,7 @@ func TestDeadPooledConnSkipped(t *testing.T) {
 // TestPoolDiesWithSession: parked connections are closed when their agent's
 // session ends.
 func TestPoolDiesWithSession(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	agent := testutil.NewRawAgent(t, relay.Addr, "")
 	agent.Listen(t, 0)

@@ -3,6 +3,7 @@ package tunnel_test
 import (
 	"testing"
 
+	"tcprelay/internal/check"
 	"tcprelay/internal/testutil"
 	"tcprelay/server"
 	"tcprelay/tunnel"
@@ -11,7 +12,7 @@ import (
 // TestPoolKeptFull: the library parks data connections at the relay and
 // replaces each one a client uses.
 func TestPoolKeptFull(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	ln := listen(t, relay.Addr, tunnel.Config{})
 	testutil.Serve(t, ln, testutil.Echo)
@@ -25,7 +26,7 @@ func TestPoolKeptFull(t *testing.T) {
 }
 
 func TestDisablePool(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	ln := listen(t, relay.Addr, tunnel.Config{DisablePool: true})
 	testutil.Serve(t, ln, testutil.Echo)

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"tcprelay/internal/check"
 	"tcprelay/internal/testutil"
 	"tcprelay/server"
 	"tcprelay/tunnel"
@@ -46,7 +47,7 @@ func echoOnce(t *testing.T, c net.Conn, msg string) {
 // TestReconnectAfterRelayRestart: the relay restarts on the same address;
 // the listener comes back on its old public port by itself.
 func TestReconnectAfterRelayRestart(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	cfg, addrs := reconnecting()
 	ln := listen(t, relay.Addr, cfg)
@@ -73,7 +74,7 @@ func TestReconnectAfterRelayRestart(t *testing.T) {
 // on the path); the agent re-registers on the same port, and a connection
 // relayed before the cut keeps flowing, since its own path still exists.
 func TestControlLossKeepsRelayedConns(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	proxy := testutil.NewFaultProxy(t, relay.Addr)
 	cfg, addrs := reconnecting()
@@ -98,7 +99,7 @@ func TestControlLossKeepsRelayedConns(t *testing.T) {
 // closing (a frozen relay, a pulled cable). The agent's heartbeat notices
 // within three intervals and it registers again.
 func TestFrozenRelayDetected(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{Heartbeat: 50 * time.Millisecond})
 	proxy := testutil.NewFaultProxy(t, relay.Addr)
 	cfg, addrs := reconnecting()
@@ -115,7 +116,7 @@ func TestFrozenRelayDetected(t *testing.T) {
 // TestSecretChangedIsFinal: a relay that refuses the secret on reconnection
 // ends Accept with ErrAuthFailed instead of retrying forever.
 func TestSecretChangedIsFinal(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{Secret: "old"})
 	cfg, _ := reconnecting()
 	cfg.Secret = "old"
@@ -141,7 +142,7 @@ func TestSecretChangedIsFinal(t *testing.T) {
 // TestCloseWhileReconnecting: Close returns promptly while the relay is
 // gone, and Accept reports net.ErrClosed.
 func TestCloseWhileReconnecting(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	cfg, _ := reconnecting()
 	ln := listen(t, relay.Addr, cfg)

@@ -7,13 +7,14 @@ import (
 	"testing"
 	"time"
 
+	"tcprelay/internal/check"
 	"tcprelay/internal/testutil"
 	"tcprelay/server"
 	"tcprelay/tunnel"
 )
 
 func TestTLSWithCA(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	cert, pool := testutil.SelfSignedCert(t)
 	relay := testutil.StartTLSRelay(t, server.Config{}, cert)
 	ln := listen(t, relay.Addr, tunnel.Config{TLS: &tls.Config{RootCAs: pool}})
@@ -37,31 +38,8 @@ func TestTLSWithCA(t *testing.T) {
 	}
 }
 
-// TestTLSHalfClose: over TLS a half-close travels as close_notify, and the
-// other direction keeps flowing.
-func TestTLSHalfClose(t *testing.T) {
-	testutil.CheckLeaks(t)
-	cert, pool := testutil.SelfSignedCert(t)
-	relay := testutil.StartTLSRelay(t, server.Config{}, cert)
-	ln := listen(t, relay.Addr, tunnel.Config{TLS: &tls.Config{RootCAs: pool}})
-	client, c := acceptPair(t, ln)
-	if _, ok := c.(*tunnel.Conn).NetConn().(*tls.Conn); !ok {
-		t.Fatalf("data connection is %T, want *tls.Conn", c.(*tunnel.Conn).NetConn())
-	}
-	client.Write([]byte("request"))
-	client.CloseWrite()
-	if got := testutil.ReadAllTimeout(t, c, 5*time.Second); string(got) != "request" {
-		t.Fatalf("server read %q", got)
-	}
-	c.Write([]byte("response"))
-	c.(*tunnel.Conn).CloseWrite()
-	if got := testutil.ReadAllTimeout(t, client, 5*time.Second); string(got) != "response" {
-		t.Fatalf("client read %q", got)
-	}
-}
-
 func TestTLSPinned(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	cert, _ := testutil.SelfSignedCert(t)
 	relay := testutil.StartTLSRelay(t, server.Config{}, cert)
 
@@ -92,7 +70,7 @@ func TestTLSPinned(t *testing.T) {
 }
 
 func TestTLSRefusals(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	cert, _ := testutil.SelfSignedCert(t)
 	tlsRelay := testutil.StartTLSRelay(t, server.Config{HandshakeTimeout: time.Second}, cert)
 	plainRelay := testutil.StartRelay(t, server.Config{})

@@ -1,6 +1,7 @@
 package tunnel_test
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -16,6 +17,7 @@ import (
 
 	"golang.org/x/net/nettest"
 
+	"tcprelay/internal/check"
 	"tcprelay/internal/testutil"
 	"tcprelay/server"
 	"tcprelay/tunnel"
@@ -49,7 +51,7 @@ func listen(t *testing.T, relayAddr string, cfg tunnel.Config) *tunnel.Listener 
 }
 
 func TestAddrAndRemoteAddr(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	ln := listen(t, relay.Addr, tunnel.Config{})
 
@@ -78,7 +80,7 @@ func TestPublicHostAdvertised(t *testing.T) {
 // with many concurrent clients each, writing and reading at the same time,
 // and checks every byte by hash.
 func TestManyClientsManyTunnels(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	const tunnels, clients, size = 4, 25, 256 << 10
 
@@ -117,50 +119,81 @@ func echoRoundTrip(addr string, seed int64, size int) error {
 
 // TestHalfClose: the client half-closes, the server sees EOF, and its answer
 // still reaches the client, followed by EOF.
-func TestHalfClose(t *testing.T) {
-	testutil.CheckLeaks(t)
-	relay := testutil.StartRelay(t, server.Config{})
-	ln := listen(t, relay.Addr, tunnel.Config{})
-
-	client, c := acceptPair(t, ln)
-	if _, err := client.Write([]byte("request")); err != nil {
-		t.Fatal(err)
-	}
-	client.CloseWrite()
-
-	if got := testutil.ReadAllTimeout(t, c, 5*time.Second); string(got) != "request" {
-		t.Fatalf("server read %q, want %q then EOF", got, "request")
-	}
-	if _, err := c.Write([]byte("response")); err != nil {
-		t.Fatalf("server write after client half-close: %v", err)
-	}
-	c.(interface{ CloseWrite() error }).CloseWrite()
-	if got := testutil.ReadAllTimeout(t, client, 5*time.Second); string(got) != "response" {
-		t.Fatalf("client read %q, want %q then EOF", got, "response")
+// paths runs f on a relayed listener over every data path: plain TCP and
+// TLS, each with pre-opened data connections and without. With the pool on,
+// a connection is parked before f runs and f's first client takes it; the
+// relay's counters then prove which path each client took.
+func paths(t *testing.T, f func(t *testing.T, ln *tunnel.Listener)) {
+	for _, useTLS := range []bool{false, true} {
+		for _, pool := range []bool{true, false} {
+			name := map[bool]string{false: "tcp", true: "tls"}[useTLS] + map[bool]string{false: "/announced", true: "/pooled"}[pool]
+			t.Run(name, func(t *testing.T) {
+				check.Leaks(t)
+				cfg := tunnel.Config{DisablePool: !pool}
+				var relay *testutil.Relay
+				if useTLS {
+					cert, roots := testutil.SelfSignedCert(t)
+					relay = testutil.StartTLSRelay(t, server.Config{}, cert)
+					cfg.TLS = &tls.Config{RootCAs: roots}
+				} else {
+					relay = testutil.StartRelay(t, server.Config{})
+				}
+				ln := listen(t, relay.Addr, cfg)
+				if pool {
+					testutil.WaitParked(t, relay, 1)
+				}
+				f(t, ln)
+				hits := testutil.Metrics(t, relay.Server)["tcprelay_pool_hits_total"]
+				if pool && hits == 0 || !pool && hits != 0 {
+					t.Errorf("%d clients joined to pre-opened data connections, with the pool on = %v", hits, pool)
+				}
+			})
+		}
 	}
 }
 
-// TestConnConformance runs x/net/nettest's net.Conn suite on a relayed pair:
+func TestHalfClose(t *testing.T) {
+	paths(t, func(t *testing.T, ln *tunnel.Listener) {
+		client, c := acceptPair(t, ln)
+		if _, err := client.Write([]byte("request")); err != nil {
+			t.Fatal(err)
+		}
+		client.CloseWrite()
+
+		if got := testutil.ReadAllTimeout(t, c, 5*time.Second); string(got) != "request" {
+			t.Fatalf("server read %q, want %q then EOF", got, "request")
+		}
+		if _, err := c.Write([]byte("response")); err != nil {
+			t.Fatalf("server write after client half-close: %v", err)
+		}
+		c.(interface{ CloseWrite() error }).CloseWrite()
+		if got := testutil.ReadAllTimeout(t, client, 5*time.Second); string(got) != "response" {
+			t.Fatalf("client read %q, want %q then EOF", got, "response")
+		}
+	})
+}
+
+// TestConnConformance runs x/net/nettest's net.Conn suite on relayed pairs:
 // the outside client's conn and the conn Accept returned.
 func TestConnConformance(t *testing.T) {
-	relay := testutil.StartRelay(t, server.Config{})
-	ln := listen(t, relay.Addr, tunnel.Config{})
-	nettest.TestConn(t, func() (c1, c2 net.Conn, stop func(), err error) {
-		c1, err = net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			return nil, nil, nil, err
-		}
-		c2, err = ln.Accept()
-		if err != nil {
-			c1.Close()
-			return nil, nil, nil, err
-		}
-		return c1, c2, func() { c1.Close(); c2.Close() }, nil
+	paths(t, func(t *testing.T, ln *tunnel.Listener) {
+		nettest.TestConn(t, func() (c1, c2 net.Conn, stop func(), err error) {
+			c1, err = net.Dial("tcp", ln.Addr().String())
+			if err != nil {
+				return nil, nil, nil, err
+			}
+			c2, err = ln.Accept()
+			if err != nil {
+				c1.Close()
+				return nil, nil, nil, err
+			}
+			return c1, c2, func() { c1.Close(); c2.Close() }, nil
+		})
 	})
 }
 
 func TestCloseUnblocksAcceptAndFreesPort(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	ln := listen(t, relay.Addr, tunnel.Config{})
 	pub := ln.Addr().String()
@@ -182,32 +215,14 @@ func TestCloseUnblocksAcceptAndFreesPort(t *testing.T) {
 	if _, err := ln.Accept(); !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("second Accept after Close: %v, want net.ErrClosed", err)
 	}
-	waitRefused(t, pub)
-}
-
-// waitRefused polls until connections to addr are refused: the relay
-// closed the public port.
-func waitRefused(t *testing.T, addr string) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			return
-		}
-		c.Close()
-		if time.Now().After(deadline) {
-			t.Fatalf("public port %s still accepts connections", addr)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testutil.WaitRefused(t, pub)
 }
 
 // TestRelayGoneEndsAccept: without reconnection, when the relay closes,
 // Accept returns an error wrapping ErrRelayLost (not net.ErrClosed: the
 // caller did not close it).
 func TestRelayGoneEndsAccept(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	ln := listen(t, relay.Addr, tunnel.Config{DisableReconnect: true})
 	relay.Close()
@@ -218,7 +233,7 @@ func TestRelayGoneEndsAccept(t *testing.T) {
 }
 
 func TestSecret(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{Secret: "s3cret"})
 	for _, secret := range []string{"", "wrong", "s3cret "} {
 		cfg := tunnel.Config{Secret: secret, Logger: testutil.Logger(t)}
@@ -240,7 +255,7 @@ func TestSecret(t *testing.T) {
 // TestStalledReaderBoundsMemory: a client that stops reading makes the
 // server's writes block, through the relay, instead of piling up in memory.
 func TestStalledReaderBoundsMemory(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	ln := listen(t, relay.Addr, tunnel.Config{})
 	client, c := acceptPair(t, ln)
@@ -288,7 +303,7 @@ func TestStalledReaderBoundsMemory(t *testing.T) {
 // TestAgentDeathClosesPortAndWaitingClients uses a raw agent whose control
 // connection dies abruptly while a client waits to be picked up.
 func TestAgentDeathClosesPortAndWaitingClients(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	other := listen(t, relay.Addr, tunnel.Config{})
 	testutil.Serve(t, other, testutil.Echo)
@@ -305,7 +320,7 @@ func TestAgentDeathClosesPortAndWaitingClients(t *testing.T) {
 	if n, err := waiting.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("waiting client: read %d bytes, err %v; want the relay to close it", n, err)
 	}
-	waitRefused(t, pub)
+	testutil.WaitRefused(t, pub)
 	if err := echoRoundTrip(other.Addr().String(), 7, 100<<10); err != nil {
 		t.Fatalf("another agent's tunnel was disturbed: %v", err)
 	}
@@ -315,7 +330,7 @@ func TestAgentDeathClosesPortAndWaitingClients(t *testing.T) {
 // the listener is closed right away, although its data connection may still
 // be on its way to the relay.
 func TestAcceptedConnSurvivesClose(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	for i := range 20 {
 		cfg := tunnel.Config{Logger: testutil.Logger(t)}

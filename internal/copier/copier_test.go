@@ -10,13 +10,14 @@ import (
 	"net"
 	"os"
 	"runtime"
-	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"tcprelay/internal/check"
 )
 
 // timeout bounds every blocking step, so a broken copier fails a test
@@ -28,78 +29,23 @@ const timeout = 10 * time.Second
 // Leak checks
 
 // TestMain checks that the package's tests, taken together, leave no
-// goroutine and no file descriptor behind. Each test also checks itself (see
-// checkLeaks), which says which test leaked.
+// goroutine and no file descriptor behind. Each test also checks itself
+// (check.Leaks), which says which test leaked.
 func TestMain(m *testing.M) {
 	// The first network operation of the process creates the poller's own
 	// fds (epoll, eventfd): create them before taking the baseline.
 	if ln, err := net.Listen("tcp", "127.0.0.1:0"); err == nil {
 		ln.Close()
 	}
-	g0, fd0 := runtime.NumGoroutine(), countFDs()
+	g0, fd0 := runtime.NumGoroutine(), check.FDs()
 	code := m.Run()
 	if code == 0 {
-		if msg := waitForBaseline(g0, fd0); msg != "" {
+		if msg := check.Baseline(g0, fd0, 5*time.Second); msg != "" {
 			fmt.Fprintln(os.Stderr, "leak after all tests:", msg)
 			code = 1
 		}
 	}
 	os.Exit(code)
-}
-
-// checkLeaks records the goroutine and fd counts now and, when the test and
-// all its later-registered cleanups are done, fails the test if they did not
-// come back down. Call it first in a test, so its cleanup runs last.
-func checkLeaks(tb testing.TB) {
-	tb.Helper()
-	g0, fd0 := runtime.NumGoroutine(), countFDs()
-	tb.Cleanup(func() {
-		if msg := waitForBaseline(g0, fd0); msg != "" {
-			tb.Error("leak:", msg)
-		}
-	})
-}
-
-// waitForBaseline polls for up to ~2s for the goroutine count to fall to g0
-// and the open fd count to fall to fd0. It returns "" on success, otherwise
-// a description with a full goroutine dump.
-//
-// Each round runs the GC: splice(2) pipes are cached in a sync.Pool and
-// their fds are closed by a runtime cleanup only once the GC drops them from
-// the pool, so they are not a leak of Join's.
-func waitForBaseline(g0, fd0 int) string {
-	var g, fd int
-	for deadline := time.Now().Add(2 * time.Second); ; {
-		runtime.GC()
-		g, fd = runtime.NumGoroutine(), countFDs()
-		if g <= g0 && fd <= fd0 {
-			return ""
-		}
-		if time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(10 * time.Millisecond) // polling interval, not synchronisation
-	}
-	var buf bytes.Buffer
-	fmt.Fprintf(&buf, "goroutines %d (baseline %d), open fds %d (baseline %d)\n", g, g0, fd, fd0)
-	if ents, err := os.ReadDir("/proc/self/fd"); err == nil {
-		for _, e := range ents {
-			target, _ := os.Readlink("/proc/self/fd/" + e.Name())
-			fmt.Fprintf(&buf, "fd %s -> %s\n", e.Name(), target)
-		}
-	}
-	pprof.Lookup("goroutine").WriteTo(&buf, 2)
-	return buf.String()
-}
-
-// countFDs counts the process's open file descriptors (including the one
-// used to read the directory, consistently in every count).
-func countFDs() int {
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		return -1
-	}
-	return len(ents)
 }
 
 // ---------------------------------------------------------------------------
@@ -216,7 +162,7 @@ func readAll(c net.Conn) ([]byte, error) {
 // TestBulkBothWays sends 8 MiB each way at once; each side half-closes when
 // done and reads to EOF.
 func TestBulkBothWays(t *testing.T) {
-	checkLeaks(t)
+	check.Leaks(t)
 	r := startRelay(t)
 	const size = 8 << 20
 	fromA, fromB := randomBytes(size, 1), randomBytes(size, 2)
@@ -275,7 +221,7 @@ func TestBulkBothWays(t *testing.T) {
 // TestHalfClose: a request, half-close, then a response on the direction that
 // is still open. Join must stay up until both directions are done.
 func TestHalfClose(t *testing.T) {
-	checkLeaks(t)
+	check.Leaks(t)
 	r := startRelay(t)
 
 	if _, err := r.clientA.Write([]byte("request")); err != nil {
@@ -327,7 +273,7 @@ func TestResetBecomesClose(t *testing.T) {
 		{"resetA", func(r *relay) (*net.TCPConn, *net.TCPConn) { return r.clientA, r.clientB }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			checkLeaks(t)
+			check.Leaks(t)
 			r := startRelay(t)
 			resetter, reader := tc.pick(r)
 
@@ -382,7 +328,7 @@ func TestResetBecomesClose(t *testing.T) {
 // TestBackpressure: clientB never reads. What clientA can write must be
 // bounded by the kernel's buffers, not grow the heap of the copier.
 func TestBackpressure(t *testing.T) {
-	checkLeaks(t)
+	check.Leaks(t)
 	r := startRelay(t)
 	const (
 		budget = 64 << 20 // what clientA tries to write
@@ -492,7 +438,7 @@ func TestBackpressure(t *testing.T) {
 // TestSpliceNoUserSpaceCopy: between two *net.TCPConn the bytes move with
 // splice(2), so moving 64 MiB allocates next to nothing.
 func TestSpliceNoUserSpaceCopy(t *testing.T) {
-	checkLeaks(t)
+	check.Leaks(t)
 	const (
 		size  = 64 << 20
 		chunk = 1 << 20
@@ -605,7 +551,7 @@ func readProcIO() (procIO, bool) {
 // half-close. When a reaches EOF, Join's fallback is to close the pipe end
 // (its peer sees EOF) and return.
 func TestPeerWithoutCloseWrite(t *testing.T) {
-	checkLeaks(t)
+	check.Leaks(t)
 	clientA, a := tcpPair(t)
 	p, q := net.Pipe()
 	t.Cleanup(func() { p.Close(); q.Close() })
@@ -657,7 +603,7 @@ func TestPeerWithoutCloseWrite(t *testing.T) {
 // BenchmarkJoin measures one-way throughput through Join over loopback, in
 // 1 MiB writes, until the last byte has been read at the far end.
 func BenchmarkJoin(b *testing.B) {
-	checkLeaks(b)
+	check.Leaks(b)
 	const chunk = 1 << 20
 	r := startRelay(b)
 	buf := randomBytes(chunk, 4)
@@ -697,7 +643,7 @@ func BenchmarkJoin(b *testing.B) {
 // at once, whichever direction notices first (run under -race: the failing
 // direction reads the other's state while Start may still be setting it up).
 func TestStartOnDeadConns(t *testing.T) {
-	checkLeaks(t)
+	check.Leaks(t)
 	for i := range 50 {
 		clientA, a := tcpPair(t)
 		b, clientB := tcpPair(t)

@@ -1,7 +1,10 @@
+//go:build linux
+
 package copier
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -10,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"tcprelay/internal/check"
 )
 
 // countPipes counts this process's open fds that are pipes.
@@ -36,7 +41,7 @@ func TestIdleJoinHoldsNoPipe(t *testing.T) {
 	if runtime.GOOS != "linux" {
 		t.Skip("splice is Linux only")
 	}
-	checkLeaks(t)
+	check.Leaks(t)
 	base := countPipes(t)
 	const n = 50
 	for i := range n {
@@ -58,19 +63,14 @@ func TestIdleJoinHoldsNoPipe(t *testing.T) {
 	// Pipes parked in the pool are closed by the collector; what is left
 	// open is what the idle directions hold.
 	var held int
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	check.Eventually(t, 5*time.Second, func() error {
 		runtime.GC()
-		held = countPipes(t) - base
-		if held <= 4 || time.Now().After(deadline) {
-			break
+		if held = countPipes(t) - base; held > 4 {
+			return fmt.Errorf("%d idle joined connections hold %d pipe fds: idle directions keep their pipes", n, held)
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return nil
+	})
 	t.Logf("%d idle joined connections hold %d pipe fds (io.Copy would hold %d)", n, held, 4*n)
-	if held > 4 {
-		t.Fatalf("%d idle joined connections hold %d pipe fds: idle directions keep their pipes", n, held)
-	}
 }
 
 // BenchmarkCopy compares this copier with io.Copy (Go's own splice, which
@@ -109,17 +109,15 @@ func BenchmarkCopy(b *testing.B) {
 	}
 }
 
-// waitGoroutines polls until at most want goroutines run, and returns the
-// last count.
-func waitGoroutines(want int, within time.Duration) int {
-	deadline := time.Now().Add(within)
-	for {
-		n := runtime.NumGoroutine()
-		if n <= want || time.Now().After(deadline) {
-			return n
+// waitGoroutines waits until at most want goroutines run.
+func waitGoroutines(t *testing.T, want int, what string) {
+	t.Helper()
+	check.Eventually(t, 5*time.Second, func() error {
+		if got := runtime.NumGoroutine(); got > want {
+			return fmt.Errorf("%s: %d goroutines, want at most %d", what, got, want)
 		}
-		time.Sleep(5 * time.Millisecond) // polling interval, not synchronisation
-	}
+		return nil
+	})
 }
 
 // exchange sends msg from one end of r to the other, then back.
@@ -147,7 +145,7 @@ func TestIdleLinksHoldNoGoroutine(t *testing.T) {
 	if runtime.GOOS != "linux" {
 		t.Skip("the idle poller is Linux only")
 	}
-	checkLeaks(t)
+	check.Leaks(t)
 	const n = 100
 	relays := make([]*relay, n)
 	g0 := runtime.NumGoroutine()
@@ -158,18 +156,14 @@ func TestIdleLinksHoldNoGoroutine(t *testing.T) {
 	// n goroutines are the test's own (Join waiting for its Result), plus
 	// one for the poller; the links themselves should hold none.
 	want := g0 + n + 1
-	if got := waitGoroutines(want, 5*time.Second); got > want {
-		t.Fatalf("%d idle links: %d goroutines, want at most %d (%d more than the links' waiters): idle directions keep their goroutines", n, got, want, got-g0-n)
-	}
+	waitGoroutines(t, want, fmt.Sprintf("%d idle links (each with one waiter of the test's): idle directions keep their goroutines", n))
 	// Parked from both the cold start and, after a burst, from the hot wait:
 	// each must wake for new bytes, again and again.
 	for round := range 3 {
 		for i, r := range relays {
 			exchange(t, r, []byte{byte(i), byte(round), 'b'})
 		}
-		if got := waitGoroutines(want, 5*time.Second); got > want {
-			t.Fatalf("round %d: %d goroutines after going idle again, want at most %d", round, got, want)
-		}
+		waitGoroutines(t, want, fmt.Sprintf("round %d, idle again", round))
 		time.Sleep(2 * hotFor) // let the next round find the links cold
 	}
 }
@@ -177,7 +171,7 @@ func TestIdleLinksHoldNoGoroutine(t *testing.T) {
 // TestParkedLinkEnds: a parked link notices a half-close, a reset, and
 // Close, and reports each correctly.
 func TestParkedLinkEnds(t *testing.T) {
-	checkLeaks(t)
+	check.Leaks(t)
 	settle := func(r *relay) {
 		exchange(t, r, []byte("x"))
 		time.Sleep(2 * hotFor) // parked by now (or still waiting: both must work)

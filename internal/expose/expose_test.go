@@ -11,6 +11,7 @@ import (
 
 	pp "github.com/pires/go-proxyproto"
 
+	"tcprelay/internal/check"
 	"tcprelay/internal/testutil"
 	"tcprelay/server"
 	"tcprelay/tunnel"
@@ -55,7 +56,7 @@ func roundTrip(t *testing.T, addr, msg string) string {
 }
 
 func TestForwardHalfClose(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	target := listenLocal(t, "127.0.0.1:0")
 	testutil.Serve(t, target, testutil.Echo)
 	pub := setup(t, &Forwarder{Target: target.Addr().String(), Logger: testutil.Logger(t)})
@@ -67,7 +68,7 @@ func TestForwardHalfClose(t *testing.T) {
 // TestTargetDownThenBack: while the target refuses connections each client
 // is closed promptly with a log line; once it is back, clients are served.
 func TestTargetDownThenBack(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	probe := listenLocal(t, "127.0.0.1:0")
 	targetAddr := probe.Addr().String()
 	probe.Close() // nothing listens there now
@@ -96,7 +97,7 @@ func TestTargetDownThenBack(t *testing.T) {
 // but never answers.
 func hangingListener(t *testing.T) string {
 	t.Helper()
-	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,7 +123,7 @@ func hangingListener(t *testing.T) string {
 }
 
 func TestSlowTargetDialTimeout(t *testing.T) {
-	testutil.CheckLeaks(t)
+	check.Leaks(t)
 	var logs testutil.LockedBuffer
 	fw := &Forwarder{Target: hangingListener(t), DialTimeout: 300 * time.Millisecond,
 		Logger: slog.New(slog.NewTextHandler(&logs, nil))}
@@ -140,7 +141,7 @@ func TestSlowTargetDialTimeout(t *testing.T) {
 func TestProxyProtocol(t *testing.T) {
 	for _, version := range []int{1, 2} {
 		t.Run("v"+string(rune('0'+version)), func(t *testing.T) {
-			testutil.CheckLeaks(t)
+			check.Leaks(t)
 			inner := listenLocal(t, "127.0.0.1:0")
 			target := &pp.Listener{Listener: inner}
 			testutil.Serve(t, target, func(c net.Conn) {

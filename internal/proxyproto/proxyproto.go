@@ -27,13 +27,11 @@ func Header(version int, src, dst net.Addr) ([]byte, error) {
 		if !known {
 			return []byte("PROXY UNKNOWN\r\n"), nil
 		}
-		family, sip, dip := "TCP6", s.IP.To16().String(), d.IP.To16().String()
+		// Go prints IPv4-mapped addresses as dotted quads; TCP6 needs the
+		// IPv6 form.
+		family, sip, dip := "TCP6", ipv6String(s.IP), ipv6String(d.IP)
 		if v4 {
 			family, sip, dip = "TCP4", s.IP.To4().String(), d.IP.To4().String()
-		} else {
-			// Go prints IPv4-mapped addresses as dotted quads; TCP6 needs
-			// the IPv6 form.
-			sip, dip = ipv6String(s.IP), ipv6String(d.IP)
 		}
 		return []byte("PROXY " + family + " " + sip + " " + dip + " " +
 			strconv.Itoa(s.Port) + " " + strconv.Itoa(d.Port) + "\r\n"), nil

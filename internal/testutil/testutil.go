@@ -1,5 +1,6 @@
 // Package testutil holds helpers shared by the relay's tests: an in-process
-// relay on a loopback port 0, and goroutine and file-descriptor leak checks.
+// relay on a loopback port 0, dials, echo servers and a raw agent. The leak
+// check and Eventually are in package check.
 package testutil
 
 import (
@@ -10,13 +11,10 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"os"
-	"runtime"
-	"runtime/pprof"
-	"strings"
 	"testing"
 	"time"
 
+	"tcprelay/internal/check"
 	"tcprelay/server"
 )
 
@@ -70,58 +68,6 @@ func (w tlogWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// CheckLeaks records the goroutine and open-fd counts now and, when the test
-// ends (after cleanups registered later have run), fails the test if they do
-// not come back to that baseline within a few seconds. Call it first in a
-// test, before anything is started; tests using it must not run in parallel.
-func CheckLeaks(t testing.TB) {
-	t.Helper()
-	g0, fd0 := runtime.NumGoroutine(), OpenFDs(t)
-	t.Cleanup(func() {
-		var g, fd int
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			// Go keeps splice pipes in a sync.Pool and closes them from a
-			// finalizer: collect so pooled pipes do not count as leaks.
-			runtime.GC()
-			g, fd = runtime.NumGoroutine(), OpenFDs(t)
-			if g <= g0 && fd <= fd0 || time.Now().After(deadline) {
-				break
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		if g > g0 {
-			var buf bytes.Buffer
-			pprof.Lookup("goroutine").WriteTo(&buf, 1)
-			t.Errorf("goroutine leak: %d goroutines, baseline %d\n%s", g, g0, buf.String())
-		}
-		if fd > fd0 {
-			t.Errorf("fd leak: %d open fds, baseline %d:\n%s", fd, fd0, describeFDs())
-		}
-	})
-}
-
-// describeFDs lists this process's fds and what they are.
-func describeFDs() string {
-	ents, _ := os.ReadDir("/proc/self/fd")
-	var b strings.Builder
-	for _, e := range ents {
-		target, _ := os.Readlink("/proc/self/fd/" + e.Name())
-		fmt.Fprintf(&b, "  fd %s -> %s\n", e.Name(), target)
-	}
-	return b.String()
-}
-
-// OpenFDs counts this process's open file descriptors.
-func OpenFDs(t testing.TB) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatalf("count fds: %v", err)
-	}
-	return len(ents) - 1 // the directory being read
-}
-
 // Dial connects to addr with a test-length timeout and closes the conn when
 // the test ends.
 func Dial(t testing.TB, addr string) *net.TCPConn {
@@ -152,15 +98,28 @@ func ReadAllTimeout(t testing.TB, c net.Conn, d time.Duration) []byte {
 	return b
 }
 
-// WaitParked polls until relay holds at least n pre-opened data
+// WaitParked waits until relay holds at least n pre-opened data
 // connections: a park travels on its own socket, so nothing else orders it.
 func WaitParked(t testing.TB, relay *Relay, n int) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for relay.Stats().Parked < n {
-		if time.Now().After(deadline) {
-			t.Fatalf("relay holds %d parked connections, want at least %d", relay.Stats().Parked, n)
+	check.Eventually(t, 5*time.Second, func() error {
+		if got := relay.Stats().Parked; got < n {
+			return fmt.Errorf("relay holds %d parked connections, want at least %d", got, n)
 		}
-		time.Sleep(time.Millisecond)
-	}
+		return nil
+	})
+}
+
+// WaitRefused waits until connections to addr are refused: the relay
+// closed the public port.
+func WaitRefused(t testing.TB, addr string) {
+	t.Helper()
+	check.Eventually(t, 5*time.Second, func() error {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			return nil
+		}
+		c.Close()
+		return fmt.Errorf("public port %s still accepts connections", addr)
+	})
 }
