@@ -41,16 +41,28 @@ func (c *Conn) Close() error { return c.nc.Close() }
 
 // Open sends the preamble and m (the agent's Hello) in one write, so they
 // leave in one segment.
-func (c *Conn) Open(m Message) error { return c.write(Preamble(), m) }
+func (c *Conn) Open(m Message) error { return c.write(Preamble(), m, nil) }
 
 // Send writes m as one frame.
-func (c *Conn) Send(m Message) error { return c.write(nil, m) }
+func (c *Conn) Send(m Message) error { return c.write(nil, m, nil) }
 
-func (c *Conn) write(prefix []byte, m Message) error {
+// errStopped: a ping was not sent because Serve is returning.
+var errStopped = errors.New("stopped")
+
+// write sends prefix and m under the write deadline. If stop is closed
+// once the deadline is set, it sends nothing: Serve, returning, closes stop
+// and then moves the deadline into the past, so a ping is either cut short
+// by that or not sent at all.
+func (c *Conn) write(prefix []byte, m Message, stop <-chan struct{}) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	c.wbuf = Append(append(c.wbuf[:0], prefix...), m)
 	c.nc.SetWriteDeadline(time.Now().Add(c.writeTimeout))
+	select {
+	case <-stop:
+		return errStopped
+	default:
+	}
 	_, err := c.nc.Write(c.wbuf)
 	return err
 }
@@ -130,7 +142,7 @@ func (c *Conn) pingLoop(hb time.Duration, stop <-chan struct{}) {
 		case <-stop:
 			return
 		case <-tick.C:
-			if c.Send(&Ping{Data: seq}) != nil {
+			if c.write(nil, &Ping{Data: seq}, stop) != nil {
 				select {
 				case <-stop: // Serve is returning and cut the write short
 				default:
