@@ -109,9 +109,10 @@ func requireTelnet(t *testing.T) {
 
 // env is one test's set of processes.
 type env struct {
-	t     *testing.T
-	mu    sync.Mutex
-	procs []*proc
+	t         *testing.T
+	mu        sync.Mutex
+	procs     []*proc
+	stateHome string // XDG_STATE_HOME of every process
 }
 
 // newEnv returns an env whose leak check runs after every process's own
@@ -169,8 +170,16 @@ func (e *env) start(bin string, args []string, o procOpts) *proc {
 	t := e.t
 	t.Helper()
 	desc := strings.Join(append([]string{filepath.Base(bin)}, args...), " ")
+	// Relays keep their state files in the test's own directory (a relay
+	// restarted in the test finds its own).
+	e.mu.Lock()
+	if e.stateHome == "" {
+		e.stateHome = t.TempDir()
+	}
+	env := append([]string{"XDG_STATE_HOME=" + e.stateHome}, o.env...)
+	e.mu.Unlock()
 	cp, err := child.Start(desc, bin, args, child.Options{
-		Env: o.env, Stdin: o.stdin, StdinPipe: o.stdinPipe, Scan: o.scanStdout})
+		Env: env, Stdin: o.stdin, StdinPipe: o.stdinPipe, Scan: o.scanStdout})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -127,12 +127,16 @@ func (s *Server) announce(m *member, c net.Conn) {
 	}
 }
 
-// attach joins a data connection to the outside client waiting for token.
+// attach joins a data connection to the outside client waiting for its
+// token, if it proves it belongs to the token's session (feature proof).
 // It reports whether it took ownership of c.
-func (s *Server) attach(c net.Conn, token [proto.TokenLen]byte) bool {
-	p := s.takePending(token)
+func (s *Server) attach(c net.Conn, a *proto.Attach) bool {
+	p := s.takePending(a.Token, func(p *pending) bool {
+		ss := p.member.sess
+		return ss.features&proto.FeatureProof == 0 || proto.CheckProof(ss.key, "attach", a.MAC, a.Token[:])
+	})
 	if p == nil {
-		s.dropConn(c, "data connection with unknown, used or expired token", nil)
+		s.dropConn(c, "data connection with an unknown, used or expired token, or no proof of its session", nil)
 		return false
 	}
 	p.timer.Stop()
@@ -141,12 +145,17 @@ func (s *Server) attach(c net.Conn, token [proto.TokenLen]byte) bool {
 	return true
 }
 
-// takePending removes and returns the client waiting for token, or nil. A
-// token is usable once: whoever takes it first owns the client.
-func (s *Server) takePending(token [proto.TokenLen]byte) *pending {
+// takePending removes and returns the client waiting for token, or nil;
+// with ok set, only if ok accepts it (a refused claim leaves the token to
+// its owner). A token is usable once: whoever takes it first owns the
+// client.
+func (s *Server) takePending(token [proto.TokenLen]byte, ok func(*pending) bool) *pending {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	p := s.pending[token]
+	if p != nil && ok != nil && !ok(p) {
+		return nil
+	}
 	if p != nil {
 		delete(s.pending, token)
 		p.member.ep.pending--
@@ -156,7 +165,7 @@ func (s *Server) takePending(token [proto.TokenLen]byte) *pending {
 
 // pickupTimeout closes a client that no data connection claimed in time.
 func (s *Server) pickupTimeout(p *pending) {
-	if s.takePending(p.token) == nil {
+	if s.takePending(p.token, nil) == nil {
 		return // claimed, or the server closed
 	}
 	s.count.pickupTimeouts.Add(1)

@@ -17,6 +17,25 @@ type Config struct {
 	// agent is accepted (an open relay), and New logs a warning.
 	Secret string
 
+	// Agents, if not nil, lists the agents admitted by key, each with its
+	// scope (see ParseAgents): an agent whose key is not listed is refused.
+	// With Secret set too, agents without a key may also register with the
+	// secret, as one shared tenant. If nil, any agent with the secret (or
+	// any agent, without one) is admitted, and one that shows a key gets
+	// the default scope for it.
+	Agents []Agent
+
+	// PortGrace is how long a public port stays reserved for its owner
+	// (its key, or the token its registration was given) after its last
+	// session ended without releasing it. If zero, the default (60s); if
+	// negative, ports are released at once.
+	PortGrace time.Duration
+
+	// StateFile, if set, is where the relay keeps its port reservations, so
+	// that they survive a restart, kill -9 included. If empty, they are
+	// kept in memory only.
+	StateFile string
+
 	// PublicHost is the host announced to agents as their public address.
 	// If empty, each agent announces the host it dialed.
 	PublicHost string
@@ -87,6 +106,7 @@ func DefaultConfig() Config {
 		MaxPendingPerTunnel: 128,
 		MaxPoolPerAgent:     32,
 		MaxFrameSize:        proto.DefaultMaxPayload,
+		PortGrace:           60 * time.Second,
 	}
 }
 
@@ -95,7 +115,7 @@ func DefaultConfig() Config {
 // when off.
 type settings struct {
 	handshakeTimeout, pickupTimeout, writeTimeout time.Duration
-	heartbeat                                     time.Duration
+	heartbeat, portGrace                          time.Duration
 	maxTunnels, maxConns, maxPending, maxPool     int
 	maxFrameSize                                  int
 }
@@ -117,6 +137,12 @@ func (c *Config) settings() settings {
 	case c.Heartbeat > 0:
 		// Sent in whole milliseconds.
 		st.heartbeat = max(c.Heartbeat.Truncate(time.Millisecond), time.Millisecond)
+	}
+	switch {
+	case c.PortGrace == 0:
+		st.portGrace = def.PortGrace
+	case c.PortGrace > 0:
+		st.portGrace = c.PortGrace
 	}
 	if c.MaxPoolPerAgent >= 0 {
 		// It travels as a u16.

@@ -1,22 +1,34 @@
 package server
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
 	"net"
 	"slices"
 	"time"
+
+	"tcprelay/internal/proto"
 )
 
 // endpoint is what outside clients connect to: a public port. It owns the
 // listener, the admission limits and the client count, and it is served by
-// its members. Today an endpoint has exactly one member, and it closes
-// with it.
+// its members. It belongs to an owner and outlives its members: when the
+// last one leaves without releasing it, the endpoint closes its listener
+// but stays reserved for its owner for Config.PortGrace, and only the owner
+// can claim it back.
 type endpoint struct {
-	s    *Server
-	ln   net.Listener
-	port int
+	s     *Server
+	port  int
+	ip    net.IP // the address it binds
+	owner string // who may claim it back: "key:..." for an identity, "resume:..." for a token
 
 	// Guarded by s.mu.
-	closed   bool
+	ln       net.Listener // nil while reserved
+	until    time.Time    // while reserved: when the reservation ends
+	expiry   *time.Timer  // ends the reservation
+	closed   bool         // released for good
 	members  []*member
 	conns    int       // outside clients waiting or relayed
 	pending  int       // outside clients waiting
@@ -37,43 +49,224 @@ type member struct {
 	clients int  // outside clients waiting for it or relayed through it
 }
 
-// openEndpoint binds a public port on ip (see portAllocator.listen). The
-// endpoint accepts nothing until start.
-func (s *Server) openEndpoint(ip net.IP, port int, required bool) (*endpoint, error) {
-	ln, err := s.ports.listen(ip, port, required)
-	if err != nil {
-		return nil, err
+// requestError is a refused request, with the code the agent gets.
+type requestError struct {
+	code uint16
+	msg  string
+}
+
+func (e *requestError) Error() string { return e.msg }
+
+func refusal(code uint16, format string, a ...any) error {
+	return &requestError{code, fmt.Sprintf(format, a...)}
+}
+
+// resumeOwner is the owner string of a resume token: its hash, so neither
+// the state file nor memory holds a credential.
+func resumeOwner(tok [proto.TokenLen]byte) string {
+	h := sha256.Sum256(tok[:])
+	return "resume:" + hex.EncodeToString(h[:])
+}
+
+// register serves a Listen: it claims a reserved endpoint the session owns
+// or opens a new one, and makes the session its member. The endpoint
+// accepts nothing until it is started on ln. resume is the token for the
+// agent's next claim (zero for an identity, whose key is its claim).
+func (ss *session) register(req *proto.Listen) (m *member, ln net.Listener, resume [proto.TokenLen]byte, err error) {
+	s := ss.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ss.closed || s.closed {
+		return nil, nil, resume, refusal(proto.CodeShuttingDown, "session closed")
 	}
-	return &endpoint{s: s, ln: ln, port: ln.Addr().(*net.TCPAddr).Port}, nil
+	ep, err := ss.claimLocked(req)
+	if err != nil {
+		return nil, nil, resume, err
+	}
+	owner := ""
+	if ss.id != nil {
+		owner = ss.id.owner
+	} else {
+		resume = proto.NewToken()
+		owner = resumeOwner(resume)
+	}
+	if ep == nil {
+		if err := ss.checkTunnelLimitLocked(); err != nil {
+			return nil, nil, resume, err
+		}
+		var allowed func(int) bool
+		if ss.id != nil {
+			allowed = ss.id.allowsPort
+		}
+		ln, err := s.ports.listen(ss.bindIP, int(req.Port), req.Flags&proto.ListenPortRequired != 0, allowed)
+		if err != nil {
+			code := proto.CodePortUnavailable
+			if errors.Is(err, errNoFreePort) {
+				code = proto.CodeLimit
+			}
+			return nil, nil, resume, &requestError{code, err.Error()}
+		}
+		ep = &endpoint{s: s, ln: ln, port: ln.Addr().(*net.TCPAddr).Port, ip: ss.bindIP}
+		s.endpoints[ep.port] = ep
+	}
+	ep.owner = owner // a claim by token gets a fresh one
+	ss.nextID++
+	m = &member{id: ss.nextID, sess: ss, ep: ep}
+	ss.members[m.id] = m
+	ep.members = append(ep.members, m)
+	s.saveStateSoonLocked()
+	return m, ep.ln, resume, nil
+}
+
+// claimLocked returns the endpoint a Listen asks for if it exists and the
+// session may have it, reopening it if it was reserved; nil if the port
+// is not an endpoint's. An identity asking for any port gets back one it
+// reserved, so a restarted agent keeps its address.
+func (ss *session) claimLocked(req *proto.Listen) (*endpoint, error) {
+	s := ss.s
+	var ep *endpoint
+	if req.Port != 0 {
+		ep = s.endpoints[int(req.Port)]
+	} else if ss.id != nil {
+		for _, e := range s.endpoints {
+			if e.ln == nil && e.owner == ss.id.owner && (ep == nil || e.until.After(ep.until)) {
+				ep = e
+			}
+		}
+	}
+	if ep == nil {
+		return nil, nil
+	}
+	switch {
+	case ep.ln != nil && req.Flags&proto.ListenPortRequired != 0:
+		return nil, refusal(proto.CodePortUnavailable, "port %d is in use", ep.port)
+	case ep.ln != nil:
+		return nil, nil // not required: the agent gets another port
+	case !ss.owns(ep, req.Resume):
+		if req.Flags&proto.ListenPortRequired == 0 {
+			return nil, nil
+		}
+		return nil, refusal(proto.CodePortReserved, "port %d is reserved for its previous owner for another %v",
+			ep.port, time.Until(ep.until).Round(time.Second))
+	}
+	ln, err := s.ports.rebind(ep.ip, ep.port)
+	if err != nil {
+		return nil, refusal(proto.CodePortUnavailable, "%v", err)
+	}
+	ep.ln, ep.until = ln, time.Time{}
+	if ep.expiry != nil {
+		ep.expiry.Stop()
+	}
+	return ep, nil
+}
+
+// owns reports whether the session may claim ep back: it is the same
+// identity, or it shows the token that ep's owner was given.
+func (ss *session) owns(ep *endpoint, resume [proto.TokenLen]byte) bool {
+	if ss.id != nil {
+		return ep.owner == ss.id.owner
+	}
+	return resume != [proto.TokenLen]byte{} && ep.owner == resumeOwner(resume)
+}
+
+// checkTunnelLimitLocked refuses a new endpoint past the session's limit:
+// an identity's endpoints count over all its sessions, reserved ones
+// included; without an identity, the session's own count.
+func (ss *session) checkTunnelLimitLocked() error {
+	s := ss.s
+	if ss.id == nil {
+		if len(ss.members) >= s.set.maxTunnels {
+			return refusal(proto.CodeLimit, "tunnel limit reached: %d per agent", s.set.maxTunnels)
+		}
+		return nil
+	}
+	limit := ss.id.Tunnels
+	if limit == 0 {
+		limit = s.set.maxTunnels
+	}
+	n := 0
+	for _, ep := range s.endpoints {
+		if ep.owner == ss.id.owner {
+			n++
+		}
+	}
+	if n >= limit {
+		return refusal(proto.CodeLimit, "tunnel limit reached: agent %s holds %d ports (tunnels=%d)", ss.id.Name, n, limit)
+	}
+	return nil
 }
 
 // start accepts outside clients in the background until the endpoint's
 // listener closes.
-func (ep *endpoint) start() {
+func (ep *endpoint) start(ln net.Listener) {
 	s := ep.s
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		s.acceptLoop(ep.ln, ep.serveClient)
+		s.acceptLoop(ln, ep.serveClient)
 	}()
 }
 
 // removeLocked ends m's membership: it gets no new clients, and its
 // waiting clients are closed after a grace (see expireWaitingLocked). If m
-// was the endpoint's last member, the endpoint is closed and returned: the
-// caller closes its port, outside s.mu. s.mu must be held.
-func (m *member) removeLocked() *endpoint {
+// was the endpoint's last member, the endpoint closes its listener and is
+// reserved for its owner, or released if release is set (the agent said
+// so), grace is off or the owner was revoked. The listener is returned for
+// the caller to close outside s.mu. s.mu must be held.
+func (m *member) removeLocked(release bool) net.Listener {
 	s, ep := m.sess.s, m.ep
 	m.removed = true
 	delete(m.sess.members, m.id)
 	ep.members = slices.DeleteFunc(ep.members, func(x *member) bool { return x == m })
 	s.expireWaitingLocked(func(p *pending) bool { return p.member == m })
-	if len(ep.members) > 0 || ep.closed {
+	if len(ep.members) > 0 || ep.ln == nil {
 		return nil
 	}
+	ln := ep.ln
+	ep.ln = nil
+	if release || s.set.portGrace == 0 || (m.sess.id != nil && m.sess.id.revoked) {
+		ep.releaseLocked()
+		return ln
+	}
+	ep.reserveLocked(time.Now().Add(s.set.portGrace))
+	return ln
+}
+
+// reserveLocked keeps ep, without a listener, for its owner until until.
+func (ep *endpoint) reserveLocked(until time.Time) {
+	s := ep.s
+	ep.until = until
+	if ep.expiry == nil {
+		ep.expiry = time.AfterFunc(time.Until(until), ep.expire)
+	} else {
+		ep.expiry.Reset(time.Until(until))
+	}
+	s.saveStateSoonLocked()
+}
+
+// expire ends a reservation that nobody claimed.
+func (ep *endpoint) expire() {
+	s := ep.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ep.ln == nil && !ep.closed && !ep.until.After(time.Now()) {
+		s.log.Info("port reservation ended", "port", ep.port)
+		ep.releaseLocked()
+	}
+}
+
+// releaseLocked gives ep's port back to the range for good.
+func (ep *endpoint) releaseLocked() {
+	s := ep.s
 	ep.closed = true
-	delete(s.endpoints, ep)
-	return ep
+	if ep.expiry != nil {
+		ep.expiry.Stop()
+	}
+	if s.endpoints[ep.port] == ep {
+		delete(s.endpoints, ep.port)
+	}
+	s.ports.release(ep.port, nil)
+	s.saveStateSoonLocked()
 }
 
 // pickLocked chooses the member that serves the next client, or nil if

@@ -65,29 +65,30 @@ func (s *Server) WriteMetrics(w io.Writer) error {
 // with their members.
 func (s *Server) WriteStatus(w io.Writer) error {
 	type agentLine struct {
-		remote, software string
-		since            time.Time
-		parked           int
+		name, remote, software string
+		since                  time.Time
+		parked                 int
 	}
 	type memberLine struct {
-		remote  string
+		name    string
 		id      uint32
 		clients int // waiting for this member or relayed through it
 	}
 	type endpointLine struct {
 		port, conns, waiting int
+		until                time.Time // reserved until; zero: open
 		members              []memberLine
 	}
 	s.mu.Lock()
 	agents := make([]agentLine, 0, len(s.sessions))
 	for ss := range s.sessions {
-		agents = append(agents, agentLine{ss.remote, ss.software, ss.since, len(ss.pool)})
+		agents = append(agents, agentLine{ss.name(), ss.remote, ss.software, ss.since, len(ss.pool)})
 	}
 	eps := make([]endpointLine, 0, len(s.endpoints))
-	for ep := range s.endpoints {
-		e := endpointLine{port: ep.port, conns: ep.conns, waiting: ep.pending}
+	for _, ep := range s.endpoints {
+		e := endpointLine{port: ep.port, conns: ep.conns, waiting: ep.pending, until: ep.until}
 		for _, m := range ep.members {
-			e.members = append(e.members, memberLine{m.sess.remote, m.id, m.clients})
+			e.members = append(e.members, memberLine{m.sess.name(), m.id, m.clients})
 		}
 		eps = append(eps, e)
 	}
@@ -100,13 +101,17 @@ func (s *Server) WriteStatus(w io.Writer) error {
 		return err
 	}
 	for _, a := range agents {
-		fmt.Fprintf(w, "agent %s (%s), connected %s ago, %d parked data connections\n",
-			a.remote, a.software, now.Sub(a.since).Round(time.Second), a.parked)
+		fmt.Fprintf(w, "agent %s from %s (%s), connected %s ago, %d parked data connections\n",
+			a.name, a.remote, a.software, now.Sub(a.since).Round(time.Second), a.parked)
 	}
 	for _, e := range eps {
+		if !e.until.IsZero() {
+			fmt.Fprintf(w, "endpoint on port %d: reserved for its owner for another %s\n", e.port, e.until.Sub(now).Round(time.Second))
+			continue
+		}
 		fmt.Fprintf(w, "endpoint on port %d: %d connections, %d waiting\n", e.port, e.conns, e.waiting)
 		for _, m := range e.members {
-			fmt.Fprintf(w, "  member: agent %s tunnel %d, %d clients\n", m.remote, m.id, m.clients)
+			fmt.Fprintf(w, "  member: agent %s tunnel %d, %d clients\n", m.name, m.id, m.clients)
 		}
 	}
 	return nil

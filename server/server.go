@@ -31,7 +31,7 @@
 //
 // The binaries are thin shells; a program can embed the relay with
 //
-//	srv := server.New(server.Config{Secret: s})
+//	srv, err := server.New(server.Config{Secret: s})
 //	go srv.Serve(ln)
 //	...
 //	srv.Shutdown(ctx)
@@ -65,7 +65,8 @@ type Server struct {
 	closed    bool                      // Shutdown or Close called
 	listeners map[net.Listener]struct{} // control listeners being served
 	sessions  map[*session]struct{}     // authenticated agents
-	endpoints map[*endpoint]struct{}    // open public ports
+	ids       map[string]*identity      // by key: the agents file's, and anonymous ones
+	endpoints map[int]*endpoint         // by port: open, or reserved for their owner
 	conns     map[net.Conn]struct{}     // every other open conn: handshaking, parked, waiting (relayed ones belong to links)
 	pending   map[[proto.TokenLen]byte]*pending
 	poolKeys  map[[proto.TokenLen]byte]*session // sessions that accept pre-opened data connections
@@ -75,39 +76,53 @@ type Server struct {
 	ports *portAllocator
 	count counters
 
+	stateMu     sync.Mutex  // serialises writes of the state file
+	saveTimer   *time.Timer // a write of the state file is due (under mu)
+	stateFrozen bool        // the relay is stopping: the state file keeps what it had (under mu)
+
 	wg sync.WaitGroup // every goroutine the server starts
 }
 
-// New returns a relay with the given configuration.
-func New(cfg Config) *Server {
+// New returns a relay with the given configuration. It fails only if
+// Config.StateFile exists and cannot be read.
+func New(cfg Config) (*Server, error) {
 	log := cfg.Logger
 	if log == nil {
 		log = slog.Default()
 	}
-	if cfg.Secret == "" {
+	if cfg.Secret == "" && cfg.Agents == nil {
 		log.Warn("no secret configured: this is an OPEN relay, any agent can register and open public ports")
 	}
-	return &Server{
+	s := &Server{
 		cfg:       cfg,
 		set:       cfg.settings(),
 		log:       log,
 		listeners: make(map[net.Listener]struct{}),
 		sessions:  make(map[*session]struct{}),
-		endpoints: make(map[*endpoint]struct{}),
+		ids:       make(map[string]*identity),
+		endpoints: make(map[int]*endpoint),
 		conns:     make(map[net.Conn]struct{}),
 		links:     make(map[*copier.Link]struct{}),
 		pending:   make(map[[proto.TokenLen]byte]*pending),
 		poolKeys:  make(map[[proto.TokenLen]byte]*session),
 		ports:     newPortAllocator(cfg.PortMin, cfg.PortMax),
 	}
+	if cfg.Agents != nil {
+		s.SetAgents(cfg.Agents)
+	}
+	if err := s.loadState(); err != nil {
+		return nil, err
+	}
+	return s, nil
 }
 
 // features is what this relay speaks.
 func (s *Server) features() proto.Features {
+	f := proto.FeatureIdentity | proto.FeatureProof
 	if s.set.maxPool > 0 {
-		return proto.FeaturePool
+		f |= proto.FeaturePool
 	}
-	return 0
+	return f
 }
 
 // Serve accepts agents' control and data connections on ln until the server
@@ -208,9 +223,9 @@ func (s *Server) handleConn(c net.Conn, bindIP net.IP) {
 	}
 	switch m := m.(type) {
 	case *proto.Attach:
-		keep = s.attach(c, m.Token)
+		keep = s.attach(c, m)
 	case *proto.PoolJoin:
-		keep = s.park(c, m.Key)
+		keep = s.park(c, m)
 	case *proto.Hello:
 		keep = true // runSession closes c
 		s.runSession(c, m, bindIP)
@@ -266,6 +281,7 @@ func (s *Server) isClosed() bool {
 // agent session with its public ports and waiting clients. Relayed
 // connections are left to run.
 func (s *Server) stopAccepting(reason string) {
+	s.freezeState()
 	s.mu.Lock()
 	s.closed = true
 	lns := make([]net.Listener, 0, len(s.listeners))
@@ -333,6 +349,11 @@ func (s *Server) Close() error {
 		delete(s.pending, tok)
 		p.timer.Stop()
 	}
+	for _, ep := range s.endpoints {
+		if ep.expiry != nil {
+			ep.expiry.Stop()
+		}
+	}
 	s.mu.Unlock()
 	for _, c := range conns {
 		c.Close()
@@ -346,9 +367,10 @@ func (s *Server) Close() error {
 
 // Stats is a snapshot of what the relay holds.
 type Stats struct {
-	Agents  int // authenticated control connections
-	Tunnels int // open public endpoints
-	Members int // agent registrations serving them
+	Agents   int // authenticated control connections
+	Tunnels  int // open public endpoints
+	Reserved int // ports reserved for an owner, with no listener
+	Members  int // agent registrations serving the endpoints
 	Waiting int // outside clients waiting for their agent
 	Relayed int // connections being relayed
 	Parked  int // pre-opened data connections waiting for a client
@@ -358,12 +380,58 @@ type Stats struct {
 func (s *Server) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := Stats{Agents: len(s.sessions), Tunnels: len(s.endpoints), Waiting: len(s.pending), Relayed: len(s.links)}
-	for ep := range s.endpoints {
+	st := Stats{Agents: len(s.sessions), Waiting: len(s.pending), Relayed: len(s.links)}
+	for _, ep := range s.endpoints {
+		if ep.ln == nil {
+			st.Reserved++
+		} else {
+			st.Tunnels++
+		}
 		st.Members += len(ep.members)
 	}
 	for ss := range s.sessions {
 		st.Parked += len(ss.pool)
 	}
 	return st
+}
+
+// SetAgents replaces the agents admitted by key (see ParseAgents), as a
+// reload of the agents file does. An agent that is no longer listed, or
+// whose key changed, is revoked: its sessions end and its ports close and
+// are released at once. The others keep their sessions and ports; their
+// new scope applies to their next requests.
+func (s *Server) SetAgents(agents []Agent) {
+	s.mu.Lock()
+	s.cfg.Agents = agents
+	old := s.ids
+	s.ids = make(map[string]*identity, len(agents))
+	for _, a := range agents {
+		id := old[string(a.Key)]
+		if id != nil && id.named {
+			id.Agent = a
+		} else {
+			id = newIdentity(a, true)
+		}
+		s.ids[string(a.Key)] = id
+	}
+	var ended []*session
+	for k, id := range old {
+		if s.ids[k] == nil {
+			id.revoked = true
+			for ss := range id.sessions {
+				ended = append(ended, ss)
+			}
+			for _, ep := range s.endpoints {
+				if ep.owner == id.owner && ep.ln == nil {
+					ep.releaseLocked()
+				}
+			}
+		}
+	}
+	s.mu.Unlock()
+	for _, ss := range ended {
+		ss.log.Warn("agent removed from the agents file: ending its session")
+		ss.ctl.Send(&proto.Error{Code: proto.CodeAuthFailed, Message: "this agent was removed from the relay's agents file"})
+		ss.close()
+	}
 }

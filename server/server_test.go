@@ -444,8 +444,9 @@ func TestProtocolGrowth(t *testing.T) {
 	c := testutil.Dial(t, relay.Addr)
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	ctl := proto.NewConn(c, 5*time.Second, proto.DefaultMaxPayload)
-	// A Hello from the future: an unknown feature bit and an appended field.
-	hello := append((&proto.Hello{Agent: "future", Features: 1 << 40}).AppendPayload(nil), "new field"...)
+	// A Hello from the future: an unknown feature bit, and a field appended
+	// after the last one this version knows (Eph, sent with it).
+	hello := append((&proto.Hello{Agent: "future", Features: 1 << 40, Eph: [proto.KeyLen]byte{1}}).AppendPayload(nil), "new field"...)
 	c.Write(proto.AppendFrame(proto.Preamble(), proto.TypeHello, hello))
 	m, err := ctl.Read()
 	ch, ok := m.(*proto.Challenge)
@@ -455,7 +456,7 @@ func TestProtocolGrowth(t *testing.T) {
 	if ch.Features&(1<<40) != 0 {
 		t.Errorf("relay announces features %v, the unknown bit among them", ch.Features)
 	}
-	auth := append((&proto.Auth{}).AppendPayload(nil), 1, 2, 3)
+	auth := append((&proto.Auth{Key: [proto.KeyLen]byte{1}}).AppendPayload(nil), 1, 2, 3)
 	c.Write(proto.AppendFrame(nil, proto.TypeAuth, auth))
 	if m, err := ctl.Read(); err != nil || m.Type() != proto.TypeWelcome {
 		t.Fatalf("got %v, %v; want Welcome", m, err)
@@ -467,7 +468,7 @@ func TestProtocolGrowth(t *testing.T) {
 		!strings.Contains(e.Message, "upgrade the relay") {
 		t.Fatalf("Listen with an unknown flag: got %v, %v; want Error{1, CodeUnsupported}", m, err)
 	}
-	listen := append((&proto.Listen{ID: 2}).AppendPayload(nil), "appended"...)
+	listen := append((&proto.Listen{ID: 2, Resume: [proto.TokenLen]byte{1}}).AppendPayload(nil), "appended"...)
 	c.Write(proto.AppendFrame(nil, proto.TypeListen, listen))
 	m, err = ctl.Read()
 	if ok, isOK := m.(*proto.ListenOK); err != nil || !isOK || ok.ID != 2 {

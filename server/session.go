@@ -1,6 +1,7 @@
 package server
 
 import (
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -18,6 +19,8 @@ type session struct {
 	bindIP   net.IP
 	log      *slog.Logger
 	features proto.Features // spoken by both sides
+	id       *identity      // nil: the shared secret's (or open relay's) one tenant
+	key      [proto.MACLen]byte
 
 	remote   string    // the agent's address
 	software string    // what the agent says it is (Hello)
@@ -28,12 +31,21 @@ type session struct {
 	members map[uint32]*member // by tunnel id
 	nextID  uint32
 	poolKey [proto.TokenLen]byte
-	pool    []net.Conn // parked pre-opened data connections
+	pool    []net.Conn   // parked pre-opened data connections
+	joins   replayWindow // PoolJoin sequence numbers seen (feature proof)
 }
 
 // errBadRequest marks a frame the relay does not accept from an agent; the
 // session ends with an Error.
 var errBadRequest = errors.New("bad request")
+
+// name is how logs and the status view call the session's agent.
+func (ss *session) name() string {
+	if ss.id != nil {
+		return ss.id.Name
+	}
+	return ss.remote
+}
 
 // runSession authenticates an agent that sent Hello and serves its requests
 // until the control connection ends.
@@ -48,34 +60,29 @@ func (s *Server) runSession(c net.Conn, hello *proto.Hello, bindIP net.IP) {
 		software: hello.Agent,
 		members:  make(map[uint32]*member),
 	}
-	if err := ss.handshake(); err != nil {
+	if err := ss.handshake(hello); err != nil {
 		s.count.handshakeFails.Add(1)
 		ss.log.Warn("agent handshake failed", "err", err)
 		s.closeConn(c)
 		return
 	}
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		ss.ctl.Send(&proto.Error{Code: proto.CodeShuttingDown, Message: "relay shutting down"})
+	if ss.id != nil {
+		ss.log = s.log.With("agent", ss.id.Name, "remote", ss.remote)
+	}
+	if err := ss.join(); err != nil {
+		ss.log.Warn("agent refused", "err", err)
+		var re *requestError
+		if errors.As(err, &re) {
+			ss.ctl.Send(&proto.Error{Code: re.code, Message: re.msg})
+		}
 		s.closeConn(c)
 		return
 	}
-	// From here the session, not the conn set, owns c.
-	s.count.agents.Add(1)
-	ss.since = time.Now()
-	delete(s.conns, c)
-	s.sessions[ss] = struct{}{}
-	if ss.features&proto.FeaturePool != 0 {
-		ss.poolKey = proto.NewToken()
-		s.poolKeys[ss.poolKey] = ss
-	}
-	s.mu.Unlock()
 	ss.log.Info("agent connected", "software", hello.Agent, "features", ss.features)
 
 	err := error(nil)
 	if ss.features&proto.FeaturePool != 0 {
-		err = ss.ctl.Send(&proto.PoolKey{Key: ss.poolKey, Max: uint16(s.set.maxPool)})
+		err = ss.ctl.Send(&proto.PoolKey{Key: ss.poolKey, Max: uint16(ss.parkLimit())})
 	}
 	if err == nil {
 		ss.ctl.MaxPayload = s.set.maxFrameSize
@@ -91,9 +98,17 @@ func (s *Server) runSession(c net.Conn, hello *proto.Hello, bindIP net.IP) {
 // handshake runs challenge-response authentication under the deadline that
 // handleConn set, and clears the deadline when it succeeds. Before Welcome
 // nothing but Auth is accepted.
-func (ss *session) handshake() error {
-	nonce := proto.NewNonce()
-	if err := ss.ctl.Send(&proto.Challenge{Nonce: nonce, Features: ss.s.features()}); err != nil {
+func (ss *session) handshake(hello *proto.Hello) error {
+	s := ss.s
+	ch := &proto.Challenge{Nonce: proto.NewNonce(), Features: s.features()}
+	var eph *proto.Ephemeral
+	if ss.features&proto.FeatureProof != 0 && hello.Eph != ([proto.KeyLen]byte{}) {
+		eph = proto.NewEphemeral()
+		ch.Eph = eph.Public
+	} else {
+		ss.features &^= proto.FeatureProof
+	}
+	if err := ss.ctl.Send(ch); err != nil {
 		return fmt.Errorf("send challenge: %w", err)
 	}
 	m, err := ss.ctl.Read()
@@ -104,15 +119,94 @@ func (ss *session) handshake() error {
 	if !ok {
 		return fmt.Errorf("read auth: got %s frame", m.Type())
 	}
-	if secret := ss.s.cfg.Secret; secret != "" && !proto.CheckMAC(secret, nonce, auth.MAC) {
-		ss.s.count.authFails.Add(1)
-		ss.ctl.Send(&proto.Error{Code: proto.CodeAuthFailed, Message: "wrong or missing secret"})
-		return errors.New("authentication failed: wrong or missing secret")
+	binding := proto.TLSBinding(ss.ctl.NetConn())
+	if ss.id, err = s.authenticate(ss.features, proto.IdentityMessage(ch.Nonce, hello.Eph, ch.Eph, binding), ch.Nonce, auth); err != nil {
+		s.count.authFails.Add(1)
+		ss.ctl.Send(&proto.Error{Code: proto.CodeAuthFailed, Message: err.Error()})
+		return fmt.Errorf("authentication failed: %w", err)
 	}
-	if err := ss.ctl.Send(&proto.Welcome{HeartbeatMillis: uint32(ss.s.set.heartbeat.Milliseconds())}); err != nil {
+	if eph != nil {
+		if ss.key, err = eph.SessionKey(hello.Eph, ch.Nonce); err != nil {
+			return fmt.Errorf("session key: %w", err)
+		}
+	}
+	if err := ss.ctl.Send(&proto.Welcome{HeartbeatMillis: uint32(s.set.heartbeat.Milliseconds())}); err != nil {
 		return fmt.Errorf("send welcome: %w", err)
 	}
 	return ss.ctl.NetConn().SetDeadline(time.Time{})
+}
+
+// authenticate decides who an agent is from its Auth: an identity of the
+// agents file (by its key), an anonymous identity (a key on a relay
+// without agents file), or nil, the shared secret's one tenant.
+func (s *Server) authenticate(features proto.Features, signed []byte, nonce [proto.NonceLen]byte, auth *proto.Auth) (*identity, error) {
+	var pub ed25519.PublicKey
+	if features&proto.FeatureIdentity != 0 && auth.Key != ([proto.KeyLen]byte{}) {
+		pub = ed25519.PublicKey(auth.Key[:])
+		if !ed25519.Verify(pub, signed, auth.Sig[:]) {
+			return nil, errors.New("bad signature for key " + proto.FormatKey(pub))
+		}
+	}
+	secretOK := s.cfg.Secret != "" && proto.CheckMAC(s.cfg.Secret, nonce, auth.MAC)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cfg.Agents != nil {
+		switch {
+		case pub != nil && s.ids[string(pub)] != nil:
+			return s.ids[string(pub)], nil
+		case pub != nil:
+			return nil, errors.New("unknown agent key " + proto.FormatKey(pub) + ": it is not in the relay's agents file")
+		case secretOK:
+			return nil, nil
+		}
+		return nil, errors.New("this relay admits agents by key: give the agent -key FILE and add its public key to the relay's agents file")
+	}
+	if s.cfg.Secret != "" && !secretOK {
+		return nil, errors.New("wrong or missing secret")
+	}
+	if pub == nil {
+		return nil, nil
+	}
+	id := s.ids[string(pub)]
+	if id == nil {
+		id = newIdentity(Agent{Name: proto.FormatKey(pub), Key: pub}, false)
+		s.ids[string(pub)] = id
+	}
+	return id, nil
+}
+
+// join registers an authenticated session with the relay and its identity,
+// within the identity's session limit.
+func (ss *session) join() error {
+	s := ss.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return refusal(proto.CodeShuttingDown, "relay shutting down")
+	}
+	if id := ss.id; id != nil {
+		limit := id.Sessions
+		if limit == 0 {
+			limit = defaultSessions
+		}
+		switch {
+		case id.revoked:
+			return refusal(proto.CodeAuthFailed, "agent %s was removed from the relay's agents file", id.Name)
+		case len(id.sessions) >= limit:
+			return refusal(proto.CodeLimit, "agent %s has %d sessions already (sessions=%d)", id.Name, len(id.sessions), limit)
+		}
+		id.sessions[ss] = struct{}{}
+	}
+	// From here the session, not the conn set, owns its connection.
+	s.count.agents.Add(1)
+	ss.since = time.Now()
+	delete(s.conns, ss.ctl.NetConn())
+	s.sessions[ss] = struct{}{}
+	if ss.features&proto.FeaturePool != 0 {
+		ss.poolKey = proto.NewToken()
+		s.poolKeys[ss.poolKey] = ss
+	}
+	return nil
 }
 
 // handle serves one request from the agent.
@@ -128,9 +222,9 @@ func (ss *session) handle(m proto.Message) error {
 	return nil
 }
 
-// listen opens a public endpoint with this session as its member, and
-// answers the agent. The endpoint starts accepting only after ListenOK is
-// sent, so no Incoming can precede it.
+// listen opens or claims a public endpoint with this session as a member,
+// and answers the agent. The endpoint starts accepting only after ListenOK
+// is sent, so no Incoming can precede it.
 func (ss *session) listen(req *proto.Listen) {
 	s := ss.s
 	refuse := func(code uint16, err error) {
@@ -141,70 +235,41 @@ func (ss *session) listen(req *proto.Listen) {
 		refuse(proto.CodeUnsupported, fmt.Errorf("listen flags 0x%x are not supported by this relay: upgrade the relay", unknown))
 		return
 	}
-	// The limit is checked before a port is bound. A session's requests
-	// are served one at a time, so it still holds when the member is added.
-	s.mu.Lock()
-	n := len(ss.members)
-	s.mu.Unlock()
-	if n >= s.set.maxTunnels {
-		refuse(proto.CodeLimit, fmt.Errorf("tunnel limit reached: %d per agent", s.set.maxTunnels))
-		return
-	}
-	ep, err := s.openEndpoint(ss.bindIP, int(req.Port), req.Flags&proto.ListenPortRequired != 0)
+	m, ln, resume, err := ss.register(req)
 	if err != nil {
-		code := proto.CodePortUnavailable
-		if errors.Is(err, errNoFreePort) {
-			code = proto.CodeLimit
+		code := proto.CodeInternal
+		var re *requestError
+		if errors.As(err, &re) {
+			code = re.code
 		}
 		refuse(code, err)
 		return
 	}
-	m := ss.addMember(ep)
-	if m == nil { // the session ended meanwhile
-		s.ports.close(ep.ln)
-		return
-	}
-	if err := ss.ctl.Send(&proto.ListenOK{ID: req.ID, Tunnel: m.id, Host: s.cfg.PublicHost, Port: uint16(ep.port)}); err != nil {
+	if err := ss.ctl.Send(&proto.ListenOK{ID: req.ID, Tunnel: m.id, Host: s.cfg.PublicHost, Port: uint16(m.ep.port), Resume: resume}); err != nil {
 		ss.close()
 		return
 	}
-	ss.log.Info("tunnel opened", "tunnel", m.id, "port", ep.port)
-	ep.start()
+	ss.log.Info("tunnel opened", "tunnel", m.id, "port", m.ep.port)
+	m.ep.start(ln)
 }
 
-// addMember makes the session a member of ep, or returns nil if the
-// session has ended.
-func (ss *session) addMember(ep *endpoint) *member {
-	s := ss.s
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if ss.closed {
-		return nil
-	}
-	ss.nextID++
-	m := &member{id: ss.nextID, sess: ss, ep: ep}
-	ss.members[m.id] = m
-	ep.members = append(ep.members, m)
-	s.endpoints[ep] = struct{}{}
-	return m
-}
-
-// closeTunnel ends the session's membership of one endpoint.
+// closeTunnel ends the session's membership of one endpoint at the agent's
+// request: an endpoint left without members releases its port at once.
 func (ss *session) closeTunnel(id uint32) {
 	s := ss.s
 	s.mu.Lock()
 	m := ss.members[id]
-	var last *endpoint
+	var ln net.Listener
 	if m != nil {
-		last = m.removeLocked()
+		ln = m.removeLocked(true)
 	}
 	s.mu.Unlock()
 	if m == nil {
 		ss.log.Debug("close for unknown tunnel", "tunnel", id)
 		return
 	}
-	if last != nil {
-		s.ports.close(last.ln)
+	if ln != nil {
+		ln.Close()
 	}
 	ss.log.Info("tunnel closed by agent", "tunnel", id, "port", m.ep.port)
 }
@@ -216,9 +281,10 @@ func (ss *session) goAway(reason string) {
 }
 
 // close ends the session: its memberships end (an endpoint left with no
-// member closes its public port) and its waiting clients are closed after
-// a grace. Relayed connections already joined keep running: they no longer
-// need the control connection. Safe to call more than once.
+// member closes its public port and stays reserved for its owner) and its
+// waiting clients are closed after a grace. Relayed connections already
+// joined keep running: they no longer need the control connection. Safe to
+// call more than once.
 func (ss *session) close() {
 	s := ss.s
 	s.mu.Lock()
@@ -229,10 +295,13 @@ func (ss *session) close() {
 	ss.closed = true
 	delete(s.sessions, ss)
 	delete(s.poolKeys, ss.poolKey)
-	var emptied []*endpoint
+	if ss.id != nil {
+		delete(ss.id.sessions, ss)
+	}
+	var lns []net.Listener
 	for _, m := range ss.members {
-		if ep := m.removeLocked(); ep != nil {
-			emptied = append(emptied, ep)
+		if ln := m.removeLocked(false); ln != nil {
+			lns = append(lns, ln)
 		}
 	}
 	pool := ss.pool
@@ -240,9 +309,9 @@ func (ss *session) close() {
 	s.mu.Unlock()
 
 	// Ports first: an agent that sees its control connection end can count
-	// on its port being free again, e.g. to ask for it back.
-	for _, ep := range emptied {
-		s.ports.close(ep.ln)
+	// on its port being closed, e.g. to claim it back.
+	for _, ln := range lns {
+		ln.Close()
 	}
 	for _, c := range pool {
 		s.closeConn(c)
@@ -250,22 +319,60 @@ func (ss *session) close() {
 	ss.ctl.Close()
 }
 
-// park keeps a pre-opened data connection for the session that owns key. It
-// reports whether it took ownership of c.
-func (s *Server) park(c net.Conn, key [proto.TokenLen]byte) bool {
+// parkLimit is how many pre-opened data connections the session may park:
+// the relay's per-agent limit, and no more than its identity's budget.
+func (ss *session) parkLimit() int {
+	if ss.id != nil {
+		return min(ss.s.set.maxPool, ss.id.parkBudget(ss.s.set.maxPool))
+	}
+	return ss.s.set.maxPool
+}
+
+// park keeps a pre-opened data connection for the session that owns its
+// key, if it proves it belongs to that session (feature proof) and the
+// session and its identity have room. It reports whether it took c.
+func (s *Server) park(c net.Conn, join *proto.PoolJoin) bool {
 	s.mu.Lock()
-	ss := s.poolKeys[key]
-	ok := ss != nil && !ss.closed && len(ss.pool) < s.set.maxPool
-	if ok {
+	ss := s.poolKeys[join.Key]
+	why := ""
+	switch {
+	case ss == nil || ss.closed:
+		why = "unknown key"
+	case ss.features&proto.FeatureProof != 0 && !proto.CheckProof(ss.key, "pool-join", join.MAC, join.Key[:], be64(join.Seq)):
+		why = "bad proof"
+	case ss.features&proto.FeatureProof != 0 && !ss.joins.fresh(join.Seq):
+		why = "replayed"
+	case len(ss.pool) >= ss.parkLimit() || ss.id != nil && ss.id.parkedLocked() >= ss.id.parkBudget(s.set.maxPool):
+		why = "pool full"
+	default:
 		ss.pool = append(ss.pool, c)
 	}
 	s.mu.Unlock()
-	if !ok {
-		s.dropConn(c, "pre-opened data connection with an unknown key, or the pool is full", nil)
+	if why != "" {
+		s.dropConn(c, "pre-opened data connection refused: "+why, nil)
 		return false
 	}
 	c.SetDeadline(time.Time{})
 	return true
+}
+
+// parkBudget is the identity's limit on pre-opened data connections over
+// all its sessions: Parked, or def.
+func (id *identity) parkBudget(def int) int {
+	if id.Parked > 0 {
+		return id.Parked
+	}
+	return def
+}
+
+// parkedLocked counts the pre-opened data connections of all the
+// identity's sessions. s.mu must be held.
+func (id *identity) parkedLocked() int {
+	n := 0
+	for ss := range id.sessions {
+		n += len(ss.pool)
+	}
+	return n
 }
 
 // takePooled returns a parked data connection of the session that is still
@@ -287,4 +394,41 @@ func (ss *session) takePooled() net.Conn {
 		}
 		s.closeConn(c) // the agent closed it, or broke the protocol
 	}
+}
+
+// be64 is v in 8 big-endian bytes.
+func be64(v uint64) []byte {
+	return []byte{byte(v >> 56), byte(v >> 48), byte(v >> 40), byte(v >> 32), byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}
+}
+
+// replayWindow accepts each sequence number once: numbers above the
+// highest seen, and the 63 below it not seen yet (pre-opened connections
+// are dialled in parallel and may arrive out of order).
+type replayWindow struct {
+	top  uint64 // highest number seen
+	seen uint64 // bit i: top-i was seen
+}
+
+func (w *replayWindow) fresh(seq uint64) bool {
+	switch {
+	case seq == 0:
+		return false
+	case seq > w.top:
+		if shift := seq - w.top; shift < 64 {
+			w.seen <<= shift
+		} else {
+			w.seen = 0
+		}
+		w.seen |= 1
+		w.top = seq
+		return true
+	case w.top-seq >= 64:
+		return false
+	}
+	bit := uint64(1) << (w.top - seq)
+	if w.seen&bit != 0 {
+		return false
+	}
+	w.seen |= bit
+	return true
 }

@@ -2,66 +2,78 @@ package tunnel
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"tcprelay/internal/proto"
 )
 
-// control is one control connection to the relay, from the handshake until
-// it ends. A Listener replaces it when it reconnects.
+// control is one control connection to a relay, from the handshake until
+// it ends. A registration replaces it when it reconnects.
 type control struct {
 	l        *Listener
+	r        *registration
 	conn     *proto.Conn
-	dataAddr string         // where data connections go: the relay's resolved address
-	hb       time.Duration  // heartbeat the relay asked for; 0: none
-	features proto.Features // spoken by both sides
-	poolKey  *proto.PoolKey // the relay's offer of pre-opened data connections; nil: none
+	dataAddr string             // where data connections go: the relay's resolved address
+	hb       time.Duration      // heartbeat the relay asked for; 0: none
+	features proto.Features     // spoken by both sides
+	key      [proto.MACLen]byte // the session key (feature proof)
+	poolKey  *proto.PoolKey     // the relay's offer of pre-opened data connections; nil: none
 	pool     *pool
+	joins    atomic.Uint64 // PoolJoin sequence numbers used
+
+	tunnel uint32 // the relay's name for the tunnel
+	addr   *Addr  // the public address
+	resume [proto.TokenLen]byte
 }
 
 // features is what this library speaks.
-const features = proto.FeaturePool
+const features = proto.FeaturePool | proto.FeatureIdentity | proto.FeatureProof
 
-// dial connects to the relay, authenticates, and opens the tunnel on port
-// (0: any). The handshake is bounded by the dial timeout and by ctx.
-func (l *Listener) dial(ctx context.Context, port int, required bool) (*control, *Addr, error) {
+// dialControl connects to r's relay, authenticates, and opens the tunnel on
+// port (0: any), showing resume if it is not zero. The handshake is bounded
+// by the dial timeout and by ctx.
+func dialControl(ctx context.Context, r *registration, port int, required bool, resume [proto.TokenLen]byte) (*control, error) {
+	l := r.l
 	ctx, cancel := context.WithTimeout(ctx, l.cfg.dialTimeout())
 	defer cancel()
-	conn, err := l.dialRelay(ctx, l.relayAddr)
+	conn, err := l.dialRelay(ctx, r.relayAddr, r.dialedHost)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	c := &control{l: l, conn: proto.NewConn(conn, l.cfg.writeTimeout(), proto.DefaultMaxPayload),
+	c := &control{l: l, r: r, conn: proto.NewConn(conn, l.cfg.writeTimeout(), proto.DefaultMaxPayload),
 		dataAddr: conn.RemoteAddr().String()}
 	// A cancelled ctx unblocks the handshake's reads and writes.
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
-	addr, err := c.handshake(port, required)
+	err = c.handshake(port, required, resume)
 	if !stop() || err != nil {
 		conn.Close()
 		if err == nil || ctx.Err() != nil {
 			err = fmt.Errorf("relay handshake: %w", context.Cause(ctx))
 		}
-		return nil, nil, err
+		return nil, err
 	}
 	conn.SetDeadline(time.Time{})
-	return c, addr, nil
+	return c, nil
 }
 
-// dialRelay opens a TCP connection to addr (the relay's control port) and,
-// if configured, runs the TLS handshake on it. Data connections dial the
-// address the control connection resolved, and verify the same name.
-func (l *Listener) dialRelay(ctx context.Context, addr string) (net.Conn, error) {
+// dialRelay opens a TCP connection to addr (a relay's control port) and, if
+// configured, runs the TLS handshake on it, verifying host unless the TLS
+// configuration names a server. Data connections dial the address the
+// control connection resolved, and verify the same name.
+func (l *Listener) dialRelay(ctx context.Context, addr, host string) (net.Conn, error) {
 	d := net.Dialer{KeepAlive: 15 * time.Second}
 	conn, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
-		return nil, fmt.Errorf("dial relay: %w", err)
+		return nil, fmt.Errorf("%w: %w", errDial, err)
 	}
 	if l.cfg.TLS == nil {
 		return conn, nil
@@ -69,7 +81,7 @@ func (l *Listener) dialRelay(ctx context.Context, addr string) (net.Conn, error)
 	cfg := l.cfg.TLS
 	if cfg.ServerName == "" {
 		cfg = cfg.Clone()
-		cfg.ServerName = l.dialedHost
+		cfg.ServerName = host
 	}
 	tc := tls.Client(conn, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
@@ -80,55 +92,78 @@ func (l *Listener) dialRelay(ctx context.Context, addr string) (net.Conn, error)
 }
 
 // handshake authenticates and opens the tunnel.
-func (c *control) handshake(port int, required bool) (*Addr, error) {
-	agent := c.l.cfg.Agent
+func (c *control) handshake(port int, required bool, resume [proto.TokenLen]byte) error {
+	l := c.l
+	agent := l.cfg.Agent
 	if agent == "" {
 		agent = "tcprelay-go"
 	}
 	agent = agent[:min(len(agent), maxAgentLen)]
-	if err := c.conn.Open(&proto.Hello{Agent: agent, Features: features}); err != nil {
-		return nil, fmt.Errorf("send hello: %w", err)
+	eph := proto.NewEphemeral()
+	hello := &proto.Hello{Agent: agent, Features: features, Eph: eph.Public}
+	if err := c.conn.Open(hello); err != nil {
+		return fmt.Errorf("send hello: %w", err)
 	}
 	m, err := c.expect(proto.TypeChallenge)
 	if err != nil {
-		if c.l.cfg.TLS == nil && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
-			return nil, fmt.Errorf("read challenge: the relay closed the connection at once "+
+		if l.cfg.TLS == nil && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
+			return fmt.Errorf("read challenge: the relay closed the connection at once "+
 				"(is this its control port, and does it expect TLS?): %w", err)
 		}
-		return nil, fmt.Errorf("read challenge: %w", err)
+		return fmt.Errorf("read challenge: %w", err)
 	}
 	ch := m.(*proto.Challenge)
-	if err := proto.Require("relay", ch.Features, c.l.need); err != nil {
-		return nil, err
+	if err := proto.Require("relay", ch.Features, l.need); err != nil {
+		return err
 	}
 	c.features = ch.Features & features
-	mac := proto.AuthMAC(c.l.cfg.Secret, ch.Nonce)
-	if err := c.conn.Send(&proto.Auth{MAC: mac}); err != nil {
-		return nil, fmt.Errorf("send auth: %w", err)
+	if c.features&proto.FeatureProof != 0 && ch.Eph != ([proto.KeyLen]byte{}) {
+		if c.key, err = eph.SessionKey(ch.Eph, ch.Nonce); err != nil {
+			return fmt.Errorf("%w: session key: %v", ErrProtocol, err)
+		}
+	} else {
+		c.features &^= proto.FeatureProof
+	}
+	auth := &proto.Auth{MAC: proto.AuthMAC(l.cfg.Secret, ch.Nonce)}
+	if l.cfg.Key != nil && c.features&proto.FeatureIdentity != 0 {
+		copy(auth.Key[:], l.cfg.Key.Public().(ed25519.PublicKey))
+		signed := proto.IdentityMessage(ch.Nonce, hello.Eph, ch.Eph, proto.TLSBinding(c.conn.NetConn()))
+		copy(auth.Sig[:], ed25519.Sign(l.cfg.Key, signed))
+	}
+	if err := c.conn.Send(auth); err != nil {
+		return fmt.Errorf("send auth: %w", err)
 	}
 	m, err = c.expect(proto.TypeWelcome)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	c.hb = time.Duration(m.(*proto.Welcome).HeartbeatMillis) * time.Millisecond
 
-	req := &proto.Listen{ID: 1, Port: uint16(port)}
+	req := &proto.Listen{ID: 1, Port: uint16(port), Resume: resume}
 	if required {
 		req.Flags |= proto.ListenPortRequired
 	}
 	if err := c.conn.Send(req); err != nil {
-		return nil, fmt.Errorf("send listen: %w", err)
+		return fmt.Errorf("send listen: %w", err)
 	}
 	m, err = c.expect(proto.TypeListenOK)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	ok := m.(*proto.ListenOK)
-	addr := &Addr{Host: ok.Host, Port: int(ok.Port)}
-	if addr.Host == "" {
-		addr.Host = c.l.dialedHost
+	c.tunnel, c.resume = ok.Tunnel, ok.Resume
+	c.addr = &Addr{Host: ok.Host, Port: int(ok.Port)}
+	if c.addr.Host == "" {
+		c.addr.Host = c.r.dialedHost
 	}
-	return addr, nil
+	return nil
+}
+
+// release gives the public port back (the relay keeps no reservation for
+// it) and closes the control connection.
+func (c *control) release() {
+	c.conn.SendWithin(&proto.Close{Tunnel: c.tunnel}, time.Second)
+	c.conn.Close()
 }
 
 // expect reads frames until one of type want, answering pings and skipping
@@ -146,7 +181,7 @@ func (c *control) expect(want proto.Type) (proto.Message, error) {
 		case *proto.Error:
 			return nil, relayError(m)
 		case *proto.GoAway:
-			return nil, fmt.Errorf("%w: %s", ErrShuttingDown, m.Message)
+			return nil, &goAwayError{m.Message, time.Duration(m.RetryMillis) * time.Millisecond}
 		case *proto.Ping:
 			if err := c.conn.Send(&proto.Pong{Data: m.Data}); err != nil {
 				return nil, err
@@ -176,7 +211,7 @@ func relayError(e *proto.Error) error {
 	switch e.Code {
 	case proto.CodeAuthFailed:
 		sentinel = ErrAuthFailed
-	case proto.CodePortUnavailable:
+	case proto.CodePortUnavailable, proto.CodePortReserved:
 		sentinel = ErrPortUnavailable
 	case proto.CodeLimit:
 		sentinel = ErrLimit
@@ -224,7 +259,7 @@ func (c *control) handle(m proto.Message) error {
 			c.openData(m)
 		}()
 	case *proto.GoAway:
-		return fmt.Errorf("%w: %s", ErrShuttingDown, m.Message)
+		return &goAwayError{m.Message, time.Duration(m.RetryMillis) * time.Millisecond}
 	case *proto.Error:
 		if m.ID == 0 {
 			return relayError(m)
@@ -234,36 +269,39 @@ func (c *control) handle(m proto.Message) error {
 	return nil
 }
 
-// openData dials the relay for one outside client, binds the connection to
-// it with the token, and hands the connection to Accept. The relay sends no
-// acknowledgement: raw bytes follow the Attach frame at once, so the new
-// connection costs one TCP handshake and no further round trip.
-func (c *control) openData(m *proto.Incoming) {
+// dataConn opens a data connection to the relay: preamble and first, and
+// nothing after them.
+func (c *control) dataConn(first proto.Message) (net.Conn, error) {
 	l := c.l
 	ctx, cancel := context.WithTimeout(l.ctx, l.cfg.dialTimeout())
-	conn, err := l.dialRelay(ctx, c.dataAddr)
+	conn, err := l.dialRelay(ctx, c.dataAddr, c.r.dialedHost)
 	cancel()
 	if err != nil {
-		l.log.Warn("data connection to relay failed", "client", m.Client, "err", err)
-		return
+		return nil, err
 	}
-	frame := proto.Append(proto.Preamble(), &proto.Attach{Token: m.Token})
 	conn.SetWriteDeadline(time.Now().Add(l.cfg.writeTimeout()))
-	if _, err := conn.Write(frame); err != nil {
-		l.log.Warn("data connection to relay failed", "client", m.Client, "err", err)
+	if _, err := conn.Write(proto.Append(proto.Preamble(), first)); err != nil {
 		conn.Close()
-		return
+		return nil, err
 	}
 	conn.SetWriteDeadline(time.Time{})
-	l.deliver(&Conn{Conn: conn, local: parseAddr(m.Local), remote: parseAddr(m.Client)})
+	return conn, nil
 }
 
-// deliver hands a relayed conn to Accept, or closes it if the Listener
-// closes first.
-func (l *Listener) deliver(c *Conn) {
-	select {
-	case l.conns <- c:
-	case <-l.done:
-		c.Conn.Close()
+// openData picks up one outside client: a data connection that shows the
+// client's token (and, with feature proof, that it belongs to this
+// session), handed to Accept. The relay sends no acknowledgement: raw bytes
+// follow the Attach frame at once, so the new connection costs one TCP
+// handshake and no further round trip.
+func (c *control) openData(m *proto.Incoming) {
+	a := &proto.Attach{Token: m.Token}
+	if c.features&proto.FeatureProof != 0 {
+		a.MAC = proto.ProofMAC(c.key, "attach", m.Token[:])
 	}
+	conn, err := c.dataConn(a)
+	if err != nil {
+		c.l.log.Warn("data connection to relay failed", "client", m.Client, "err", err)
+		return
+	}
+	c.l.deliver(&Conn{Conn: conn, local: parseAddr(m.Local), remote: parseAddr(m.Client)})
 }

@@ -1,7 +1,7 @@
 package tunnel
 
 import (
-	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -103,28 +103,21 @@ func (p *pool) run(lost <-chan struct{}) {
 // client to be bound to it.
 func (p *pool) park() {
 	l := p.c.l
-	ctx, cancel := context.WithTimeout(l.ctx, l.cfg.dialTimeout())
-	conn, err := l.dialRelay(ctx, p.c.dataAddr)
-	cancel()
-	if err == nil {
-		frame := proto.Append(proto.Preamble(), &proto.PoolJoin{Key: p.key})
-		conn.SetWriteDeadline(time.Now().Add(l.cfg.writeTimeout()))
-		if _, err = conn.Write(frame); err != nil {
-			conn.Close()
-		}
-		conn.SetWriteDeadline(time.Time{})
+	join := &proto.PoolJoin{Key: p.key}
+	if p.c.features&proto.FeatureProof != 0 {
+		join.Seq = p.c.joins.Add(1)
+		join.MAC = proto.ProofMAC(p.c.key, "pool-join", join.Key[:], binary.BigEndian.AppendUint64(nil, join.Seq))
 	}
+	conn, err := p.c.dataConn(join)
 	p.mu.Lock()
 	p.dialing--
 	if err == nil && p.closed {
+		conn.Close()
 		err = errors.New("session over")
 	}
 	if err != nil {
 		p.failed = true
 		p.mu.Unlock()
-		if conn != nil {
-			conn.Close()
-		}
 		p.poke()
 		return
 	}

@@ -20,6 +20,19 @@ func reconnecting() (tunnel.Config, <-chan net.Addr) {
 	return tunnel.Config{MaxBackoff: 100 * time.Millisecond, OnAddr: func(a net.Addr) { addrs <- a }}, addrs
 }
 
+// listenReconnecting registers a reconnecting listener with the relay at
+// addr; the channel reports the addresses of its later registrations
+// (OnAddr's report of the first one is checked and consumed).
+func listenReconnecting(t *testing.T, addr string) (*tunnel.Listener, <-chan net.Addr) {
+	t.Helper()
+	cfg, addrs := reconnecting()
+	ln := listen(t, addr, cfg)
+	if a := nextAddr(t, addrs); a.String() != ln.Addr().String() {
+		t.Fatalf("OnAddr reported %s first, Addr() is %s", a, ln.Addr())
+	}
+	return ln, addrs
+}
+
 func nextAddr(t *testing.T, addrs <-chan net.Addr) net.Addr {
 	t.Helper()
 	select {
@@ -49,8 +62,7 @@ func echoOnce(t *testing.T, c net.Conn, msg string) {
 func TestReconnectAfterRelayRestart(t *testing.T) {
 	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
-	cfg, addrs := reconnecting()
-	ln := listen(t, relay.Addr, cfg)
+	ln, addrs := listenReconnecting(t, relay.Addr)
 	testutil.Serve(t, ln, testutil.Echo)
 	pub := ln.Addr().String()
 	if err := echoRoundTrip(pub, 1, 10<<10); err != nil {
@@ -77,8 +89,7 @@ func TestControlLossKeepsRelayedConns(t *testing.T) {
 	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
 	proxy := testutil.NewFaultProxy(t, relay.Addr)
-	cfg, addrs := reconnecting()
-	ln := listen(t, proxy.Addr(), cfg)
+	ln, addrs := listenReconnecting(t, proxy.Addr())
 	testutil.Serve(t, ln, testutil.Echo)
 	pub := ln.Addr().String()
 
@@ -102,8 +113,7 @@ func TestFrozenRelayDetected(t *testing.T) {
 	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{Heartbeat: 50 * time.Millisecond})
 	proxy := testutil.NewFaultProxy(t, relay.Addr)
-	cfg, addrs := reconnecting()
-	ln := listen(t, proxy.Addr(), cfg)
+	ln, addrs := listenReconnecting(t, proxy.Addr())
 	testutil.Serve(t, ln, testutil.Echo)
 
 	proxy.Freeze(t, 0)

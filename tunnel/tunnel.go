@@ -10,25 +10,22 @@
 //
 // and serves as before. ln.Addr() is the public address to give to clients;
 // each conn's RemoteAddr() is the outside client's own address.
+//
+// Given several relays, the Listener registers with each of them, on the
+// same public port, and Accept yields the clients of all: a relay that
+// fails takes only its own share of the clients with it.
 package tunnel
 
 import (
-	"bytes"
 	"context"
-	"crypto/sha256"
+	"crypto/ed25519"
 	"crypto/tls"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
-	"net/netip"
-	"strconv"
-	"strings"
+	"os"
 	"sync"
-	"syscall"
 	"time"
 
 	"tcprelay/internal/proto"
@@ -37,9 +34,10 @@ import (
 // Errors returned by Listen and Accept; those from the relay wrap its own
 // message.
 var (
-	// ErrAuthFailed: the relay refused the secret (or its absence).
+	// ErrAuthFailed: the relay refused the secret or key (or their absence).
 	ErrAuthFailed = errors.New("authentication failed")
-	// ErrPortUnavailable: the requested public port is taken or not allowed.
+	// ErrPortUnavailable: the requested public port is taken, reserved for
+	// another owner, or not allowed.
 	ErrPortUnavailable = errors.New("public port unavailable")
 	// ErrLimit: a relay limit was reached (no free port, too many tunnels).
 	ErrLimit = errors.New("relay limit reached")
@@ -57,13 +55,20 @@ var (
 
 // Config configures a relayed listener. The zero value is usable.
 type Config struct {
-	// Secret is the relay's shared secret. If empty, only an open relay
-	// accepts this agent.
+	// Secret is the relay's shared secret. If empty, only an open relay, or
+	// one that admits this agent's Key, accepts it.
 	Secret string
+
+	// Key, if set, is this agent's identity: relays that list its public
+	// key (see PublicKey) in their agents file admit it with its scope, and
+	// keep its public port for it across reconnections. See LoadKey.
+	Key ed25519.PrivateKey
 
 	// Port asks the relay for this public port. If zero, the relay picks
 	// one. If the port is not available the relay picks another one, unless
-	// PortRequired is set, in which case Listen fails.
+	// PortRequired is set, in which case Listen fails. With several relays,
+	// the port is the same on every relay: Port, or the one the first relay
+	// picked, asked of the others as required.
 	Port         int
 	PortRequired bool
 
@@ -78,10 +83,17 @@ type Config struct {
 	// WriteTimeout bounds each write on the control connection. If zero, 10s.
 	WriteTimeout time.Duration
 
-	// OnAddr, if set, is called with the public address each time the
-	// Listener registers again after losing the relay (the first address is
-	// Addr's). It runs on the Listener's own goroutine and must not block.
+	// OnAddr, if set, is called with the public address each time a relay
+	// registers the Listener: at Listen, for each relay, and again after
+	// each reconnection. Calls for different relays may run concurrently;
+	// it must not block.
 	OnAddr func(net.Addr)
+
+	// WaitForRelay makes Listen keep trying, with the reconnection backoff,
+	// while no relay can be reached, until one registers it or ctx ends.
+	// A refusal that retrying cannot change (authentication, a required
+	// port) still fails at once. If false, Listen fails at once.
+	WaitForRelay bool
 
 	// DisableReconnect makes Accept fail with ErrRelayLost when the control
 	// connection ends, instead of reconnecting.
@@ -107,7 +119,13 @@ type Config struct {
 
 // needs is the set of features a relay must have to serve c; Listen fails
 // with ErrUnsupported, naming them, at a relay that lacks one.
-func (c *Config) needs() proto.Features { return c.require }
+func (c *Config) needs() proto.Features {
+	need := c.require
+	if c.Key != nil {
+		need |= proto.FeatureIdentity
+	}
+	return need
+}
 
 // maxAgentLen keeps Hello well inside the relay's pre-authentication frame
 // limit.
@@ -136,37 +154,27 @@ func (c *Config) writeTimeout() time.Duration {
 	return c.WriteTimeout
 }
 
-// Listen registers with the relay at relayAddr (host:port of its control
-// port) with the zero Config.
-func Listen(ctx context.Context, relayAddr string) (*Listener, error) {
+// Listen registers with the relays at relayAddrs (host:port of each one's
+// control port) with the zero Config.
+func Listen(ctx context.Context, relayAddrs ...string) (*Listener, error) {
 	var c Config
-	return c.Listen(ctx, relayAddr)
+	return c.Listen(ctx, relayAddrs...)
 }
 
-// Addr is a relayed public address. Host is the relay's advertised host, or
-// the host the agent dialed when the relay advertises none; it may be a name.
-type Addr struct {
-	Host string
-	Port int
-}
-
-func (a *Addr) Network() string { return "tcp" }
-func (a *Addr) String() string  { return net.JoinHostPort(a.Host, strconv.Itoa(a.Port)) }
-
-// Listener is a net.Listener for a relay's public port. It is safe for
-// concurrent use. When the control connection to the relay is lost, the
-// Listener reconnects by itself and asks for the same public port; Accept
-// keeps waiting meanwhile, and connections already relayed keep flowing.
+// Listener is a net.Listener for a relay's public port, on one relay or on
+// several. It is safe for concurrent use. When the control connection to a
+// relay is lost, the Listener reconnects to it by itself and asks for the
+// same public port; Accept keeps waiting meanwhile, and connections already
+// relayed keep flowing.
 type Listener struct {
-	cfg        Config
-	log        *slog.Logger
-	relayAddr  string
-	dialedHost string
-	need       proto.Features // features the relay must have for this Config
+	cfg  Config
+	log  *slog.Logger
+	need proto.Features
+	regs []*registration
 
-	mu   sync.Mutex
-	addr *Addr    // current public address
-	ctl  *control // current control connection; nil while reconnecting
+	mu    sync.Mutex
+	port  int  // the public port on every relay: Config.Port or the first one granted
+	fixed bool // port is fixed: ask every relay for it as required
 
 	conns     chan net.Conn   // data connections ready for Accept
 	ctx       context.Context // cancelled by Close
@@ -180,137 +188,158 @@ type Listener struct {
 
 var _ net.Listener = (*Listener)(nil)
 
-// Listen registers with the relay at relayAddr and opens a public port. It
-// returns once the relay has bound the port, so Addr is final until a
-// reconnection (see Config.OnAddr). It fails at once if the relay cannot be
-// reached or refuses: retrying the first registration is the caller's call.
-func (c *Config) Listen(ctx context.Context, relayAddr string) (*Listener, error) {
-	host, _, err := net.SplitHostPort(relayAddr)
-	if err != nil {
-		return nil, fmt.Errorf("relay address %q: %w", relayAddr, err)
+// Listen registers with each relay at relayAddrs and opens a public port on
+// it. It returns once every relay has answered: registered, with the port
+// bound, or failed. It fails if no relay registered it (unless
+// Config.WaitForRelay); a relay that failed is retried in the background,
+// unless it refused for good. Addr is the first relay's address, final
+// until a reconnection; Addrs lists them all.
+func (c *Config) Listen(ctx context.Context, relayAddrs ...string) (*Listener, error) {
+	if len(relayAddrs) == 0 {
+		return nil, errors.New("no relay address")
 	}
 	if c.Port < 0 || c.Port > 65535 {
 		return nil, fmt.Errorf("Config.Port %d: want 0 (any) or 1-65535", c.Port)
 	}
 	l := &Listener{
-		cfg:        *c,
-		log:        c.Logger,
-		relayAddr:  relayAddr,
-		dialedHost: host,
-		need:       c.needs(),
-		conns:      make(chan net.Conn),
-		failed:     make(chan struct{}),
+		cfg:    *c,
+		log:    c.Logger,
+		need:   c.needs(),
+		port:   c.Port,
+		fixed:  c.Port != 0 && c.PortRequired,
+		conns:  make(chan net.Conn),
+		failed: make(chan struct{}),
 	}
-	l.ctx, l.cancel = context.WithCancel(context.Background())
-	l.done = l.ctx.Done()
 	if l.log == nil {
 		l.log = slog.Default()
 	}
-	ctl, addr, err := l.dial(ctx, c.Port, c.PortRequired)
-	if err != nil {
-		l.cancel()
-		return nil, err
+	for _, a := range relayAddrs {
+		host, _, err := net.SplitHostPort(a)
+		if err != nil {
+			return nil, fmt.Errorf("relay address %q: %w", a, err)
+		}
+		l.regs = append(l.regs, &registration{l: l, relayAddr: a, dialedHost: host})
 	}
-	l.addr, l.ctl = addr, ctl
-	l.wg.Add(1)
-	go func() {
-		defer l.wg.Done()
-		l.run(ctl)
-	}()
+	l.ctx, l.cancel = context.WithCancel(context.Background())
+	l.done = l.ctx.Done()
+
+	// One relay at a time: the first that registers fixes the port the
+	// others are asked for. Each one serves as soon as it is registered.
+	delay := c.minBackoff()
+	for {
+		var errs []error
+		ok, final := 0, 0
+		for _, r := range l.regs {
+			if st := r.state(); st.registered || st.final != nil {
+				continue
+			}
+			ctl, err := r.dial(ctx)
+			switch {
+			case err == nil:
+				r.start(ctl)
+			case !transient(err):
+				r.setFinal(err)
+				errs = append(errs, err)
+			default:
+				errs = append(errs, err)
+			}
+		}
+		for _, r := range l.regs {
+			st := r.state()
+			if st.registered {
+				ok++
+			}
+			if st.final != nil {
+				final++
+			}
+		}
+		if ok > 0 {
+			break
+		}
+		err := errors.Join(errs...)
+		if len(errs) == 1 {
+			err = errs[0]
+		}
+		if !c.WaitForRelay || final == len(l.regs) || ctx.Err() != nil {
+			l.cancel()
+			return nil, err
+		}
+		l.log.Warn("no relay reachable yet; retrying", "err", err, "next_in", delay)
+		select {
+		case <-ctx.Done():
+			l.cancel()
+			return nil, fmt.Errorf("%w (last: %w)", ctx.Err(), err)
+		case <-time.After(jitter(delay)):
+		}
+		delay = min(2*delay, c.maxBackoff())
+	}
+	// The relays that could not register it yet keep trying.
+	for _, r := range l.regs {
+		if st := r.state(); !st.registered && st.final == nil {
+			r.start(nil)
+		}
+	}
 	return l, nil
 }
 
-// run serves the control connection and, each time it is lost, reconnects
-// with capped exponential backoff and jitter, asking for the same port.
-func (l *Listener) run(ctl *control) {
-	for {
-		err := ctl.serve()
-		l.mu.Lock()
-		l.ctl = nil
-		port := l.addr.Port
-		l.mu.Unlock()
-		if l.isClosed() {
-			return
-		}
-		if l.cfg.DisableReconnect {
-			l.fail(fmt.Errorf("%w: %w", ErrRelayLost, err))
-			return
-		}
-		l.log.Warn("lost the relay; reconnecting", "relay", l.relayAddr, "err", err)
-		var addr *Addr
-		if ctl, addr = l.reconnect(port); ctl == nil {
-			return
-		}
-		l.mu.Lock()
-		if l.isClosed() {
-			// Close ran after the dial: it could not see this conn.
-			l.mu.Unlock()
-			ctl.conn.Close()
-			return
-		}
-		old := l.addr
-		l.addr, l.ctl = addr, ctl
-		l.mu.Unlock()
-		l.log.Info("registered with the relay again", "addr", addr.String(), "same_port", addr.Port == old.Port)
-		if l.cfg.OnAddr != nil {
-			l.cfg.OnAddr(addr)
-		}
+// errDial marks a relay that could not be reached at all.
+var errDial = errors.New("dial relay")
+
+// transient reports whether a first registration that failed may succeed
+// if tried again: the relay could not be reached (not started yet,
+// restarting, a network outage) or answered too late, was at a limit, or
+// was shutting down. A relay that refuses the agent, or is no relay at
+// all, is not worth waiting for.
+func transient(err error) bool {
+	return errors.Is(err, errDial) || errors.Is(err, ErrShuttingDown) || errors.Is(err, ErrLimit) ||
+		errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded)
+}
+
+// wantPort is the port to ask a relay for, and whether it is required.
+func (l *Listener) wantPort() (int, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.port, l.fixed || l.cfg.PortRequired
+}
+
+// granted records the port a relay gave: with several relays, the first
+// one fixes the port for all.
+func (l *Listener) granted(port int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.regs) > 1 && !l.fixed {
+		l.port, l.fixed = port, true
+	} else if len(l.regs) == 1 {
+		l.port = port
 	}
 }
 
-// reconnect dials until it registers again, the Listener is closed (nil),
-// or the relay refuses for good (nil, after fail).
-func (l *Listener) reconnect(port int) (*control, *Addr) {
-	delay := l.cfg.minBackoff()
-	for attempt := 1; ; attempt++ {
-		// Full jitter over the upper half: agents cut off together do not
-		// come back together.
-		wait := delay/2 + time.Duration(rand.Int64N(int64(delay/2)+1))
-		select {
-		case <-l.done:
-			return nil, nil
-		case <-time.After(wait):
+// giveUp records that registration r failed for good, and fails Accept once
+// no relay is left.
+func (l *Listener) giveUp(r *registration, err error) {
+	r.setFinal(err)
+	l.mu.Lock()
+	left := 0
+	for _, r := range l.regs {
+		if r.final == nil {
+			left++
 		}
-		ctl, addr, err := l.dial(l.ctx, port, l.cfg.PortRequired)
-		if err == nil {
-			return ctl, addr
-		}
-		if l.isClosed() {
-			return nil, nil
-		}
-		if errors.Is(err, ErrAuthFailed) {
-			l.fail(err)
-			return nil, nil
-		}
-		l.log.Warn("reconnect failed", "attempt", attempt, "err", err, "next_in", min(2*delay, l.cfg.maxBackoff()))
-		delay = min(2*delay, l.cfg.maxBackoff())
 	}
-}
-
-func (l *Listener) fail(err error) {
-	l.failErr = err
-	close(l.failed)
+	l.mu.Unlock()
+	l.log.Error("gave up on the relay", "relay", r.relayAddr, "err", err)
+	if left == 0 {
+		l.failErr = err
+		close(l.failed)
+	}
 }
 
 func (l *Listener) isClosed() bool { return l.ctx.Err() != nil }
 
-func parseAddr(s string) net.Addr {
-	if ap, err := netip.ParseAddrPort(s); err == nil {
-		return net.TCPAddrFromAddrPort(ap)
-	}
-	return stringAddr(s)
-}
-
-type stringAddr string
-
-func (a stringAddr) Network() string { return "tcp" }
-func (a stringAddr) String() string  { return string(a) }
-
-// Accept waits for the next outside client. After Close it returns an error
-// that errors.Is(err, net.ErrClosed). It returns another error only when the
-// Listener gives up on the relay: the relay refused the secret on
-// reconnection (ErrAuthFailed), or the connection was lost with
-// DisableReconnect set (ErrRelayLost).
+// Accept waits for the next outside client, from any relay. After Close it
+// returns an error that errors.Is(err, net.ErrClosed). It returns another
+// error only when the Listener has given up on every relay: the relay
+// refused the secret or key on reconnection (ErrAuthFailed), or the
+// connection was lost with DisableReconnect set (ErrRelayLost).
 func (l *Listener) Accept() (net.Conn, error) {
 	select {
 	case c := <-l.conns:
@@ -324,14 +353,17 @@ func (l *Listener) Accept() (net.Conn, error) {
 	return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: l.Addr(), Err: net.ErrClosed}
 }
 
-// Close releases the public port and unblocks Accept. Connections already
+// Close releases the public port on every relay (at once: it is not kept
+// reserved for this agent) and unblocks Accept. Connections already
 // accepted stay open, as with any net.Listener.
 func (l *Listener) Close() error {
 	l.closeOnce.Do(func() {
 		l.cancel()
 		l.mu.Lock()
-		if l.ctl != nil {
-			l.ctl.conn.Close()
+		for _, r := range l.regs {
+			if r.ctl != nil {
+				r.ctl.release()
+			}
 		}
 		l.mu.Unlock()
 		l.wg.Wait()
@@ -339,107 +371,40 @@ func (l *Listener) Close() error {
 	return nil
 }
 
-// Addr returns the public address outside clients connect to. It changes
-// only if a reconnection could not get the same port back.
+// Addr returns the public address outside clients connect to: the first
+// relay's that registered the Listener. It changes only if a reconnection
+// could not get the same port back.
 func (l *Listener) Addr() net.Addr {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.addr
-}
-
-// Conn is a relayed connection to one outside client: the agent's data
-// connection to the relay, a *net.TCPConn or, with TLS, a *tls.Conn.
-// ReadFrom and WriteTo hand over to the *net.TCPConn when there is one, so
-// io.Copy between a Conn and another TCP connection still uses splice(2).
-type Conn struct {
-	net.Conn
-	local, remote net.Addr
-}
-
-var (
-	_ io.ReaderFrom = (*Conn)(nil)
-	_ io.WriterTo   = (*Conn)(nil)
-	_ syscall.Conn  = (*Conn)(nil)
-)
-
-// RemoteAddr is the outside client's address, as the relay saw it.
-func (c *Conn) RemoteAddr() net.Addr { return c.remote }
-
-// LocalAddr is the relay's address that the client connected to, as an IP
-// address and port (Listener.Addr gives the advertised name, if any).
-func (c *Conn) LocalAddr() net.Addr { return c.local }
-
-// NetConn returns the data connection to the relay.
-func (c *Conn) NetConn() net.Conn { return c.Conn }
-
-// CloseWrite half-closes the connection: the outside client reads EOF after
-// the bytes already written, and can keep sending.
-func (c *Conn) CloseWrite() error {
-	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
-		return cw.CloseWrite()
+	for _, r := range l.regs {
+		if r.addr != nil {
+			return r.addr
+		}
 	}
-	return c.Conn.Close()
+	return &Addr{}
 }
 
-// errNotRaw is SyscallConn's answer when the data connection is TLS: its
-// descriptor carries ciphertext, not the client's bytes.
-var errNotRaw = errors.New("tunnel: data connection is not raw TCP")
-
-// SyscallConn gives access to the data connection's socket when it is plain
-// TCP, so copiers can splice(2) the client's bytes without a user-space
-// copy. With TLS it returns an error.
-func (c *Conn) SyscallConn() (syscall.RawConn, error) {
-	if tc, ok := c.Conn.(*net.TCPConn); ok {
-		return tc.SyscallConn()
+// Addrs returns the public address on each relay, in the order the relays
+// were given; nil for a relay that has not registered the Listener yet.
+func (l *Listener) Addrs() []net.Addr {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	addrs := make([]net.Addr, len(l.regs))
+	for i, r := range l.regs {
+		if r.addr != nil {
+			addrs[i] = r.addr
+		}
 	}
-	return nil, errNotRaw
+	return addrs
 }
 
-// ReadFrom copies r to the outside client.
-func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
-	if tc, ok := c.Conn.(*net.TCPConn); ok {
-		return tc.ReadFrom(r)
+// deliver hands a relayed conn to Accept, or closes it if the Listener
+// closes first.
+func (l *Listener) deliver(c *Conn) {
+	select {
+	case l.conns <- c:
+	case <-l.done:
+		c.Conn.Close()
 	}
-	return io.Copy(struct{ io.Writer }{c.Conn}, r)
-}
-
-// WriteTo copies what the outside client sends to w.
-func (c *Conn) WriteTo(w io.Writer) (int64, error) {
-	if tc, ok := c.Conn.(*net.TCPConn); ok {
-		return tc.WriteTo(w)
-	}
-	return io.Copy(w, struct{ io.Reader }{c.Conn})
-}
-
-// PinnedTLS returns a TLS configuration that trusts exactly the relay
-// certificate whose SHA-256 fingerprint (of its DER encoding) is given, in
-// hex with or without colons, as the relay logs it at start-up. Use it for
-// a relay with a self-signed certificate.
-func PinnedTLS(fingerprint string) (*tls.Config, error) {
-	want, err := hex.DecodeString(strings.ReplaceAll(strings.TrimPrefix(fingerprint, "sha256:"), ":", ""))
-	if err != nil || len(want) != sha256.Size {
-		return nil, fmt.Errorf("bad certificate fingerprint %q: want 64 hex digits (SHA-256)", fingerprint)
-	}
-	return &tls.Config{
-		// Chain verification is replaced by the pin below, which Go runs
-		// on every handshake, resumed ones included.
-		InsecureSkipVerify: true,
-		VerifyConnection: func(cs tls.ConnectionState) error {
-			if len(cs.PeerCertificates) == 0 {
-				return errors.New("relay sent no certificate")
-			}
-			got := sha256.Sum256(cs.PeerCertificates[0].Raw)
-			if !bytes.Equal(got[:], want) {
-				return fmt.Errorf("relay certificate fingerprint %x does not match the pinned %x", got, want)
-			}
-			return nil
-		},
-	}, nil
-}
-
-// Fingerprint is the SHA-256 fingerprint of a certificate, as PinnedTLS
-// takes it.
-func Fingerprint(cert []byte) string {
-	sum := sha256.Sum256(cert)
-	return hex.EncodeToString(sum[:])
 }

@@ -15,14 +15,14 @@ func main() {
 		"Registers with the relay at RELAYHOST:RELAYPORT, prints\n"+
 			"  established relay address: HOST:PORT\n"+
 			"on stdout (again after each reconnection), and echoes every byte each\n"+
-			"client sends, half-closing after it does.")
+			"client sends, half-closing after it does. RELAYHOST may list several\n"+
+			"relays, comma-separated, each HOST or HOST:PORT (RELAYPORT is the port of\n"+
+			"those without one): the agent registers with each, on the same port, and\n"+
+			"prints one line per relay.")
 	agent := c.Agent()
 	args, log := c.Parse(os.Args[1:], 2)
-	relayAddr, err := cli.RelayAddr(args[0], args[1])
-	if err != nil {
-		c.Usagef("%v", err)
-	}
-	agent.Run(relayAddr, log, echo)
+	relays, _ := agent.Relays(args, 2)
+	agent.Run(relays, log, echo)
 }
 
 // echo writes back everything the client sends; when the client half-closes,

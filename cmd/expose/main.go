@@ -16,16 +16,16 @@ func main() {
 			"  established relay address: HOST:PORT\n"+
 			"on stdout (again after each reconnection), and forwards every connection to\n"+
 			"that address to TARGET (host:port), byte for byte in both directions.\n"+
-			"TARGET is unmodified: redis, sshd, a web server.")
+			"TARGET is unmodified: redis, sshd, a web server. RELAYHOST may list\n"+
+			"several relays, comma-separated, each HOST or HOST:PORT (RELAYPORT is the\n"+
+			"port of those without one): the agent registers with each, on the same\n"+
+			"port, and prints one line per relay.")
 	agent := c.Agent()
 	dialTimeout := c.FS.Duration("dial-timeout", 5e9, "time to connect to TARGET before the outside client is closed")
 	proxyProto := c.FS.String("proxy-protocol", "", "send a PROXY protocol header (v1 or v2) with the client's real address to TARGET (default: none)")
 	args, log := c.Parse(os.Args[1:], 3)
-	relayAddr, err := cli.RelayAddr(args[0], args[1])
-	if err != nil {
-		c.Usagef("%v", err)
-	}
-	target := args[2]
+	relays, rest := agent.Relays(args, 3)
+	target := rest[0]
 	if host, p, err := net.SplitHostPort(target); err != nil || host == "" {
 		c.Usagef("bad TARGET %q: want host:port, e.g. 127.0.0.1:6379", target)
 	} else if _, err := cli.Port(p); err != nil {
@@ -44,6 +44,5 @@ func main() {
 	default:
 		c.Usagef("bad -proxy-protocol %q: want v1 or v2", *proxyProto)
 	}
-	log.Info("forwarding relayed connections", "target", target)
-	agent.Run(relayAddr, log, fw.Start)
+	agent.Run(relays, log, fw.Start)
 }

@@ -6,11 +6,14 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -40,6 +43,9 @@ func main() {
 	fs.IntVar(&cfg.MaxPoolPerAgent, "max-pool-per-agent", cfg.MaxPoolPerAgent, "idle data connections an agent may open in advance, so new clients skip a round trip (-1: none)")
 	fs.IntVar(&cfg.MaxFrameSize, "max-frame-size", cfg.MaxFrameSize, "largest control frame payload accepted from an authenticated agent, in bytes")
 	metricsAddr := fs.String("metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics and a status view at /status, e.g. 127.0.0.1:9090 (default: off)")
+	agentsFile := fs.String("agents", "", "`file` of the agents admitted by key, one per line: NAME KEY [ports=LO-HI,...] [tunnels=N] [sessions=N] [parked=N] [pools=NAME,...|*]; SIGHUP re-reads it (default: none; admit by -secret, or any agent)")
+	stateDir := fs.String("state-dir", "", "`directory` for the port reservations file, so that they survive a restart; off: keep them in memory (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/tcprelay, else ~/.local/state/tcprelay)")
+	c.DurationOff(&cfg.PortGrace, "port-grace", cfg.PortGrace, "how long a public port stays reserved for its owner after its agent left without releasing it, a `duration` or off")
 	tlsCert := fs.String("tls-cert", "", "PEM certificate file: serve agents over TLS (with -tls-key)")
 	tlsKey := fs.String("tls-key", "", "PEM private key file for -tls-cert")
 	args, log := c.Parse(os.Args[1:], 1)
@@ -81,6 +87,15 @@ func main() {
 	if *drain == 0 {
 		*drain = 10 * time.Second
 	}
+	if *agentsFile != "" {
+		if cfg.Agents, err = server.LoadAgents(*agentsFile); err != nil {
+			c.Fatal(fmt.Errorf("-agents: %w", err))
+		}
+		log.Info("agents admitted by key", "file", *agentsFile, "agents", len(cfg.Agents))
+	}
+	if cfg.StateFile, err = stateFile(*stateDir, *bind, port); err != nil {
+		c.Fatal(fmt.Errorf("-state-dir: %w", err))
+	}
 
 	var tlsCfg *tls.Config
 	if (*tlsCert == "") != (*tlsKey == "") {
@@ -98,6 +113,8 @@ func main() {
 	// Signals are caught before the port opens, so a SIGTERM right after
 	// start-up is a graceful shutdown too.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
 	ln, err := net.Listen("tcp", net.JoinHostPort(*bind, strconv.Itoa(port)))
 	if err != nil {
 		c.Fatal(err)
@@ -105,7 +122,11 @@ func main() {
 	if tlsCfg != nil {
 		ln = tls.NewListener(ln, tlsCfg)
 	}
-	srv := server.New(cfg)
+	srv, err := server.New(cfg)
+	if err != nil {
+		ln.Close()
+		c.Fatal(err)
+	}
 	if *metricsAddr != "" {
 		mln, err := net.Listen("tcp", *metricsAddr)
 		if err != nil {
@@ -118,7 +139,9 @@ func main() {
 		log.Info("serving metrics and status", "metrics", "http://"+mln.Addr().String()+"/metrics",
 			"status", "http://"+mln.Addr().String()+"/status")
 	}
-	log.Info("relay listening", "addr", ln.Addr().String(), "public_ports", strconv.Itoa(cfg.PortMin)+"-"+strconv.Itoa(cfg.PortMax), "version", cli.Version)
+	log.Info("relay listening", "addr", ln.Addr().String(), "public_ports", strconv.Itoa(cfg.PortMin)+"-"+strconv.Itoa(cfg.PortMax),
+		"state_file", cfg.StateFile, "version", cli.Version)
+	go reloadOnHUP(hup, srv, *agentsFile, log)
 
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
@@ -150,4 +173,48 @@ func opsHandler(srv *server.Server) http.Handler {
 		srv.WriteStatus(w)
 	})
 	return mux
+}
+
+// stateFile is where the relay keeps its port reservations: a file of its
+// own in dir, named after its control address, so that relays on one host
+// do not share one; "" for off.
+func stateFile(dir, bind string, port int) (string, error) {
+	switch {
+	case dir == "off":
+		return "", nil
+	case dir != "":
+	case os.Getenv("STATE_DIRECTORY") != "": // systemd's StateDirectory=
+		dir = strings.Split(os.Getenv("STATE_DIRECTORY"), ":")[0]
+	case os.Getenv("XDG_STATE_HOME") != "":
+		dir = filepath.Join(os.Getenv("XDG_STATE_HOME"), "tcprelay")
+	default:
+		home, err := os.UserHomeDir()
+		if err != nil {
+			return "", fmt.Errorf("no home directory for the default (%v): set -state-dir", err)
+		}
+		dir = filepath.Join(home, ".local", "state", "tcprelay")
+	}
+	if bind == "" {
+		bind = "all"
+	}
+	name := "relay-" + strings.NewReplacer(":", "_", "/", "_").Replace(bind) + "-" + strconv.Itoa(port) + ".json"
+	return filepath.Join(dir, name), nil
+}
+
+// reloadOnHUP re-reads the agents file on every SIGHUP. A file with an
+// error leaves the agents in force as they were.
+func reloadOnHUP(hup <-chan os.Signal, srv *server.Server, path string, log *slog.Logger) {
+	for range hup {
+		if path == "" {
+			log.Info("SIGHUP: no agents file to reload")
+			continue
+		}
+		agents, err := server.LoadAgents(path)
+		if err != nil {
+			log.Error("agents file not reloaded: keeping the agents in force", "err", err)
+			continue
+		}
+		srv.SetAgents(agents)
+		log.Info("agents file reloaded", "file", path, "agents", len(agents))
+	}
 }

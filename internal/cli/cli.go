@@ -5,6 +5,7 @@ package cli
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -34,6 +35,7 @@ const SecretEnv = "RELAY_SECRET"
 
 // Common are the flags every program has.
 type Common struct {
+	agent    bool // RELAYHOST RELAYPORT come first
 	Name     string
 	Args     string // the positional arguments, for the usage line
 	About    string // one paragraph under the usage line
@@ -57,10 +59,11 @@ func New(name, args, about string) *Common {
 	return c
 }
 
-// Parse parses argv, handles -h and -version, checks the number of
-// positional arguments, and returns them with the logger. Flags may come
-// before, between or after the positional arguments ("--" ends the flags).
-// It exits on -h (status 0), -version (0) and usage errors (2).
+// Parse parses argv, handles -h and -version, checks that there are nargs
+// positional arguments (or, for agents, one fewer: RELAYHOST:RELAYPORT in
+// one), and returns them with the logger. Flags may come before, between or
+// after the positional arguments ("--" ends the flags). It exits on -h
+// (status 0), -version (0) and usage errors (2).
 func (c *Common) Parse(argv []string, nargs int) ([]string, *slog.Logger) {
 	// Help that was asked for goes to stdout (so it pipes into less);
 	// usage after a mistake goes to stderr.
@@ -95,7 +98,7 @@ func (c *Common) Parse(argv []string, nargs int) ([]string, *slog.Logger) {
 		fmt.Printf("%s %s\n", c.Name, Version)
 		os.Exit(0)
 	}
-	if len(args) != nargs {
+	if len(args) != nargs && !(c.agent && len(args) == nargs-1 && len(args) > 0 && hasPort(args[0])) {
 		c.Usagef("%s", argCount(nargs, len(args), c.Args))
 	}
 	var level slog.Level
@@ -104,6 +107,17 @@ func (c *Common) Parse(argv []string, nargs int) ([]string, *slog.Logger) {
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	return args, log
+}
+
+// hasPort reports whether every relay in a RELAYHOST argument names its
+// port, so that RELAYPORT may be left out.
+func hasPort(hosts string) bool {
+	for _, h := range strings.Split(hosts, ",") {
+		if _, _, err := net.SplitHostPort(strings.TrimSpace(h)); err != nil {
+			return false
+		}
+	}
+	return true
 }
 
 // argCount says, in English, that got positional arguments came where want
@@ -222,15 +236,33 @@ func Port(s string) (int, error) {
 	return p, nil
 }
 
-// RelayAddr joins RELAYHOST and RELAYPORT, checking the port.
-func RelayAddr(host, port string) (string, error) {
-	if host == "" {
-		return "", fmt.Errorf("empty relay host")
+// RelayAddrs reads RELAYHOST and RELAYPORT: one relay or several,
+// comma-separated, each a host (an IPv6 address with or without brackets)
+// or host:port, with port the port of those without one ("" if each has
+// its own).
+func RelayAddrs(hosts, port string) ([]string, error) {
+	var addrs []string
+	for _, h := range strings.Split(hosts, ",") {
+		h = strings.TrimSpace(h)
+		if h == "" {
+			return nil, fmt.Errorf("empty relay host in %q", hosts)
+		}
+		host, p, err := net.SplitHostPort(h)
+		if err != nil { // no port of its own
+			host, p = strings.TrimSuffix(strings.TrimPrefix(h, "["), "]"), port
+			if p == "" {
+				return nil, fmt.Errorf("relay %q has no port: give RELAYPORT, or write it as HOST:PORT", h)
+			}
+		}
+		if host == "" || strings.Contains(host, ":") && net.ParseIP(host) == nil {
+			return nil, fmt.Errorf("bad relay host %q", h)
+		}
+		if _, err := Port(p); err != nil {
+			return nil, fmt.Errorf("relay %q: %v", h, err)
+		}
+		addrs = append(addrs, net.JoinHostPort(host, p))
 	}
-	if _, err := Port(port); err != nil {
-		return "", err
-	}
-	return net.JoinHostPort(host, port), nil
+	return addrs, nil
 }
 
 // Announce prints the line the relayed programs promise on stdout.
@@ -293,30 +325,50 @@ func Serve(ln net.Listener, handle Handler, drain time.Duration, log *slog.Logge
 }
 
 // Agent holds what the relayed programs (echoserver, expose) share: the
-// flags -port, -drain-timeout and the TLS flags, and the way they register
-// with the relay and serve.
+// flags -port, -key, -drain-timeout, -fail-fast and the TLS flags, and the
+// way they register with the relays and serve.
 type Agent struct {
-	c     *Common
-	port  *int
-	drain *time.Duration
-	tls   func() (*tls.Config, error)
+	c        *Common
+	port     *int
+	key      *string
+	drain    *time.Duration
+	failFast *bool
+	tls      func() (*tls.Config, error)
 }
 
 // Agent registers the agent flags; call it before Parse.
 func (c *Common) Agent() *Agent {
+	c.agent = true
 	return &Agent{
-		c:     c,
-		port:  c.FS.Int("port", 0, "public port to ask the relay for (0: any); after a reconnection the last one is asked for"),
-		drain: c.FS.Duration("drain-timeout", 5*time.Second, "on SIGINT/SIGTERM, how long open connections may finish"),
-		tls:   c.AgentTLS(),
+		c:        c,
+		port:     c.FS.Int("port", 0, "public port to ask every relay for; the agent exits if a relay cannot give it (0: any, the same on every relay)"),
+		key:      c.FS.String("key", "", "Ed25519 private key `file` that identifies this agent to relays with an agents file (created, mode 0600, if missing)"),
+		drain:    c.FS.Duration("drain-timeout", 5*time.Second, "on SIGINT/SIGTERM, how long open connections may finish"),
+		failFast: c.FS.Bool("fail-fast", false, "exit at once if no relay can be reached at start, instead of retrying with backoff"),
+		tls:      c.AgentTLS(),
 	}
 }
 
-// Run registers with the relay at relayAddr, prints the announcement line
-// on stdout (again after each re-registration), and runs handle for every
-// relayed connection until SIGINT or SIGTERM; then it stops accepting and
-// lets open connections drain. Fatal errors exit the program.
-func (a *Agent) Run(relayAddr string, log *slog.Logger, handle Handler) {
+// Relays reads the relay addresses off the positional arguments
+// (RELAYHOST [RELAYPORT] ...) of a program that takes nargs of them, and
+// returns them with the arguments that follow.
+func (a *Agent) Relays(args []string, nargs int) (relays, rest []string) {
+	port, rest := "", args[1:]
+	if len(args) == nargs {
+		port, rest = args[1], args[2:]
+	}
+	relays, err := RelayAddrs(args[0], port)
+	if err != nil {
+		a.c.Usagef("%v", err)
+	}
+	return relays, rest
+}
+
+// Run registers with the relays, prints the announcement line on stdout for
+// each registration (again after each reconnection), and runs handle for
+// every relayed connection until SIGINT or SIGTERM; then it stops
+// accepting and lets open connections drain. Fatal errors exit the program.
+func (a *Agent) Run(relays []string, log *slog.Logger, handle Handler) {
 	if *a.port < 0 || *a.port > 65535 {
 		a.c.Usagef("-port %d: want 0 (any) or 1-65535", *a.port)
 	}
@@ -324,22 +376,38 @@ func (a *Agent) Run(relayAddr string, log *slog.Logger, handle Handler) {
 	if err != nil {
 		a.c.Usagef("%v", err)
 	}
+	var key ed25519.PrivateKey
+	if *a.key != "" {
+		var created bool
+		if key, created, err = tunnel.LoadKey(*a.key); err != nil {
+			a.c.Fatal(fmt.Errorf("-key: %w", err))
+		}
+		fmt.Fprintf(os.Stderr, "agent public key: %s\n", tunnel.PublicKey(key))
+		if created {
+			log.Info("created a new agent key", "file", *a.key)
+		}
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	cfg := tunnel.Config{
-		Secret: a.c.Secret(),
-		Port:   *a.port,
-		TLS:    tlsCfg,
-		Agent:  a.c.Name + "/" + Version,
-		Logger: log,
-		OnAddr: func(addr net.Addr) { Announce(os.Stdout, addr) },
+		Secret:       a.c.Secret(),
+		Key:          key,
+		Port:         *a.port,
+		PortRequired: *a.port != 0, // a port asked for is never silently replaced
+		TLS:          tlsCfg,
+		WaitForRelay: !*a.failFast,
+		Agent:        a.c.Name + "/" + Version,
+		Logger:       log,
+		OnAddr:       func(addr net.Addr) { Announce(os.Stdout, addr) },
 	}
-	ln, err := cfg.Listen(ctx, relayAddr)
+	ln, err := cfg.Listen(ctx, relays...)
 	if err != nil {
+		if ctx.Err() != nil {
+			return // a signal before any relay registered us
+		}
 		a.c.Fatal(err)
 	}
-	Announce(os.Stdout, ln.Addr())
-	log.Info("registered with the relay", "public", ln.Addr().String())
+	log.Info("accepting relayed connections")
 	context.AfterFunc(ctx, func() { ln.Close() })
 	if err := Serve(ln, handle, *a.drain, log); err != nil {
 		a.c.Fatal(err)

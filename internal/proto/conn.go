@@ -41,23 +41,27 @@ func (c *Conn) Close() error { return c.nc.Close() }
 
 // Open sends the preamble and m (the agent's Hello) in one write, so they
 // leave in one segment.
-func (c *Conn) Open(m Message) error { return c.write(Preamble(), m, nil) }
+func (c *Conn) Open(m Message) error { return c.write(Preamble(), m, c.writeTimeout, nil) }
 
 // Send writes m as one frame.
-func (c *Conn) Send(m Message) error { return c.write(nil, m, nil) }
+func (c *Conn) Send(m Message) error { return c.write(nil, m, c.writeTimeout, nil) }
+
+// SendWithin writes m as one frame, giving up after d rather than the
+// connection's write timeout: for a goodbye that must not hold up a close.
+func (c *Conn) SendWithin(m Message, d time.Duration) error { return c.write(nil, m, d, nil) }
 
 // errStopped: a ping was not sent because Serve is returning.
 var errStopped = errors.New("stopped")
 
-// write sends prefix and m under the write deadline. If stop is closed
-// once the deadline is set, it sends nothing: Serve, returning, closes stop
-// and then moves the deadline into the past, so a ping is either cut short
-// by that or not sent at all.
-func (c *Conn) write(prefix []byte, m Message, stop <-chan struct{}) error {
+// write sends prefix and m, giving up after timeout. If stop is closed once
+// the deadline is set, it sends nothing: Serve, returning, closes stop and
+// then moves the deadline into the past, so a ping is either cut short by
+// that or not sent at all.
+func (c *Conn) write(prefix []byte, m Message, timeout time.Duration, stop <-chan struct{}) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	c.wbuf = Append(append(c.wbuf[:0], prefix...), m)
-	c.nc.SetWriteDeadline(time.Now().Add(c.writeTimeout))
+	c.nc.SetWriteDeadline(time.Now().Add(timeout))
 	select {
 	case <-stop:
 		return errStopped
@@ -142,7 +146,7 @@ func (c *Conn) pingLoop(hb time.Duration, stop <-chan struct{}) {
 		case <-stop:
 			return
 		case <-tick.C:
-			if c.write(nil, &Ping{Data: seq}, stop) != nil {
+			if c.write(nil, &Ping{Data: seq}, c.writeTimeout, stop) != nil {
 				select {
 				case <-stop: // Serve is returning and cut the write short
 				default:

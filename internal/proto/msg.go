@@ -34,22 +34,34 @@ const (
 	CodeShuttingDown    uint16 = 5 // the relay is going away
 	CodeInternal        uint16 = 6 // the relay failed for its own reasons
 	CodeUnsupported     uint16 = 7 // the request needs a feature, flag or version the receiver lacks
+	CodePortReserved    uint16 = 8 // the port is reserved for another owner for a while
 )
 
 // Hello opens a control connection.
 type Hello struct {
 	Agent    string   // free-form software name and version, for the relay's logs
 	Features Features // what the agent speaks
+	// Eph is the agent's ephemeral X25519 public key (feature proof);
+	// zero: none.
+	Eph [KeyLen]byte
 }
 
 // Challenge carries the relay's nonce.
 type Challenge struct {
 	Nonce    [NonceLen]byte
 	Features Features // what the relay speaks
+	// Eph is the relay's ephemeral X25519 public key (feature proof);
+	// zero: none.
+	Eph [KeyLen]byte
 }
 
-// Auth carries the agent's HMAC of the nonce.
-type Auth struct{ MAC [MACLen]byte }
+// Auth carries the agent's HMAC of the nonce and, with feature identity,
+// its Ed25519 public key and signature (see IdentityMessage).
+type Auth struct {
+	MAC [MACLen]byte
+	Key [KeyLen]byte // zero: no key
+	Sig [SigLen]byte
+}
 
 // Welcome ends the handshake.
 type Welcome struct {
@@ -63,6 +75,9 @@ type Listen struct {
 	ID    uint32 // chosen by the agent, echoed in the answer
 	Port  uint16 // 0: any port
 	Flags uint32 // ListenPortRequired
+	// Resume is the token a ListenOK for Port gave an earlier session: it
+	// proves this agent owns the port's reservation. Zero: none.
+	Resume [TokenLen]byte
 }
 
 // ListenOK answers a Listen.
@@ -71,6 +86,9 @@ type ListenOK struct {
 	Tunnel uint32 // names the tunnel in Incoming and Close
 	Host   string // advertised public host; empty means the host the agent dialed
 	Port   uint16
+	// Resume lets a later session of this agent claim Port while the relay
+	// keeps it reserved (Listen.Resume). Zero: none.
+	Resume [TokenLen]byte
 }
 
 // Error fails request ID (0: the session itself).
@@ -100,10 +118,21 @@ type Ping struct{ Data uint64 }
 type Pong struct{ Data uint64 }
 
 // GoAway says the relay is shutting down; no new requests will be served.
-type GoAway struct{ Message string }
+type GoAway struct {
+	Message string
+	// RetryMillis, if not zero, says the relay expects to be back soon (a
+	// restart): the agent should try again every RetryMillis for a while,
+	// instead of backing off.
+	RetryMillis uint32
+}
 
 // Attach is the only frame of a data connection; raw bytes follow it.
-type Attach struct{ Token [TokenLen]byte }
+type Attach struct {
+	Token [TokenLen]byte
+	// MAC proves the session's key (feature proof): ProofMAC(key,
+	// "attach", token). Zero: none.
+	MAC [MACLen]byte
+}
 
 // PoolKey lets the agent pre-open data connections for this session, up to
 // Max at a time. Relays that send none do not pool.
@@ -114,7 +143,14 @@ type PoolKey struct {
 
 // PoolJoin opens a pre-opened data connection: the relay parks it until an
 // outside client arrives, then sends Bind on it.
-type PoolJoin struct{ Key [TokenLen]byte }
+type PoolJoin struct {
+	Key [TokenLen]byte
+	// With feature proof: Seq is this join's number in its session (from 1,
+	// never reused) and MAC is ProofMAC(session key, "pool-join", Key ||
+	// Seq), so a join seen on the wire cannot be replayed.
+	Seq uint64
+	MAC [MACLen]byte
+}
 
 // Bind is the relay's only frame on a pre-opened data connection: from the
 // next byte on, it carries the outside client's stream.
@@ -141,28 +177,54 @@ func (*PoolKey) Type() Type   { return TypePoolKey }
 func (*PoolJoin) Type() Type  { return TypePoolJoin }
 func (*Bind) Type() Type      { return TypeBind }
 
+// Optional fields (added after version 2, see docs/PROTOCOL.md) are
+// appended only when set, so a message without them has its version-2
+// shape.
+
 func (m *Hello) AppendPayload(b []byte) []byte {
 	b = appendString(b, m.Agent)
-	return binary.BigEndian.AppendUint64(b, uint64(m.Features))
+	b = binary.BigEndian.AppendUint64(b, uint64(m.Features))
+	if m.Eph != ([KeyLen]byte{}) {
+		b = append(b, m.Eph[:]...)
+	}
+	return b
 }
 func (m *Challenge) AppendPayload(b []byte) []byte {
 	b = append(b, m.Nonce[:]...)
-	return binary.BigEndian.AppendUint64(b, uint64(m.Features))
+	b = binary.BigEndian.AppendUint64(b, uint64(m.Features))
+	if m.Eph != ([KeyLen]byte{}) {
+		b = append(b, m.Eph[:]...)
+	}
+	return b
 }
-func (m *Auth) AppendPayload(b []byte) []byte { return append(b, m.MAC[:]...) }
+func (m *Auth) AppendPayload(b []byte) []byte {
+	b = append(b, m.MAC[:]...)
+	if m.Key != ([KeyLen]byte{}) {
+		b = append(append(b, m.Key[:]...), m.Sig[:]...)
+	}
+	return b
+}
 func (m *Welcome) AppendPayload(b []byte) []byte {
 	return binary.BigEndian.AppendUint32(b, m.HeartbeatMillis)
 }
 func (m *Listen) AppendPayload(b []byte) []byte {
 	b = binary.BigEndian.AppendUint32(b, m.ID)
 	b = binary.BigEndian.AppendUint16(b, m.Port)
-	return binary.BigEndian.AppendUint32(b, m.Flags)
+	b = binary.BigEndian.AppendUint32(b, m.Flags)
+	if m.Resume != ([TokenLen]byte{}) {
+		b = append(b, m.Resume[:]...)
+	}
+	return b
 }
 func (m *ListenOK) AppendPayload(b []byte) []byte {
 	b = binary.BigEndian.AppendUint32(b, m.ID)
 	b = binary.BigEndian.AppendUint32(b, m.Tunnel)
 	b = appendString(b, m.Host)
-	return binary.BigEndian.AppendUint16(b, m.Port)
+	b = binary.BigEndian.AppendUint16(b, m.Port)
+	if m.Resume != ([TokenLen]byte{}) {
+		b = append(b, m.Resume[:]...)
+	}
+	return b
 }
 func (m *Error) AppendPayload(b []byte) []byte {
 	b = binary.BigEndian.AppendUint32(b, m.ID)
@@ -178,13 +240,32 @@ func (m *Incoming) AppendPayload(b []byte) []byte {
 func (m *Close) AppendPayload(b []byte) []byte  { return binary.BigEndian.AppendUint32(b, m.Tunnel) }
 func (m *Ping) AppendPayload(b []byte) []byte   { return binary.BigEndian.AppendUint64(b, m.Data) }
 func (m *Pong) AppendPayload(b []byte) []byte   { return binary.BigEndian.AppendUint64(b, m.Data) }
-func (m *GoAway) AppendPayload(b []byte) []byte { return appendString(b, m.Message) }
-func (m *Attach) AppendPayload(b []byte) []byte { return append(b, m.Token[:]...) }
+func (m *GoAway) AppendPayload(b []byte) []byte {
+	b = appendString(b, m.Message)
+	if m.RetryMillis != 0 {
+		b = binary.BigEndian.AppendUint32(b, m.RetryMillis)
+	}
+	return b
+}
+func (m *Attach) AppendPayload(b []byte) []byte {
+	b = append(b, m.Token[:]...)
+	if m.MAC != ([MACLen]byte{}) {
+		b = append(b, m.MAC[:]...)
+	}
+	return b
+}
 func (m *PoolKey) AppendPayload(b []byte) []byte {
 	b = append(b, m.Key[:]...)
 	return binary.BigEndian.AppendUint16(b, m.Max)
 }
-func (m *PoolJoin) AppendPayload(b []byte) []byte { return append(b, m.Key[:]...) }
+func (m *PoolJoin) AppendPayload(b []byte) []byte {
+	b = append(b, m.Key[:]...)
+	if m.Seq != 0 || m.MAC != ([MACLen]byte{}) {
+		b = binary.BigEndian.AppendUint64(b, m.Seq)
+		b = append(b, m.MAC[:]...)
+	}
+	return b
+}
 func (m *Bind) AppendPayload(b []byte) []byte {
 	b = binary.BigEndian.AppendUint32(b, m.Tunnel)
 	b = appendString(b, m.Client)
@@ -214,22 +295,41 @@ func Parse(t Type, payload []byte) (Message, error) {
 	var m Message
 	switch t {
 	case TypeHello:
-		m = &Hello{Agent: d.string(), Features: Features(d.u64())}
+		v := &Hello{Agent: d.string(), Features: Features(d.u64())}
+		if d.more() {
+			d.bytes(v.Eph[:])
+		}
+		m = v
 	case TypeChallenge:
 		v := &Challenge{}
 		d.bytes(v.Nonce[:])
 		v.Features = Features(d.u64())
+		if d.more() {
+			d.bytes(v.Eph[:])
+		}
 		m = v
 	case TypeAuth:
 		v := &Auth{}
 		d.bytes(v.MAC[:])
+		if d.more() {
+			d.bytes(v.Key[:])
+			d.bytes(v.Sig[:])
+		}
 		m = v
 	case TypeWelcome:
 		m = &Welcome{HeartbeatMillis: d.u32()}
 	case TypeListen:
-		m = &Listen{ID: d.u32(), Port: d.u16(), Flags: d.u32()}
+		v := &Listen{ID: d.u32(), Port: d.u16(), Flags: d.u32()}
+		if d.more() {
+			d.bytes(v.Resume[:])
+		}
+		m = v
 	case TypeListenOK:
-		m = &ListenOK{ID: d.u32(), Tunnel: d.u32(), Host: d.string(), Port: d.u16()}
+		v := &ListenOK{ID: d.u32(), Tunnel: d.u32(), Host: d.string(), Port: d.u16()}
+		if d.more() {
+			d.bytes(v.Resume[:])
+		}
+		m = v
 	case TypeError:
 		m = &Error{ID: d.u32(), Code: d.u16(), Message: d.string()}
 	case TypeIncoming:
@@ -245,10 +345,17 @@ func Parse(t Type, payload []byte) (Message, error) {
 	case TypePong:
 		m = &Pong{Data: d.u64()}
 	case TypeGoAway:
-		m = &GoAway{Message: d.string()}
+		v := &GoAway{Message: d.string()}
+		if d.more() {
+			v.RetryMillis = d.u32()
+		}
+		m = v
 	case TypeAttach:
 		v := &Attach{}
 		d.bytes(v.Token[:])
+		if d.more() {
+			d.bytes(v.MAC[:])
+		}
 		m = v
 	case TypePoolKey:
 		v := &PoolKey{}
@@ -258,6 +365,10 @@ func Parse(t Type, payload []byte) (Message, error) {
 	case TypePoolJoin:
 		v := &PoolJoin{}
 		d.bytes(v.Key[:])
+		if d.more() {
+			v.Seq = d.u64()
+			d.bytes(v.MAC[:])
+		}
 		m = v
 	case TypeBind:
 		m = &Bind{Tunnel: d.u32(), Client: d.string(), Local: d.string()}
@@ -287,6 +398,10 @@ type decoder struct {
 	b   []byte
 	err error
 }
+
+// more reports whether the payload goes on: the next fields, added after
+// version 2, are present. A payload that ends before them leaves them zero.
+func (d *decoder) more() bool { return d.err == nil && len(d.b) > 0 }
 
 func (d *decoder) take(n int) []byte {
 	if d.err != nil {

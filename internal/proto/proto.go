@@ -46,6 +46,12 @@ const NonceLen = 32
 // MACLen is the length of the agent's answer (HMAC-SHA256).
 const MACLen = sha256.Size
 
+// KeyLen is the length of a public key: X25519 or Ed25519.
+const KeyLen = 32
+
+// SigLen is the length of an Ed25519 signature.
+const SigLen = 64
+
 // Type identifies a frame.
 type Type uint8
 
@@ -78,6 +84,13 @@ type Features uint64
 const (
 	// FeaturePool: pre-opened data connections (PoolKey, PoolJoin, Bind).
 	FeaturePool Features = 1 << 0
+	// FeatureIdentity: agents authenticate with an Ed25519 key (Auth.Key,
+	// Auth.Sig).
+	FeatureIdentity Features = 1 << 1
+	// FeatureProof: both sides derive a session key from an X25519
+	// exchange (Hello.Eph, Challenge.Eph); data connections prove they
+	// belong to the session with it (Attach.MAC, PoolJoin.Seq and MAC).
+	FeatureProof Features = 1 << 2
 )
 
 // featureNames names each feature, in bit order, for messages and docs.
@@ -86,6 +99,8 @@ var featureNames = []struct {
 	name string
 }{
 	{FeaturePool, "pool"},
+	{FeatureIdentity, "identity"},
+	{FeatureProof, "proof"},
 }
 
 // String names the features in f, comma-separated; unknown bits are shown

@@ -13,20 +13,44 @@ import (
 // RawAgent speaks the wire protocol frame by frame, so tests can make an
 // agent misbehave in ways the tunnel package never would.
 type RawAgent struct {
-	Conn    *net.TCPConn
-	PoolKey *proto.PoolKey // the relay's offer of pre-opened data connections, if any
-	br      *bufio.Reader
-	addr    string
+	Conn       *net.TCPConn
+	PoolKey    *proto.PoolKey     // the relay's offer of pre-opened data connections, if any
+	SessionKey [proto.MACLen]byte // with feature proof: the session key
+	br         *bufio.Reader
+	addr       string
 }
 
-// NewRawAgent dials the relay and completes the handshake with secret.
+// NewRawAgent dials the relay and completes the handshake with secret,
+// announcing feature pool.
 func NewRawAgent(t testing.TB, relayAddr, secret string) *RawAgent {
+	t.Helper()
+	return NewRawAgentWith(t, relayAddr, secret, proto.FeaturePool)
+}
+
+// NewRawAgentWith is NewRawAgent announcing features; with FeatureProof it
+// runs the key exchange and keeps the session key.
+func NewRawAgentWith(t testing.TB, relayAddr, secret string, features proto.Features) *RawAgent {
 	t.Helper()
 	a := &RawAgent{Conn: Dial(t, relayAddr), addr: relayAddr}
 	a.br = bufio.NewReader(a.Conn)
 	a.Conn.SetDeadline(time.Now().Add(10 * time.Second))
-	a.Send(t, append(proto.Preamble(), proto.Append(nil, &proto.Hello{Agent: "rawagent", Features: proto.FeaturePool})...))
+	hello := &proto.Hello{Agent: "rawagent", Features: features}
+	var eph *proto.Ephemeral
+	if features&proto.FeatureProof != 0 {
+		eph = proto.NewEphemeral()
+		hello.Eph = eph.Public
+	}
+	a.Send(t, append(proto.Preamble(), proto.Append(nil, hello)...))
 	ch := a.Expect(t, proto.TypeChallenge).(*proto.Challenge)
+	if eph != nil {
+		if ch.Eph == ([proto.KeyLen]byte{}) {
+			t.Fatal("raw agent: the relay did not take up feature proof")
+		}
+		var err error
+		if a.SessionKey, err = eph.SessionKey(ch.Eph, ch.Nonce); err != nil {
+			t.Fatal(err)
+		}
+	}
 	a.Send(t, proto.Append(nil, &proto.Auth{MAC: proto.AuthMAC(secret, ch.Nonce)}))
 	a.Expect(t, proto.TypeWelcome)
 	return a
@@ -103,9 +127,15 @@ func (a *RawAgent) Attach(t testing.TB, token [proto.TokenLen]byte) *net.TCPConn
 // Park opens a pre-opened data connection with key.
 func (a *RawAgent) Park(t testing.TB, key [proto.TokenLen]byte) *net.TCPConn {
 	t.Helper()
+	return a.Open(t, &proto.PoolJoin{Key: key})
+}
+
+// Open opens a data connection whose first frame is m.
+func (a *RawAgent) Open(t testing.TB, m proto.Message) *net.TCPConn {
+	t.Helper()
 	c := Dial(t, a.addr)
-	if _, err := c.Write(proto.Append(proto.Preamble(), &proto.PoolJoin{Key: key})); err != nil {
-		t.Fatalf("park: %v", err)
+	if _, err := c.Write(proto.Append(proto.Preamble(), m)); err != nil {
+		t.Fatalf("open data connection: %v", err)
 	}
 	return c
 }

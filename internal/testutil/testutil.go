@@ -35,14 +35,24 @@ func StartRelay(t testing.TB, cfg server.Config) *Relay {
 // that was closed, to play a restart.
 func StartRelayAt(t testing.TB, addr string, cfg server.Config) *Relay {
 	t.Helper()
-	if cfg.Logger == nil {
-		cfg.Logger = Logger(t)
-	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := server.New(cfg)
+	return serve(t, ln, cfg)
+}
+
+// serve runs a relay on ln until the test ends.
+func serve(t testing.TB, ln net.Listener, cfg server.Config) *Relay {
+	t.Helper()
+	if cfg.Logger == nil {
+		cfg.Logger = Logger(t)
+	}
+	srv, err := server.New(cfg)
+	if err != nil {
+		ln.Close()
+		t.Fatal(err)
+	}
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ln) }()
 	t.Cleanup(func() {

@@ -51,20 +51,9 @@ func SelfSignedCert(t testing.TB) (tls.Certificate, *x509.CertPool) {
 // StartTLSRelay is StartRelay serving agents over TLS with cert.
 func StartTLSRelay(t testing.TB, cfg server.Config, cert tls.Certificate) *Relay {
 	t.Helper()
-	if cfg.Logger == nil {
-		cfg.Logger = Logger(t)
-	}
 	inner, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln := tls.NewListener(inner, &tls.Config{Certificates: []tls.Certificate{cert}})
-	srv := server.New(cfg)
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ln) }()
-	t.Cleanup(func() {
-		srv.Close()
-		<-done
-	})
-	return &Relay{Server: srv, Addr: inner.Addr().String()}
+	return serve(t, tls.NewListener(inner, &tls.Config{Certificates: []tls.Certificate{cert}}), cfg)
 }

@@ -1,0 +1,190 @@
+package server
+
+import (
+	"bufio"
+	"crypto/ed25519"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+
+	"tcprelay/internal/proto"
+)
+
+// Agent is one line of an agents file: who an agent is (its Ed25519 public
+// key, and a name for logs) and its scope. Every limit of the scope counts
+// over all the agent's sessions: two processes with the same key share it.
+type Agent struct {
+	Name string
+	Key  ed25519.PublicKey
+
+	// Ports are the public ports it may hold. If empty, the relay's range.
+	Ports []PortRange
+	// Tunnels bounds the endpoints it holds, open or reserved. If zero,
+	// Config.MaxTunnelsPerAgent.
+	Tunnels int
+	// Sessions bounds its control connections at once. If zero, 32.
+	Sessions int
+	// Parked bounds its pre-opened data connections, over all sessions. If
+	// zero, Config.MaxPoolPerAgent.
+	Parked int
+	// Pools names the pools it may join; "*" is any. If empty, none.
+	Pools []string
+}
+
+// PortRange is an inclusive range of ports.
+type PortRange struct{ Lo, Hi int }
+
+func (r PortRange) String() string { return strconv.Itoa(r.Lo) + "-" + strconv.Itoa(r.Hi) }
+
+// defaultSessions is Agent.Sessions when zero.
+const defaultSessions = 32
+
+// LoadAgents reads an agents file (see ParseAgents).
+func LoadAgents(path string) ([]Agent, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	agents, err := ParseAgents(f)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return agents, nil
+}
+
+// ParseAgents reads an agents file: one agent per line,
+//
+//	NAME KEY [ports=LO-HI[,LO-HI...]] [tunnels=N] [sessions=N] [parked=N] [pools=NAME[,NAME...]|*]
+//
+// with KEY as agents print it (ed25519:BASE64). Blank lines and text after
+// '#' are ignored. Names and keys are unique. The result is never nil, so
+// an empty file admits no agent by key.
+func ParseAgents(r io.Reader) ([]Agent, error) {
+	agents := []Agent{}
+	names, keys := map[string]int{}, map[string]int{}
+	sc := bufio.NewScanner(r)
+	for n := 1; sc.Scan(); n++ {
+		line, _, _ := strings.Cut(sc.Text(), "#")
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		a, err := parseAgent(f)
+		if err != nil {
+			return nil, fmt.Errorf("line %d: %w", n, err)
+		}
+		if prev, ok := names[a.Name]; ok {
+			return nil, fmt.Errorf("line %d: agent %s is already on line %d", n, a.Name, prev)
+		}
+		if prev, ok := keys[string(a.Key)]; ok {
+			return nil, fmt.Errorf("line %d: the key of %s is already on line %d", n, a.Name, prev)
+		}
+		names[a.Name], keys[string(a.Key)] = n, n
+		agents = append(agents, a)
+	}
+	return agents, sc.Err()
+}
+
+func parseAgent(f []string) (Agent, error) {
+	if len(f) < 2 {
+		return Agent{}, fmt.Errorf("want NAME KEY [options], got %q", strings.Join(f, " "))
+	}
+	a := Agent{Name: f[0]}
+	var err error
+	if a.Key, err = proto.ParseKey(f[1]); err != nil {
+		return Agent{}, err
+	}
+	for _, opt := range f[2:] {
+		k, v, ok := strings.Cut(opt, "=")
+		if !ok || v == "" {
+			return Agent{}, fmt.Errorf("option %q: want NAME=VALUE", opt)
+		}
+		switch k {
+		case "ports":
+			for _, r := range strings.Split(v, ",") {
+				lo, hi, err := parseRange(r)
+				if err != nil {
+					return Agent{}, fmt.Errorf("ports=%s: %w", v, err)
+				}
+				a.Ports = append(a.Ports, PortRange{lo, hi})
+			}
+		case "tunnels", "sessions", "parked":
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 {
+				return Agent{}, fmt.Errorf("%s=%s: want a positive number", k, v)
+			}
+			*map[string]*int{"tunnels": &a.Tunnels, "sessions": &a.Sessions, "parked": &a.Parked}[k] = n
+		case "pools":
+			a.Pools = strings.Split(v, ",")
+			if slices.Contains(a.Pools, "") {
+				return Agent{}, fmt.Errorf("pools=%s: an empty pool name", v)
+			}
+		default:
+			return Agent{}, fmt.Errorf("unknown option %q: want ports, tunnels, sessions, parked or pools", k)
+		}
+	}
+	return a, nil
+}
+
+// parseRange reads LO-HI, or a single port.
+func parseRange(s string) (lo, hi int, err error) {
+	a, b, isRange := strings.Cut(s, "-")
+	if !isRange {
+		b = a
+	}
+	lo, err1 := strconv.Atoi(a)
+	hi, err2 := strconv.Atoi(b)
+	if err1 != nil || err2 != nil || lo < 1 || hi > 65535 || lo > hi {
+		return 0, 0, fmt.Errorf("bad port range %q: want LO-HI within 1-65535", s)
+	}
+	return lo, hi, nil
+}
+
+// identity is who an agent is, for every limit and every port it holds:
+// an Agent of the agents file, or, on a relay without one, an agent that
+// showed a key (an anonymous identity with the default scope). Agents
+// without a key have no identity: they are the one tenant of the shared
+// secret (or of the open relay), limited per session.
+type identity struct {
+	Agent
+	owner string // the owner of its ports: "key:" and the key in base64
+	named bool   // from the agents file
+
+	// Guarded by s.mu.
+	sessions map[*session]struct{}
+	tunnels  int // endpoints it owns, open or reserved
+	parked   int // pre-opened data connections of its sessions
+	revoked  bool
+}
+
+func newIdentity(a Agent, named bool) *identity {
+	return &identity{Agent: a, owner: ownerKey(a.Key), named: named, sessions: make(map[*session]struct{})}
+}
+
+// ownerKey is the owner string of a key's ports.
+func ownerKey(k ed25519.PublicKey) string { return "key:" + proto.FormatKey(k) }
+
+// String names the identity in logs and the status view.
+func (id *identity) String() string { return id.Name }
+
+// allowsPort reports whether port is within the identity's ranges.
+func (id *identity) allowsPort(port int) bool {
+	if len(id.Ports) == 0 {
+		return true
+	}
+	for _, r := range id.Ports {
+		if port >= r.Lo && port <= r.Hi {
+			return true
+		}
+	}
+	return false
+}
+
+// allowsPool reports whether the identity may join pool name.
+func (id *identity) allowsPool(name string) bool {
+	return slices.Contains(id.Pools, name) || slices.Contains(id.Pools, "*")
+}

@@ -1,0 +1,96 @@
+package tunnel
+
+import (
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"strconv"
+	"syscall"
+)
+
+// Addr is a relayed public address. Host is the relay's advertised host, or
+// the host the agent dialed when the relay advertises none; it may be a name.
+type Addr struct {
+	Host string
+	Port int
+}
+
+func (a *Addr) Network() string { return "tcp" }
+func (a *Addr) String() string  { return net.JoinHostPort(a.Host, strconv.Itoa(a.Port)) }
+
+func parseAddr(s string) net.Addr {
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		return net.TCPAddrFromAddrPort(ap)
+	}
+	return stringAddr(s)
+}
+
+type stringAddr string
+
+func (a stringAddr) Network() string { return "tcp" }
+func (a stringAddr) String() string  { return string(a) }
+
+// Conn is a relayed connection to one outside client: the agent's data
+// connection to the relay, a *net.TCPConn or, with TLS, a *tls.Conn.
+// ReadFrom and WriteTo hand over to the *net.TCPConn when there is one, so
+// io.Copy between a Conn and another TCP connection still uses splice(2).
+type Conn struct {
+	net.Conn
+	local, remote net.Addr
+}
+
+var (
+	_ io.ReaderFrom = (*Conn)(nil)
+	_ io.WriterTo   = (*Conn)(nil)
+	_ syscall.Conn  = (*Conn)(nil)
+)
+
+// RemoteAddr is the outside client's address, as the relay saw it.
+func (c *Conn) RemoteAddr() net.Addr { return c.remote }
+
+// LocalAddr is the relay's address that the client connected to, as an IP
+// address and port (Listener.Addr gives the advertised name, if any).
+func (c *Conn) LocalAddr() net.Addr { return c.local }
+
+// NetConn returns the data connection to the relay.
+func (c *Conn) NetConn() net.Conn { return c.Conn }
+
+// CloseWrite half-closes the connection: the outside client reads EOF after
+// the bytes already written, and can keep sending.
+func (c *Conn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
+}
+
+// errNotRaw is SyscallConn's answer when the data connection is TLS: its
+// descriptor carries ciphertext, not the client's bytes.
+var errNotRaw = errors.New("tunnel: data connection is not raw TCP")
+
+// SyscallConn gives access to the data connection's socket when it is plain
+// TCP, so copiers can splice(2) the client's bytes without a user-space
+// copy. With TLS it returns an error.
+func (c *Conn) SyscallConn() (syscall.RawConn, error) {
+	if tc, ok := c.Conn.(*net.TCPConn); ok {
+		return tc.SyscallConn()
+	}
+	return nil, errNotRaw
+}
+
+// ReadFrom copies r to the outside client.
+func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
+	if tc, ok := c.Conn.(*net.TCPConn); ok {
+		return tc.ReadFrom(r)
+	}
+	return io.Copy(struct{ io.Writer }{c.Conn}, r)
+}
+
+// WriteTo copies what the outside client sends to w.
+func (c *Conn) WriteTo(w io.Writer) (int64, error) {
+	if tc, ok := c.Conn.(*net.TCPConn); ok {
+		return tc.WriteTo(w)
+	}
+	return io.Copy(w, struct{ io.Reader }{c.Conn})
+}
