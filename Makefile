@@ -25,11 +25,14 @@ fuzz:
 
 # The relay path against a direct connection, side by side on loopback
 # (iperf3, CPU per GB, redis-benchmark, connect latency, idle cost, capacity):
-# a table on stdout, docs/bench/results.json and docs/bench/chart.svg.
-# Timing figures are medians of RUNS runs; BENCHFLAGS passes more flags
-# (go run ./bench -h lists them).
+# a table on stdout, docs/bench/results.json and docs/bench/results.tsv, and
+# docs/bench/chart.svg drawn from the TSV by gnuplot (bench/chart.gp) if it
+# is installed (Debian: gnuplot-nox). Timing figures are medians of RUNS
+# runs; BENCHFLAGS passes more flags (go run ./bench -h lists them).
 bench: all
 	go run ./bench -runs $(RUNS) $(BENCHFLAGS)
+	@if command -v gnuplot >/dev/null; then gnuplot -c bench/chart.gp docs/bench && echo "wrote docs/bench/chart.svg"; \
+	else echo "gnuplot is not installed (Debian: gnuplot-nox): docs/bench/chart.svg not redrawn"; fi
 
 clean:
 	rm -f $(BINARIES)

@@ -1,6 +1,9 @@
+//go:build linux
+
 package main
 
-// iperf3 and redis-benchmark, direct and through ./expose.
+// iperf3 (and the CPU it costs) and redis-benchmark, direct and through
+// ./expose.
 
 import (
 	"encoding/csv"
@@ -17,277 +20,124 @@ import (
 	"tcprelay/internal/child"
 )
 
-func seconds(d time.Duration) int { return max(1, int(math.Round(d.Seconds()))) }
-
-func benchIperf(cfg *config) []*Figure {
-	one := &Figure{Section: "iperf3", Name: "iperf3 throughput, 1 stream", Unit: "Gbit/s",
-		Target: ge(0.45), Chart: "iperf3, 1 stream: relay/direct"}
-	multi := &Figure{Section: "iperf3", Name: fmt.Sprintf("iperf3 throughput, %d streams", cfg.iperfStreams), Unit: "Gbit/s",
-		Target: ge(0.55), Chart: fmt.Sprintf("iperf3, %d streams: relay/direct", cfg.iperfStreams)}
-	cpu := &Figure{Section: "iperf3", Name: "CPU relay+agent per GB, 1 stream", ValueUnit: "s/GB",
-		DirectText: "n/a", Target: le(0.4), Chart: "CPU of relay + expose per GB"}
-	figs := []*Figure{one, multi, cpu}
-
+func benchIperf() ([]*row, error) {
+	one := &row{Section: "iperf", Name: "iperf3, 1 stream", Unit: "Gbit/s"}
+	multi := &row{Section: "iperf", Name: fmt.Sprintf("iperf3, %d streams", *iperfStreams), Unit: "Gbit/s"}
+	cpuSrv := &row{Section: "cpu", Name: "CPU of iperf3 -s (receiver), 1 stream", Unit: "s/GB"}
+	cpuRelay := &row{Section: "cpu", Name: "CPU of relay, 1 stream", Unit: "s/GB"}
+	cpuExpose := &row{Section: "cpu", Name: "CPU of expose, 1 stream", Unit: "s/GB"}
+	cpuBoth := &row{Section: "cpu", Name: "CPU of relay+expose, 1 stream", Unit: "s/GB"}
+	rows := []*row{one, multi, cpuSrv, cpuRelay, cpuExpose, cpuBoth}
 	bin, err := exec.LookPath("iperf3")
 	if err != nil {
-		msg := "iperf3 not found in PATH (install Debian package iperf3): figures skipped"
-		fmt.Println("   " + msg)
-		skipAll(figs, msg)
-		return figs
+		return rows, fmt.Errorf("%w: iperf3 not in PATH (Debian package iperf3)", errSkipped)
 	}
 	listening := func(port int) string { return fmt.Sprintf("Server listening on %d", port) }
-	srv, port, err := startService("iperf3 -s", bin, func(port int) []string {
+	srv, port, err := serve("iperf3 -s", bin, func(port int) []string {
 		return []string{"-s", "-p", strconv.Itoa(port), "-B", "127.0.0.1", "--forceflush"}
-	}, func(p *child.Proc, port int) bool { return strings.Count(p.Out(), listening(port)) >= 1 })
+	}, func(p *child.Proc, port int) bool { return strings.Contains(p.Out(), listening(port)) })
 	if err != nil {
-		failAll(figs, err)
-		return figs
+		return rows, err
 	}
-	relay, ex, pub, err := startExposed(cfg, port)
+	relay, agents, pub, err := startRelay(nil, []string{exposeBin, child.Addr(port)})
 	if err != nil {
-		failAll(figs, err)
-		return figs
+		return rows, err
 	}
-	fmt.Printf("   iperf3 -s on port %d; relay control port %d; ./expose announced public port %d -> %d\n", port, relay.port, pub, port)
-
 	tests := 0
-	client := func(p int, d time.Duration, streams int) (child.IperfResult, error) {
-		var res child.IperfResult
+	// test runs one iperf3 client against 127.0.0.1:to and returns its
+	// Gbit/s, the GB received, and what iperf3 -s, the relay and expose
+	// spent meanwhile (sub of two snapshots).
+	test := func(to int, d time.Duration, streams int) (gbps, gb float64, spent []map[string]float64, err error) {
 		tests++
-		want := tests
-		// One test at a time: iperf3 -s refuses a client while busy.
+		want := tests // iperf3 -s takes one test at a time: wait until it listens again
 		if !child.WaitFor(20*time.Second, func() bool { return strings.Count(srv.Out(), listening(port)) >= want }) {
-			return res, fmt.Errorf("iperf3 -s not ready for test #%d within 20s: %s", want, clip(srv.Stderr.String(), 500))
+			return 0, 0, nil, fmt.Errorf("iperf3 -s not ready for test %d within 20s: %s", want, clip(srv.Stderr.String(), 500))
 		}
-		args := []string{"-c", "127.0.0.1", "-p", strconv.Itoa(p), "-J", "-t", strconv.Itoa(seconds(d))}
-		if streams > 1 {
-			args = append(args, "-P", strconv.Itoa(streams))
+		before, err1 := snapshot(srv, relay, agents[0])
+		out, err := runClient("iperf3 -c", bin, []string{"-c", "127.0.0.1", "-p", strconv.Itoa(to), "-J",
+			"-t", strconv.Itoa(max(1, int(math.Round(d.Seconds())))), "-P", strconv.Itoa(streams)}, d+60*time.Second)
+		after, err2 := snapshot(srv, relay, agents[0])
+		var res child.IperfResult
+		if err = errors.Join(err, err1, err2); err == nil {
+			err = json.Unmarshal(out, &res)
 		}
-		out, err := runClient("iperf3 -c", bin, args, d+60*time.Second)
-		if jerr := json.Unmarshal(out, &res); jerr != nil && err == nil {
-			err = fmt.Errorf("iperf3 -c %v: stdout is not JSON: %v", args, jerr)
+		if err == nil && (res.Error != "" || res.End.SumReceived.Bytes <= 0) {
+			err = fmt.Errorf("iperf3: error %q, %d bytes received", res.Error, res.End.SumReceived.Bytes)
 		}
-		if err == nil && res.Error != "" {
-			err = fmt.Errorf("iperf3 -c %v: %s", args, res.Error)
-		}
-		if err == nil && res.End.SumReceived.Bytes <= 0 {
-			err = fmt.Errorf("iperf3 -c %v: end.sum_received.bytes = %d", args, res.End.SumReceived.Bytes)
-		}
-		return res, err
-	}
-	gbps := func(r child.IperfResult) float64 { return r.End.SumReceived.BitsPerSecond / 1e9 }
-
-	var d1, r1, dP, rP, cpuRuns []float64
-	var relaySecs, agentSecs, userSecs, gbs, srvCPU []float64
-	for run := 1; run <= cfg.runs; run++ {
-		directFirst := run%2 == 1
-		var line []string
-		// One stream: direct, and relayed with the CPU of relay and expose.
-		err := pair(directFirst, func() error {
-			sb, err := cpuTicks(srv.Pid())
-			if err != nil {
-				return err
-			}
-			r, err := client(port, cfg.iperf1Time, 1)
-			if err != nil {
-				return err
-			}
-			sa, err := cpuTicks(srv.Pid())
-			if err != nil {
-				return err
-			}
-			d1 = append(d1, gbps(r))
-			srvCPU = append(srvCPU, float64(sa-sb)/float64(cfg.clkTck)/(float64(r.End.SumReceived.Bytes)/1e9))
-			return nil
-		}, func() error {
-			rbu, rbs, err1 := cpuTicksSplit(relay.Pid())
-			ebu, ebs, err2 := cpuTicksSplit(ex.Pid())
-			if err := errors.Join(err1, err2); err != nil {
-				return err
-			}
-			r, err := client(pub, cfg.iperf1Time, 1)
-			if err != nil {
-				return err
-			}
-			rau, ras, err1 := cpuTicksSplit(relay.Pid())
-			eau, eas, err2 := cpuTicksSplit(ex.Pid())
-			if err := errors.Join(err1, err2); err != nil {
-				return err
-			}
-			r1 = append(r1, gbps(r))
-			gb := float64(r.End.SumReceived.Bytes) / 1e9
-			tck := float64(cfg.clkTck)
-			rs, as := float64(rau+ras-rbu-rbs)/tck, float64(eau+eas-ebu-ebs)/tck
-			userSecs = append(userSecs, float64(rau-rbu+eau-ebu)/tck)
-			relaySecs, agentSecs, gbs = append(relaySecs, rs), append(agentSecs, as), append(gbs, gb)
-			cpuRuns = append(cpuRuns, (rs+as)/gb)
-			line = append(line, fmt.Sprintf("CPU relay %.2fs + expose %.2fs for %.2f GB = %.3f s/GB", rs, as, gb, (rs+as)/gb))
-			return nil
-		})
 		if err != nil {
-			failAll(figs, fmt.Errorf("run %d, 1 stream: %w", run, err))
-			break
+			return 0, 0, nil, err
 		}
-		err = pair(directFirst, func() error {
-			r, err := client(port, cfg.iperf8Time, cfg.iperfStreams)
-			if err == nil {
-				dP = append(dP, gbps(r))
-			}
-			return err
-		}, func() error {
-			r, err := client(pub, cfg.iperf8Time, cfg.iperfStreams)
-			if err == nil {
-				rP = append(rP, gbps(r))
-			}
-			return err
-		})
+		return res.End.SumReceived.BitsPerSecond / 1e9, float64(res.End.SumReceived.Bytes) / 1e9, sub(after, before), nil
+	}
+	ports := []int{port, pub[0]}
+	return rows, eachRun([]string{"direct", "relay"}, func(i int) (string, error) {
+		to, direct := ports[i], i == 0
+		gbps, gb, spent, err := test(to, *iperf1Time, 1)
 		if err != nil {
-			failAll(figs, fmt.Errorf("run %d, %d streams: %w", run, cfg.iperfStreams, err))
-			break
+			return "", fmt.Errorf("1 stream: %w", err)
 		}
-		i := len(d1) - 1
-		fmt.Printf("   run %d/%d: 1 stream direct %.1f, relay %.1f Gbit/s (%.2f); %d streams direct %.1f, relay %.1f Gbit/s (%.2f); %s\n",
-			run, cfg.runs, d1[i], r1[i], r1[i]/d1[i], cfg.iperfStreams, dP[i], rP[i], rP[i]/dP[i], strings.Join(line, ""))
-	}
-	one.setRatio(d1, r1)
-	multi.setRatio(dP, rP)
-	cpu.setValue(cpuRuns)
-	if len(cpuRuns) > 0 {
-		cpu.RelayText = fmt.Sprintf("relay %.3f + expose %.3f s/GB", median(relaySecs)/median(gbs), median(agentSecs)/median(gbs))
-		cpu.Detail = fmt.Sprintf("utime+stime from /proc/PID/stat around the relayed 1-stream runs (-t %d): relay %s s, expose %s s, for %s GB received (per run); of which user time (both) %s s, the rest is system time",
-			seconds(cfg.iperf1Time), joinNums(relaySecs), joinNums(agentSecs), joinNums(gbs), joinNums(userSecs))
-		if len(srvCPU) > 0 {
-			cpu.Detail += fmt.Sprintf("; for scale, the receiving iperf3 -s alone used %.3f s/GB in the direct runs (median)", median(srvCPU))
+		one.add(direct, gbps)
+		cpuSrv.add(direct, spent[0]["cpu"]/gb)
+		cpu := ""
+		if !direct {
+			r, x := spent[1], spent[2]
+			cpuRelay.add(false, r["cpu"]/gb)
+			cpuExpose.add(false, x["cpu"]/gb)
+			cpuBoth.add(false, (r["cpu"]+x["cpu"])/gb)
+			cpu = fmt.Sprintf(" (relay+expose: %.2f s CPU, %.2f s of it user, for %.2f GB)", r["cpu"]+x["cpu"], r["user"]+x["user"], gb)
 		}
-	}
-	return figs
+		gbpsN, _, _, err := test(to, *iperfNTime, *iperfStreams)
+		if err != nil {
+			return "", fmt.Errorf("%d streams: %w", *iperfStreams, err)
+		}
+		multi.add(direct, gbpsN)
+		return fmt.Sprintf("%.1f / %.1f Gbit/s (1 / %d streams)%s", gbps, gbpsN, *iperfStreams, cpu), nil
+	})
 }
 
-// pair runs direct and relayed in the given order, stopping at an error.
-func pair(directFirst bool, direct, relayed func() error) error {
-	a, b := direct, relayed
-	if !directFirst {
-		a, b = relayed, direct
-	}
-	if err := a(); err != nil {
-		return err
-	}
-	return b()
-}
-
-func joinNums(v []float64) string {
-	var s []string
-	for _, x := range v {
-		s = append(s, fmtNum(x))
-	}
-	return strings.Join(s, ", ")
-}
-
-func benchRedis(cfg *config) []*Figure {
-	set := &Figure{Section: "redis", Name: "redis-benchmark SET", Unit: "req/s", Target: ge(0.45)}
-	get := &Figure{Section: "redis", Name: "redis-benchmark GET", Unit: "req/s", Target: ge(0.45)}
-	mean := &Figure{Section: "redis", Name: "redis-benchmark mean of SET, GET ratios", Target: ge(0.45),
-		Chart: "redis-benchmark: relay/direct"}
-	figs := []*Figure{set, get, mean}
+func benchRedis() ([]*row, error) {
+	set := &row{Section: "redis", Name: fmt.Sprintf("redis-benchmark SET, %d clients", *redisClients), Unit: "req/s"}
+	get := &row{Section: "redis", Name: fmt.Sprintf("redis-benchmark GET, %d clients", *redisClients), Unit: "req/s"}
+	rows := []*row{set, get}
 	server, err1 := exec.LookPath("redis-server")
 	bench, err2 := exec.LookPath("redis-benchmark")
-	if err := errors.Join(err1, err2); err != nil {
-		msg := "redis-server or redis-benchmark not found in PATH (install Debian packages redis-server, redis-tools): figures skipped"
-		fmt.Println("   " + msg)
-		skipAll(figs, msg)
-		return figs
+	if errors.Join(err1, err2) != nil {
+		return rows, fmt.Errorf("%w: redis-server or redis-benchmark not in PATH (Debian packages redis-server, redis-tools)", errSkipped)
 	}
 	dir, err := os.MkdirTemp("", "tcprelay-bench-redis-")
 	if err != nil {
-		failAll(figs, err)
-		return figs
+		return rows, err
 	}
 	defer os.RemoveAll(dir)
-	_, port, err := startService("redis-server", server, func(port int) []string {
+	_, port, err := serve("redis-server", server, func(port int) []string {
 		return []string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir}
 	}, nil)
 	if err != nil {
-		failAll(figs, err)
-		return figs
+		return rows, err
 	}
-	_, _, pub, err := startExposed(cfg, port)
+	_, _, pub, err := startRelay(nil, []string{exposeBin, child.Addr(port)})
 	if err != nil {
-		failAll(figs, err)
-		return figs
+		return rows, err
 	}
-	args := func(p int) []string {
-		return []string{"-h", "127.0.0.1", "-p", strconv.Itoa(p), "-c", strconv.Itoa(cfg.redisClients),
-			"-n", strconv.Itoa(cfg.redisN), "-t", "set,get", "-P", "1", "--csv"}
-	}
-	fmt.Printf("   redis-server on port %d; ./expose public port %d; redis-benchmark %s\n", port, pub, strings.Join(args(0)[4:], " "))
-	run1 := func(p int) (map[string]float64, error) {
-		out, err := runClient("redis-benchmark", bench, args(p), 300*time.Second)
+	ports := []int{port, pub[0]}
+	return rows, eachRun([]string{"direct", "relay"}, func(i int) (string, error) {
+		out, err := runClient("redis-benchmark", bench, []string{"-h", "127.0.0.1", "-p", strconv.Itoa(ports[i]),
+			"-c", strconv.Itoa(*redisClients), "-n", strconv.Itoa(*redisN), "-t", "set,get", "-P", "1", "--csv"}, 300*time.Second)
 		if err != nil {
-			return nil, err
+			return "", err
 		}
-		recs, err := csv.NewReader(strings.NewReader(string(out))).ReadAll()
-		if err != nil || len(recs) < 1 || len(recs[0]) < 2 || recs[0][0] != "test" || recs[0][1] != "rps" {
-			return nil, fmt.Errorf("redis-benchmark: stdout is not CSV with a \"test\",\"rps\" header (%v): %s", err, clip(string(out), 500))
-		}
+		recs, _ := csv.NewReader(strings.NewReader(string(out))).ReadAll()
 		rps := map[string]float64{}
-		for _, rec := range recs[1:] {
-			if len(rec) < 2 {
-				continue
-			}
-			v, err := strconv.ParseFloat(rec[1], 64)
-			if err != nil || !(v > 0) {
-				return nil, fmt.Errorf("redis-benchmark: test %q reported %q requests/s", rec[0], rec[1])
-			}
-			rps[rec[0]] = v
-		}
-		for _, t := range []string{"SET", "GET"} {
-			if _, ok := rps[t]; !ok {
-				return nil, fmt.Errorf("redis-benchmark: no result for %s: %s", t, clip(string(out), 500))
+		for _, rec := range recs {
+			if len(rec) >= 2 {
+				rps[rec[0]], _ = strconv.ParseFloat(rec[1], 64)
 			}
 		}
-		return rps, nil
-	}
-	var dSet, rSet, dGet, rGet, means []float64
-	for run := 1; run <= cfg.runs; run++ {
-		var d, r map[string]float64
-		err := pair(run%2 == 1, func() (err error) {
-			d, err = run1(port)
-			return err
-		}, func() (err error) {
-			r, err = run1(pub)
-			return err
-		})
-		if err != nil {
-			failAll(figs, fmt.Errorf("run %d: %w", run, err))
-			break
+		if rps["SET"] <= 0 || rps["GET"] <= 0 {
+			return "", fmt.Errorf("no SET and GET rates in redis-benchmark's CSV: %s", clip(string(out), 500))
 		}
-		dSet, rSet = append(dSet, d["SET"]), append(rSet, r["SET"])
-		dGet, rGet = append(dGet, d["GET"]), append(rGet, r["GET"])
-		m := (r["SET"]/d["SET"] + r["GET"]/d["GET"]) / 2
-		means = append(means, m)
-		fmt.Printf("   run %d/%d: SET direct %.0f, relay %.0f req/s (%.2f); GET direct %.0f, relay %.0f req/s (%.2f)\n",
-			run, cfg.runs, d["SET"], r["SET"], r["SET"]/d["SET"], d["GET"], r["GET"], r["GET"]/d["GET"])
-	}
-	set.setRatio(dSet, rSet)
-	get.setRatio(dGet, rGet)
-	if set.Value != nil && get.Value != nil {
-		mean.ValueRuns = means
-		mean.Value = ptr((*set.Value + *get.Value) / 2)
-		mean.judge()
-	}
-	return figs
-}
-
-// startExposed starts a relay and ./expose in front of the server on port,
-// and returns them with expose's public port.
-func startExposed(cfg *config, port int) (*relayProc, *child.Proc, int, error) {
-	relay, err := startRelay(cfg)
-	if err != nil {
-		return nil, nil, 0, err
-	}
-	ex, pub, err := startAgent(cfg, cfg.exposeBin, relay.port, child.Addr(port))
-	if err != nil {
-		return nil, nil, 0, err
-	}
-	return relay, ex, pub, nil
+		set.add(i == 0, rps["SET"])
+		get.add(i == 0, rps["GET"])
+		return fmt.Sprintf("SET %.0f, GET %.0f req/s", rps["SET"], rps["GET"]), nil
+	})
 }
