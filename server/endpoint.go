@@ -114,7 +114,6 @@ func (ss *session) register(req *proto.Listen) (m *member, ln net.Listener, resu
 	m = &member{id: ss.nextID, sess: ss, ep: ep}
 	ss.members[m.id] = m
 	ep.members = append(ep.members, m)
-	s.saveStateSoonLocked()
 	return m, ep.ln, resume, nil
 }
 

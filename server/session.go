@@ -245,6 +245,9 @@ func (ss *session) listen(req *proto.Listen) {
 		refuse(code, err)
 		return
 	}
+	// On disk before the agent (and its clients) rely on the port: a relay
+	// killed right after still knows whose port it is.
+	s.saveState(false)
 	if err := ss.ctl.Send(&proto.ListenOK{ID: req.ID, Tunnel: m.id, Host: s.cfg.PublicHost, Port: uint16(m.ep.port), Resume: resume}); err != nil {
 		ss.close()
 		return

@@ -88,6 +88,9 @@ func (s *Server) saveStateSoonLocked() {
 // the old), so a crash leaves the old one or the new one. Once the state is
 // frozen, only the final write (final set) goes through.
 func (s *Server) saveState(final bool) {
+	if s.cfg.StateFile == "" {
+		return
+	}
 	s.stateMu.Lock()
 	defer s.stateMu.Unlock()
 	s.mu.Lock()
