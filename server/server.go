@@ -277,10 +277,16 @@ func (s *Server) isClosed() bool {
 	return s.closed
 }
 
+// comeBackSoon is how often the relay asks agents to retry after a graceful
+// shutdown (a restart, usually): often enough that they are back within a
+// second of the relay.
+const comeBackSoon = 500 * time.Millisecond
+
 // stopAccepting marks the server closed and closes every listener, and every
-// agent session with its public ports and waiting clients. Relayed
-// connections are left to run.
-func (s *Server) stopAccepting(reason string) {
+// agent session with its public ports and waiting clients, after a GoAway
+// (with retry, if not zero, as its hint). Relayed connections are left to
+// run.
+func (s *Server) stopAccepting(reason string, retry time.Duration) {
 	s.freezeState()
 	s.mu.Lock()
 	s.closed = true
@@ -297,9 +303,18 @@ func (s *Server) stopAccepting(reason string) {
 	for _, ln := range lns {
 		ln.Close()
 	}
-	for _, sess := range sessions {
-		sess.goAway(reason)
+	// All at once, each within a second: an agent that stopped reading
+	// cannot hold up the others, nor the shutdown.
+	var wg sync.WaitGroup
+	for _, ss := range sessions {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ss.ctl.SendWithin(&proto.GoAway{Message: reason, RetryMillis: uint32(retry.Milliseconds())}, time.Second)
+			ss.close()
+		}()
 	}
+	wg.Wait()
 }
 
 // Shutdown stops accepting agents and outside clients, tells every agent the
@@ -307,7 +322,7 @@ func (s *Server) stopAccepting(reason string) {
 // drain until they end or ctx is done; then it closes what is left and waits
 // for every goroutine. It returns ctx.Err() if the drain was cut short.
 func (s *Server) Shutdown(ctx context.Context) error {
-	s.stopAccepting("relay shutting down")
+	s.stopAccepting("relay shutting down", comeBackSoon)
 	var err error
 	for {
 		s.mu.Lock()
@@ -335,7 +350,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // Close closes every listener and connection at once and waits for the
 // server's goroutines to return.
 func (s *Server) Close() error {
-	s.stopAccepting("relay closing")
+	s.stopAccepting("relay closing", 0)
 	s.mu.Lock()
 	conns := make([]net.Conn, 0, len(s.conns))
 	for c := range s.conns {

@@ -477,3 +477,89 @@ func TestProtocolGrowth(t *testing.T) {
 	// The agent announced no pool feature, so the relay sent no PoolKey:
 	// the reads above would have got it before the Error.
 }
+
+// pipeListener hands the relay the server ends of in-memory pipes, whose
+// writes block until the other end reads: a peer that stops reading blocks
+// the relay's writes at once, with no socket buffer in between.
+type pipeListener struct {
+	conns chan net.Conn
+	done  chan struct{}
+}
+
+func newPipeListener() *pipeListener {
+	return &pipeListener{conns: make(chan net.Conn), done: make(chan struct{})}
+}
+
+func (l *pipeListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *pipeListener) Close() error {
+	select {
+	case <-l.done:
+	default:
+		close(l.done)
+	}
+	return nil
+}
+
+func (l *pipeListener) Addr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)} }
+
+// dial returns the agent's end of a new pipe to the relay.
+func (l *pipeListener) dial() net.Conn {
+	a, b := net.Pipe()
+	l.conns <- b
+	return a
+}
+
+// TestShutdownWithStuckAgents: agents that stopped reading their control
+// connections do not hold the shutdown: each GoAway gets at most a second,
+// all at once, so a 500ms drain ends within about 1.5s, not after a write
+// timeout per agent.
+func TestShutdownWithStuckAgents(t *testing.T) {
+	check.Leaks(t)
+	srv, err := server.New(server.Config{WriteTimeout: 5 * time.Second, Logger: testutil.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := newPipeListener()
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	for range 3 {
+		c := ln.dial()
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		ctl := proto.NewConn(c, 5*time.Second, proto.DefaultMaxPayload)
+		ctl.Open(&proto.Hello{Agent: "stuck"})
+		m, err := ctl.Read()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctl.Send(&proto.Auth{MAC: proto.AuthMAC("", m.(*proto.Challenge).Nonce)})
+		if m, err := ctl.Read(); err != nil || m.Type() != proto.TypeWelcome {
+			t.Fatalf("got %v, %v; want Welcome", m, err)
+		}
+		// and reads nothing more
+	}
+	check.Eventually(t, 5*time.Second, func() error {
+		if n := srv.Stats().Agents; n != 3 {
+			return fmt.Errorf("%d agents", n)
+		}
+		return nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	srv.Shutdown(ctx)
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("Shutdown with a 500ms drain took %v with three agents that do not read, want about a second", took)
+	}
+	if err := <-served; !errors.Is(err, server.ErrServerClosed) {
+		t.Errorf("Serve = %v", err)
+	}
+}

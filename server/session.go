@@ -277,12 +277,6 @@ func (ss *session) closeTunnel(id uint32) {
 	ss.log.Info("tunnel closed by agent", "tunnel", id, "port", m.ep.port)
 }
 
-// goAway tells the agent the relay is leaving, then closes the session.
-func (ss *session) goAway(reason string) {
-	ss.ctl.Send(&proto.GoAway{Message: reason})
-	ss.close()
-}
-
 // close ends the session: its memberships end (an endpoint left with no
 // member closes its public port and stays reserved for its owner) and its
 // waiting clients are closed after a grace. Relayed connections already

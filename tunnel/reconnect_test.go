@@ -1,6 +1,7 @@
 package tunnel_test
 
 import (
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -166,5 +167,32 @@ func TestCloseWhileReconnecting(t *testing.T) {
 	}
 	if _, err := ln.Accept(); !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("Accept after Close: %v, want net.ErrClosed", err)
+	}
+}
+
+// TestGracefulRestartQuickReturn: a relay that shuts down gracefully asks
+// its agents to come back soon; they retry at its short interval instead
+// of backing off, and are registered again within a second of the relay's
+// return, however long it was gone (here long enough for the backoff to
+// have grown to seconds).
+func TestGracefulRestartQuickReturn(t *testing.T) {
+	check.Leaks(t)
+	relay := testutil.StartRelay(t, server.Config{})
+	addrs := make(chan net.Addr, 4)
+	listen(t, relay.Addr, tunnel.Config{OnAddr: func(a net.Addr) { addrs <- a }})
+	<-addrs
+	relay.Shutdown(context.Background())
+	time.Sleep(3 * time.Second) // the relay is away: what the test is about
+	back := time.Now()
+	testutil.StartRelayAt(t, relay.Addr, server.Config{})
+	select {
+	case a := <-addrs:
+		took := time.Since(back)
+		t.Logf("registered again on %v, %v after the relay came back", a, took.Round(time.Millisecond))
+		if took > time.Second {
+			t.Errorf("registered again %v after the relay came back, want within a second", took)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the listener did not register again")
 	}
 }
