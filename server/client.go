@@ -190,6 +190,45 @@ func (s *Server) expireWaitingLocked(match func(*pending) bool) {
 	}
 }
 
+// takeWaitingLocked takes the clients waiting for m out of the waiting set,
+// for redispatch: their tokens die, and their places in the endpoint are
+// kept. s.mu must be held.
+func (s *Server) takeWaitingLocked(m *member) []*pending {
+	var moved []*pending
+	for tok, p := range s.pending {
+		if p.member == m {
+			delete(s.pending, tok)
+			p.timer.Stop()
+			m.ep.pending--
+			m.clients--
+			moved = append(moved, p)
+		}
+	}
+	return moved
+}
+
+// redispatch gives clients whose member left to another member of their
+// endpoint. Nothing was read from them yet, so they lose nothing: their
+// bytes wait in their sockets for the new member's data connection.
+func (s *Server) redispatch(moved []*pending) {
+	for _, p := range moved {
+		ep := p.member.ep
+		s.mu.Lock()
+		m := ep.pickLocked()
+		if m == nil {
+			ep.conns--
+			s.mu.Unlock()
+			s.closeConn(p.client)
+			continue
+		}
+		m.clients++
+		s.mu.Unlock()
+		if !s.bindPooled(m, p.client) {
+			s.announce(m, p.client)
+		}
+	}
+}
+
 // dropClient closes an outside client that will not be relayed and frees
 // its place.
 func (s *Server) dropClient(p *pending) {

@@ -5,8 +5,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"slices"
+	"strings"
 	"time"
 
 	"tcprelay/internal/proto"
@@ -21,8 +23,8 @@ import (
 type endpoint struct {
 	s     *Server
 	port  int
-	ip    net.IP // the address it binds
-	owner string // who may claim it back: "key:..." for an identity, "resume:..." for a token
+	owner string // who may claim it back: "key:..." for an identity, "resume:..." for a token, "pool:..."
+	pool  string // the pool it serves; empty: one agent's own
 
 	// Guarded by s.mu.
 	ln       net.Listener // nil while reserved
@@ -46,6 +48,7 @@ type member struct {
 
 	// Guarded by s.mu.
 	removed bool // no longer serves ep: it gets no new clients
+	ready   bool // its agent says it can take clients
 	clients int  // outside clients waiting for it or relayed through it
 }
 
@@ -68,10 +71,11 @@ func resumeOwner(tok [proto.TokenLen]byte) string {
 	return "resume:" + hex.EncodeToString(h[:])
 }
 
-// register serves a Listen: it claims a reserved endpoint the session owns
-// or opens a new one, and makes the session its member. The endpoint
-// accepts nothing until it is started on ln. resume is the token for the
-// agent's next claim (zero for an identity, whose key is its claim).
+// register serves a Listen: it joins the session to the endpoint it asks
+// for (a pool's, or a reserved one it owns, reopened) or to a new one. The
+// endpoint accepts nothing until it is started on ln. resume is the token
+// for the agent's next claim (zero for an identity, whose key is its
+// claim, and for a pool, which anyone allowed may join).
 func (ss *session) register(req *proto.Listen) (m *member, ln net.Listener, resume [proto.TokenLen]byte, err error) {
 	s := ss.s
 	s.mu.Lock()
@@ -79,14 +83,21 @@ func (ss *session) register(req *proto.Listen) (m *member, ln net.Listener, resu
 	if ss.closed || s.closed {
 		return nil, nil, resume, refusal(proto.CodeShuttingDown, "session closed")
 	}
-	ep, err := ss.claimLocked(req)
+	var ep *endpoint
+	if req.Pool != "" {
+		ep, err = ss.poolLocked(req)
+	} else {
+		ep, err = ss.claimLocked(req)
+	}
 	if err != nil {
 		return nil, nil, resume, err
 	}
-	owner := ""
-	if ss.id != nil {
+	owner := "pool:" + req.Pool
+	switch {
+	case req.Pool != "":
+	case ss.id != nil:
 		owner = ss.id.owner
-	} else {
+	default:
 		resume = proto.NewToken()
 		owner = resumeOwner(resume)
 	}
@@ -98,7 +109,7 @@ func (ss *session) register(req *proto.Listen) (m *member, ln net.Listener, resu
 		if ss.id != nil {
 			allowed = ss.id.allowsPort
 		}
-		ln, err := s.ports.listen(ss.bindIP, int(req.Port), req.Flags&proto.ListenPortRequired != 0, allowed)
+		ln, err := s.ports.listen(ss.bindIP, int(req.Port), req.Flags&proto.ListenPortRequired != 0 || req.Pool != "", allowed)
 		if err != nil {
 			code := proto.CodePortUnavailable
 			if errors.Is(err, errNoFreePort) {
@@ -106,21 +117,57 @@ func (ss *session) register(req *proto.Listen) (m *member, ln net.Listener, resu
 			}
 			return nil, nil, resume, &requestError{code, err.Error()}
 		}
-		ep = &endpoint{s: s, ln: ln, port: ln.Addr().(*net.TCPAddr).Port, ip: ss.bindIP}
+		ep = &endpoint{s: s, ln: ln, port: ln.Addr().(*net.TCPAddr).Port, pool: req.Pool}
 		s.endpoints[ep.port] = ep
 	}
 	ep.owner = owner // a claim by token gets a fresh one
 	ss.nextID++
-	m = &member{id: ss.nextID, sess: ss, ep: ep}
+	m = &member{id: ss.nextID, sess: ss, ep: ep, ready: req.Flags&proto.ListenUnready == 0}
 	ss.members[m.id] = m
 	ep.members = append(ep.members, m)
 	return m, ep.ln, resume, nil
 }
 
-// claimLocked returns the endpoint a Listen asks for if it exists and the
-// session may have it, reopening it if it was reserved; nil if the port
-// is not an endpoint's. An identity asking for any port gets back one it
-// reserved, so a restarted agent keeps its address.
+// poolLocked returns the endpoint of the pool a Listen asks to join,
+// reopened if it was reserved; nil if the pool has none yet. The pool's
+// port is the one its first member got: a request for another port is
+// refused, never silently moved.
+func (ss *session) poolLocked(req *proto.Listen) (*endpoint, error) {
+	s := ss.s
+	if ss.id != nil && !ss.id.allowsPool(req.Pool) {
+		return nil, refusal(proto.CodePortUnavailable, "agent %s may not join pool %q (its pools=%s)", ss.id.Name, req.Pool, strings.Join(ss.id.Pools, ","))
+	}
+	var ep *endpoint
+	for _, e := range s.endpoints {
+		if e.pool == req.Pool {
+			ep = e
+		}
+	}
+	switch {
+	case ep == nil && req.Port != 0 && s.endpoints[int(req.Port)] != nil:
+		other := s.endpoints[int(req.Port)]
+		if other.ln == nil {
+			return nil, refusal(proto.CodePortReserved, "port %d is reserved for its previous owner for another %v",
+				other.port, time.Until(other.until).Round(time.Second))
+		}
+		return nil, refusal(proto.CodePortUnavailable, "port %d is in use by another tunnel", req.Port)
+	case ep == nil:
+		return nil, nil
+	case req.Port != 0 && int(req.Port) != ep.port:
+		return nil, refusal(proto.CodePortUnavailable, "pool %q is on port %d, not %d", req.Pool, ep.port, req.Port)
+	}
+	for _, m := range ep.members {
+		if m.sess == ss {
+			return nil, refusal(proto.CodeBadRequest, "this session is already a member of pool %q", req.Pool)
+		}
+	}
+	return ep, ep.reopenLocked(ss.bindIP)
+}
+
+// claimLocked returns the endpoint a Listen (without a pool) asks for if it
+// exists and the session may have it, reopening it if it was reserved; nil
+// if the port is not an endpoint's. An identity asking for any port gets
+// back one it reserved, so a restarted agent keeps its address.
 func (ss *session) claimLocked(req *proto.Listen) (*endpoint, error) {
 	s := ss.s
 	var ep *endpoint
@@ -133,30 +180,41 @@ func (ss *session) claimLocked(req *proto.Listen) (*endpoint, error) {
 			}
 		}
 	}
-	if ep == nil {
-		return nil, nil
-	}
+	required := req.Flags&proto.ListenPortRequired != 0
 	switch {
-	case ep.ln != nil && req.Flags&proto.ListenPortRequired != 0:
+	case ep == nil:
+		return nil, nil
+	case ep.pool != "" && required:
+		return nil, refusal(proto.CodePortUnavailable, "port %d serves pool %q: join it with that pool name", ep.port, ep.pool)
+	case ep.ln != nil && required:
 		return nil, refusal(proto.CodePortUnavailable, "port %d is in use", ep.port)
-	case ep.ln != nil:
+	case ep.pool != "" || ep.ln != nil:
 		return nil, nil // not required: the agent gets another port
 	case !ss.owns(ep, req.Resume):
-		if req.Flags&proto.ListenPortRequired == 0 {
+		if !required {
 			return nil, nil
 		}
 		return nil, refusal(proto.CodePortReserved, "port %d is reserved for its previous owner for another %v",
 			ep.port, time.Until(ep.until).Round(time.Second))
 	}
-	ln, err := s.ports.rebind(ep.ip, ep.port)
+	return ep, ep.reopenLocked(ss.bindIP)
+}
+
+// reopenLocked binds a reserved endpoint's port again, on ip; an open one
+// is left as it is.
+func (ep *endpoint) reopenLocked(ip net.IP) error {
+	if ep.ln != nil {
+		return nil
+	}
+	ln, err := ep.s.ports.rebind(ip, ep.port)
 	if err != nil {
-		return nil, refusal(proto.CodePortUnavailable, "%v", err)
+		return refusal(proto.CodePortUnavailable, "%v", err)
 	}
 	ep.ln, ep.until = ln, time.Time{}
 	if ep.expiry != nil {
 		ep.expiry.Stop()
 	}
-	return ep, nil
+	return nil
 }
 
 // owns reports whether the session may claim ep back: it is the same
@@ -189,6 +247,13 @@ func (ss *session) checkTunnelLimitLocked() error {
 			n++
 		}
 	}
+	for other := range ss.id.sessions {
+		for _, m := range other.members {
+			if m.ep.pool != "" {
+				n++
+			}
+		}
+	}
 	if n >= limit {
 		return refusal(proto.CodeLimit, "tunnel limit reached: agent %s holds %d ports (tunnels=%d)", ss.id.Name, n, limit)
 	}
@@ -206,29 +271,35 @@ func (ep *endpoint) start(ln net.Listener) {
 	}()
 }
 
-// removeLocked ends m's membership: it gets no new clients, and its
-// waiting clients are closed after a grace (see expireWaitingLocked). If m
-// was the endpoint's last member, the endpoint closes its listener and is
-// reserved for its owner, or released if release is set (the agent said
-// so), grace is off or the owner was revoked. The listener is returned for
-// the caller to close outside s.mu. s.mu must be held.
-func (m *member) removeLocked(release bool) net.Listener {
+// removeLocked ends m's membership: it gets no new clients. Its waiting
+// clients go to another ready member (returned in moved, for the caller to
+// redispatch outside s.mu), or if there is none, are closed after a grace
+// (see expireWaitingLocked). If m was the endpoint's last member, the
+// endpoint closes its listener and is reserved for its owner, or released
+// if release is set (the agent said so), grace is off or the owner was
+// revoked. The listener is returned for the caller to close outside s.mu.
+// s.mu must be held.
+func (m *member) removeLocked(release bool) (ln net.Listener, moved []*pending) {
 	s, ep := m.sess.s, m.ep
 	m.removed = true
 	delete(m.sess.members, m.id)
 	ep.members = slices.DeleteFunc(ep.members, func(x *member) bool { return x == m })
-	s.expireWaitingLocked(func(p *pending) bool { return p.member == m })
+	if ep.pickLocked() != nil {
+		moved = s.takeWaitingLocked(m)
+	} else {
+		s.expireWaitingLocked(func(p *pending) bool { return p.member == m })
+	}
 	if len(ep.members) > 0 || ep.ln == nil {
-		return nil
+		return nil, moved
 	}
-	ln := ep.ln
+	ln = ep.ln
 	ep.ln = nil
-	if release || s.set.portGrace == 0 || (m.sess.id != nil && m.sess.id.revoked) {
+	if release || s.set.portGrace == 0 || (m.sess.id != nil && m.sess.id.revoked && ep.pool == "") {
 		ep.releaseLocked()
-		return ln
+	} else {
+		ep.reserveLocked(time.Now().Add(s.set.portGrace))
 	}
-	ep.reserveLocked(time.Now().Add(s.set.portGrace))
-	return ln
+	return ln, moved
 }
 
 // reserveLocked keeps ep, without a listener, for its owner until until.
@@ -269,12 +340,34 @@ func (ep *endpoint) releaseLocked() {
 }
 
 // pickLocked chooses the member that serves the next client, or nil if
-// there is none. s.mu must be held.
+// none is ready: among the ready members, those with a pre-opened data
+// connection parked (the client then costs no round trip), and of two
+// picked at random, the one with fewer clients. s.mu must be held.
 func (ep *endpoint) pickLocked() *member {
-	if len(ep.members) == 0 {
-		return nil
+	var ready, parked []*member
+	for _, m := range ep.members {
+		if m.ready {
+			ready = append(ready, m)
+			if len(m.sess.pool) > 0 {
+				parked = append(parked, m)
+			}
+		}
 	}
-	return ep.members[0]
+	cands := ready
+	if len(parked) > 0 {
+		cands = parked
+	}
+	switch len(cands) {
+	case 0:
+		return nil
+	case 1:
+		return cands[0]
+	}
+	a, b := cands[rand.IntN(len(cands))], cands[rand.IntN(len(cands))]
+	if b.clients < a.clients {
+		return b
+	}
+	return a
 }
 
 // refusedLocked counts a refused client and returns how many to report

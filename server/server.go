@@ -118,7 +118,7 @@ func New(cfg Config) (*Server, error) {
 
 // features is what this relay speaks.
 func (s *Server) features() proto.Features {
-	f := proto.FeatureIdentity | proto.FeatureProof
+	f := proto.FeatureIdentity | proto.FeatureProof | proto.FeaturePools | proto.FeatureReady
 	if s.set.maxPool > 0 {
 		f |= proto.FeaturePool
 	}
@@ -386,9 +386,10 @@ type Stats struct {
 	Tunnels  int // open public endpoints
 	Reserved int // ports reserved for an owner, with no listener
 	Members  int // agent registrations serving the endpoints
-	Waiting int // outside clients waiting for their agent
-	Relayed int // connections being relayed
-	Parked  int // pre-opened data connections waiting for a client
+	Ready    int // members that can take clients
+	Waiting  int // outside clients waiting for their agent
+	Relayed  int // connections being relayed
+	Parked   int // pre-opened data connections waiting for a client
 }
 
 // Stats returns a snapshot of the relay's state.
@@ -403,6 +404,11 @@ func (s *Server) Stats() Stats {
 			st.Tunnels++
 		}
 		st.Members += len(ep.members)
+		for _, m := range ep.members {
+			if m.ready {
+				st.Ready++
+			}
+		}
 	}
 	for ss := range s.sessions {
 		st.Parked += len(ss.pool)

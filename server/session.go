@@ -216,6 +216,8 @@ func (ss *session) handle(m proto.Message) error {
 		ss.listen(m)
 	case *proto.Close:
 		ss.closeTunnel(m.Tunnel)
+	case *proto.Ready:
+		ss.setReady(m.Tunnel, m.Ready)
 	default:
 		return fmt.Errorf("%w: unexpected %s frame from agent", errBadRequest, m.Type())
 	}
@@ -263,8 +265,9 @@ func (ss *session) closeTunnel(id uint32) {
 	s.mu.Lock()
 	m := ss.members[id]
 	var ln net.Listener
+	var moved []*pending
 	if m != nil {
-		ln = m.removeLocked(true)
+		ln, moved = m.removeLocked(true)
 	}
 	s.mu.Unlock()
 	if m == nil {
@@ -274,7 +277,23 @@ func (ss *session) closeTunnel(id uint32) {
 	if ln != nil {
 		ln.Close()
 	}
+	s.redispatch(moved)
 	ss.log.Info("tunnel closed by agent", "tunnel", id, "port", m.ep.port)
+}
+
+// setReady records whether the agent's member of a tunnel can take new
+// clients.
+func (ss *session) setReady(id uint32, ready bool) {
+	s := ss.s
+	s.mu.Lock()
+	m := ss.members[id]
+	if m != nil {
+		m.ready = ready
+	}
+	s.mu.Unlock()
+	if m != nil {
+		ss.log.Info("member readiness", "tunnel", id, "port", m.ep.port, "ready", ready)
+	}
 }
 
 // close ends the session: its memberships end (an endpoint left with no
@@ -296,10 +315,13 @@ func (ss *session) close() {
 		delete(ss.id.sessions, ss)
 	}
 	var lns []net.Listener
+	var moved []*pending
 	for _, m := range ss.members {
-		if ln := m.removeLocked(false); ln != nil {
+		ln, mv := m.removeLocked(false)
+		if ln != nil {
 			lns = append(lns, ln)
 		}
+		moved = append(moved, mv...)
 	}
 	pool := ss.pool
 	ss.pool = nil
@@ -314,6 +336,7 @@ func (ss *session) close() {
 		s.closeConn(c)
 	}
 	ss.ctl.Close()
+	s.redispatch(moved)
 }
 
 // parkLimit is how many pre-opened data connections the session may park:

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"time"
 )
 
@@ -61,6 +62,9 @@ func (s *Server) loadState() error {
 			continue
 		}
 		ep := &endpoint{s: s, port: e.Port, owner: e.Owner}
+		if pool, ok := strings.CutPrefix(e.Owner, "pool:"); ok {
+			ep.pool = pool
+		}
 		s.endpoints[e.Port] = ep
 		s.ports.hold(e.Port)
 		ep.reserveLocked(until)

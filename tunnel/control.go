@@ -32,16 +32,16 @@ type control struct {
 
 	tunnel uint32 // the relay's name for the tunnel
 	addr   *Addr  // the public address
+	ready  bool   // the readiness the relay was told at registration
 	resume [proto.TokenLen]byte
 }
 
 // features is what this library speaks.
-const features = proto.FeaturePool | proto.FeatureIdentity | proto.FeatureProof
+const features = proto.FeaturePool | proto.FeatureIdentity | proto.FeatureProof | proto.FeaturePools | proto.FeatureReady
 
-// dialControl connects to r's relay, authenticates, and opens the tunnel on
-// port (0: any), showing resume if it is not zero. The handshake is bounded
-// by the dial timeout and by ctx.
-func dialControl(ctx context.Context, r *registration, port int, required bool, resume [proto.TokenLen]byte) (*control, error) {
+// dialControl connects to r's relay, authenticates, and sends req to open
+// the tunnel. The handshake is bounded by the dial timeout and by ctx.
+func dialControl(ctx context.Context, r *registration, req *proto.Listen) (*control, error) {
 	l := r.l
 	ctx, cancel := context.WithTimeout(ctx, l.cfg.dialTimeout())
 	defer cancel()
@@ -53,7 +53,7 @@ func dialControl(ctx context.Context, r *registration, port int, required bool, 
 		dataAddr: conn.RemoteAddr().String()}
 	// A cancelled ctx unblocks the handshake's reads and writes.
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
-	err = c.handshake(port, required, resume)
+	err = c.handshake(req)
 	if !stop() || err != nil {
 		conn.Close()
 		if err == nil || ctx.Err() != nil {
@@ -92,7 +92,7 @@ func (l *Listener) dialRelay(ctx context.Context, addr, host string) (net.Conn, 
 }
 
 // handshake authenticates and opens the tunnel.
-func (c *control) handshake(port int, required bool, resume [proto.TokenLen]byte) error {
+func (c *control) handshake(req *proto.Listen) error {
 	l := c.l
 	agent := l.cfg.Agent
 	if agent == "" {
@@ -139,10 +139,10 @@ func (c *control) handshake(port int, required bool, resume [proto.TokenLen]byte
 	}
 	c.hb = time.Duration(m.(*proto.Welcome).HeartbeatMillis) * time.Millisecond
 
-	req := &proto.Listen{ID: 1, Port: uint16(port), Resume: resume}
-	if required {
-		req.Flags |= proto.ListenPortRequired
+	if c.features&proto.FeatureReady == 0 {
+		req.Flags &^= proto.ListenUnready // an older relay would refuse the flag
 	}
+	c.ready = req.Flags&proto.ListenUnready == 0
 	if err := c.conn.Send(req); err != nil {
 		return fmt.Errorf("send listen: %w", err)
 	}
@@ -157,6 +157,18 @@ func (c *control) handshake(port int, required bool, resume [proto.TokenLen]byte
 		c.addr.Host = c.r.dialedHost
 	}
 	return nil
+}
+
+// sendReady tells the relay whether this member can take clients, if the
+// relay has the feature.
+func (c *control) sendReady(ready bool) {
+	if c.features&proto.FeatureReady == 0 {
+		c.l.log.Debug("relay cannot be told of readiness (no feature ready)", "relay", c.r.relayAddr)
+		return
+	}
+	if err := c.conn.Send(&proto.Ready{Tunnel: c.tunnel, Ready: ready}); err != nil {
+		c.conn.Close() // the registration reconnects, and tells it then
+	}
 }
 
 // release gives the public port back (the relay keeps no reservation for

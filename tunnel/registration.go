@@ -68,7 +68,11 @@ func (r *registration) registered(ctl *control) bool {
 	}
 	old := r.addr
 	r.ctl, r.addr, r.resume = ctl, ctl.addr, ctl.resume
+	ready := l.ready
 	l.mu.Unlock()
+	if ready != ctl.ready { // SetReady ran during the dial
+		ctl.sendReady(ready)
+	}
 	l.granted(ctl.addr.Port)
 	if old == nil {
 		l.log.Info("registered with the relay", "relay", r.relayAddr, "public", ctl.addr.String())
@@ -164,13 +168,19 @@ func jitter(d time.Duration) time.Duration {
 func (r *registration) dial(ctx context.Context) (*control, error) {
 	l := r.l
 	port, required := l.wantPort()
+	req := &proto.Listen{ID: 1, Port: uint16(port), Pool: l.cfg.Pool}
+	if required {
+		req.Flags |= proto.ListenPortRequired
+	}
 	l.mu.Lock()
-	var resume [proto.TokenLen]byte
 	if r.addr != nil && r.addr.Port == port {
-		resume = r.resume
+		req.Resume = r.resume
+	}
+	if !l.ready {
+		req.Flags |= proto.ListenUnready
 	}
 	l.mu.Unlock()
-	return dialControl(ctx, r, port, required, resume)
+	return dialControl(ctx, r, req)
 }
 
 // goAwayError is the relay's goodbye; retry, if not zero, is how soon it

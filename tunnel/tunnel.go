@@ -72,6 +72,17 @@ type Config struct {
 	Port         int
 	PortRequired bool
 
+	// Pool, if set, joins the endpoint of that name: every agent that
+	// gives the same pool name (and that the relay allows in it) serves
+	// the same public port, and each outside client goes to one of them.
+	// The pool's first member fixes its port. If empty, the port is this
+	// agent's alone.
+	Pool string
+
+	// StartUnready registers the Listener as not ready for clients: the
+	// relay sends them to the pool's other members until SetReady(true).
+	StartUnready bool
+
 	// TLS, if set, secures the control and data connections to the relay.
 	// If its ServerName is empty, the host of the relay address is used.
 	// See PinnedTLS for a relay with a self-signed certificate.
@@ -124,6 +135,9 @@ func (c *Config) needs() proto.Features {
 	if c.Key != nil {
 		need |= proto.FeatureIdentity
 	}
+	if c.Pool != "" {
+		need |= proto.FeaturePools
+	}
 	return need
 }
 
@@ -175,6 +189,7 @@ type Listener struct {
 	mu    sync.Mutex
 	port  int  // the public port on every relay: Config.Port or the first one granted
 	fixed bool // port is fixed: ask every relay for it as required
+	ready bool // can take clients (SetReady)
 
 	conns     chan net.Conn   // data connections ready for Accept
 	ctx       context.Context // cancelled by Close
@@ -207,6 +222,7 @@ func (c *Config) Listen(ctx context.Context, relayAddrs ...string) (*Listener, e
 		need:   c.needs(),
 		port:   c.Port,
 		fixed:  c.Port != 0 && c.PortRequired,
+		ready:  !c.StartUnready,
 		conns:  make(chan net.Conn),
 		failed: make(chan struct{}),
 	}
@@ -369,6 +385,30 @@ func (l *Listener) Close() error {
 		l.wg.Wait()
 	})
 	return nil
+}
+
+// SetReady tells every relay whether this agent can take new clients (for
+// example, whether the server behind it is up). An agent that is not ready
+// keeps its registrations, and the relays send new clients to the other
+// members of its pool; with no member ready, they refuse new clients at
+// once. Relays that lack the feature are not told.
+func (l *Listener) SetReady(ready bool) {
+	l.mu.Lock()
+	if l.ready == ready {
+		l.mu.Unlock()
+		return
+	}
+	l.ready = ready
+	var ctls []*control
+	for _, r := range l.regs {
+		if r.ctl != nil {
+			ctls = append(ctls, r.ctl)
+		}
+	}
+	l.mu.Unlock()
+	for _, c := range ctls {
+		c.sendReady(ready)
+	}
 }
 
 // Addr returns the public address outside clients connect to: the first

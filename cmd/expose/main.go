@@ -5,6 +5,7 @@ package main
 import (
 	"net"
 	"os"
+	"time"
 
 	"tcprelay/internal/cli"
 	"tcprelay/internal/expose"
@@ -23,6 +24,7 @@ func main() {
 	agent := c.Agent()
 	dialTimeout := c.FS.Duration("dial-timeout", 5e9, "time to connect to TARGET before the outside client is closed")
 	proxyProto := c.FS.String("proxy-protocol", "", "send a PROXY protocol header (v1 or v2) with the client's real address to TARGET (default: none)")
+	c.DurationOff(&agent.HealthEvery, "health-check", 3*time.Second, "how often to check that TARGET accepts connections, a `duration` or off; while it does not, the relays send no new clients to this agent")
 	args, log := c.Parse(os.Args[1:], 3)
 	relays, rest := agent.Relays(args, 3)
 	target := rest[0]
@@ -43,6 +45,15 @@ func main() {
 		fw.ProxyProtocol = 2
 	default:
 		c.Usagef("bad -proxy-protocol %q: want v1 or v2", *proxyProto)
+	}
+	if agent.HealthEvery > 0 {
+		agent.Health = func() bool {
+			c, err := net.DialTimeout("tcp", target, min(agent.HealthEvery, 2*time.Second))
+			if err == nil {
+				c.Close()
+			}
+			return err == nil
+		}
 	}
 	agent.Run(relays, log, fw.Start)
 }

@@ -330,10 +330,16 @@ func Serve(ln net.Listener, handle Handler, drain time.Duration, log *slog.Logge
 type Agent struct {
 	c        *Common
 	port     *int
+	pool     *string
 	key      *string
 	drain    *time.Duration
 	failFast *bool
 	tls      func() (*tls.Config, error)
+
+	// Health, if set, says whether what the agent serves is up; Run asks
+	// it every HealthEvery and tells the relays (tunnel.Listener.SetReady).
+	Health      func() bool
+	HealthEvery time.Duration
 }
 
 // Agent registers the agent flags; call it before Parse.
@@ -342,6 +348,7 @@ func (c *Common) Agent() *Agent {
 	return &Agent{
 		c:        c,
 		port:     c.FS.Int("port", 0, "public port to ask every relay for; the agent exits if a relay cannot give it (0: any, the same on every relay)"),
+		pool:     c.FS.String("pool", "", "join the pool `NAME`: every agent with the same pool name serves one public port, each client going to one of them (default: the port is this agent's alone)"),
 		key:      c.FS.String("key", "", "Ed25519 private key `file` that identifies this agent to relays with an agents file (created, mode 0600, if missing)"),
 		drain:    c.FS.Duration("drain-timeout", 5*time.Second, "on SIGINT/SIGTERM, how long open connections may finish"),
 		failFast: c.FS.Bool("fail-fast", false, "exit at once if no relay can be reached at start, instead of retrying with backoff"),
@@ -362,6 +369,29 @@ func (a *Agent) Relays(args []string, nargs int) (relays, rest []string) {
 		a.c.Usagef("%v", err)
 	}
 	return relays, rest
+}
+
+// watchHealth asks Health every HealthEvery and tells the relays when the
+// answer changes, until ctx ends.
+func (a *Agent) watchHealth(ctx context.Context, ln *tunnel.Listener, ready bool, log *slog.Logger) {
+	tick := time.NewTicker(a.HealthEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if now := a.Health(); now != ready {
+			ready = now
+			if ready {
+				log.Info("target up: taking clients again")
+			} else {
+				log.Warn("target down: the relays send new clients to other members of the pool, or refuse them")
+			}
+			ln.SetReady(ready)
+		}
+	}
 }
 
 // Run registers with the relays, prints the announcement line on stdout for
@@ -394,12 +424,15 @@ func (a *Agent) Run(relays []string, log *slog.Logger, handle Handler) {
 		Key:          key,
 		Port:         *a.port,
 		PortRequired: *a.port != 0, // a port asked for is never silently replaced
+		Pool:         *a.pool,
 		TLS:          tlsCfg,
 		WaitForRelay: !*a.failFast,
 		Agent:        a.c.Name + "/" + Version,
 		Logger:       log,
 		OnAddr:       func(addr net.Addr) { Announce(os.Stdout, addr) },
 	}
+	ready := a.Health == nil || a.Health()
+	cfg.StartUnready = !ready
 	ln, err := cfg.Listen(ctx, relays...)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -407,7 +440,10 @@ func (a *Agent) Run(relays []string, log *slog.Logger, handle Handler) {
 		}
 		a.c.Fatal(err)
 	}
-	log.Info("accepting relayed connections")
+	log.Info("accepting relayed connections", "ready", ready)
+	if a.Health != nil && a.HealthEvery > 0 {
+		go a.watchHealth(ctx, ln, ready, log)
+	}
 	context.AfterFunc(ctx, func() { ln.Close() })
 	if err := Serve(ln, handle, *a.drain, log); err != nil {
 		a.c.Fatal(err)

@@ -20,9 +20,12 @@ const (
 	// ListenPortRequired makes the relay fail the request instead of picking
 	// another port when the requested one is not available.
 	ListenPortRequired uint32 = 1 << 0
+	// ListenUnready registers the member as not ready for clients yet
+	// (feature ready); a Ready message changes that.
+	ListenUnready uint32 = 1 << 1
 
 	// ListenKnownFlags are the flags this version knows.
-	ListenKnownFlags = ListenPortRequired
+	ListenKnownFlags = ListenPortRequired | ListenUnready
 )
 
 // Error codes carried by Error frames.
@@ -78,6 +81,9 @@ type Listen struct {
 	// Resume is the token a ListenOK for Port gave an earlier session: it
 	// proves this agent owns the port's reservation. Zero: none.
 	Resume [TokenLen]byte
+	// Pool, if not empty, joins the endpoint of that name (feature pools),
+	// served by every agent that joins it, on one port.
+	Pool string
 }
 
 // ListenOK answers a Listen.
@@ -152,6 +158,14 @@ type PoolJoin struct {
 	MAC [MACLen]byte
 }
 
+// Ready says whether the agent's member of a tunnel can take new clients
+// (feature ready): an agent whose server is down says false, and the relay
+// sends its clients to the endpoint's other members.
+type Ready struct {
+	Tunnel uint32
+	Ready  bool
+}
+
 // Bind is the relay's only frame on a pre-opened data connection: from the
 // next byte on, it carries the outside client's stream.
 type Bind struct {
@@ -176,6 +190,7 @@ func (*Attach) Type() Type    { return TypeAttach }
 func (*PoolKey) Type() Type   { return TypePoolKey }
 func (*PoolJoin) Type() Type  { return TypePoolJoin }
 func (*Bind) Type() Type      { return TypeBind }
+func (*Ready) Type() Type     { return TypeReady }
 
 // Optional fields (added after version 2, see docs/PROTOCOL.md) are
 // appended only when set, so a message without them has its version-2
@@ -211,8 +226,13 @@ func (m *Listen) AppendPayload(b []byte) []byte {
 	b = binary.BigEndian.AppendUint32(b, m.ID)
 	b = binary.BigEndian.AppendUint16(b, m.Port)
 	b = binary.BigEndian.AppendUint32(b, m.Flags)
-	if m.Resume != ([TokenLen]byte{}) {
+	// Optional fields are written up to the last one set: an earlier one
+	// that is not set goes as zero.
+	if m.Resume != ([TokenLen]byte{}) || m.Pool != "" {
 		b = append(b, m.Resume[:]...)
+	}
+	if m.Pool != "" {
+		b = appendString(b, m.Pool)
 	}
 	return b
 }
@@ -265,6 +285,13 @@ func (m *PoolJoin) AppendPayload(b []byte) []byte {
 		b = append(b, m.MAC[:]...)
 	}
 	return b
+}
+func (m *Ready) AppendPayload(b []byte) []byte {
+	b = binary.BigEndian.AppendUint32(b, m.Tunnel)
+	if m.Ready {
+		return append(b, 1)
+	}
+	return append(b, 0)
 }
 func (m *Bind) AppendPayload(b []byte) []byte {
 	b = binary.BigEndian.AppendUint32(b, m.Tunnel)
@@ -323,6 +350,9 @@ func Parse(t Type, payload []byte) (Message, error) {
 		if d.more() {
 			d.bytes(v.Resume[:])
 		}
+		if d.more() {
+			v.Pool = d.string()
+		}
 		m = v
 	case TypeListenOK:
 		v := &ListenOK{ID: d.u32(), Tunnel: d.u32(), Host: d.string(), Port: d.u16()}
@@ -372,6 +402,12 @@ func Parse(t Type, payload []byte) (Message, error) {
 		m = v
 	case TypeBind:
 		m = &Bind{Tunnel: d.u32(), Client: d.string(), Local: d.string()}
+	case TypeReady:
+		v := &Ready{Tunnel: d.u32()}
+		if b := d.take(1); b != nil {
+			v.Ready = b[0] != 0
+		}
+		m = v
 	default:
 		return nil, fmt.Errorf("%w: %s", ErrUnknownType, t)
 	}

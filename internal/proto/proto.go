@@ -73,6 +73,7 @@ const (
 	TypeAttach    Type = 0x10 // agent → relay: first and only frame of a data connection
 	TypePoolJoin  Type = 0x11 // agent → relay: first frame of a pre-opened data connection
 	TypeBind      Type = 0x12 // relay → agent: on a pre-opened data connection, a client is joined
+	TypeReady     Type = 0x13 // agent → relay: whether a tunnel's member can take clients
 )
 
 // Features is a set of optional protocol features, one bit each. Each side
@@ -91,6 +92,11 @@ const (
 	// exchange (Hello.Eph, Challenge.Eph); data connections prove they
 	// belong to the session with it (Attach.MAC, PoolJoin.Seq and MAC).
 	FeatureProof Features = 1 << 2
+	// FeaturePools: several agents serve one endpoint (Listen.Pool).
+	FeaturePools Features = 1 << 3
+	// FeatureReady: a member says whether it can take clients (Ready,
+	// ListenUnready).
+	FeatureReady Features = 1 << 4
 )
 
 // featureNames names each feature, in bit order, for messages and docs.
@@ -101,6 +107,8 @@ var featureNames = []struct {
 	{FeaturePool, "pool"},
 	{FeatureIdentity, "identity"},
 	{FeatureProof, "proof"},
+	{FeaturePools, "pools"},
+	{FeatureReady, "ready"},
 }
 
 // String names the features in f, comma-separated; unknown bits are shown
@@ -181,6 +189,8 @@ func (t Type) String() string {
 		return "pool-join"
 	case TypeBind:
 		return "bind"
+	case TypeReady:
+		return "ready"
 	}
 	return fmt.Sprintf("type(0x%02x)", uint8(t))
 }
