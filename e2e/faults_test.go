@@ -37,6 +37,7 @@ import (
 type stream struct {
 	conn *net.TCPConn
 	seed [32]byte
+	pace time.Duration // between 16 KiB writes; 0: as fast as it goes
 
 	sent atomic.Int64 // bytes the kernel accepted from the client
 	recv atomic.Int64 // bytes echoed back, each checked
@@ -58,7 +59,12 @@ func startStream(t *testing.T, port int) *stream {
 	if err != nil {
 		t.Fatalf("dial public port %d: %v", port, err)
 	}
-	s := &stream{conn: c.(*net.TCPConn), stopWrite: make(chan struct{}),
+	return streamOn(t, c, 0)
+}
+
+// streamOn starts streaming on a connection, a 16 KiB write every pace.
+func streamOn(t *testing.T, c net.Conn, pace time.Duration) *stream {
+	s := &stream{conn: c.(*net.TCPConn), pace: pace, stopWrite: make(chan struct{}),
 		writeDone: make(chan struct{}), readDone: make(chan struct{})}
 	rand.Read(s.seed[:])
 	go s.write()
@@ -75,12 +81,26 @@ func (s *stream) write() {
 	defer close(s.writeDone)
 	rng := mrand.NewChaCha8(s.seed)
 	buf := make([]byte, 16<<10)
+	var tick <-chan time.Time
+	if s.pace > 0 {
+		t := time.NewTicker(s.pace)
+		defer t.Stop()
+		tick = t.C
+	}
 	for {
 		select {
 		case <-s.stopWrite:
 			s.writeErr = s.conn.CloseWrite()
 			return
 		default:
+		}
+		if tick != nil {
+			select {
+			case <-s.stopWrite:
+				s.writeErr = s.conn.CloseWrite()
+				return
+			case <-tick:
+			}
 		}
 		rng.Read(buf)
 		n, err := s.conn.Write(buf)

@@ -276,6 +276,7 @@ type relay struct {
 	// readyAddrs are the local addresses of the readiness probes: the relay
 	// may log their connections as dropped.
 	readyAddrs []string
+	ip         string   // the address it binds (-bind)
 	env, flags []string // as started, for restartRelay
 }
 
@@ -307,7 +308,7 @@ func (e *env) startRelayWith(pick func() int, env []string, flags ...string) *re
 	}
 	for attempt := 1; attempt <= 5; attempt++ {
 		port := pick()
-		if r := e.tryRelay(port, env, flags); r != nil {
+		if r := e.tryRelay("127.0.0.1", port, env, flags); r != nil {
 			return r
 		}
 		t.Logf("attempt %d: port %d got taken; retrying with a new port", attempt, port)
@@ -330,7 +331,7 @@ func (e *env) restartRelay(old *relay) *relay {
 	attempts := 0
 	check.Eventually(t, readyTimeout, func() error {
 		attempts++
-		if r = e.tryRelay(old.port, old.env, old.flags); r == nil {
+		if r = e.tryRelay(old.ip, old.port, old.env, old.flags); r == nil {
 			return fmt.Errorf("relay: port %d still not bindable after the old relay ended", old.port)
 		}
 		return nil
@@ -341,18 +342,18 @@ func (e *env) restartRelay(old *relay) *relay {
 	return r
 }
 
-// tryRelay starts `relay -bind 127.0.0.1 FLAGS PORT` and waits until it
-// accepts. It returns nil if the relay exited because the port was taken,
-// and fails the test if it exited for any other reason.
-func (e *env) tryRelay(port int, env, flags []string) *relay {
+// tryRelay starts `relay -bind IP FLAGS PORT` and waits until it accepts.
+// It returns nil if the relay exited because the port was taken, and fails
+// the test if it exited for any other reason.
+func (e *env) tryRelay(ip string, port int, env, flags []string) *relay {
 	t := e.t
 	t.Helper()
-	args := append(append([]string{"-bind", "127.0.0.1"}, flags...), strconv.Itoa(port))
+	args := append(append([]string{"-bind", ip}, flags...), strconv.Itoa(port))
 	p := e.start(relayBin, args, procOpts{daemon: true, env: env})
-	r := &relay{proc: p, port: port, env: env, flags: flags}
+	r := &relay{proc: p, port: port, ip: ip, env: env, flags: flags}
 	var dialErr error
 	err := p.AwaitReady(readyTimeout, func() bool {
-		c, err := net.DialTimeout("tcp", child.Addr(port), 200*time.Millisecond)
+		c, err := net.DialTimeout("tcp", net.JoinHostPort(ip, strconv.Itoa(port)), 200*time.Millisecond)
 		if err != nil {
 			dialErr = err
 			return false

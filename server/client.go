@@ -159,6 +159,7 @@ func (s *Server) takePending(token [proto.TokenLen]byte, ok func(*pending) bool)
 	if p != nil {
 		delete(s.pending, token)
 		p.member.ep.pending--
+		s.wakeLocked()
 	}
 	return p
 }
@@ -204,6 +205,7 @@ func (s *Server) takeWaitingLocked(m *member) []*pending {
 			moved = append(moved, p)
 		}
 	}
+	s.wakeLocked()
 	return moved
 }
 
@@ -272,10 +274,7 @@ func (s *Server) linkDone(m *member, client net.Conn, l *copier.Link, res copier
 	delete(s.links, l)
 	m.ep.conns--
 	m.clients--
-	if len(s.links) == 0 && s.linksDone != nil {
-		close(s.linksDone)
-		s.linksDone = nil
-	}
+	s.wakeLocked()
 	s.mu.Unlock()
 	s.log.Debug("connection closed", "port", m.ep.port, "client", client.RemoteAddr().String(),
 		"bytes_in", res.AToB, "bytes_out", res.BToA, "err", res.Err)

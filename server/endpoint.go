@@ -80,8 +80,8 @@ func (ss *session) register(req *proto.Listen) (m *member, ln net.Listener, resu
 	s := ss.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if ss.closed || s.closed {
-		return nil, nil, resume, refusal(proto.CodeShuttingDown, "session closed")
+	if ss.closed || s.draining {
+		return nil, nil, resume, refusal(proto.CodeShuttingDown, "relay shutting down")
 	}
 	var ep *endpoint
 	if req.Pool != "" {

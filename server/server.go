@@ -62,7 +62,8 @@ type Server struct {
 	// session, endpoint and member: one lock keeps teardown and token
 	// lookups consistent.
 	mu        sync.Mutex
-	closed    bool                      // Shutdown or Close called
+	draining  bool                      // Shutdown called: no new agents, clients or parked connections
+	closed    bool                      // control listeners closed
 	listeners map[net.Listener]struct{} // control listeners being served
 	sessions  map[*session]struct{}     // authenticated agents
 	ids       map[string]*identity      // by key: the agents file's, and anonymous ones
@@ -71,7 +72,7 @@ type Server struct {
 	pending   map[[proto.TokenLen]byte]*pending
 	poolKeys  map[[proto.TokenLen]byte]*session // sessions that accept pre-opened data connections
 	links     map[*copier.Link]struct{}         // relayed connections being copied
-	linksDone chan struct{}                     // closed and replaced when links drops to 0 during Shutdown
+	wake      chan struct{}                     // closed when links or pending shrink, for waitUntil
 
 	ports *portAllocator
 	count counters
@@ -282,6 +283,11 @@ func (s *Server) isClosed() bool {
 // second of the relay.
 const comeBackSoon = 500 * time.Millisecond
 
+// settleFor bounds how long a graceful shutdown waits for the clients
+// already accepted to be picked up by their agents, before it tells the
+// agents to go.
+const settleFor = 2 * time.Second
+
 // stopAccepting marks the server closed and closes every listener, and every
 // agent session with its public ports and waiting clients, after a GoAway
 // (with retry, if not zero, as its hint). Relayed connections are left to
@@ -289,7 +295,7 @@ const comeBackSoon = 500 * time.Millisecond
 func (s *Server) stopAccepting(reason string, retry time.Duration) {
 	s.freezeState()
 	s.mu.Lock()
-	s.closed = true
+	s.draining, s.closed = true, true
 	lns := make([]net.Listener, 0, len(s.listeners))
 	for ln := range s.listeners {
 		lns = append(lns, ln)
@@ -317,32 +323,60 @@ func (s *Server) stopAccepting(reason string, retry time.Duration) {
 	wg.Wait()
 }
 
-// Shutdown stops accepting agents and outside clients, tells every agent the
-// relay is going away, closes waiting clients, and lets relayed connections
-// drain until they end or ctx is done; then it closes what is left and waits
-// for every goroutine. It returns ctx.Err() if the drain was cut short.
-func (s *Server) Shutdown(ctx context.Context) error {
-	s.stopAccepting("relay shutting down", comeBackSoon)
-	var err error
+// waitUntil waits until cond, called under s.mu, holds, or ctx is done.
+func (s *Server) waitUntil(ctx context.Context, cond func() bool) error {
 	for {
 		s.mu.Lock()
-		if len(s.links) == 0 {
+		if cond() {
 			s.mu.Unlock()
-			break
+			return nil
 		}
-		if s.linksDone == nil {
-			s.linksDone = make(chan struct{})
+		if s.wake == nil {
+			s.wake = make(chan struct{})
 		}
-		done := s.linksDone
+		wake := s.wake
 		s.mu.Unlock()
 		select {
-		case <-done:
-			continue
+		case <-wake:
 		case <-ctx.Done():
-			err = ctx.Err()
+			return ctx.Err()
 		}
-		break
 	}
+}
+
+// wakeLocked has waitUntil check its condition again. s.mu must be held.
+func (s *Server) wakeLocked() {
+	if s.wake != nil {
+		close(s.wake)
+		s.wake = nil
+	}
+}
+
+// Shutdown stops accepting outside clients (their public ports close, so a
+// load balancer routes around this relay) and new agents, lets the agents
+// pick up the clients already accepted, tells every agent the relay is
+// going away (and to come back soon), and lets relayed connections drain
+// until they end or ctx is done; then it closes what is left and waits for
+// every goroutine. It returns ctx.Err() if the drain was cut short.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.draining = true
+	var lns []net.Listener
+	for _, ep := range s.endpoints {
+		if ep.ln != nil {
+			lns = append(lns, ep.ln)
+		}
+	}
+	s.mu.Unlock()
+	for _, ln := range lns {
+		ln.Close()
+	}
+	settle, cancel := context.WithTimeout(ctx, min(settleFor, s.set.pickupTimeout))
+	s.waitUntil(settle, func() bool { return len(s.pending) == 0 })
+	cancel()
+
+	s.stopAccepting("relay shutting down", comeBackSoon)
+	err := s.waitUntil(ctx, func() bool { return len(s.links) == 0 })
 	s.Close()
 	return err
 }

@@ -563,3 +563,31 @@ func TestShutdownWithStuckAgents(t *testing.T) {
 		t.Errorf("Serve = %v", err)
 	}
 }
+
+// TestShutdownServesAcceptedClients: a graceful shutdown closes the public
+// ports at once, but a client already accepted and waiting for its agent
+// is still picked up: the control port takes data connections until the
+// waiting clients are claimed.
+func TestShutdownServesAcceptedClients(t *testing.T) {
+	check.Leaks(t)
+	relay := testutil.StartRelay(t, server.Config{})
+	agent := testutil.NewRawAgentWith(t, relay.Addr, "", 0)
+	pub := agent.Listen(t, 0)
+	client := testutil.Dial(t, pub)
+	in := agent.ExpectIncoming(t)
+
+	done := make(chan error, 1)
+	go func() { done <- relay.Shutdown(context.Background()) }()
+	testutil.WaitRefused(t, pub)
+	data := agent.Attach(t, in.Token)
+	data.Write([]byte("served"))
+	data.CloseWrite()
+	if got := testutil.ReadAllTimeout(t, client, 5*time.Second); string(got) != "served" {
+		t.Fatalf("the accepted client got %q during the shutdown, want it served", got)
+	}
+	client.Close()
+	testutil.ReadAllTimeout(t, data, 5*time.Second)
+	if err := <-done; err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+}

@@ -181,7 +181,7 @@ func (ss *session) join() error {
 	s := ss.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
+	if s.draining {
 		return refusal(proto.CodeShuttingDown, "relay shutting down")
 	}
 	if id := ss.id; id != nil {
@@ -356,6 +356,8 @@ func (s *Server) park(c net.Conn, join *proto.PoolJoin) bool {
 	ss := s.poolKeys[join.Key]
 	why := ""
 	switch {
+	case s.draining:
+		why = "relay shutting down"
 	case ss == nil || ss.closed:
 		why = "unknown key"
 	case ss.features&proto.FeatureProof != 0 && !proto.CheckProof(ss.key, "pool-join", join.MAC, join.Key[:], be64(join.Seq)):
