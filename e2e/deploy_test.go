@@ -3,6 +3,7 @@ package e2e
 import (
 	"encoding/json"
 	"os"
+	"os/exec"
 	"regexp"
 	"strings"
 	"testing"
@@ -44,6 +45,35 @@ func TestDeployFilesUseRealFlags(t *testing.T) {
 		p.mustExit(10 * time.Second)
 		if p.ExitCode() != 0 {
 			t.Errorf("%s: relay %s: %s; stderr:\n%s", name, strings.Join(flags, " "), p.Status(), p.Stderr)
+		}
+	}
+
+	// The agent unit: its flags before the environment's.
+	agent, err := os.ReadFile("../deploy/expose@.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := regexp.MustCompile(`(?m)^ExecStart=/usr/local/bin/expose (.*)$`).FindSubmatch(agent)
+	if a == nil {
+		t.Fatal("deploy/expose@.service: no ExecStart=/usr/local/bin/expose line")
+	}
+	var flags []string
+	for _, f := range strings.Fields(string(a[1])) {
+		if strings.HasPrefix(f, "$") {
+			break
+		}
+		flags = append(flags, strings.ReplaceAll(f, "%S", t.TempDir()))
+	}
+	e := newEnv(t)
+	p := e.start(exposeBin, append(flags, "-version"), procOpts{})
+	p.mustExit(10 * time.Second)
+	if p.ExitCode() != 0 {
+		t.Errorf("expose@.service ExecStart: expose %s: %s; stderr:\n%s", strings.Join(flags, " "), p.Status(), p.Stderr)
+	}
+	// The load balancer example is a valid haproxy configuration.
+	if haproxy, err := exec.LookPath("haproxy"); err == nil {
+		if out, err := exec.Command(haproxy, "-c", "-f", "../deploy/haproxy.cfg").CombinedOutput(); err != nil {
+			t.Errorf("haproxy -c -f deploy/haproxy.cfg: %v\n%s", err, out)
 		}
 	}
 }
