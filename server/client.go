@@ -1,7 +1,9 @@
 package server
 
 import (
+	"math"
 	"net"
+	"net/netip"
 	"time"
 
 	"tcprelay/internal/copier"
@@ -14,27 +16,30 @@ import (
 //	serveClient → admit → bindPooled → link → linkDone
 //	                    ↘ announce → (attach | pickupTimeout) → link → linkDone
 
-// serveClient serves one outside client accepted on an endpoint's public
-// port: within the endpoint's limits it is joined to a pre-opened data
-// connection of the chosen member if there is one, else announced to that
-// member's agent.
-func (ep *endpoint) serveClient(c net.Conn) {
+// serveClient takes one outside client accepted on an endpoint's public
+// port: within the endpoint's limits (checked here, in accept order) it is
+// joined to a pre-opened data connection of the chosen member if there is
+// one, else announced to that member's agent (in the returned function,
+// which the accept loop runs in a goroutine of its own).
+func (ep *endpoint) serveClient(c net.Conn) func() {
 	s := ep.s
 	s.count.clients.Add(1)
 	m := ep.admit(c)
 	if m == nil {
-		return
+		return nil
 	}
-	if s.bindPooled(m, c) {
-		return
+	return func() {
+		if !s.bindPooled(m, c) {
+			s.announce(m, c)
+		}
 	}
-	s.announce(m, c)
 }
 
-// admit counts c against the endpoint's connection limit and picks the
-// member to serve it, or closes c and returns nil.
+// admit counts c against the endpoint's limits and the relay's budget, and
+// picks the member to serve it, or closes c and returns nil.
 func (ep *endpoint) admit(c net.Conn) *member {
 	s := ep.s
+	src := sourceOf(c)
 	s.mu.Lock()
 	var why string
 	var m *member
@@ -43,22 +48,49 @@ func (ep *endpoint) admit(c net.Conn) *member {
 		why = "tunnel closed"
 	case ep.conns >= s.set.maxConns:
 		why = "tunnel at its connection limit"
+	case ep.bySource[src] >= s.set.maxPerSource:
+		why = "source address at its limit of clients on this tunnel"
+	case !s.clientRoomLocked(ep):
+		why = "relay at its budget of clients: this tunnel has its fair share"
 	default:
 		if m = ep.pickLocked(); m == nil {
-			why = "tunnel has no agent"
+			why = "tunnel has no ready agent"
 			break
 		}
-		ep.conns++
+		ep.addClientLocked(src, 1)
 		m.clients++
 		s.mu.Unlock()
 		return m
 	}
-	n := ep.refusedLocked()
 	s.mu.Unlock()
 	s.count.refused.Add(1)
 	s.closeConn(c)
-	ep.logRefused(why, n)
+	s.quiet.Warn("closed outside client: "+why, "port", ep.port, "client", c.RemoteAddr().String())
 	return nil
+}
+
+// addClientLocked counts delta outside clients from src on ep, in the
+// endpoint's and the relay's totals. s.mu must be held.
+func (ep *endpoint) addClientLocked(src netip.Addr, delta int) {
+	s := ep.s
+	before := ep.conns
+	ep.conns += delta
+	s.clientsTotal += delta
+	switch {
+	case before == 0 && ep.conns > 0:
+		s.activeEndpoints++
+	case before > 0 && ep.conns == 0:
+		s.activeEndpoints--
+	}
+	if s.set.maxPerSource == math.MaxInt {
+		return
+	}
+	if ep.bySource == nil {
+		ep.bySource = make(map[netip.Addr]int)
+	}
+	if ep.bySource[src] += delta; ep.bySource[src] <= 0 {
+		delete(ep.bySource, src)
+	}
 }
 
 // bindPooled joins client to a parked data connection of m's session if it
@@ -100,15 +132,12 @@ func (s *Server) announce(m *member, c net.Conn) {
 	ep := m.ep
 	s.mu.Lock()
 	if removed := m.removed; removed || ep.pending >= s.set.maxPending {
-		n := 0
-		if !removed {
-			n = ep.refusedLocked()
-		}
 		s.mu.Unlock()
 		s.dropClient(p)
 		if !removed {
 			s.count.refused.Add(1)
-			ep.logRefused("tunnel at its limit of clients waiting for the agent", n)
+			s.quiet.Warn("closed outside client: tunnel at its limit of clients waiting for the agent",
+				"port", ep.port, "client", c.RemoteAddr().String(), "pending", s.set.maxPending)
 		}
 		return
 	}
@@ -218,7 +247,7 @@ func (s *Server) redispatch(moved []*pending) {
 		s.mu.Lock()
 		m := ep.pickLocked()
 		if m == nil {
-			ep.conns--
+			ep.addClientLocked(sourceOf(p.client), -1)
 			s.mu.Unlock()
 			s.closeConn(p.client)
 			continue
@@ -239,7 +268,7 @@ func (s *Server) dropClient(p *pending) {
 	}
 	s.closeConn(p.client)
 	s.mu.Lock()
-	p.member.ep.conns--
+	p.member.ep.addClientLocked(sourceOf(p.client), -1)
 	p.member.clients--
 	s.mu.Unlock()
 }
@@ -272,7 +301,7 @@ func (s *Server) linkDone(m *member, client net.Conn, l *copier.Link, res copier
 	}
 	s.mu.Lock()
 	delete(s.links, l)
-	m.ep.conns--
+	m.ep.addClientLocked(sourceOf(client), -1)
 	m.clients--
 	s.wakeLocked()
 	s.mu.Unlock()

@@ -70,10 +70,22 @@ type Config struct {
 	// unlimited.
 	MaxTunnelsPerAgent int
 
+	// MaxFDs is the number of file descriptors the relay may hold, which
+	// it shares out as its budget: connections in handshake, agents, and
+	// outside clients, these by max-min fairness between the tunnels. If
+	// zero, the process's limit (RLIMIT_NOFILE) when New runs.
+	MaxFDs int
+
 	// MaxConnsPerTunnel bounds the outside clients of one tunnel, waiting or
-	// relayed; a client past it is closed at once. If zero, the default
-	// (4096); if negative, unlimited.
+	// relayed; a client past it is closed at once. If zero or negative, no
+	// fixed bound: each tunnel has a fair share of the relay's budget, and
+	// all of it while the others do not need theirs.
 	MaxConnsPerTunnel int
+
+	// MaxClientsPerSource bounds the outside clients one source address
+	// may have on one tunnel, waiting or relayed. If zero or negative, no
+	// bound.
+	MaxClientsPerSource int
 
 	// MaxPendingPerTunnel bounds the outside clients of one tunnel waiting
 	// for their agent's data connection. If zero, the default (128); if
@@ -102,7 +114,6 @@ func DefaultConfig() Config {
 		Heartbeat:           10 * time.Second,
 		WriteTimeout:        10 * time.Second,
 		MaxTunnelsPerAgent:  16,
-		MaxConnsPerTunnel:   4096,
 		MaxPendingPerTunnel: 128,
 		MaxPoolPerAgent:     32,
 		MaxFrameSize:        proto.DefaultMaxPayload,
@@ -117,6 +128,7 @@ type settings struct {
 	handshakeTimeout, pickupTimeout, writeTimeout time.Duration
 	heartbeat, portGrace                          time.Duration
 	maxTunnels, maxConns, maxPending, maxPool     int
+	maxPerSource                                  int
 	maxFrameSize                                  int
 }
 
@@ -127,7 +139,8 @@ func (c *Config) settings() settings {
 		pickupTimeout:    positive(c.PickupTimeout, def.PickupTimeout),
 		writeTimeout:     positive(c.WriteTimeout, def.WriteTimeout),
 		maxTunnels:       limit(c.MaxTunnelsPerAgent, def.MaxTunnelsPerAgent),
-		maxConns:         limit(c.MaxConnsPerTunnel, def.MaxConnsPerTunnel),
+		maxConns:         positive(c.MaxConnsPerTunnel, math.MaxInt),
+		maxPerSource:     positive(c.MaxClientsPerSource, math.MaxInt),
 		maxPending:       limit(c.MaxPendingPerTunnel, def.MaxPendingPerTunnel),
 		maxFrameSize:     positive(c.MaxFrameSize, def.MaxFrameSize),
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"net/netip"
 	"slices"
 	"strings"
 	"time"
@@ -32,10 +33,9 @@ type endpoint struct {
 	expiry   *time.Timer  // ends the reservation
 	closed   bool         // released for good
 	members  []*member
-	conns    int       // outside clients waiting or relayed
-	pending  int       // outside clients waiting
-	refused  int       // clients refused since the last log line about it
-	lastWarn time.Time // when that line was written
+	conns    int                // outside clients waiting or relayed
+	bySource map[netip.Addr]int // the same, by source address (with a limit on it)
+	pending  int                // outside clients waiting
 }
 
 // member is one session's registration serving an endpoint. It owns its
@@ -368,26 +368,4 @@ func (ep *endpoint) pickLocked() *member {
 		return b
 	}
 	return a
-}
-
-// refusedLocked counts a refused client and returns how many to report
-// now: at most one log line per second per endpoint, so a flood past a
-// limit cannot flood the log too. s.mu must be held.
-func (ep *endpoint) refusedLocked() int {
-	ep.refused++
-	if now := time.Now(); now.Sub(ep.lastWarn) >= time.Second {
-		n := ep.refused
-		ep.refused, ep.lastWarn = 0, now
-		return n
-	}
-	return 0
-}
-
-// logRefused writes the line refusedLocked allowed, if any.
-func (ep *endpoint) logRefused(why string, n int) {
-	if n > 0 {
-		s := ep.s
-		s.log.Warn("closed outside client: "+why, "port", ep.port,
-			"conns", s.set.maxConns, "pending", s.set.maxPending, "refused", n)
-	}
 }

@@ -42,6 +42,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -76,6 +77,14 @@ type Server struct {
 
 	ports *portAllocator
 	count counters
+	quiet *quietLog // for events that come in floods
+
+	budget             budget
+	handshaking        int                // connections in handshake (under mu)
+	handshakesBySource map[netip.Addr]int // by source address (under mu)
+	clientsTotal       int                // outside clients of every endpoint (under mu)
+	activeEndpoints    int                // endpoints with clients (under mu)
+	auth               authThrottle       // failed authentications by source (under mu)
 
 	stateMu     sync.Mutex  // serialises writes of the state file
 	saveTimer   *time.Timer // a write of the state file is due (under mu)
@@ -93,6 +102,12 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.Secret == "" && cfg.Agents == nil {
 		log.Warn("no secret configured: this is an OPEN relay, any agent can register and open public ports")
+	} else if n := len(cfg.Secret); n > 0 && n < 16 {
+		log.Warn("the secret is short: use at least 16 random characters (failed guesses are throttled, but only per address)", "length", n)
+	}
+	fds := cfg.MaxFDs
+	if fds <= 0 {
+		fds = fdLimit()
 	}
 	s := &Server{
 		cfg:       cfg,
@@ -107,13 +122,19 @@ func New(cfg Config) (*Server, error) {
 		pending:   make(map[[proto.TokenLen]byte]*pending),
 		poolKeys:  make(map[[proto.TokenLen]byte]*session),
 		ports:     newPortAllocator(cfg.PortMin, cfg.PortMax),
+		budget:    newBudget(fds),
+
+		handshakesBySource: make(map[netip.Addr]int),
 	}
+	s.quiet = &quietLog{log: log, wg: &s.wg}
 	if cfg.Agents != nil {
 		s.SetAgents(cfg.Agents)
 	}
 	if err := s.loadState(); err != nil {
 		return nil, err
 	}
+	log.Info("budget of file descriptors", "fds", fds, "handshakes", s.budget.handshakes,
+		"per_source", s.budget.perSource, "agents", s.budget.agents, "clients", s.budget.clients)
 	return s, nil
 }
 
@@ -151,15 +172,25 @@ func (s *Server) Serve(ln net.Listener) error {
 	if a, ok := ln.Addr().(*net.TCPAddr); ok && !a.IP.IsUnspecified() {
 		bindIP = a.IP
 	}
-	return s.acceptLoop(ln, func(c net.Conn) {
-		s.handleConn(c, bindIP)
+	return s.acceptLoop(ln, func(c net.Conn) func() {
+		release, ok := s.admitHandshake(c)
+		if !ok {
+			s.refuseConn(c, "relay busy: too many connections in handshake, from your address or in all; retry later")
+			return nil
+		}
+		return func() {
+			defer release()
+			s.handleConn(c, bindIP, release)
+		}
 	})
 }
 
-// acceptLoop accepts on ln and runs handle in a tracked goroutine for each
-// conn. It backs off on temporary errors (such as running out of file
-// descriptors) instead of spinning or giving up.
-func (s *Server) acceptLoop(ln net.Listener, handle func(net.Conn)) error {
+// acceptLoop accepts on ln and calls admit for each conn, in accept order:
+// admit counts the conn against its limits (or refuses it, returning nil)
+// and returns what serves it, which runs in a tracked goroutine. It backs
+// off on temporary errors (such as running out of file descriptors)
+// instead of spinning or giving up.
+func (s *Server) acceptLoop(ln net.Listener, admit func(net.Conn) func()) error {
 	var delay time.Duration
 	for {
 		c, err := ln.Accept()
@@ -181,18 +212,33 @@ func (s *Server) acceptLoop(ln net.Listener, handle func(net.Conn)) error {
 			c.Close()
 			return ErrServerClosed
 		}
+		serve := admit(c)
+		if serve == nil {
+			continue
+		}
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
-			handle(c)
+			serve()
 		}()
 	}
+}
+
+// refuseConn turns away a connection to the control port at a limit: with
+// an Error frame, so an agent knows to retry, and a line in the log.
+func (s *Server) refuseConn(c net.Conn, why string) {
+	s.count.dropped.Add(1)
+	s.quiet.Warn("refused connection on control port", "why", why, "remote", c.RemoteAddr().String())
+	c.SetWriteDeadline(time.Now().Add(time.Second))
+	c.Write(proto.Append(nil, &proto.Error{Code: proto.CodeLimit, Message: why}))
+	s.closeConn(c)
 }
 
 // handleConn reads the preamble and first frame of a connection to the
 // control port, which say what it is: a control connection (Hello), a data
 // connection for a waiting client (Attach), or a pre-opened one (PoolJoin).
-func (s *Server) handleConn(c net.Conn, bindIP net.IP) {
+// release gives back its place among the handshakes.
+func (s *Server) handleConn(c net.Conn, bindIP net.IP, release func()) {
 	keep := false
 	defer func() {
 		if !keep {
@@ -228,8 +274,16 @@ func (s *Server) handleConn(c net.Conn, bindIP net.IP) {
 	case *proto.PoolJoin:
 		keep = s.park(c, m)
 	case *proto.Hello:
+		s.mu.Lock()
+		allowed := s.auth.allowedLocked(sourceOf(c), time.Now())
+		s.mu.Unlock()
+		if !allowed {
+			s.refuseConn(c, "too many failed authentications from your address: retry in a few seconds")
+			keep = true // refuseConn closed it
+			return
+		}
 		keep = true // runSession closes c
-		s.runSession(c, m, bindIP)
+		s.runSession(c, m, bindIP, release)
 	default:
 		s.dropConn(c, "unexpected first frame", errors.New(m.Type().String()))
 	}
@@ -250,7 +304,7 @@ func readFull(c net.Conn, b []byte) (int, error) {
 
 func (s *Server) dropConn(c net.Conn, why string, err error) {
 	s.count.dropped.Add(1)
-	s.log.Warn("dropped connection on control port: "+why, "remote", c.RemoteAddr().String(), "err", err)
+	s.quiet.Warn("dropped connection on control port: "+why, "remote", c.RemoteAddr().String(), "err", err)
 }
 
 // trackConn registers c so Close can reach it; false means the server is
@@ -410,6 +464,7 @@ func (s *Server) Close() error {
 	for _, l := range links {
 		l.Close()
 	}
+	s.quiet.flush()
 	s.wg.Wait()
 	return nil
 }
@@ -424,13 +479,17 @@ type Stats struct {
 	Waiting  int // outside clients waiting for their agent
 	Relayed  int // connections being relayed
 	Parked   int // pre-opened data connections waiting for a client
+
+	Handshaking int // connections to the control port in handshake
+	Clients     int // outside clients, waiting or relayed
 }
 
 // Stats returns a snapshot of the relay's state.
 func (s *Server) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := Stats{Agents: len(s.sessions), Waiting: len(s.pending), Relayed: len(s.links)}
+	st := Stats{Agents: len(s.sessions), Waiting: len(s.pending), Relayed: len(s.links),
+		Handshaking: s.handshaking, Clients: s.clientsTotal}
 	for _, ep := range s.endpoints {
 		if ep.ln == nil {
 			st.Reserved++

@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 	"testing"
@@ -114,10 +116,13 @@ func TestGarbageOnControlPort(t *testing.T) {
 // deadline.
 func TestSilentConnectionsDoNotBlockAgents(t *testing.T) {
 	check.Leaks(t)
-	relay := testutil.StartRelay(t, server.Config{HandshakeTimeout: 3 * time.Second})
+	// A budget of 20,000 fds: 2,000 handshakes, 62 per source address.
+	relay := testutil.StartRelay(t, server.Config{HandshakeTimeout: 3 * time.Second, MaxFDs: 20000})
 	var silent []*net.TCPConn
-	for range 300 {
-		silent = append(silent, testutil.Dial(t, relay.Addr))
+	for i := range 300 {
+		// From five addresses, each within its share; the agent comes
+		// from another.
+		silent = append(silent, dialFrom(t, fmt.Sprintf("127.0.0.%d", 2+i%5), relay.Addr))
 	}
 	checkEcho(t, echoAgent(t, relay.Addr), "hello")
 	// Had the agent waited behind them, they would have hit their deadline
@@ -132,6 +137,56 @@ func TestSilentConnectionsDoNotBlockAgents(t *testing.T) {
 	for _, c := range silent {
 		expectClosed(t, c, 10*time.Second)
 	}
+}
+
+// dialFrom connects to addr from the local address ip (any loopback
+// address works on Linux) and closes the conn when the test ends.
+func dialFrom(t *testing.T, ip, addr string) *net.TCPConn {
+	t.Helper()
+	d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}}
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c.(*net.TCPConn)
+}
+
+// TestHandshakeBudget: connections that do not finish their handshake are
+// capped per source address and in all; one past a cap is told so at once
+// (an Error an agent can act on), and an agent from elsewhere still gets in.
+func TestHandshakeBudget(t *testing.T) {
+	check.Leaks(t)
+	// 200 fds: 20 handshakes in all, 8 per source address.
+	relay := testutil.StartRelay(t, server.Config{MaxFDs: 200})
+	refusedAtOnce := func(c net.Conn) bool {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		m, err := proto.ReadMessage(c, proto.DefaultMaxPayload)
+		e, ok := m.(*proto.Error)
+		return err == nil && ok && e.Code == proto.CodeLimit && strings.Contains(e.Message, "relay busy")
+	}
+	for range 8 {
+		dialFrom(t, "127.0.0.2", relay.Addr)
+	}
+	if c := dialFrom(t, "127.0.0.2", relay.Addr); !refusedAtOnce(c) {
+		t.Fatal("a ninth connection in handshake from one address was not refused at once")
+	}
+	for i := range 12 {
+		dialFrom(t, fmt.Sprintf("127.0.0.%d", 3+i%2), relay.Addr)
+	}
+	if c := dialFrom(t, "127.0.0.5", relay.Addr); !refusedAtOnce(c) {
+		t.Fatal("a 21st connection in handshake was not refused at once")
+	}
+	if n := testutil.Metrics(t, relay.Server)["tcprelay_control_dropped_total"]; n != 2 {
+		t.Errorf("control_dropped_total %d, want the 2 refused", n)
+	}
+	// The handshakes end (here: the relay's deadline would; closing them
+	// is quicker), and an agent gets in.
+	relay2 := testutil.StartRelay(t, server.Config{MaxFDs: 200})
+	for range 8 {
+		dialFrom(t, "127.0.0.2", relay2.Addr)
+	}
+	checkEcho(t, echoAgent(t, relay2.Addr), "an agent from another address")
 }
 
 func TestTokens(t *testing.T) {
@@ -589,5 +644,159 @@ func TestShutdownServesAcceptedClients(t *testing.T) {
 	testutil.ReadAllTimeout(t, data, 5*time.Second)
 	if err := <-done; err != nil {
 		t.Fatalf("Shutdown: %v", err)
+	}
+}
+
+// TestClientBudgetFairness: outside clients share the relay's budget by
+// max-min fairness: tunnels that flood it cannot take the share of one
+// that comes later, and a tunnel alone may use most of the budget.
+func TestClientBudgetFairness(t *testing.T) {
+	check.Leaks(t)
+	// 400 fds: a budget of 118 clients.
+	relay := testutil.StartRelay(t, server.Config{MaxFDs: 400})
+	hold := func(c net.Conn) { io.Copy(io.Discard, c) }
+	flood := func(pub string, n int) (held int) {
+		for range n {
+			c := testutil.Dial(t, pub)
+			// A refused client is closed at once; an admitted one waits.
+			c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			if _, err := c.Read(make([]byte, 1)); errors.Is(err, os.ErrDeadlineExceeded) {
+				held++
+			} else {
+				c.Close()
+			}
+		}
+		return held
+	}
+	var busy []string
+	for range 3 {
+		busy = append(busy, serveAgent(t, relay.Addr, hold))
+	}
+	alone := flood(busy[0], 118)
+	t.Logf("one tunnel alone: %d of 118 clients admitted", alone)
+	if alone < 118/2 {
+		t.Errorf("one tunnel alone got %d clients of a budget of 118, want most of it", alone)
+	}
+	total := alone
+	for _, pub := range busy[1:] {
+		n := flood(pub, 118)
+		t.Logf("another flooding tunnel: %d admitted", n)
+		total += n
+	}
+	late := serveAgent(t, relay.Addr, hold)
+	got := flood(late, 20)
+	t.Logf("a tunnel that came after three floods: %d of 20 admitted", got)
+	if got == 0 {
+		t.Errorf("a tunnel that came after three floods got no client: they starved it")
+	}
+	if total += got; total > 118 {
+		t.Errorf("%d clients admitted in all, over the budget of 118", total)
+	}
+}
+
+// serveAgent registers a library agent that serves each conn with handle,
+// and returns its public address.
+func serveAgent(t *testing.T, relayAddr string, handle func(net.Conn)) string {
+	t.Helper()
+	cfg := tunnel.Config{Logger: testutil.Logger(t)}
+	ln, err := cfg.Listen(testutil.Context(t), relayAddr)
+	if err != nil {
+		t.Fatalf("Listen: %v", err)
+	}
+	testutil.Serve(t, ln, handle)
+	return ln.Addr().String()
+}
+
+// TestAuthThrottled: wrong secrets from one address are free to try only a
+// few times: after a burst, the address gets a few attempts a second, and
+// the others are refused before the handshake. Other addresses are not
+// slowed down.
+func TestAuthThrottled(t *testing.T) {
+	check.Leaks(t)
+	relay := testutil.StartRelay(t, server.Config{Secret: "the right one"})
+	guess := func() (authFailed bool) {
+		c := dialFrom(t, "127.0.0.2", relay.Addr)
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		ctl := proto.NewConn(c, 5*time.Second, proto.DefaultMaxPayload)
+		ctl.Open(&proto.Hello{Agent: "guesser"})
+		m, err := ctl.Read()
+		ch, ok := m.(*proto.Challenge)
+		if err != nil || !ok {
+			e, isErr := m.(*proto.Error)
+			if !isErr || !strings.Contains(e.Message, "too many failed authentications") {
+				t.Fatalf("guess: got %v, %v; want a Challenge or a refusal for too many failures", m, err)
+			}
+			return false
+		}
+		ctl.Send(&proto.Auth{MAC: proto.AuthMAC("a guess", ch.Nonce)})
+		m, _ = ctl.Read()
+		if e, ok := m.(*proto.Error); !ok || e.Code != proto.CodeAuthFailed {
+			t.Fatalf("wrong secret: got %v, want an authentication failure", m)
+		}
+		return true
+	}
+	start := time.Now()
+	tried := 0
+	for range 40 {
+		if guess() {
+			tried++
+		}
+	}
+	elapsed := time.Since(start)
+	t.Logf("40 guesses in %v: %d reached the secret check", elapsed.Round(time.Millisecond), tried)
+	if limit := 5 + int(2*elapsed.Seconds()) + 1; tried > limit {
+		t.Errorf("%d guesses reached the secret check in %v, want at most %d (a burst of 5, then 2 a second)", tried, elapsed, limit)
+	}
+	if n := testutil.Metrics(t, relay.Server)["tcprelay_auth_failures_total"]; n != int64(tried) {
+		t.Errorf("auth_failures_total %d, want %d", n, tried)
+	}
+	// An agent from another address is not slowed down.
+	cfg := tunnel.Config{Secret: "the right one", Logger: testutil.Logger(t)}
+	ln, err := cfg.Listen(testutil.Context(t), relay.Addr)
+	if err != nil {
+		t.Fatalf("agent from another address: %v", err)
+	}
+	ln.Close()
+}
+
+// TestQuietLogUnderFlood: garbage on the control port is dropped with a
+// log line at most once a second per kind, and the counts on those lines
+// add up to every connection dropped, as the metric does.
+func TestQuietLogUnderFlood(t *testing.T) {
+	check.Leaks(t)
+	var logs testutil.LockedBuffer
+	relay := testutil.StartRelay(t, server.Config{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	const n = 300
+	start := time.Now()
+	for range n {
+		c := testutil.Dial(t, relay.Addr)
+		c.Write([]byte("GET / HTTP/1.0\r\n\r\n"))
+		expectClosed(t, c, 5*time.Second)
+		c.Close()
+	}
+	elapsed := time.Since(start)
+	relay.Close() // writes the counts still pending
+	lines, sum := 0, 0
+	for _, l := range strings.Split(logs.String(), "\n") {
+		if !strings.Contains(l, "dropped connection on control port") {
+			continue
+		}
+		lines++
+		var k int
+		if _, err := fmt.Sscanf(l[strings.Index(l, "count="):], "count=%d", &k); err != nil {
+			t.Fatalf("log line without a count: %s", l)
+		}
+		sum += k
+	}
+	t.Logf("%d dropped connections in %v: %d log lines, counts adding up to %d", n, elapsed.Round(time.Millisecond), lines, sum)
+	if sum != n {
+		t.Errorf("the log's counts add up to %d, want %d", sum, n)
+	}
+	if max := int(elapsed.Seconds()) + 2; lines > max {
+		t.Errorf("%d log lines in %v, want at most %d", lines, elapsed, max)
+	}
+	if m := testutil.Metrics(t, relay.Server)["tcprelay_control_dropped_total"]; m != n {
+		t.Errorf("control_dropped_total %d, want %d", m, n)
 	}
 }

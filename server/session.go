@@ -49,7 +49,7 @@ func (ss *session) name() string {
 
 // runSession authenticates an agent that sent Hello and serves its requests
 // until the control connection ends.
-func (s *Server) runSession(c net.Conn, hello *proto.Hello, bindIP net.IP) {
+func (s *Server) runSession(c net.Conn, hello *proto.Hello, bindIP net.IP, release func()) {
 	ss := &session{
 		s:        s,
 		ctl:      proto.NewConn(c, s.set.writeTimeout, proto.MaxPreAuthPayload),
@@ -60,9 +60,11 @@ func (s *Server) runSession(c net.Conn, hello *proto.Hello, bindIP net.IP) {
 		software: hello.Agent,
 		members:  make(map[uint32]*member),
 	}
-	if err := ss.handshake(hello); err != nil {
+	err := ss.handshake(hello)
+	release()
+	if err != nil {
 		s.count.handshakeFails.Add(1)
-		ss.log.Warn("agent handshake failed", "err", err)
+		s.quiet.Warn("agent handshake failed", "err", err, "remote", ss.remote)
 		s.closeConn(c)
 		return
 	}
@@ -80,7 +82,6 @@ func (s *Server) runSession(c net.Conn, hello *proto.Hello, bindIP net.IP) {
 	}
 	ss.log.Info("agent connected", "software", hello.Agent, "features", ss.features)
 
-	err := error(nil)
 	if ss.features&proto.FeaturePool != 0 {
 		err = ss.ctl.Send(&proto.PoolKey{Key: ss.poolKey, Max: uint16(ss.parkLimit())})
 	}
@@ -122,6 +123,9 @@ func (ss *session) handshake(hello *proto.Hello) error {
 	binding := proto.TLSBinding(ss.ctl.NetConn())
 	if ss.id, err = s.authenticate(ss.features, proto.IdentityMessage(ch.Nonce, hello.Eph, ch.Eph, binding), ch.Nonce, auth); err != nil {
 		s.count.authFails.Add(1)
+		s.mu.Lock()
+		s.auth.failedLocked(sourceOf(ss.ctl.NetConn()), time.Now())
+		s.mu.Unlock()
 		ss.ctl.Send(&proto.Error{Code: proto.CodeAuthFailed, Message: err.Error()})
 		return fmt.Errorf("authentication failed: %w", err)
 	}
@@ -183,6 +187,9 @@ func (ss *session) join() error {
 	defer s.mu.Unlock()
 	if s.draining {
 		return refusal(proto.CodeShuttingDown, "relay shutting down")
+	}
+	if s.agentFDsLocked() >= s.budget.agents {
+		return refusal(proto.CodeLimit, "relay busy: at its budget for agents (%d connections); retry later", s.budget.agents)
 	}
 	if id := ss.id; id != nil {
 		limit := id.Sessions
@@ -364,7 +371,8 @@ func (s *Server) park(c net.Conn, join *proto.PoolJoin) bool {
 		why = "bad proof"
 	case ss.features&proto.FeatureProof != 0 && !ss.joins.fresh(join.Seq):
 		why = "replayed"
-	case len(ss.pool) >= ss.parkLimit() || ss.id != nil && ss.id.parkedLocked() >= ss.id.parkBudget(s.set.maxPool):
+	case len(ss.pool) >= ss.parkLimit() || ss.id != nil && ss.id.parkedLocked() >= ss.id.parkBudget(s.set.maxPool) ||
+		s.agentFDsLocked() >= s.budget.agents:
 		why = "pool full"
 	default:
 		ss.pool = append(ss.pool, c)

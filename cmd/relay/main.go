@@ -38,7 +38,9 @@ func main() {
 	c.DurationOff(&cfg.Heartbeat, "heartbeat", cfg.Heartbeat, "`interval` of pings to agents, a duration or off; an agent silent for 3 intervals is dropped (off: no pings, and silent agents are kept)")
 	drain := fs.Duration("drain-timeout", 10*time.Second, "on SIGINT/SIGTERM, how long relayed connections may finish before they are closed")
 	fs.IntVar(&cfg.MaxTunnelsPerAgent, "max-tunnels-per-agent", cfg.MaxTunnelsPerAgent, "public ports one agent may hold (-1: unlimited)")
-	fs.IntVar(&cfg.MaxConnsPerTunnel, "max-conns-per-tunnel", cfg.MaxConnsPerTunnel, "outside clients one tunnel may have, waiting or relayed; more are closed at once (-1: unlimited)")
+	fs.IntVar(&cfg.MaxFDs, "max-fds", 0, "file descriptors the relay shares out: handshakes, agents, and outside clients by fair shares between tunnels (0: the process's limit, raised to its hard limit at start)")
+	fs.IntVar(&cfg.MaxConnsPerTunnel, "max-conns-per-tunnel", 0, "outside clients one tunnel may have, waiting or relayed; more are closed at once (0: no fixed bound, a fair share of the relay's budget)")
+	fs.IntVar(&cfg.MaxClientsPerSource, "max-clients-per-source", 0, "outside clients one source address may have on one tunnel (0: no bound)")
 	fs.IntVar(&cfg.MaxPendingPerTunnel, "max-pending-per-tunnel", cfg.MaxPendingPerTunnel, "outside clients one tunnel may have waiting for its agent; more are closed at once (-1: unlimited)")
 	fs.IntVar(&cfg.MaxPoolPerAgent, "max-pool-per-agent", cfg.MaxPoolPerAgent, "idle data connections an agent may open in advance, so new clients skip a round trip (-1: none)")
 	fs.IntVar(&cfg.MaxFrameSize, "max-frame-size", cfg.MaxFrameSize, "largest control frame payload accepted from an authenticated agent, in bytes")
@@ -65,10 +67,15 @@ func main() {
 	if cfg.Heartbeat > 0 && cfg.Heartbeat < 100*time.Millisecond {
 		c.Usagef("-heartbeat %v: want off or at least 100ms", cfg.Heartbeat)
 	}
-	for name, v := range map[string]int{"max-tunnels-per-agent": cfg.MaxTunnelsPerAgent, "max-conns-per-tunnel": cfg.MaxConnsPerTunnel,
+	for name, v := range map[string]int{"max-tunnels-per-agent": cfg.MaxTunnelsPerAgent,
 		"max-pending-per-tunnel": cfg.MaxPendingPerTunnel, "max-pool-per-agent": cfg.MaxPoolPerAgent} {
 		if v < -1 {
 			c.Usagef("-%s %d: want a positive number, or -1 for unlimited", name, v)
+		}
+	}
+	for name, v := range map[string]int{"max-fds": cfg.MaxFDs, "max-conns-per-tunnel": cfg.MaxConnsPerTunnel, "max-clients-per-source": cfg.MaxClientsPerSource} {
+		if v < 0 {
+			c.Usagef("-%s %d: want a positive number, or 0", name, v)
 		}
 	}
 	if cfg.MaxFrameSize != 0 && cfg.MaxFrameSize < 256 {
@@ -108,6 +115,12 @@ func main() {
 		}
 		tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 		log.Info("serving agents over TLS", "cert", *tlsCert, "fingerprint", cli.Fingerprint(cert.Certificate[0]))
+	}
+
+	if n, err := raiseFDLimit(); err != nil {
+		log.Warn("could not raise the limit on open files", "err", err)
+	} else if n > 0 && cfg.MaxFDs == 0 {
+		log.Info("file descriptors", "limit", n)
 	}
 
 	// Signals are caught before the port opens, so a SIGTERM right after
