@@ -74,7 +74,7 @@ func TestTLSWithBinaries(t *testing.T) {
 		status int
 		stderr string
 	}{
-		{"plain agent", nil, 1, "does it expect TLS?"},
+		{"plain agent", nil, 1, "this relay speaks TLS"},
 		{"wrong pin", []string{"-tls-fingerprint", wrongPin}, 1, "fingerprint"},
 		{"system roots only", []string{"-tls"}, 1, "certificate"},
 		{"pin and CA together", []string{"-tls-fingerprint", fp, "-tls-ca", certFile}, 2, "exclude each other"},

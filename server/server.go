@@ -38,7 +38,9 @@
 package server
 
 import (
+	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"log/slog"
 	"net"
@@ -251,10 +253,22 @@ func (s *Server) handleConn(c net.Conn, bindIP net.IP, release func()) {
 	// a data connection stays a raw socket that splice can use.
 	var pre [proto.PreambleLen]byte
 	if _, err := readFull(c, pre[:]); err != nil {
+		var rh tls.RecordHeaderError
+		if errors.As(err, &rh) && rh.Conn != nil && bytes.HasPrefix(rh.RecordHeader[:], proto.Magic[:]) {
+			// A plain agent at a TLS relay: tell it, in the clear.
+			rh.Conn.Write(proto.Append(nil, &proto.Error{Code: proto.CodeUnsupported,
+				Message: "this relay speaks TLS: give the agent -tls, -tls-ca or -tls-fingerprint"}))
+			s.dropConn(c, "a plain agent at the TLS control port", nil)
+			return
+		}
 		s.dropConn(c, "no preamble", err)
 		return
 	}
 	if err := proto.CheckPreamble(pre[:]); err != nil {
+		if pre[0] == 0x16 && pre[1] == 0x03 {
+			s.dropConn(c, "a TLS handshake on the plain control port (an agent with -tls, at a relay without -tls-cert?)", nil)
+			return
+		}
 		if errors.Is(err, proto.ErrVersion) {
 			// Every version reads an Error frame the same way: tell the
 			// agent why, instead of a silent close.

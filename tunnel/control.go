@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/tls"
@@ -56,7 +57,7 @@ func dialControl(ctx context.Context, r *registration, req *proto.Listen) (*cont
 	err = c.handshake(req)
 	if !stop() || err != nil {
 		conn.Close()
-		if err == nil || ctx.Err() != nil {
+		if err == nil || ctx.Err() != nil && !errors.Is(err, ErrProtocol) {
 			err = fmt.Errorf("relay handshake: %w", context.Cause(ctx))
 		}
 		return nil, err
@@ -86,7 +87,14 @@ func (l *Listener) dialRelay(ctx context.Context, addr, host string) (net.Conn, 
 	tc := tls.Client(conn, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("TLS handshake with relay: %w", err)
+		if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
+			return nil, fmt.Errorf("TLS handshake with relay %s: it closed the connection: the relay does not speak TLS (started without -tls-cert?), or this is not its control port: %w", addr, err)
+		}
+		var rh tls.RecordHeaderError
+		if errors.As(err, &rh) {
+			return nil, fmt.Errorf("TLS handshake with relay %s: it answered %q, not TLS: the relay does not speak TLS (started without -tls-cert?), or this is not its control port", addr, rh.RecordHeader[:])
+		}
+		return nil, fmt.Errorf("TLS handshake with relay %s: %w", addr, err)
 	}
 	return tc, nil
 }
@@ -104,12 +112,11 @@ func (c *control) handshake(req *proto.Listen) error {
 	if err := c.conn.Open(hello); err != nil {
 		return fmt.Errorf("send hello: %w", err)
 	}
+	if err := c.checkRelay(proto.Append(proto.Preamble(), hello)); err != nil {
+		return err
+	}
 	m, err := c.expect(proto.TypeChallenge)
 	if err != nil {
-		if l.cfg.TLS == nil && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
-			return fmt.Errorf("read challenge: the relay closed the connection at once "+
-				"(is this its control port, and does it expect TLS?): %w", err)
-		}
 		return fmt.Errorf("read challenge: %w", err)
 	}
 	ch := m.(*proto.Challenge)
@@ -176,6 +183,50 @@ func (c *control) sendReady(ready bool) {
 func (c *control) release() {
 	c.conn.SendWithin(&proto.Close{Tunnel: c.tunnel}, time.Second)
 	c.conn.Close()
+}
+
+// answerTimeout bounds the wait for the relay's first answer: a relay
+// answers at once, and something that does not is no relay.
+const answerTimeout = 5 * time.Second
+
+// checkRelay looks at the first bytes the peer sent back, before anything
+// is parsed: a relay's first frame is a Challenge (or an Error). Anything
+// else, or silence, is reported for what it most likely is: a public port
+// (which echoes what it got), a server of another protocol (HTTP, SSH,
+// redis...), TLS on one side only.
+func (c *control) checkRelay(sent []byte) error {
+	nc := c.conn.NetConn()
+	addr := c.r.relayAddr
+	wait := min(answerTimeout, c.l.cfg.dialTimeout())
+	nc.SetReadDeadline(time.Now().Add(wait))
+	defer nc.SetReadDeadline(time.Time{})
+	head, err := c.conn.Peek(proto.HeaderLen)
+	var ne net.Error
+	switch {
+	case err == nil:
+	case errors.As(err, &ne) && ne.Timeout() && len(c.conn.Buffered()) == 0:
+		return fmt.Errorf("%w: no answer from %s within %v: it does not look like a relay's control port", ErrProtocol, addr, wait)
+	case len(c.conn.Buffered()) == 0 && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)):
+		if c.l.cfg.TLS != nil {
+			return fmt.Errorf("%w: %s closed the connection without a word: is it a relay's control port?", ErrProtocol, addr)
+		}
+		return fmt.Errorf("%w: %s closed the connection without a word: is it a relay's control port, and does the relay expect TLS?", ErrProtocol, addr)
+	}
+	got := c.conn.Buffered()
+	if len(head) == proto.HeaderLen {
+		t, _, perr := proto.ParseHeader(head, proto.MaxPreAuthPayload)
+		if perr == nil && (t == proto.TypeChallenge || t == proto.TypeError) {
+			return nil
+		}
+	}
+	sample := got[:min(len(got), 40)]
+	switch {
+	case len(got) >= 2 && (got[0] == 0x15 || got[0] == 0x16) && got[1] == 0x03:
+		return fmt.Errorf("%w: %s answered in TLS: the relay expects TLS (give the agent -tls, -tls-ca or -tls-fingerprint)", ErrProtocol, addr)
+	case bytes.HasPrefix(sent, sample):
+		return fmt.Errorf("%w: %s sent back what the agent sent: it is not a relay's control port (a tunnel's public port?)", ErrProtocol, addr)
+	}
+	return fmt.Errorf("%w: %s answered %q: it does not look like a relay's control port", ErrProtocol, addr, sample)
 }
 
 // expect reads frames until one of type want, answering pings and skipping

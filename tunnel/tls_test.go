@@ -81,8 +81,8 @@ func TestTLSRefusals(t *testing.T) {
 		want  string
 	}{
 		{"untrusted certificate", tlsRelay.Addr, tunnel.Config{TLS: &tls.Config{}}, "certificate"},
-		{"plain agent, TLS relay", tlsRelay.Addr, tunnel.Config{DialTimeout: 3 * time.Second}, "does it expect TLS?"},
-		{"TLS agent, plain relay", plainRelay.Addr, tunnel.Config{TLS: &tls.Config{}}, "TLS handshake"},
+		{"plain agent, TLS relay", tlsRelay.Addr, tunnel.Config{DialTimeout: 3 * time.Second}, "this relay speaks TLS"},
+		{"TLS agent, plain relay", plainRelay.Addr, tunnel.Config{TLS: &tls.Config{}}, "the relay does not speak TLS"},
 	}
 	for _, tc := range cases {
 		tc.cfg.Logger = testutil.Logger(t)

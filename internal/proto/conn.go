@@ -39,6 +39,17 @@ func (c *Conn) NetConn() net.Conn { return c.nc }
 // Close closes the underlying connection; a blocked Read or Serve returns.
 func (c *Conn) Close() error { return c.nc.Close() }
 
+// Peek returns the next n bytes the peer sent without consuming them,
+// waiting for them as Read would.
+func (c *Conn) Peek(n int) ([]byte, error) { return c.br.Peek(n) }
+
+// Buffered returns the bytes already received and not yet read, without
+// waiting for more.
+func (c *Conn) Buffered() []byte {
+	b, _ := c.br.Peek(c.br.Buffered())
+	return b
+}
+
 // Open sends the preamble and m (the agent's Hello) in one write, so they
 // leave in one segment.
 func (c *Conn) Open(m Message) error { return c.write(Preamble(), m, c.writeTimeout, nil) }
