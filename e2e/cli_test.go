@@ -160,3 +160,42 @@ func TestMetricsWithBinaries(t *testing.T) {
 		t.Errorf("/status lacks the tunnel on port %d:\n%s", pub, status)
 	}
 }
+
+// TestTLSSelfSigned: TLS in one command: a relay with -tls-self-signed
+// makes a certificate, logs its fingerprint, and keeps it across
+// restarts; an agent pins it with -tls-fingerprint.
+func TestTLSSelfSigned(t *testing.T) {
+	e := newEnv(t)
+	r := e.startRelayWith(nil, nil, "-tls-self-signed")
+	fingerprint := func(r *relay) string {
+		var fp string
+		if !child.WaitFor(5*time.Second, func() bool {
+			m := fingerprintRE.FindStringSubmatch(r.Stderr.String())
+			if m != nil {
+				fp = m[1]
+			}
+			return m != nil
+		}) {
+			t.Fatalf("relay did not log its certificate fingerprint; stderr:\n%s", r.Stderr)
+		}
+		return fp
+	}
+	fp := fingerprint(r)
+	agent, pub := e.startEchoWith("127.0.0.1", r.port, nil, "-tls-fingerprint", fp)
+	mustEcho(t, "echoserver pinning the self-signed certificate", pub, randomBytes(64<<10))
+
+	r.sigterm()
+	r.mustExit(10 * time.Second)
+	r = e.restartRelay(r)
+	if again := fingerprint(r); again != fp {
+		t.Fatalf("after a restart the fingerprint is %s, was %s: agents would have to pin it again", again, fp)
+	}
+	// The agent comes back by itself, with the same pin.
+	agent.expectLines(2)
+	line, ok := agent.waitLine(2, 10*time.Second)
+	if !ok {
+		t.Fatalf("the agent did not register again after the relay's restart; stderr:\n%s", agent.Stderr)
+	}
+	pub, _ = child.AnnouncedPort(line, "127.0.0.1")
+	mustEcho(t, "the same pin after the relay's restart", pub, randomBytes(64<<10))
+}

@@ -50,6 +50,7 @@ func main() {
 	c.DurationOff(&cfg.PortGrace, "port-grace", cfg.PortGrace, "how long a public port stays reserved for its owner after its agent left without releasing it, a `duration` or off")
 	tlsCert := fs.String("tls-cert", "", "PEM certificate file: serve agents over TLS (with -tls-key)")
 	tlsKey := fs.String("tls-key", "", "PEM private key file for -tls-cert")
+	tlsSelf := fs.Bool("tls-self-signed", false, "serve agents over TLS with a self-signed certificate, made once and kept in -state-dir; agents pin it with -tls-fingerprint, which the relay logs")
 	args, log := c.Parse(os.Args[1:], 1)
 
 	port, err := cli.Port(args[0])
@@ -108,13 +109,38 @@ func main() {
 	if (*tlsCert == "") != (*tlsKey == "") {
 		c.Usagef("-tls-cert and -tls-key go together")
 	}
-	if *tlsCert != "" {
-		cert, err := tls.LoadX509KeyPair(*tlsCert, *tlsKey)
-		if err != nil {
+	if *tlsSelf && *tlsCert != "" {
+		c.Usagef("-tls-self-signed and -tls-cert exclude each other")
+	}
+	var cert tls.Certificate
+	switch {
+	case *tlsCert != "":
+		if cert, err = tls.LoadX509KeyPair(*tlsCert, *tlsKey); err != nil {
 			c.Fatal(fmt.Errorf("load TLS certificate: %w", err))
 		}
-		tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 		log.Info("serving agents over TLS", "cert", *tlsCert, "fingerprint", cli.Fingerprint(cert.Certificate[0]))
+	case *tlsSelf:
+		path := ""
+		if cfg.StateFile != "" {
+			path = strings.TrimSuffix(cfg.StateFile, ".json") + "-tls.pem"
+			if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+				c.Fatal(fmt.Errorf("-tls-self-signed: %w", err))
+			}
+		}
+		hostname, _ := os.Hostname()
+		var created bool
+		cert, created, err = selfSigned(path, []string{cfg.PublicHost, hostname, "localhost", "127.0.0.1", "::1", *bind})
+		if err != nil {
+			c.Fatal(fmt.Errorf("-tls-self-signed: %w", err))
+		}
+		if path == "" {
+			log.Warn("-state-dir off: the self-signed certificate is new at every start, and agents must pin it again")
+		}
+		log.Info("serving agents over TLS with a self-signed certificate: agents pin it with -tls-fingerprint",
+			"fingerprint", cli.Fingerprint(cert.Certificate[0]), "file", path, "created", created)
+	}
+	if cert.Certificate != nil {
+		tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
 
 	if n, err := raiseFDLimit(); err != nil {
