@@ -3,20 +3,35 @@ LDFLAGS  := -X tcprelay/internal/cli.Version=$(VERSION)
 BINARIES := relay echoserver expose
 FUZZTIME ?= 10s
 RUNS     ?= 3
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: all test fuzz bench clean $(BINARIES)
+.PHONY: all test lint fuzz bench clean $(BINARIES)
 
 all: $(BINARIES)
 
 $(BINARIES):
 	go build -ldflags "$(LDFLAGS)" -o $@ ./cmd/$@
 
-# Every test: formatting, vet, then the whole suite with the race detector
-# (unit, integration and end-to-end tests with real nc and telnet).
-test: all
+# Every test: the static checks, then the whole suite with the race
+# detector (unit, integration, and end to end with the built binaries and
+# real clients). End-to-end tests whose program is not installed are
+# skipped, and listed at the end.
+test: all lint
+	@skipped=$$(mktemp); \
+	E2E_SKIPPED=$$skipped go test -race -count=1 ./...; status=$$?; \
+	if [ -s $$skipped ]; then echo "SKIPPED, for programs not installed (see the README):"; sed 's/^/  /' $$skipped; fi; \
+	rm -f $$skipped; exit $$status
+
+# Formatting, vet (here and for macOS), builds for macOS, Windows and
+# FreeBSD (agents run there), and staticcheck at a pinned version.
+lint:
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	go vet ./...
-	go test -race -count=1 ./...
+	GOOS=darwin go vet ./...
+	GOOS=darwin go build ./...
+	GOOS=windows go build ./...
+	GOOS=freebsd go build ./...
+	go run $(STATICCHECK) ./...
 
 # Each fuzz target for FUZZTIME.
 fuzz:

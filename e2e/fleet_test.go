@@ -358,7 +358,7 @@ backend relays
 		if a.err == nil || a.start.Before(t3) || !a.start.Before(t4) {
 			continue
 		}
-		near := time.Duration(1<<62)
+		near := time.Duration(1 << 62)
 		for _, term := range terms {
 			near = min(near, max(a.start.Sub(term), term.Sub(a.start)))
 		}

@@ -141,7 +141,7 @@ func TestTakeoverAfterRelayKill9(t *testing.T) {
 			owner.signal(syscall.SIGSTOP)
 			t.Cleanup(func() { owner.Cmd.Process.Signal(syscall.SIGCONT) })
 			r.kill()
-			r = e.restartRelay(r)
+			e.restartRelay(r)
 			thief := e.start(echoBin, append(thiefArgs, "-port", strconv.Itoa(pub), "127.0.0.1", rp), procOpts{env: env})
 			thief.mustExit(10 * time.Second)
 			if thief.ExitCode() == 0 || thief.Out() != "" || !strings.Contains(thief.Stderr.String(), fmt.Sprintf("port %d is reserved for its previous owner", pub)) {

@@ -156,8 +156,6 @@ type identity struct {
 
 	// Guarded by s.mu.
 	sessions map[*session]struct{}
-	tunnels  int // endpoints it owns, open or reserved
-	parked   int // pre-opened data connections of its sessions
 	revoked  bool
 }
 

@@ -62,7 +62,7 @@ func docFrames(t *testing.T) (frames [][]byte, section string) {
 func TestProtocolDocExample(t *testing.T) {
 	frames, section := docFrames(t)
 	var key, token [TokenLen]byte
-	copy(key[:], seq(TokenLen+0xf0)[0xf0:])
+	copy(key[:], seq(TokenLen + 0xf0)[0xf0:])
 	hex.Decode(token[:], []byte("00112233445566778899aabbccddeeff"))
 	want := []any{
 		"preamble",

@@ -257,9 +257,9 @@ func (m *Incoming) AppendPayload(b []byte) []byte {
 	b = appendString(b, m.Client)
 	return appendString(b, m.Local)
 }
-func (m *Close) AppendPayload(b []byte) []byte  { return binary.BigEndian.AppendUint32(b, m.Tunnel) }
-func (m *Ping) AppendPayload(b []byte) []byte   { return binary.BigEndian.AppendUint64(b, m.Data) }
-func (m *Pong) AppendPayload(b []byte) []byte   { return binary.BigEndian.AppendUint64(b, m.Data) }
+func (m *Close) AppendPayload(b []byte) []byte { return binary.BigEndian.AppendUint32(b, m.Tunnel) }
+func (m *Ping) AppendPayload(b []byte) []byte  { return binary.BigEndian.AppendUint64(b, m.Data) }
+func (m *Pong) AppendPayload(b []byte) []byte  { return binary.BigEndian.AppendUint64(b, m.Data) }
 func (m *GoAway) AppendPayload(b []byte) []byte {
 	b = appendString(b, m.Message)
 	if m.RetryMillis != 0 {
