@@ -200,7 +200,7 @@ func (s *Server) pickupTimeout(p *pending) {
 	}
 	s.count.pickupTimeouts.Add(1)
 	p.member.sess.log.Warn("closed outside client: no data connection from the agent in time",
-		"tunnel", p.member.id, "client", p.client.RemoteAddr().String())
+		"port", p.member.ep.port, "client", p.client.RemoteAddr().String())
 	s.dropClient(p)
 }
 

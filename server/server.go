@@ -443,7 +443,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.waitUntil(settle, func() bool { return len(s.pending) == 0 })
 	cancel()
 
-	s.stopAccepting("relay shutting down", comeBackSoon)
+	s.stopAccepting("graceful: come back soon", comeBackSoon)
 	err := s.waitUntil(ctx, func() bool { return len(s.links) == 0 })
 	s.Close()
 	return err
@@ -452,7 +452,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // Close closes every listener and connection at once and waits for the
 // server's goroutines to return.
 func (s *Server) Close() error {
-	s.stopAccepting("relay closing", 0)
+	s.stopAccepting("closing", 0)
 	s.mu.Lock()
 	conns := make([]net.Conn, 0, len(s.conns))
 	for c := range s.conns {

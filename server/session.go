@@ -261,7 +261,7 @@ func (ss *session) listen(req *proto.Listen) {
 		ss.close()
 		return
 	}
-	ss.log.Info("tunnel opened", "tunnel", m.id, "port", m.ep.port)
+	ss.log.Info("tunnel opened", "port", m.ep.port, "pool", m.ep.pool)
 	m.ep.start(ln)
 }
 
@@ -285,7 +285,7 @@ func (ss *session) closeTunnel(id uint32) {
 		ln.Close()
 	}
 	s.redispatch(moved)
-	ss.log.Info("tunnel closed by agent", "tunnel", id, "port", m.ep.port)
+	ss.log.Info("tunnel closed by agent", "port", m.ep.port)
 }
 
 // setReady records whether the agent's member of a tunnel can take new
@@ -299,7 +299,7 @@ func (ss *session) setReady(id uint32, ready bool) {
 	}
 	s.mu.Unlock()
 	if m != nil {
-		ss.log.Info("member readiness", "tunnel", id, "port", m.ep.port, "ready", ready)
+		ss.log.Info("member readiness", "port", m.ep.port, "ready", ready)
 	}
 }
 

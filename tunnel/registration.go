@@ -190,5 +190,5 @@ type goAwayError struct {
 	retry time.Duration
 }
 
-func (e *goAwayError) Error() string        { return ErrShuttingDown.Error() + ": " + e.msg }
+func (e *goAwayError) Error() string        { return ErrShuttingDown.Error() + " (" + e.msg + ")" }
 func (e *goAwayError) Is(target error) bool { return target == ErrShuttingDown }

@@ -21,6 +21,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -300,6 +301,7 @@ type Handler func(c net.Conn, done func())
 // caller, e.g. on a signal), else the Accept error.
 func Serve(ln net.Listener, handle Handler, drain time.Duration, log *slog.Logger) error {
 	var wg sync.WaitGroup
+	var open atomic.Int64
 	var err error
 	for {
 		var c net.Conn
@@ -308,18 +310,19 @@ func Serve(ln net.Listener, handle Handler, drain time.Duration, log *slog.Logge
 			break
 		}
 		wg.Add(1)
-		go handle(c, wg.Done)
+		open.Add(1)
+		go handle(c, func() { open.Add(-1); wg.Done() })
 	}
 	if errors.Is(err, net.ErrClosed) {
 		err = nil
 	}
-	log.Info("stopped accepting: waiting for open connections", "deadline", drain)
+	log.Info("stopped accepting: waiting for open connections", "open", open.Load(), "deadline", drain)
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
 	select {
 	case <-done:
 	case <-time.After(drain):
-		log.Warn("drain deadline reached: closing open connections")
+		log.Warn("drain deadline reached: exiting, which closes the connections still open", "open", open.Load())
 	}
 	return err
 }
