@@ -39,8 +39,10 @@ type closeWriter interface {
 // conns are plain sockets (Linux), a direction whose source has nothing to
 // read gives back its splice pipe and its goroutine and waits in a shared
 // epoll set (see firstQuiet for when): an idle link costs its two sockets and
-// one small allocation. Other conns (TLS) are copied through a buffer by
-// one goroutine each way.
+// one small allocation. A burst that finds the process out of fds for a
+// pipe goes through a small buffer instead: a link never fails for want of
+// a pipe. Other conns (TLS) are copied through a buffer by one goroutine
+// each way.
 //
 // Once a conn is in a Link, close it only with Link.Close: a conn closed
 // behind the Link's back may leave a waiting direction unwoken.
@@ -138,8 +140,10 @@ func (d *dir) run() {
 // both are sockets that expose their descriptors (syscall.Conn: a
 // *net.TCPConn, or a *tunnel.Conn over plain TCP) the bytes move with
 // splice(2) on Linux, through a pipe held only while bytes are in flight:
-// a connection waiting for data holds no pipe. Anything else (TLS) is
-// copied through a buffer.
+// a connection waiting for data holds no pipe. When no pipe can be had
+// (the process is at its fd limit), the bytes go through a small buffer
+// until src next has nothing to read. Anything else (TLS) is copied
+// through a buffer.
 func Copy(dst, src net.Conn) (int64, error) {
 	var sp splicer
 	if !sp.init(dst, src, false) {

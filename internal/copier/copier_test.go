@@ -340,7 +340,7 @@ func TestBackpressure(t *testing.T) {
 	// Pin the four sockets' buffers: with autotuning a loopback receive
 	// buffer may grow to net.ipv4.tcp_rmem's maximum (32 MiB on some
 	// hosts), which would make the bound below the kernel's, not Join's.
-	// Linux doubles the figure set; the splice pipe adds 64 KiB.
+	// Linux doubles the figure set; the splice pipe adds pipeSize.
 	const sockBuf = 256 << 10
 	for _, c := range []*net.TCPConn{r.clientA, r.a, r.b, r.clientB} {
 		if err := c.SetReadBuffer(sockBuf); err != nil {

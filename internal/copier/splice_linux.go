@@ -39,14 +39,25 @@ var (
 	hotFor     = 100 * time.Millisecond
 )
 
-// pipeSize is the capacity asked for each pipe: the most one splice moves.
-const pipeSize = 1 << 20
+// pipeSize is the capacity asked for each pipe: the most one splice moves,
+// and the most a stalled direction pins in the kernel besides its socket
+// buffers. In BenchmarkCopy and BenchmarkJoin, 128 KiB and 256 KiB moved as
+// many bytes per second as 1 MiB (no difference beyond a noise of some
+// 10%); the kernel's default, 64 KiB, moved 12-24% fewer.
+const pipeSize = 128 << 10
 
 // splicer copies one direction between two sockets through a kernel pipe,
 // held only while bytes are in flight: whenever src has nothing to read,
 // the pipe goes back to the pool, so an idle direction costs nothing but
 // its socket. The RawConn callbacks are methods bound once, so moving a
 // chunk allocates nothing.
+//
+// A burst that cannot have a pipe (the process is at its fd limit, or out
+// of pipe memory) goes through a small buffer instead, with read(2) and
+// write(2): a pipe is the relay's resource, not the connection's, so
+// running short of pipes must slow a link down, never end it. The buffer
+// too is held only for the burst, and the next burst tries for a pipe
+// again.
 type splicer struct {
 	dst, src syscall.RawConn
 	fill     func(uintptr) bool
@@ -55,17 +66,24 @@ type splicer struct {
 	srcFD    int32    // src's descriptor, for the poller
 	// canPark makes loop return when src has nothing to read (see
 	// firstQuiet) instead of waiting in the runtime's poller.
-	canPark    bool
+	canPark bool
+	// registered: srcFD is in the poller's set (under the Link's mu). It
+	// sits next to canPark, where it costs no padding: a Link, with its
+	// two splicers, is 512 bytes on 64-bit, a size class exactly, and one
+	// more word per splicer would cost every idle link 64 bytes more.
+	registered bool
 	quiet      time.Duration // the current quiet window (0: park when drained)
-	registered bool          // srcFD is in the poller's set (under the Link's mu)
 	parkedAt   int64         // monotonic ns when loop last returned again
 	mark       int64         // written when the read deadline was last set
 	written    int64         // bytes moved to dst so far
 
-	p      *pipe
-	inPipe int64 // bytes in p not yet moved to dst
-	n      int64 // result of the last splice
-	err    error // error of the last splice
+	// A burst's bytes in flight are in p, or, when no pipe could be had,
+	// in buf.
+	p       *pipe
+	buf     *buffer
+	pending int64 // bytes in p or buf not yet moved to dst
+	n       int64 // result of the last splice, read or write
+	err     error // error of the last splice, read or write
 }
 
 // init sets s up to copy src to dst, and reports whether both expose a
@@ -99,12 +117,7 @@ func (s *splicer) init(dst, src net.Conn, canPark bool) bool {
 // loop moves bytes until EOF on src (nil), an error, or, if canPark, src
 // has nothing to read (again is true; see firstQuiet).
 func (s *splicer) loop() (again bool, err error) {
-	defer func() {
-		if s.p != nil { // EOF or an error: give the pipe back
-			pipes.put(s.p, s.inPipe == 0)
-			s.p = nil
-		}
-	}()
+	defer s.release() // EOF or an error
 	if s.canPark && s.parkedAt != 0 && nanotime()-s.parkedAt < int64(hotFor) {
 		s.quiet = hotFor
 	}
@@ -136,47 +149,49 @@ func (s *splicer) loop() (again bool, err error) {
 			return s.parked(), nil
 		}
 		if s.err != nil {
-			return false, os.NewSyscallError("splice", s.err)
+			return false, s.syscallError("read")
 		}
 		if s.n == 0 {
 			return false, nil // EOF: the pipe was empty, so nothing is lost
 		}
-		// Drain the pipe into dst, waiting for dst to be writable.
-		s.inPipe = s.n
-		for s.inPipe > 0 {
+		// Drain the pipe (or buffer) into dst, waiting for dst to be
+		// writable.
+		s.pending = s.n
+		for s.pending > 0 {
 			if err := s.dst.Write(s.drain); err != nil {
 				return false, err
 			}
 			if s.err != nil {
-				return false, os.NewSyscallError("splice", s.err)
+				return false, s.syscallError("write")
 			}
 			if s.n == 0 {
 				return false, io.ErrNoProgress
 			}
-			s.inPipe -= s.n
+			s.pending -= s.n
 			s.written += s.n
 		}
 	}
 }
 
-// doFill moves what the socket fd has into the pipe. On EAGAIN it returns
-// the pipe to the pool, then returns true with s.err EAGAIN if the
-// direction should park, else false, so RawConn.Read waits for
+// doFill moves what the socket fd has into the pipe (or buffer). On EAGAIN
+// it gives the pipe or buffer back, then returns true with s.err EAGAIN if
+// the direction should park, else false, so RawConn.Read waits for
 // readability.
 func (s *splicer) doFill(fd uintptr) bool {
 	for {
-		if s.p == nil {
-			if s.p, s.err = pipes.get(); s.err != nil {
-				return true
-			}
+		if s.p == nil && s.buf == nil {
+			s.take()
 		}
-		s.n, s.err = syscall.Splice(int(fd), nil, s.p.w, nil, s.p.size, spliceMove|spliceNonblock)
+		if s.buf != nil {
+			s.read(int(fd))
+		} else {
+			s.n, s.err = syscall.Splice(int(fd), nil, s.p.w, nil, s.p.size, spliceMove|spliceNonblock)
+		}
 		switch s.err {
 		case syscall.EINTR:
 			continue
 		case syscall.EAGAIN:
-			pipes.put(s.p, true)
-			s.p = nil
+			s.release()
 			if s.canPark && s.quiet == 0 {
 				return true // loop parks
 			}
@@ -204,17 +219,85 @@ func (s *splicer) noPark() {
 	s.srcConn.SetReadDeadline(time.Time{})
 }
 
-// doDrain moves bytes from the pipe to the socket fd; on EAGAIN it returns
-// false, so RawConn.Write waits for writability.
+// doDrain moves bytes from the pipe (or buffer) to the socket fd; on
+// EAGAIN it returns false, so RawConn.Write waits for writability.
 func (s *splicer) doDrain(fd uintptr) bool {
 	for {
-		s.n, s.err = syscall.Splice(s.p.r, nil, int(fd), nil, int(s.inPipe), spliceMove|spliceNonblock)
+		if s.buf != nil {
+			s.write(int(fd))
+		} else {
+			s.n, s.err = syscall.Splice(s.p.r, nil, int(fd), nil, int(s.pending), spliceMove|spliceNonblock)
+		}
 		if s.err == syscall.EINTR {
 			continue
 		}
 		return s.err != syscall.EAGAIN
 	}
 }
+
+// take gets what a new burst moves its bytes through: a pipe, or, when
+// none can be had (pipe2 failing with EMFILE, ENFILE or ENOMEM: the
+// process or the system is out of descriptors or pipe memory), a buffer.
+// Any pipe2 error means the same: it says nothing about the connection.
+func (s *splicer) take() {
+	var err error
+	if s.p, err = pipes.get(); err != nil {
+		s.buf = bufs.Get().(*buffer)
+	}
+}
+
+// release gives back what the burst held, once it has ended.
+func (s *splicer) release() {
+	if s.p != nil {
+		pipes.put(s.p, s.pending == 0)
+		s.p = nil
+	}
+	if s.buf != nil {
+		s.buf.out = nil
+		bufs.Put(s.buf)
+		s.buf = nil
+	}
+}
+
+// read and write are doFill's and doDrain's splice for a burst through
+// buf, with splice's results.
+func (s *splicer) read(fd int) {
+	n, err := syscall.Read(fd, s.buf.b[:])
+	if err != nil {
+		n = 0
+	}
+	s.n, s.err = int64(n), err
+	s.buf.out = s.buf.b[:n]
+}
+
+func (s *splicer) write(fd int) {
+	n, err := syscall.Write(fd, s.buf.out)
+	if err != nil {
+		n = 0
+	}
+	s.n, s.err = int64(n), err
+	s.buf.out = s.buf.out[n:]
+}
+
+// syscallError names the call that failed: splice, or, in a burst through
+// the buffer, op (read or write).
+func (s *splicer) syscallError(op string) error {
+	if s.buf == nil {
+		op = "splice"
+	}
+	return os.NewSyscallError(op, s.err)
+}
+
+// buffer stands in for a pipe in a burst that cannot have one. 32 KiB, as
+// io.Copy's: small enough that a few thousand links short of pipes at once
+// cost tens of MiB, large enough that a burst makes few syscalls.
+type buffer struct {
+	b   [32 << 10]byte
+	out []byte // the part of b read from src, not yet written to dst
+}
+
+// bufs keeps buffers for reuse between bursts.
+var bufs = sync.Pool{New: func() any { return new(buffer) }}
 
 // pipe is a kernel pipe used as splice's buffer.
 type pipe struct {
@@ -239,8 +322,8 @@ func (pp *pipePool) get() (*pipe, error) {
 		return nil, os.NewSyscallError("pipe2", err)
 	}
 	p := &pipe{r: fds[0], w: fds[1]}
-	// A bigger pipe moves more per splice. The kernel may refuse (a
-	// per-user quota of pipe memory); the default size works too.
+	// The kernel may refuse (a per-user quota of pipe memory); the
+	// default size works too.
 	fcntl(p.w, fSetPipeSize, pipeSize)
 	size, err := fcntl(p.w, fGetPipeSize, 0)
 	if err != nil || size <= 0 {
