@@ -1,6 +1,7 @@
 package server
 
 import (
+	"container/list"
 	"net"
 	"net/netip"
 	"time"
@@ -46,31 +47,91 @@ func sourceOf(c net.Conn) netip.Addr {
 	return netip.Addr{}
 }
 
-// admitHandshake counts a new connection to the control port against the
-// handshake budget, or refuses it (false). release must be called once its
+// handshakes are the connections to the control port that have not
+// finished their handshake, oldest first, in all and by source address.
+// When a new one would pass a cap, the oldest one (of its source, or in
+// all) is closed to make room, if it has sat there for evictAfter, rather
+// than the new one refused: an agent's connections finish their handshake
+// within a round trip, so the old ones are those that sit silent (a
+// flood). A burst of an agent's data connections, all young, may go past
+// the cap, up to twice it; past that, new ones are refused.
+type handshakes struct {
+	all      list.List // of *handshake
+	bySource map[netip.Addr]*list.List
+}
+
+// evictAfter is how long a handshake must have lasted to be closed to make
+// room for a new one.
+const evictAfter = time.Second
+
+type handshake struct {
+	c        net.Conn
+	src      netip.Addr
+	at       time.Time
+	inAll    *list.Element
+	inSource *list.Element
+}
+
+// admitHandshake counts a new connection to the control port among the
+// handshakes, making room if needed. release must be called once its
 // handshake is over, whatever the outcome.
 func (s *Server) admitHandshake(c net.Conn) (release func(), ok bool) {
-	src := sourceOf(c)
+	h := &handshake{c: c, src: sourceOf(c), at: time.Now()}
+	var evict []net.Conn
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.handshaking >= s.budget.handshakes || s.handshakesBySource[src] >= s.budget.perSource {
-		return nil, false
+	hs := &s.handshakes
+	if hs.bySource == nil {
+		hs.bySource = make(map[netip.Addr]*list.List)
 	}
-	s.handshaking++
-	s.handshakesBySource[src]++
-	done := false
+	src := hs.bySource[h.src]
+	if src == nil {
+		src = list.New()
+		hs.bySource[h.src] = src
+	}
+	// Make room in the source's share, then in all, if an old one is there.
+	for _, q := range []struct {
+		l   *list.List
+		cap int
+	}{{src, s.budget.perSource}, {&hs.all, s.budget.handshakes}} {
+		if q.l.Len() < q.cap {
+			continue
+		}
+		if old := q.l.Front().Value.(*handshake); h.at.Sub(old.at) >= evictAfter {
+			evict = append(evict, hs.removeLocked(old))
+		} else if q.l.Len() >= 2*q.cap {
+			if src.Len() == 0 {
+				delete(hs.bySource, h.src)
+			}
+			s.mu.Unlock()
+			return nil, false
+		}
+	}
+	h.inAll, h.inSource = hs.all.PushBack(h), src.PushBack(h)
+	s.mu.Unlock()
+	for _, old := range evict {
+		s.count.dropped.Add(1)
+		s.quiet.Warn("dropped connection on control port: the oldest handshake, to make room", "remote", old.RemoteAddr().String())
+		old.Close() // its handler's read fails, and it cleans up
+	}
 	return func() {
 		s.mu.Lock()
-		defer s.mu.Unlock()
-		if done {
-			return
+		if h.inAll != nil {
+			s.handshakes.removeLocked(h)
 		}
-		done = true
-		s.handshaking--
-		if s.handshakesBySource[src]--; s.handshakesBySource[src] == 0 {
-			delete(s.handshakesBySource, src)
-		}
+		s.mu.Unlock()
 	}, true
+}
+
+// removeLocked takes h out of the handshakes and returns its conn.
+func (hs *handshakes) removeLocked(h *handshake) net.Conn {
+	hs.all.Remove(h.inAll)
+	src := hs.bySource[h.src]
+	src.Remove(h.inSource)
+	if src.Len() == 0 {
+		delete(hs.bySource, h.src)
+	}
+	h.inAll, h.inSource = nil, nil
+	return h.c
 }
 
 // agentFDsLocked counts the descriptors of the agents' budget in use:

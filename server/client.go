@@ -273,19 +273,33 @@ func (s *Server) dropClient(p *pending) {
 	s.mu.Unlock()
 }
 
+// linkInfo is what the relay knows of a relayed connection.
+type linkInfo struct {
+	member       *member
+	client, data net.Conn
+	since        time.Time
+
+	// Watched (see watch.go), under s.mu.
+	moved   int64     // bytes both ways when last looked at
+	changed time.Time // when that last changed
+}
+
 // link copies between an outside client and the data connection joined to
 // it, in the background, until both directions end. An idle link holds no
 // goroutine.
 func (s *Server) link(m *member, client, data net.Conn) {
+	s.tune(client)
+	s.tune(data)
 	l := copier.New(client, data, func(l *copier.Link, res copier.Result) {
 		s.linkDone(m, client, l, res)
 	})
+	now := time.Now()
 	s.mu.Lock()
 	// From now on the link owns both conns, and Close reaches them through
 	// it.
 	delete(s.conns, client)
 	delete(s.conns, data)
-	s.links[l] = struct{}{}
+	s.links[l] = &linkInfo{member: m, client: client, data: data, since: now, changed: now}
 	s.wg.Add(1)
 	s.mu.Unlock()
 	l.Start()

@@ -97,6 +97,31 @@ type Config struct {
 	// If zero, the default (32); if negative, agents are not offered a pool.
 	MaxPoolPerAgent int
 
+	// LinkBuffer is the receive buffer of each relayed socket (client and
+	// data connection). It bounds what a connection whose reader stopped
+	// holds in the relay's kernel memory, and is the window of each hop:
+	// the default, 3 MiB, carries 1 Gbit/s over a path with 20 ms of round
+	// trip, and holds at most about 6 MiB per stalled connection. If zero,
+	// the default; if negative, the kernel's autotuning (no bound: up to
+	// tcp_rmem's maximum per socket).
+	LinkBuffer int
+
+	// MaxStalledMemory bounds the kernel memory held by the relayed
+	// connections whose reader has taken nothing for 2 s: past it, the
+	// relay closes those stalled longest. If zero, half the kernel's TCP
+	// pressure level (tcp_mem), so the kernel never reaches the point where
+	// it drops other connections' data; if negative, no bound.
+	MaxStalledMemory int64
+
+	// StallTimeout, if positive, closes a relayed connection whose reader
+	// has taken nothing for that long while bytes wait for it. If zero or
+	// negative, none.
+	StallTimeout time.Duration
+
+	// IdleTimeout, if positive, closes a relayed connection on which no
+	// byte has moved, either way, for that long. If zero or negative, none.
+	IdleTimeout time.Duration
+
 	// MaxFrameSize bounds the payload of control frames after the handshake.
 	// If zero or negative, the default (proto.DefaultMaxPayload).
 	MaxFrameSize int
@@ -118,6 +143,7 @@ func DefaultConfig() Config {
 		MaxPoolPerAgent:     32,
 		MaxFrameSize:        proto.DefaultMaxPayload,
 		PortGrace:           60 * time.Second,
+		LinkBuffer:          3 << 20,
 	}
 }
 
@@ -128,7 +154,9 @@ type settings struct {
 	handshakeTimeout, pickupTimeout, writeTimeout time.Duration
 	heartbeat, portGrace                          time.Duration
 	maxTunnels, maxConns, maxPending, maxPool     int
-	maxPerSource                                  int
+	maxPerSource, linkBuffer                      int
+	maxStalledMemory                              int64
+	stallTimeout, idleTimeout                     time.Duration
 	maxFrameSize                                  int
 }
 
@@ -157,6 +185,20 @@ func (c *Config) settings() settings {
 	case c.PortGrace > 0:
 		st.portGrace = c.PortGrace
 	}
+	if c.LinkBuffer >= 0 {
+		st.linkBuffer = positive(c.LinkBuffer, def.LinkBuffer)
+	}
+	switch {
+	case c.MaxStalledMemory > 0:
+		st.maxStalledMemory = c.MaxStalledMemory
+	case c.MaxStalledMemory == 0:
+		st.maxStalledMemory = tcpMemPressure() / 2
+		if st.maxStalledMemory <= 0 {
+			st.maxStalledMemory = 256 << 20
+		}
+	}
+	st.stallTimeout = max(c.StallTimeout, 0)
+	st.idleTimeout = max(c.IdleTimeout, 0)
 	if c.MaxPoolPerAgent >= 0 {
 		// It travels as a u16.
 		st.maxPool = min(limit(c.MaxPoolPerAgent, def.MaxPoolPerAgent), math.MaxUint16)

@@ -169,6 +169,13 @@ func TestScopeAcrossSessions(t *testing.T) {
 	}
 
 	// Sessions: two open, and a third over sessions=2, whatever it asks.
+	// (The session closed above ends on the relay's side in its own time.)
+	check.Eventually(t, 5*time.Second, func() error {
+		if n := relay.Stats().Agents; n != 1 {
+			return fmt.Errorf("%d sessions, want 1", n)
+		}
+		return nil
+	})
 	a.Sessions, a.Tunnels = 2, 5
 	relay.SetAgents([]server.Agent{a})
 	if _, err := listenAs(t, relay.Addr, web, "", 0); err != nil {

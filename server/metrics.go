@@ -23,6 +23,9 @@ type counters struct {
 	relayErrors     atomic.Int64 // relayed connections that ended on an error (a reset)
 	bytesToAgents   atomic.Int64 // bytes from outside clients to agents, counted when a connection ends
 	bytesFromAgents atomic.Int64 // bytes from agents to outside clients, counted when a connection ends
+	stallTimeouts   atomic.Int64 // relayed connections closed at the stall timeout
+	idleTimeouts    atomic.Int64 // relayed connections closed at the idle timeout
+	stalledShed     atomic.Int64 // stalled connections closed to keep their memory under the limit
 }
 
 // WriteMetrics writes the relay's gauges and counters in the Prometheus text
@@ -48,6 +51,11 @@ func (s *Server) WriteMetrics(w io.Writer) error {
 		{"tcprelay_budget_clients", "gauge", "Outside clients the budget allows.", int64(s.budget.clients)},
 		{"tcprelay_handshakes", "gauge", "Connections in handshake now.", int64(st.Handshaking)},
 		{"tcprelay_clients", "gauge", "Outside clients now, waiting or relayed.", int64(st.Clients)},
+		{"tcprelay_stalled_memory_bytes", "gauge", "Kernel memory held by relayed connections whose reader has taken nothing for 2s.", s.stalledMemory.Load()},
+		{"tcprelay_stalled_memory_limit_bytes", "gauge", "Past it, the stalled connections stalled longest are closed (0: no limit).", s.set.maxStalledMemory},
+		{"tcprelay_stalled_closed_total", "counter", "Stalled relayed connections closed to keep their memory under the limit.", c.stalledShed.Load()},
+		{"tcprelay_stall_timeouts_total", "counter", "Relayed connections closed at the stall timeout.", c.stallTimeouts.Load()},
+		{"tcprelay_idle_timeouts_total", "counter", "Relayed connections closed at the idle timeout.", c.idleTimeouts.Load()},
 		{"tcprelay_agent_sessions_total", "counter", "Agent sessions established.", c.agents.Load()},
 		{"tcprelay_handshake_failures_total", "counter", "Agent handshakes that failed, wrong secrets included.", c.handshakeFails.Load()},
 		{"tcprelay_auth_failures_total", "counter", "Agents refused for a wrong or missing secret.", c.authFails.Load()},

@@ -44,8 +44,8 @@ import (
 	"errors"
 	"log/slog"
 	"net"
-	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"tcprelay/internal/copier"
@@ -74,19 +74,21 @@ type Server struct {
 	conns     map[net.Conn]struct{}     // every other open conn: handshaking, parked, waiting (relayed ones belong to links)
 	pending   map[[proto.TokenLen]byte]*pending
 	poolKeys  map[[proto.TokenLen]byte]*session // sessions that accept pre-opened data connections
-	links     map[*copier.Link]struct{}         // relayed connections being copied
+	links     map[*copier.Link]*linkInfo        // relayed connections being copied
 	wake      chan struct{}                     // closed when links or pending shrink, for waitUntil
 
-	ports *portAllocator
-	count counters
-	quiet *quietLog // for events that come in floods
+	ports         *portAllocator
+	count         counters
+	stalledMemory atomic.Int64 // bytes, as the watch last found
+	stopWatch     chan struct{}
+	stopWatchOnce sync.Once
+	quiet         *quietLog // for events that come in floods
 
-	budget             budget
-	handshaking        int                // connections in handshake (under mu)
-	handshakesBySource map[netip.Addr]int // by source address (under mu)
-	clientsTotal       int                // outside clients of every endpoint (under mu)
-	activeEndpoints    int                // endpoints with clients (under mu)
-	auth               authThrottle       // failed authentications by source (under mu)
+	budget          budget
+	handshakes      handshakes   // connections in handshake (under mu)
+	clientsTotal    int          // outside clients of every endpoint (under mu)
+	activeEndpoints int          // endpoints with clients (under mu)
+	auth            authThrottle // failed authentications by source (under mu)
 
 	stateMu     sync.Mutex  // serialises writes of the state file
 	saveTimer   *time.Timer // a write of the state file is due (under mu)
@@ -120,13 +122,11 @@ func New(cfg Config) (*Server, error) {
 		ids:       make(map[string]*identity),
 		endpoints: make(map[int]*endpoint),
 		conns:     make(map[net.Conn]struct{}),
-		links:     make(map[*copier.Link]struct{}),
+		links:     make(map[*copier.Link]*linkInfo),
 		pending:   make(map[[proto.TokenLen]byte]*pending),
 		poolKeys:  make(map[[proto.TokenLen]byte]*session),
 		ports:     newPortAllocator(cfg.PortMin, cfg.PortMax),
 		budget:    newBudget(fds),
-
-		handshakesBySource: make(map[netip.Addr]int),
 	}
 	s.quiet = &quietLog{log: log, wg: &s.wg}
 	if cfg.Agents != nil {
@@ -135,6 +135,12 @@ func New(cfg Config) (*Server, error) {
 	if err := s.loadState(); err != nil {
 		return nil, err
 	}
+	s.stopWatch = make(chan struct{})
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.watch(s.stopWatch)
+	}()
 	log.Info("budget of file descriptors", "fds", fds, "handshakes", s.budget.handshakes,
 		"per_source", s.budget.perSource, "agents", s.budget.agents, "clients", s.budget.clients)
 	return s, nil
@@ -261,7 +267,9 @@ func (s *Server) handleConn(c net.Conn, bindIP net.IP, release func()) {
 			s.dropConn(c, "a plain agent at the TLS control port", nil)
 			return
 		}
-		s.dropConn(c, "no preamble", err)
+		if !errors.Is(err, net.ErrClosed) { // closed by the relay: counted then
+			s.dropConn(c, "no preamble", err)
+		}
 		return
 	}
 	if err := proto.CheckPreamble(pre[:]); err != nil {
@@ -279,7 +287,9 @@ func (s *Server) handleConn(c net.Conn, bindIP net.IP, release func()) {
 	}
 	m, err := proto.ReadMessage(c, proto.MaxPreAuthPayload)
 	if err != nil {
-		s.dropConn(c, "bad first frame", err)
+		if !errors.Is(err, net.ErrClosed) {
+			s.dropConn(c, "bad first frame", err)
+		}
 		return
 	}
 	switch m := m.(type) {
@@ -479,6 +489,7 @@ func (s *Server) Close() error {
 		l.Close()
 	}
 	s.quiet.flush()
+	s.stopWatchOnce.Do(func() { close(s.stopWatch) })
 	s.wg.Wait()
 	return nil
 }
@@ -503,7 +514,7 @@ func (s *Server) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := Stats{Agents: len(s.sessions), Waiting: len(s.pending), Relayed: len(s.links),
-		Handshaking: s.handshaking, Clients: s.clientsTotal}
+		Handshaking: s.handshakes.all.Len(), Clients: s.clientsTotal}
 	for _, ep := range s.endpoints {
 		if ep.ln == nil {
 			st.Reserved++

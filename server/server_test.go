@@ -153,8 +153,10 @@ func dialFrom(t *testing.T, ip, addr string) *net.TCPConn {
 }
 
 // TestHandshakeBudget: connections that do not finish their handshake are
-// capped per source address and in all; one past a cap is told so at once
-// (an Error an agent can act on), and an agent from elsewhere still gets in.
+// capped per source address and in all. Past a cap, the oldest (silent for
+// a second) is closed to make room; a burst of young ones may go up to
+// twice the cap, and one past that is refused at once, with an Error an
+// agent can act on. Agents from elsewhere still get in.
 func TestHandshakeBudget(t *testing.T) {
 	check.Leaks(t)
 	// 200 fds: 20 handshakes in all, 8 per source address.
@@ -165,28 +167,27 @@ func TestHandshakeBudget(t *testing.T) {
 		e, ok := m.(*proto.Error)
 		return err == nil && ok && e.Code == proto.CodeLimit && strings.Contains(e.Message, "relay busy")
 	}
-	for range 8 {
-		dialFrom(t, "127.0.0.2", relay.Addr)
+	var silent []*net.TCPConn
+	for range 16 {
+		silent = append(silent, dialFrom(t, "127.0.0.2", relay.Addr))
 	}
 	if c := dialFrom(t, "127.0.0.2", relay.Addr); !refusedAtOnce(c) {
-		t.Fatal("a ninth connection in handshake from one address was not refused at once")
+		t.Fatal("a 17th young connection in handshake from one address (twice its share) was not refused at once")
 	}
-	for i := range 12 {
-		dialFrom(t, fmt.Sprintf("127.0.0.%d", 3+i%2), relay.Addr)
-	}
-	if c := dialFrom(t, "127.0.0.5", relay.Addr); !refusedAtOnce(c) {
-		t.Fatal("a 21st connection in handshake was not refused at once")
+	checkEcho(t, echoAgent(t, relay.Addr), "an agent from another address, during the flood")
+	time.Sleep(1100 * time.Millisecond) // the silent ones grow old: the point of the test
+	dialFrom(t, "127.0.0.2", relay.Addr)
+	expectClosed(t, silent[0], 5*time.Second) // the oldest made room
+	for i, c := range silent[1:3] {
+		c.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
+		var ne net.Error
+		if _, err := c.Read(make([]byte, 1)); !errors.As(err, &ne) || !ne.Timeout() {
+			t.Fatalf("silent connection %d closed too: %v; want only the oldest", i+1, err)
+		}
 	}
 	if n := testutil.Metrics(t, relay.Server)["tcprelay_control_dropped_total"]; n != 2 {
-		t.Errorf("control_dropped_total %d, want the 2 refused", n)
+		t.Errorf("control_dropped_total %d, want 2 (one refused, one made room for)", n)
 	}
-	// The handshakes end (here: the relay's deadline would; closing them
-	// is quicker), and an agent gets in.
-	relay2 := testutil.StartRelay(t, server.Config{MaxFDs: 200})
-	for range 8 {
-		dialFrom(t, "127.0.0.2", relay2.Addr)
-	}
-	checkEcho(t, echoAgent(t, relay2.Addr), "an agent from another address")
 }
 
 func TestTokens(t *testing.T) {
@@ -798,5 +799,127 @@ func TestQuietLogUnderFlood(t *testing.T) {
 	}
 	if m := testutil.Metrics(t, relay.Server)["tcprelay_control_dropped_total"]; m != n {
 		t.Errorf("control_dropped_total %d, want %d", m, n)
+	}
+}
+
+// TestStalledLinksShedLongestFirst: links whose client stopped reading hold
+// kernel memory; past the relay-wide limit, the relay closes those stalled
+// longest first, and leaves the others (and flowing links) alone.
+func TestStalledLinksShedLongestFirst(t *testing.T) {
+	check.Leaks(t)
+	// Small buffers, so each stalled link holds little and fills fast.
+	relay := testutil.StartRelay(t, server.Config{LinkBuffer: 128 << 10, MaxStalledMemory: 700 << 10})
+	// The agent's server writes without end to each client.
+	flood := func(c net.Conn) {
+		chunk := make([]byte, 64<<10)
+		for {
+			if _, err := c.Write(chunk); err != nil {
+				return
+			}
+		}
+	}
+	pub := serveAgent(t, relay.Addr, flood)
+	stall := func() *net.TCPConn {
+		c := testutil.Dial(t, pub)
+		c.SetReadBuffer(64 << 10)
+		c.Read(make([]byte, 1)) // it flows, then the client stops reading
+		return c
+	}
+	first := stall()
+	// Each stalled link holds a few hundred KiB: the limit takes two.
+	check.Eventually(t, 10*time.Second, func() error {
+		if m := testutil.Metrics(t, relay.Server)["tcprelay_stalled_memory_bytes"]; m < 100<<10 {
+			return fmt.Errorf("stalled memory %d bytes: the first link has not stalled yet", m)
+		}
+		return nil
+	})
+	second := stall()
+	third := stall()
+	// The first to stall is closed first.
+	check.Eventually(t, 15*time.Second, func() error {
+		if n := testutil.Metrics(t, relay.Server)["tcprelay_stalled_closed_total"]; n == 0 {
+			return fmt.Errorf("no stalled link closed (stalled memory %d bytes)", testutil.Metrics(t, relay.Server)["tcprelay_stalled_memory_bytes"])
+		}
+		return nil
+	})
+	// Closed in the order they stalled: the closed ones are the first few.
+	closed := func(c net.Conn) bool {
+		c.SetReadDeadline(time.Now().Add(time.Second))
+		_, err := io.Copy(io.Discard, c) // drains, then EOF or reset if closed
+		return !errors.Is(err, os.ErrDeadlineExceeded)
+	}
+	states := []bool{closed(first), closed(second), closed(third)}
+	t.Logf("closed: first %v, second %v, third %v (limit %d bytes)", states[0], states[1], states[2], 700<<10)
+	if !states[0] {
+		t.Fatal("the link stalled longest is still open")
+	}
+	for i := 1; i < 3; i++ {
+		if states[i] && !states[i-1] {
+			t.Errorf("link %d was closed before link %d, which stalled earlier", i+1, i)
+		}
+	}
+}
+
+// TestStallAndIdleTimeouts: with the options set, a link whose reader took
+// nothing for the stall timeout is closed, and so is one on which nothing
+// moved for the idle timeout; a link in use is not.
+func TestStallAndIdleTimeouts(t *testing.T) {
+	check.Leaks(t)
+	for _, tc := range []struct {
+		name string
+		cfg  server.Config
+	}{
+		{"stall", server.Config{StallTimeout: 2 * time.Second}},
+		{"idle", server.Config{IdleTimeout: 2 * time.Second}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			relay := testutil.StartRelay(t, tc.cfg)
+			// A client that sends "F" gets a flood; the others, an echo.
+			pub := serveAgent(t, relay.Addr, func(c net.Conn) {
+				first := make([]byte, 1)
+				if _, err := io.ReadFull(c, first); err != nil {
+					return
+				}
+				if first[0] != 'F' {
+					c.Write(first)
+					io.Copy(c, c)
+					return
+				}
+				chunk := make([]byte, 64<<10)
+				for {
+					if _, err := c.Write(chunk); err != nil {
+						return
+					}
+				}
+			})
+			victim := testutil.Dial(t, pub)
+			if tc.name == "stall" {
+				victim.Write([]byte("F")) // flooded, and it reads one byte only
+			} else {
+				victim.Write([]byte("x")) // echoed, then nothing moves
+			}
+			victim.Read(make([]byte, 1))
+			busy := testutil.Dial(t, pub)
+			start := time.Now()
+			// The busy client keeps its link moving meanwhile.
+			for time.Since(start) < 5*time.Second {
+				if _, err := busy.Write([]byte("y")); err != nil {
+					t.Fatalf("the busy link was closed: %v", err)
+				}
+				busy.SetReadDeadline(time.Now().Add(5 * time.Second))
+				if _, err := io.ReadFull(busy, make([]byte, 1)); err != nil {
+					t.Fatalf("the busy link was closed: %v", err)
+				}
+				time.Sleep(100 * time.Millisecond) // a client that talks now and then
+			}
+			victim.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.Copy(io.Discard, victim); errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("the %s link is still open after %v", tc.name, time.Since(start))
+			}
+			key := map[string]string{"stall": "tcprelay_stall_timeouts_total", "idle": "tcprelay_idle_timeouts_total"}[tc.name]
+			if n := testutil.Metrics(t, relay.Server)[key]; n != 1 {
+				t.Errorf("%s = %d, want 1", key, n)
+			}
+		})
 	}
 }

@@ -44,6 +44,11 @@ func main() {
 	fs.IntVar(&cfg.MaxPendingPerTunnel, "max-pending-per-tunnel", cfg.MaxPendingPerTunnel, "outside clients one tunnel may have waiting for its agent; more are closed at once (-1: unlimited)")
 	fs.IntVar(&cfg.MaxPoolPerAgent, "max-pool-per-agent", cfg.MaxPoolPerAgent, "idle data connections an agent may open in advance, so new clients skip a round trip (-1: none)")
 	fs.IntVar(&cfg.MaxFrameSize, "max-frame-size", cfg.MaxFrameSize, "largest control frame payload accepted from an authenticated agent, in bytes")
+	linkBuffer := int64(cfg.LinkBuffer)
+	c.Size(&linkBuffer, "link-buffer", linkBuffer, "receive `buffer` of each relayed socket: the window of each hop, and what a connection whose reader stopped may hold in the relay's kernel memory (off: the kernel's autotuning, unbounded)")
+	c.Size(&cfg.MaxStalledMemory, "max-stalled-memory", 0, "kernel `memory` the stalled relayed connections (a reader that took nothing for 2s) may hold; past it those stalled longest are closed (0: half the kernel's TCP pressure level, tcp_mem; off: no bound)")
+	c.DurationOff(&cfg.StallTimeout, "stall-timeout", 0, "close a relayed connection whose reader has taken nothing for this `duration` while bytes wait for it (0 or off: never)")
+	c.DurationOff(&cfg.IdleTimeout, "idle-timeout", 0, "close a relayed connection on which nothing has moved, either way, for this `duration` (0 or off: never)")
 	metricsAddr := fs.String("metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics and a status view at /status, e.g. 127.0.0.1:9090 (default: off)")
 	agentsFile := fs.String("agents", "", "`file` of the agents admitted by key, one per line: NAME KEY [ports=LO-HI,...] [tunnels=N] [sessions=N] [parked=N] [pools=NAME,...|*]; SIGHUP re-reads it (default: none; admit by -secret, or any agent)")
 	stateDir := fs.String("state-dir", "", "`directory` for the port reservations file, so that they survive a restart; off: keep them in memory (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/tcprelay, else ~/.local/state/tcprelay)")
@@ -58,6 +63,7 @@ func main() {
 		c.Usagef("%v", err)
 	}
 	cfg.Secret = c.Secret()
+	cfg.LinkBuffer = int(linkBuffer)
 	cfg.Logger = log
 	cfg.PortMin, cfg.PortMax = port+1, 65535
 	for name, d := range map[string]time.Duration{"handshake-timeout": cfg.HandshakeTimeout, "pickup-timeout": cfg.PickupTimeout, "drain-timeout": *drain} {

@@ -147,7 +147,7 @@ type offDuration struct{ d *time.Duration }
 
 func (o offDuration) String() string {
 	switch {
-	case o.d == nil:
+	case o.d == nil || *o.d == 0:
 		return ""
 	case *o.d < 0:
 		return "off"
@@ -168,6 +168,56 @@ func (o offDuration) Set(s string) error {
 		return errors.New("want a duration such as 10s, or off; not a negative one")
 	}
 	*o.d = d
+	return nil
+}
+
+// Size defines a flag of a size in bytes, written as a number of bytes or
+// with a unit (KiB, MiB, GiB), or "off", which it stores as -1: the Config
+// convention for "disabled".
+func (c *Common) Size(p *int64, name string, value int64, usage string) {
+	*p = value
+	c.FS.Var(sizeFlag{p}, name, usage)
+}
+
+type sizeFlag struct{ n *int64 }
+
+var sizeUnits = []struct {
+	suffix string
+	n      int64
+}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"G", 1 << 30}, {"M", 1 << 20}, {"K", 1 << 10}, {"B", 1}}
+
+func (f sizeFlag) String() string {
+	switch {
+	case f.n == nil || *f.n == 0:
+		return ""
+	case *f.n < 0:
+		return "off"
+	}
+	for _, u := range sizeUnits[:3] {
+		if *f.n >= u.n && *f.n%u.n == 0 {
+			return strconv.FormatInt(*f.n/u.n, 10) + u.suffix
+		}
+	}
+	return strconv.FormatInt(*f.n, 10)
+}
+
+func (f sizeFlag) Set(s string) error {
+	if s == "off" {
+		*f.n = -1
+		return nil
+	}
+	num, mult := s, int64(1)
+	for _, u := range sizeUnits {
+		if v, ok := strings.CutSuffix(s, u.suffix); ok {
+			num, mult = v, u.n
+			break
+		}
+	}
+	v, err := strconv.ParseInt(strings.TrimSpace(num), 10, 64)
+	if err != nil || v < 0 {
+		return errors.New("want a size such as 3MiB, 512KiB or 1048576, or off")
+	}
+	*f.n = v * mult
 	return nil
 }
 

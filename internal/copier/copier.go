@@ -8,6 +8,8 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // Result reports what a Link moved and why it stopped.
@@ -56,8 +58,31 @@ type Link struct {
 	closed bool // fail ran, or both directions ended
 }
 
+// progress is what a direction has done, read live by Link.Progress and
+// Link.Waiting while it runs.
+type progress struct {
+	moved   atomic.Int64 // bytes delivered to dst so far
+	waiting atomic.Int64 // nanotime (+1) since which a write to dst waits; 0: none
+}
+
+// wait records that a write to dst has to wait for dst to take bytes.
+func (p *progress) wait() {
+	if p.waiting.Load() == 0 {
+		p.waiting.Store(nanotime() + 1)
+	}
+}
+
+// delivered records bytes delivered to dst: the direction moves again.
+func (p *progress) delivered(total int64) {
+	p.moved.Store(total)
+	if p.waiting.Load() != 0 {
+		p.waiting.Store(0)
+	}
+}
+
 // dir is one direction of a Link.
 type dir struct {
+	progress
 	l        *Link
 	dst, src net.Conn
 	n        *int64 // the Result field this direction counts into
@@ -86,9 +111,30 @@ func New(a, b net.Conn, done func(*Link, Result)) *Link {
 	// reads the other's state.
 	for i := range l.dirs {
 		d := &l.dirs[i]
-		d.spliced = d.sp.init(d.dst, d.src, true)
+		d.spliced = d.sp.init(d.dst, d.src, &d.progress)
 	}
 	return l
+}
+
+// Progress returns the bytes each direction has delivered so far, live.
+func (l *Link) Progress() (aToB, bToA int64) {
+	return l.dirs[0].moved.Load(), l.dirs[1].moved.Load()
+}
+
+// Waiting returns how long the direction that has waited longest has been
+// waiting for its destination to take bytes (a reader that stopped
+// reading, or a slow one), or 0 if no direction waits.
+func (l *Link) Waiting() time.Duration {
+	var since int64
+	for i := range l.dirs {
+		if w := l.dirs[i].waiting.Load(); w != 0 && (since == 0 || w < since) {
+			since = w
+		}
+	}
+	if since == 0 {
+		return 0
+	}
+	return time.Duration(nanotime() + 1 - since)
 }
 
 // Start runs both directions in the background. Call it once.
@@ -115,7 +161,7 @@ func (d *dir) run() {
 	var n int64
 	var err error
 	if !d.spliced {
-		n, err = io.Copy(d.dst, d.src)
+		n, err = io.Copy(progressWriter{d.dst, &d.progress}, d.src)
 	} else {
 		for {
 			var again bool
@@ -136,6 +182,20 @@ func (d *dir) run() {
 	d.end(n, err)
 }
 
+// progressWriter is a direction's dst when it is copied through a buffer
+// (TLS): it keeps the direction's progress.
+type progressWriter struct {
+	w io.Writer
+	p *progress
+}
+
+func (w progressWriter) Write(b []byte) (int, error) {
+	w.p.wait()
+	n, err := w.w.Write(b)
+	w.p.delivered(w.p.moved.Load() + int64(n))
+	return n, err
+}
+
 // Copy copies src to dst until EOF on src or an error, like io.Copy. When
 // both are sockets that expose their descriptors (syscall.Conn: a
 // *net.TCPConn, or a *tunnel.Conn over plain TCP) the bytes move with
@@ -146,7 +206,7 @@ func (d *dir) run() {
 // through a buffer.
 func Copy(dst, src net.Conn) (int64, error) {
 	var sp splicer
-	if !sp.init(dst, src, false) {
+	if !sp.init(dst, src, nil) {
 		return io.Copy(dst, src)
 	}
 	_, err := sp.loop()
@@ -249,3 +309,8 @@ func (l *Link) unregisterLocked() {
 		idle.disarm(&l.dirs[i])
 	}
 }
+
+// nanotime is a monotonic clock in nanoseconds.
+func nanotime() int64 { return int64(time.Since(epoch)) }
+
+var epoch = time.Now()

@@ -245,3 +245,48 @@ func exchange1(t *testing.T, from, to net.Conn, msg []byte) {
 		t.Fatalf("read %q, %v; want %q", buf, err, msg)
 	}
 }
+
+// TestProgressAndWaiting: a Link reports, live, the bytes each direction
+// delivered, and how long a direction has waited for a reader that does
+// not read; the wait ends when the reader reads again.
+func TestProgressAndWaiting(t *testing.T) {
+	check.Leaks(t)
+	r, l := startLink(t)
+	exchange(t, r, []byte("hello"))
+	if a, b := l.Progress(); a != 5 || b != 5 {
+		t.Fatalf("Progress() = %d, %d after a 5-byte exchange each way", a, b)
+	}
+	if w := l.Waiting(); w != 0 {
+		t.Fatalf("Waiting() = %v with nothing to deliver", w)
+	}
+	// clientB stops reading; clientA writes until the buffers between them
+	// are full.
+	r.clientA.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	sent := int64(0)
+	chunk := make([]byte, 64<<10)
+	for {
+		n, err := r.clientA.Write(chunk)
+		sent += int64(n)
+		if err != nil {
+			break // the deadline: everything is full
+		}
+	}
+	check.Eventually(t, 5*time.Second, func() error {
+		if w := l.Waiting(); w < 100*time.Millisecond {
+			return fmt.Errorf("Waiting() = %v with a reader that stopped", w)
+		}
+		return nil
+	})
+	// The reader reads everything again: the wait ends, and every byte is
+	// counted.
+	got, err := io.ReadFull(r.clientB, make([]byte, sent))
+	if err != nil {
+		t.Fatalf("read %d of %d: %v", got, sent, err)
+	}
+	check.Eventually(t, 5*time.Second, func() error {
+		if a, _ := l.Progress(); a != 5+sent || l.Waiting() != 0 {
+			return fmt.Errorf("Progress() a→b = %d, want %d; Waiting() = %v, want 0", a, 5+sent, l.Waiting())
+		}
+		return nil
+	})
+}

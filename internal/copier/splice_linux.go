@@ -64,6 +64,9 @@ type splicer struct {
 	drain    func(uintptr) bool
 	srcConn  net.Conn // for its read deadline: the quiet window's timer
 	srcFD    int32    // src's descriptor, for the poller
+	// prog, for a Link's direction, is where the direction's progress is
+	// kept, live; nil for Copy.
+	prog *progress
 	// canPark makes loop return when src has nothing to read (see
 	// firstQuiet) instead of waiting in the runtime's poller.
 	canPark bool
@@ -87,8 +90,9 @@ type splicer struct {
 }
 
 // init sets s up to copy src to dst, and reports whether both expose a
-// socket descriptor (not TLS). canPark is for a Link's directions.
-func (s *splicer) init(dst, src net.Conn, canPark bool) bool {
+// socket descriptor (not TLS). prog is a Link's direction's progress (nil
+// for Copy): a Link's directions may park.
+func (s *splicer) init(dst, src net.Conn, prog *progress) bool {
 	sc, ok := src.(syscall.Conn)
 	if !ok {
 		return false
@@ -105,10 +109,10 @@ func (s *splicer) init(dst, src net.Conn, canPark bool) bool {
 	if err != nil {
 		return false
 	}
-	*s = splicer{dst: dstRaw, src: srcRaw, srcConn: src, canPark: canPark, srcFD: -1}
+	*s = splicer{dst: dstRaw, src: srcRaw, srcConn: src, prog: prog, canPark: prog != nil, srcFD: -1}
 	srcRaw.Control(func(fd uintptr) { s.srcFD = int32(fd) })
 	s.fill, s.drain = s.doFill, s.doDrain
-	if canPark {
+	if s.canPark {
 		s.quiet = firstQuiet
 	}
 	return true
@@ -169,6 +173,9 @@ func (s *splicer) loop() (again bool, err error) {
 			}
 			s.pending -= s.n
 			s.written += s.n
+			if s.prog != nil {
+				s.prog.delivered(s.written)
+			}
 		}
 	}
 }
@@ -208,11 +215,6 @@ func (s *splicer) parked() bool {
 	return true
 }
 
-// nanotime is a monotonic clock in nanoseconds.
-func nanotime() int64 { return int64(time.Since(epoch)) }
-
-var epoch = time.Now()
-
 // noPark makes the direction wait in the runtime's poller from now on.
 func (s *splicer) noPark() {
 	s.canPark, s.quiet = false, 0
@@ -230,6 +232,9 @@ func (s *splicer) doDrain(fd uintptr) bool {
 		}
 		if s.err == syscall.EINTR {
 			continue
+		}
+		if s.err == syscall.EAGAIN && s.prog != nil {
+			s.prog.wait() // dst's reader is not keeping up, or stopped
 		}
 		return s.err != syscall.EAGAIN
 	}

@@ -8,9 +8,9 @@ import "net"
 // io.Copy in a goroutine of its own.
 type splicer struct{ written int64 }
 
-func (s *splicer) init(dst, src net.Conn, canPark bool) bool { return false }
-func (s *splicer) loop() (again bool, err error)             { return false, nil }
-func (s *splicer) noPark()                                   {}
+func (s *splicer) init(dst, src net.Conn, prog *progress) bool { return false }
+func (s *splicer) loop() (again bool, err error)               { return false, nil }
+func (s *splicer) noPark()                                     {}
 
 type poller struct{}
 
