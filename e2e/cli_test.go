@@ -1,16 +1,19 @@
 package e2e
 
 import (
+	"context"
 	"crypto/x509"
 	"encoding/pem"
 	"io"
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -198,4 +201,45 @@ func TestTLSSelfSigned(t *testing.T) {
 	}
 	pub, _ = child.AnnouncedPort(line, "127.0.0.1")
 	mustEcho(t, "the same pin after the relay's restart", pub, randomBytes(64<<10))
+}
+
+// TestPrivilegedRangeDenied: a relay whose public ports are all below 1024
+// and that may bind none of them says so at start and exits, instead of
+// telling each agent there is no free port. It runs as nobody, without
+// CAP_NET_BIND_SERVICE.
+func TestPrivilegedRangeDenied(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root, to run the relay as nobody")
+	}
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_unprivileged_port_start"); err != nil || strings.TrimSpace(string(b)) != "1024" {
+		t.Skipf("net.ipv4.ip_unprivileged_port_start is %q: nobody may bind low ports here", b)
+	}
+	// A copy of the relay that nobody may run.
+	dir, err := os.MkdirTemp("", "tcprelay-nobody-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	bin, err := os.ReadFile(relayBin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	relay := filepath.Join(dir, "relay")
+	if err := os.WriteFile(relay, bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, relay, "-bind", "127.0.0.1", "-state-dir", "off", "-ports", "80-90", strconv.Itoa(freePort(t)))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	b, err := cmd.CombinedOutput()
+	out := string(b)
+	if err == nil || ctx.Err() != nil {
+		t.Fatalf("the relay started with public ports 80-90 it may not bind:\n%s", out)
+	}
+	if want := "-ports 80-90: permission denied"; !strings.Contains(out, want) {
+		t.Fatalf("want %q in:\n%s", want, out)
+	}
+	t.Logf("%v; the relay said: %s", err, strings.TrimSpace(out))
 }

@@ -60,6 +60,9 @@ type Server struct {
 	cfg Config
 	set settings
 	log *slog.Logger
+	// setReadBuffer gives a relayed socket its receive buffer
+	// (Config.LinkBuffer), or is nil (see readBufferSetter).
+	setReadBuffer func(*net.TCPConn)
 
 	// mu guards the bookkeeping below and the guarded fields of every
 	// session, endpoint and member: one lock keeps teardown and token
@@ -129,6 +132,12 @@ func New(cfg Config) (*Server, error) {
 		budget:    newBudget(fds),
 	}
 	s.quiet = &quietLog{log: log, wg: &s.wg}
+	if n := s.set.linkBuffer; n > 0 {
+		if s.setReadBuffer = readBufferSetter(n); s.setReadBuffer == nil {
+			log.Warn("net.core.rmem_max is below -link-buffer and the relay lacks CAP_NET_ADMIN: relayed sockets keep the kernel's autotuning, so a stalled link is bounded only by -max-stalled-memory; raise it with sysctl -w net.core.rmem_max=N",
+				"rmem_max", rmemMax(), "link_buffer", n)
+		}
+	}
 	if cfg.Agents != nil {
 		s.SetAgents(cfg.Agents)
 	}

@@ -36,6 +36,36 @@ func queued(c net.Conn) int64 {
 	return n
 }
 
+// readBufferSetter returns how relayed sockets get a receive buffer of n
+// bytes, or nil if they cannot here. setsockopt(SO_RCVBUF) is capped at
+// net.core.rmem_max (208 KiB on a stock Debian), so with a lower cap it
+// would shrink every link's window instead of bounding it: then
+// SO_RCVBUFFORCE, which needs CAP_NET_ADMIN, or else nothing (the kernel's
+// autotuning stays, and with it the relay-wide watch alone).
+func readBufferSetter(n int) func(*net.TCPConn) {
+	set := func(opt int) func(*net.TCPConn) {
+		return func(c *net.TCPConn) {
+			if rc, err := c.SyscallConn(); err == nil {
+				rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, opt, n) })
+			}
+		}
+	}
+	if fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0); err == nil {
+		err = syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_RCVBUFFORCE, n)
+		syscall.Close(fd)
+		if err == nil {
+			return set(syscall.SO_RCVBUFFORCE)
+		}
+	}
+	if rmemMax() >= int64(n) {
+		return set(syscall.SO_RCVBUF)
+	}
+	return nil
+}
+
+// rmemMax is net.core.rmem_max, or 0 if unknown.
+func rmemMax() int64 { return readProcInt("/proc/sys/net/core/rmem_max", 0) }
+
 // setNotSentLowat keeps what c has written but not yet sent under n bytes:
 // a write waits instead.
 func setNotSentLowat(c *net.TCPConn, n int) {
@@ -52,17 +82,19 @@ func setNotSentLowat(c *net.TCPConn, n int) {
 // tcpMemPressure is the kernel's TCP memory pressure threshold, in bytes
 // (the middle of tcp_mem), or 0 if unknown.
 func tcpMemPressure() int64 {
-	b, err := os.ReadFile("/proc/sys/net/ipv4/tcp_mem")
+	return readProcInt("/proc/sys/net/ipv4/tcp_mem", 1) * int64(os.Getpagesize())
+}
+
+// readProcInt reads the i-th number of a file in /proc, or 0.
+func readProcInt(path string, i int) int64 {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return 0
 	}
 	f := strings.Fields(string(b))
-	if len(f) != 3 {
+	if i >= len(f) {
 		return 0
 	}
-	pages, err := strconv.ParseInt(f[1], 10, 64)
-	if err != nil {
-		return 0
-	}
-	return pages * int64(os.Getpagesize())
+	v, _ := strconv.ParseInt(f[i], 10, 64)
+	return v
 }

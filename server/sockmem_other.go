@@ -7,6 +7,14 @@ import "net"
 // queued cannot look into sockets here.
 func queued(c net.Conn) int64 { return 0 }
 
+// readBufferSetter sets SO_RCVBUF: elsewhere, no cap is known.
+func readBufferSetter(n int) func(*net.TCPConn) {
+	return func(c *net.TCPConn) { c.SetReadBuffer(n) }
+}
+
+// rmemMax is unknown here.
+func rmemMax() int64 { return 0 }
+
 // setNotSentLowat is Linux only.
 func setNotSentLowat(c *net.TCPConn, n int) {}
 

@@ -13,8 +13,9 @@ import (
 )
 
 // benchPaths are the paths the benchmarks compare, in one run: direct
-// loopback, through the relay, and through the relay with TLS on the
-// agent's connections.
+// loopback, through the relay, through the relay with the kernel's
+// autotuning of socket buffers instead of Config.LinkBuffer, and through
+// the relay with TLS on the agent's connections.
 var benchPaths = []struct {
 	name   string
 	listen func(b *testing.B) net.Listener
@@ -29,6 +30,9 @@ var benchPaths = []struct {
 	}},
 	{"relay", func(b *testing.B) net.Listener {
 		return benchRelay(b, testutil.StartRelay(b, server.Config{Logger: quiet}), nil)
+	}},
+	{"relay-autotune", func(b *testing.B) net.Listener {
+		return benchRelay(b, testutil.StartRelay(b, server.Config{Logger: quiet, LinkBuffer: -1}), nil)
 	}},
 	{"relay-tls", func(b *testing.B) net.Listener {
 		cert, pool := testutil.SelfSignedCert(b)

@@ -160,6 +160,9 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
+	if err := privilegedRange(*bind, cfg.PortMin, cfg.PortMax); err != nil {
+		c.Fatal(err)
+	}
 	ln, err := net.Listen("tcp", net.JoinHostPort(*bind, strconv.Itoa(port)))
 	if err != nil {
 		c.Fatal(err)
@@ -262,4 +265,24 @@ func reloadOnHUP(hup <-chan os.Signal, srv *server.Server, path string, log *slo
 		srv.SetAgents(agents)
 		log.Info("agents file reloaded", "file", path, "agents", len(agents))
 	}
+}
+
+// privilegedRange fails if the public ports are all below 1024 and none of
+// them can be bound for want of the privilege: no agent could ever be
+// given one, so the relay says so at start rather than to each agent.
+func privilegedRange(bind string, lo, hi int) error {
+	if hi >= 1024 {
+		return nil
+	}
+	for p := lo; p <= hi; p++ {
+		ln, err := net.Listen("tcp", net.JoinHostPort(bind, strconv.Itoa(p)))
+		if err == nil {
+			ln.Close()
+			return nil
+		}
+		if !errors.Is(err, syscall.EACCES) {
+			return nil // taken, say: the range is usable
+		}
+	}
+	return fmt.Errorf("-ports %d-%d: permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE (setcap cap_net_bind_service=+ep relay, or AmbientCapabilities= in relay.service)", lo, hi)
 }

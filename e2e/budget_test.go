@@ -1,0 +1,257 @@
+package e2e
+
+import (
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"tcprelay/internal/child"
+)
+
+// fdHeadroom skips (or, on CI, fails) a test that needs n more file
+// descriptors than this process has left.
+func fdHeadroom(t *testing.T, n int) {
+	t.Helper()
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if need := uint64(len(fds) + n); lim.Cur < need {
+		missing(t, "RLIMIT_NOFILE %d with %d open: need %d", lim.Cur, len(fds), need)
+	}
+}
+
+// openFDs counts the open file descriptors of process pid.
+func openFDs(pid int) int {
+	ents, _ := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/fd")
+	return len(ents)
+}
+
+// TestPreAuthFloodWithLiveLinks: a flood of connections that never finish
+// their handshake, from 50 addresses, as many as this process can hold,
+// while 100 relayed connections echo 2 MiB each through the relay. The
+// handshake budget keeps the relay far from its fd limit: no live link is
+// cut, and new clients are served during the flood.
+func TestPreAuthFloodWithLiveLinks(t *testing.T) {
+	const flood, links, size = 15000, 100, 2 << 20
+	fdHeadroom(t, flood+links+500)
+	e := newEnv(t)
+	r := e.startRelay(nil)
+	_, pub := e.startEcho("127.0.0.1", r.port)
+	ctl := child.Addr(r.port)
+
+	// The live links: each streams 2 MiB and checks the echo.
+	var cut atomic.Int64
+	var wg sync.WaitGroup
+	for i := range links {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := echoOnce(pub, randomBytes(size), 60*time.Second); err != nil {
+				cut.Add(1)
+				t.Errorf("live link %d: %v", i, err)
+			}
+		}()
+	}
+	// The flood: silent connections, held open.
+	var held []net.Conn
+	refused, failed := 0, 0
+	start := time.Now()
+	for i := range flood {
+		d := net.Dialer{Timeout: 2 * time.Second, LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 2, byte(1+i%50))}}
+		c, err := d.Dial("tcp", ctl)
+		if err != nil {
+			failed++
+			continue
+		}
+		held = append(held, c)
+	}
+	t.Cleanup(func() {
+		for _, c := range held {
+			c.Close()
+		}
+	})
+	peak := openFDs(r.Pid())
+	t.Logf("flood: %d silent connections opened in %v (%d dials failed); the relay holds %d fds (its limit: 20000 here)",
+		len(held), time.Since(start).Round(time.Millisecond), failed, peak)
+	// New clients during the flood.
+	for i := range 20 {
+		if err := echoOnce(pub, randomBytes(64<<10), 20*time.Second); err != nil {
+			t.Errorf("new client %d during the flood: %v", i, err)
+		}
+	}
+	wg.Wait()
+	for _, c := range held {
+		c.SetReadDeadline(time.Now().Add(time.Millisecond))
+		if n, _ := c.Read(make([]byte, 64)); n > 0 {
+			refused++ // told "relay busy" at once
+		}
+	}
+	t.Logf("%d of %d live links cut; 20 new clients served during the flood; %d flood connections refused at once, the rest held or made room for",
+		cut.Load(), links, refused)
+	if peak > 15000 {
+		t.Errorf("the relay held %d fds during the flood: the handshake budget should keep it far from its limit", peak)
+	}
+}
+
+// TestFairShareAtRealLimit: three tunnels flooded with clients that hold
+// their connections, at the relay's real fd limit, and a fourth tunnel
+// that comes after them is still served. Before the budget, the three took
+// 3 x 4,096 clients, 24,576 fds: past the limit, and the fourth got none.
+func TestFairShareAtRealLimit(t *testing.T) {
+	const perTunnel = 4096
+	fdHeadroom(t, 3*perTunnel/2+1000)
+	e := newEnv(t)
+	r := e.startRelay(nil)
+	var pubs []int
+	for range 4 {
+		_, pub := e.startEcho("127.0.0.1", r.port)
+		pubs = append(pubs, pub)
+	}
+	var held []net.Conn
+	t.Cleanup(func() {
+		for _, c := range held {
+			c.Close()
+		}
+	})
+	admitted := func(pub int) bool {
+		c, err := net.DialTimeout("tcp", child.Addr(pub), 5*time.Second)
+		if err != nil {
+			return false
+		}
+		// An admitted client is echoed; a refused one is closed at once.
+		c.Write([]byte{1})
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+			c.Close()
+			return false
+		}
+		held = append(held, c)
+		return true
+	}
+	for i, pub := range pubs[:3] {
+		n := 0
+		for range perTunnel {
+			if admitted(pub) {
+				n++
+			}
+		}
+		t.Logf("tunnel %d, flooded: %d of %d clients admitted", i+1, n, perTunnel)
+	}
+	n := 0
+	for range 50 {
+		if admitted(pubs[3]) {
+			n++
+		}
+	}
+	t.Logf("tunnel 4, after the floods: %d of 50 clients admitted; the relay holds %d fds", n, openFDs(r.Pid()))
+	if n == 0 {
+		t.Fatal("the fourth tunnel got no client: the three flooded ones starved it")
+	}
+}
+
+// skmem sums, over the TCP sockets of process pid, the kernel memory ss
+// reports for each: received and not read (r), queued to send (w), and
+// reserved ahead (f).
+func skmem(t *testing.T, pid int) int64 {
+	t.Helper()
+	out, err := exec.Command("ss", "-tmnpH").Output()
+	if err != nil {
+		t.Fatalf("ss -tmnp: %v", err)
+	}
+	owner := regexp.MustCompile(`pid=` + strconv.Itoa(pid) + `,`)
+	mem := regexp.MustCompile(`skmem:\(r(\d+),rb\d+,t\d+,tb\d+,f(\d+),w(\d+)`)
+	var sum int64
+	lines := strings.Split(string(out), "\n")
+	for i, l := range lines {
+		if !owner.MatchString(l) {
+			continue
+		}
+		// ss prints skmem on the socket's line, or on the next one.
+		m := mem.FindStringSubmatch(l)
+		if m == nil && i+1 < len(lines) {
+			m = mem.FindStringSubmatch(lines[i+1])
+		}
+		for _, f := range m[1:] {
+			v, _ := strconv.ParseInt(f, 10, 64)
+			sum += v
+		}
+	}
+	return sum
+}
+
+// TestStalledClientMemory: outside clients of an echo server that echo
+// fast, then stop reading while they go on writing, until both directions
+// of each link are stalled. Each such link holds a bounded amount of the
+// relay's kernel memory, measured with ss -tm, against what the kernel's
+// autotuning lets it hold (-link-buffer off).
+func TestStalledClientMemory(t *testing.T) {
+	requireProgram(t, "ss", "iproute2")
+	const stalled = 3
+	perLink := map[string]int64{}
+	for _, mode := range []string{"default", "off"} {
+		t.Run("link-buffer "+mode, func(t *testing.T) {
+			e := newEnv(t)
+			flags := []string{"-max-stalled-memory", "off"}
+			if mode == "off" {
+				flags = append(flags, "-link-buffer", "off")
+			}
+			r := e.startRelayWith(nil, nil, flags...)
+			_, pub := e.startEcho("127.0.0.1", r.port)
+			before := skmem(t, r.Pid())
+			for range stalled {
+				c, err := net.DialTimeout("tcp", child.Addr(pub), 5*time.Second)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				// It writes without end; it reads 64 MiB of the echo as
+				// fast as it can, long enough for the kernel to grow
+				// buffers that autotune, then no more. Its writes then
+				// stop once every buffer on the way is full.
+				go func() {
+					chunk := make([]byte, 256<<10)
+					for {
+						c.SetWriteDeadline(time.Now().Add(30 * time.Second))
+						if _, err := c.Write(chunk); err != nil {
+							return
+						}
+					}
+				}()
+				c.SetReadDeadline(time.Now().Add(30 * time.Second))
+				if _, err := io.CopyN(io.Discard, c, 64<<20); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// Until the relay's buffers are full: memory stops growing.
+			var last, now int64
+			child.WaitFor(30*time.Second, func() bool {
+				last, now = now, skmem(t, r.Pid())
+				time.Sleep(500 * time.Millisecond) // a sample every half second
+				return now > before && now == last
+			})
+			per := (now - before) / stalled
+			perLink[mode] = per
+			t.Logf("-link-buffer %s: %d clients stalled both ways hold %.1f MiB of the relay's socket memory, %.1f MiB each",
+				mode, stalled, float64(now-before)/(1<<20), float64(per)/(1<<20))
+			if mode == "default" && per > 8<<20 {
+				t.Errorf("a stalled client holds %.1f MiB of the relay's socket memory, want at most 8 MiB", float64(per)/(1<<20))
+			}
+		})
+	}
+	t.Logf("per stalled client: %.1f MiB with the default -link-buffer, %.1f MiB with the kernel's autotuning",
+		float64(perLink["default"])/(1<<20), float64(perLink["off"])/(1<<20))
+}
