@@ -243,3 +243,48 @@ func TestPrivilegedRangeDenied(t *testing.T) {
 	}
 	t.Logf("%v; the relay said: %s", err, strings.TrimSpace(out))
 }
+
+// TestAddressForms: the forms a newcomer types. An IPv6 relay host in
+// brackets, RELAYHOST:RELAYPORT as one argument, and a port asked for with
+// -port that the agent cannot have: it exits non-zero naming the port and
+// the reason, instead of quietly taking another.
+func TestAddressForms(t *testing.T) {
+	e := newEnv(t)
+	r := e.startRelay(nil)
+	_, pub := e.startAgent(echoBin, []string{"127.0.0.1:" + strconv.Itoa(r.port)}, "127.0.0.1")
+	mustEcho(t, "echoserver 127.0.0.1:PORT", pub, randomBytes(1000))
+
+	for _, tc := range []struct {
+		name string
+		port int
+		want string
+	}{
+		{"outside the range", 5432, "port 5432 is outside the relay's range"},
+		{"taken", pub, "port " + strconv.Itoa(pub) + " is in use"},
+	} {
+		p := e.start(echoBin, []string{"-port", strconv.Itoa(tc.port), "127.0.0.1", strconv.Itoa(r.port)}, procOpts{})
+		p.mustExit(announceTimeout)
+		if p.ExitCode() == 0 || !strings.Contains(p.Stderr.String(), tc.want) {
+			t.Errorf("-port %d, %s: %s, stderr:\n%s\nwant a non-zero exit and %q", tc.port, tc.name, p.Status(), p.Stderr, tc.want)
+		}
+		t.Logf("-port %d, %s: %s: %s", tc.port, tc.name, p.Status(), strings.TrimSpace(p.Stderr.String()))
+	}
+
+	if ln, err := net.Listen("tcp", "[::1]:0"); err != nil {
+		t.Logf("no IPv6 loopback here (%v): the [::1] forms are not tried", err)
+		return
+	} else {
+		ln.Close()
+	}
+	r6 := e.tryRelay("::1", freePort(t), nil, nil)
+	if r6 == nil {
+		t.Fatal("relay on [::1]: port taken")
+	}
+	ctl := strconv.Itoa(r6.port)
+	for _, args := range [][]string{{"[::1]", ctl}, {"::1", ctl}, {"[::1]:" + ctl}} {
+		_, pub := e.startAgent(echoBin, args, "[::1]")
+		if err := testutil.EchoCheck(net.JoinHostPort("::1", strconv.Itoa(pub)), randomBytes(1000), 10*time.Second); err != nil {
+			t.Errorf("echoserver %s: echo through [::1]:%d: %v", strings.Join(args, " "), pub, err)
+		}
+	}
+}
