@@ -109,8 +109,9 @@ func TestPreAuthFloodWithLiveLinks(t *testing.T) {
 
 // TestFairShareAtRealLimit: three tunnels flooded with clients that hold
 // their connections, at the relay's real fd limit, and a fourth tunnel
-// that comes after them is still served. Before the budget, the three took
-// 3 x 4,096 clients, 24,576 fds: past the limit, and the fourth got none.
+// that comes after them is still served, every one of its 50 clients.
+// Before the budget, the three took 3 x 4,096 clients, 24,576 fds: past
+// the limit, and the fourth got none.
 func TestFairShareAtRealLimit(t *testing.T) {
 	const perTunnel = 4096
 	fdHeadroom(t, 3*perTunnel/2+1000)
@@ -158,8 +159,8 @@ func TestFairShareAtRealLimit(t *testing.T) {
 		}
 	}
 	t.Logf("tunnel 4, after the floods: %d of 50 clients admitted; the relay holds %d fds", n, openFDs(r.Pid()))
-	if n == 0 {
-		t.Fatal("the fourth tunnel got no client: the three flooded ones starved it")
+	if n < 50 {
+		t.Fatalf("the fourth tunnel got %d of 50 clients: the three flooded ones starved it", n)
 	}
 }
 

@@ -132,6 +132,9 @@ func New(cfg Config) (*Server, error) {
 		budget:    newBudget(fds),
 	}
 	s.quiet = &quietLog{log: log, wg: &s.wg}
+	if cfg.MaxConnsPerTunnel == 0 {
+		s.set.maxConns = max(s.budget.clients/4, 16)
+	}
 	if n := s.set.linkBuffer; n > 0 {
 		if s.setReadBuffer = readBufferSetter(n); s.setReadBuffer == nil {
 			log.Warn("net.core.rmem_max is below -link-buffer and the relay lacks CAP_NET_ADMIN: relayed sockets keep the kernel's autotuning, so a stalled link is bounded only by -max-stalled-memory; raise it with sysctl -w net.core.rmem_max=N",
@@ -151,7 +154,7 @@ func New(cfg Config) (*Server, error) {
 		s.watch(s.stopWatch)
 	}()
 	log.Info("budget of file descriptors", "fds", fds, "handshakes", s.budget.handshakes,
-		"per_source", s.budget.perSource, "agents", s.budget.agents, "clients", s.budget.clients)
+		"per_source", s.budget.perSource, "agents", s.budget.agents, "clients", s.budget.clients, "clients_per_tunnel", s.set.maxConns)
 	return s, nil
 }
 

@@ -648,50 +648,61 @@ func TestShutdownServesAcceptedClients(t *testing.T) {
 	}
 }
 
-// TestClientBudgetFairness: outside clients share the relay's budget by
-// max-min fairness: tunnels that flood it cannot take the share of one
-// that comes later, and a tunnel alone may use most of the budget.
+// TestClientBudgetFairness: outside clients share the relay's budget.
+// By default each tunnel is held to a quarter of it, so three that flood
+// it leave a fourth most of what it asks. With no fixed bound, a tunnel
+// alone may use half, and max-min fairness still keeps room for later
+// tunnels.
 func TestClientBudgetFairness(t *testing.T) {
-	check.Leaks(t)
-	// 400 fds: a budget of 118 clients.
-	relay := testutil.StartRelay(t, server.Config{MaxFDs: 400})
-	hold := func(c net.Conn) { io.Copy(io.Discard, c) }
-	flood := func(pub string, n int) (held int) {
-		for range n {
-			c := testutil.Dial(t, pub)
-			// A refused client is closed at once; an admitted one waits.
-			c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
-			if _, err := c.Read(make([]byte, 1)); errors.Is(err, os.ErrDeadlineExceeded) {
-				held++
-			} else {
-				c.Close()
+	for _, tc := range []struct {
+		name     string
+		perTun   int // Config.MaxConnsPerTunnel
+		alone    int // the least a tunnel alone must get
+		late     int // the least of 20 a fourth tunnel must get
+		floodCap int // the most a flooding tunnel may get (0: no check)
+	}{
+		{"default", 0, 118 / 4, 10, 118 / 4},
+		{"no fixed bound", -1, 118 / 2, 1, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			check.Leaks(t)
+			// 400 fds: a budget of 118 clients.
+			relay := testutil.StartRelay(t, server.Config{MaxFDs: 400, MaxConnsPerTunnel: tc.perTun})
+			hold := func(c net.Conn) { io.Copy(io.Discard, c) }
+			flood := func(pub string, n int) (held int) {
+				for range n {
+					c := testutil.Dial(t, pub)
+					// A refused client is closed at once; an admitted one waits.
+					c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+					if _, err := c.Read(make([]byte, 1)); errors.Is(err, os.ErrDeadlineExceeded) {
+						held++
+					} else {
+						c.Close()
+					}
+				}
+				return held
 			}
-		}
-		return held
-	}
-	var busy []string
-	for range 3 {
-		busy = append(busy, serveAgent(t, relay.Addr, hold))
-	}
-	alone := flood(busy[0], 118)
-	t.Logf("one tunnel alone: %d of 118 clients admitted", alone)
-	if alone < 118/2 {
-		t.Errorf("one tunnel alone got %d clients of a budget of 118, want most of it", alone)
-	}
-	total := alone
-	for _, pub := range busy[1:] {
-		n := flood(pub, 118)
-		t.Logf("another flooding tunnel: %d admitted", n)
-		total += n
-	}
-	late := serveAgent(t, relay.Addr, hold)
-	got := flood(late, 20)
-	t.Logf("a tunnel that came after three floods: %d of 20 admitted", got)
-	if got == 0 {
-		t.Errorf("a tunnel that came after three floods got no client: they starved it")
-	}
-	if total += got; total > 118 {
-		t.Errorf("%d clients admitted in all, over the budget of 118", total)
+			total := 0
+			for i := range 3 {
+				n := flood(serveAgent(t, relay.Addr, hold), 118)
+				t.Logf("flooding tunnel %d: %d of 118 clients admitted", i+1, n)
+				if i == 0 && n < tc.alone {
+					t.Errorf("a tunnel alone got %d clients of a budget of 118, want at least %d", n, tc.alone)
+				}
+				if tc.floodCap > 0 && n > tc.floodCap {
+					t.Errorf("a flooding tunnel got %d clients, past its bound of %d", n, tc.floodCap)
+				}
+				total += n
+			}
+			got := flood(serveAgent(t, relay.Addr, hold), 20)
+			t.Logf("a tunnel that came after three floods: %d of 20 admitted", got)
+			if got < tc.late {
+				t.Errorf("a tunnel that came after three floods got %d of 20 clients, want at least %d", got, tc.late)
+			}
+			if total += got; total > 118 {
+				t.Errorf("%d clients admitted in all, over the budget of 118", total)
+			}
+		})
 	}
 }
 
