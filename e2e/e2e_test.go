@@ -222,6 +222,9 @@ func TestBadCommandLines(t *testing.T) {
 		{"relay_range_holds_port", relayBin, []string{"-ports", "1000-2000", "1234"}, relayUsage},
 		{"relay_heartbeat_10ms", relayBin, []string{"-heartbeat", "10ms", "1234"}, relayUsage},
 		{"relay_cert_without_key", relayBin, []string{"-tls-cert", "x.pem", "1234"}, relayUsage},
+		{"relay_link_buffer_1B", relayBin, []string{"-link-buffer", "1B", "1234"}, relayUsage},
+		{"relay_link_buffer_10GiB", relayBin, []string{"-link-buffer", "10GiB", "1234"}, relayUsage},
+		{"relay_conns_per_tunnel_-2", relayBin, []string{"-max-conns-per-tunnel", "-2", "1234"}, relayUsage},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t)

@@ -63,6 +63,9 @@ func main() {
 		c.Usagef("%v", err)
 	}
 	cfg.Secret = c.Secret()
+	if linkBuffer > 0 && (linkBuffer < 64<<10 || linkBuffer > 1<<30) {
+		c.Usagef("-link-buffer %d: want 64KiB to 1GiB, or off", linkBuffer)
+	}
 	cfg.LinkBuffer = int(linkBuffer)
 	cfg.Logger = log
 	cfg.PortMin, cfg.PortMax = port+1, 65535
