@@ -32,6 +32,7 @@ func fdHeadroom(t *testing.T, n int) {
 	if need := uint64(len(fds) + n); lim.Cur < need {
 		missing(t, "RLIMIT_NOFILE %d with %d open: need %d", lim.Cur, len(fds), need)
 	}
+	t.Logf("fd headroom: %d open, soft limit %d, %d more needed", len(fds), lim.Cur, n)
 }
 
 // openFDs counts the open file descriptors of process pid.

@@ -45,15 +45,10 @@ func writeCert(t *testing.T) (certFile, keyFile string) {
 
 var fingerprintRE = regexp.MustCompile(`fingerprint=([0-9a-f]{64})`)
 
-// TestTLSWithBinaries: a relay with -tls-cert/-tls-key, and agents that
-// trust it by pinned fingerprint (as the relay logs it) or by CA file. An
-// agent without TLS, or with the wrong pin, fails with a clear error.
-func TestTLSWithBinaries(t *testing.T) {
-	e := newEnv(t)
-	certFile, keyFile := writeCert(t)
-	r := e.startRelayWith(nil, nil, "-tls-cert", certFile, "-tls-key", keyFile)
-	rp := strconv.Itoa(r.port)
-
+// fingerprint waits for the certificate fingerprint the relay logs at
+// start, and returns it.
+func fingerprint(t *testing.T, r *relay) string {
+	t.Helper()
 	var fp string
 	if !child.WaitFor(5*time.Second, func() bool {
 		m := fingerprintRE.FindStringSubmatch(r.Stderr.String())
@@ -64,7 +59,19 @@ func TestTLSWithBinaries(t *testing.T) {
 	}) {
 		t.Fatalf("relay did not log its certificate fingerprint; stderr:\n%s", r.Stderr)
 	}
+	return fp
+}
 
+// TestTLSWithBinaries: a relay with -tls-cert/-tls-key, and agents that
+// trust it by pinned fingerprint (as the relay logs it) or by CA file. An
+// agent without TLS, or with the wrong pin, fails with a clear error.
+func TestTLSWithBinaries(t *testing.T) {
+	e := newEnv(t)
+	certFile, keyFile := writeCert(t)
+	r := e.startRelayWith(nil, nil, "-tls-cert", certFile, "-tls-key", keyFile)
+	rp := strconv.Itoa(r.port)
+
+	fp := fingerprint(t, r)
 	_, pinned := e.startEchoWith("127.0.0.1", r.port, nil, "-tls-fingerprint", fp)
 	mustEcho(t, "echoserver -tls-fingerprint", pinned, randomBytes(256<<10))
 	_, byCA := e.startEchoWith("127.0.0.1", r.port, nil, "-tls-ca", certFile)
@@ -170,27 +177,14 @@ func TestMetricsWithBinaries(t *testing.T) {
 func TestTLSSelfSigned(t *testing.T) {
 	e := newEnv(t)
 	r := e.startRelayWith(nil, nil, "-tls-self-signed")
-	fingerprint := func(r *relay) string {
-		var fp string
-		if !child.WaitFor(5*time.Second, func() bool {
-			m := fingerprintRE.FindStringSubmatch(r.Stderr.String())
-			if m != nil {
-				fp = m[1]
-			}
-			return m != nil
-		}) {
-			t.Fatalf("relay did not log its certificate fingerprint; stderr:\n%s", r.Stderr)
-		}
-		return fp
-	}
-	fp := fingerprint(r)
+	fp := fingerprint(t, r)
 	agent, pub := e.startEchoWith("127.0.0.1", r.port, nil, "-tls-fingerprint", fp)
 	mustEcho(t, "echoserver pinning the self-signed certificate", pub, randomBytes(64<<10))
 
 	r.sigterm()
 	r.mustExit(10 * time.Second)
 	r = e.restartRelay(r)
-	if again := fingerprint(r); again != fp {
+	if again := fingerprint(t, r); again != fp {
 		t.Fatalf("after a restart the fingerprint is %s, was %s: agents would have to pin it again", again, fp)
 	}
 	// The agent comes back by itself, with the same pin.

@@ -14,7 +14,6 @@ import (
 	"io"
 	mrand "math/rand/v2"
 	"net"
-	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -431,18 +430,7 @@ func TestStoppedAgent(t *testing.T) {
 // whose counts add up to them.
 func TestSilentConnectionFlood(t *testing.T) {
 	const flood, handshake, slack = 1000, 2 * time.Second, 2 * time.Second
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		t.Fatal(err)
-	}
-	fds, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if need := uint64(len(fds) + flood + 200); lim.Cur < need {
-		missing(t, "RLIMIT_NOFILE %d with %d open: need %d for %d connections", lim.Cur, len(fds), need, flood)
-	}
-	t.Logf("fd headroom: %d open, soft limit %d, %d more needed", len(fds), lim.Cur, flood)
+	fdHeadroom(t, flood+200)
 
 	e := newEnv(t)
 	// -max-fds 20000: 2,000 handshakes at a time, 62 per source address.
