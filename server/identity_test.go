@@ -214,14 +214,7 @@ func TestPortOwnedAcrossRestart(t *testing.T) {
 	if !errors.Is(err, tunnel.ErrPortUnavailable) || !strings.Contains(err.Error(), "reserved for its previous owner") {
 		t.Fatalf("another identity asking for the port after the restart: %v, want it refused as reserved", err)
 	}
-	select {
-	case a := <-addrs:
-		if a.(*tunnel.Addr).Port != port {
-			t.Fatalf("owner came back on %v, want port %d", a, port)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("the owner did not register again")
-	}
+	backOn(t, addrs, port)
 	checkEcho(t, ln.Addr().String(), "the owner's port, after the restart")
 
 	ln.Close() // released on purpose: no reservation
@@ -262,14 +255,7 @@ func TestResumeTokenOwnsPort(t *testing.T) {
 	if _, err := listenAs(t, relay.Addr, nil, "s", port); !errors.Is(err, tunnel.ErrPortUnavailable) {
 		t.Fatalf("another secret holder asking for the reserved port: %v, want it refused", err)
 	}
-	select {
-	case a := <-addrs:
-		if a.(*tunnel.Addr).Port != port {
-			t.Fatalf("the agent came back on %v, want port %d", a, port)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("the agent did not register again")
-	}
+	backOn(t, addrs, port)
 	checkEcho(t, ln.Addr().String(), "resumed")
 }
 
@@ -359,5 +345,19 @@ func TestDataConnectionProof(t *testing.T) {
 	data.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if _, err := data.Read(buf); err != nil || string(buf) != "ping" {
 		t.Fatalf("the proven Attach got %q, %v; want the client's bytes", buf, err)
+	}
+}
+
+// backOn waits for the agent's next registration, from its OnAddr channel,
+// and checks that it is on port.
+func backOn(t *testing.T, addrs <-chan net.Addr, port int) {
+	t.Helper()
+	select {
+	case a := <-addrs:
+		if a.(*tunnel.Addr).Port != port {
+			t.Fatalf("the agent came back on %v, want port %d", a, port)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the agent did not register again")
 	}
 }
