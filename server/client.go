@@ -28,9 +28,10 @@ func (ep *endpoint) serveClient(c net.Conn) func() {
 	if m == nil {
 		return nil
 	}
+	accepted := time.Now()
 	return func() {
 		if !s.bindPooled(m, c) {
-			s.announce(m, c)
+			s.announce(m, c, accepted)
 		}
 	}
 }
@@ -121,14 +122,15 @@ type pending struct {
 	token  [proto.TokenLen]byte
 	client net.Conn
 	member *member
+	since  time.Time   // when the relay accepted the client (for the status views)
 	timer  *time.Timer // the pickup timeout; set under s.mu with the entry
 }
 
-// announce sends Incoming for c to m's agent and keeps c waiting until the
-// agent's data connection claims it (attach) or the pickup timeout closes
-// it.
-func (s *Server) announce(m *member, c net.Conn) {
-	p := &pending{token: proto.NewToken(), client: c, member: m}
+// announce sends Incoming for c, accepted at since, to m's agent and keeps
+// c waiting until the agent's data connection claims it (attach) or the
+// pickup timeout closes it.
+func (s *Server) announce(m *member, c net.Conn, since time.Time) {
+	p := &pending{token: proto.NewToken(), client: c, member: m, since: since}
 	ep := m.ep
 	s.mu.Lock()
 	if removed := m.removed; removed || ep.pending >= s.set.maxPending {
@@ -255,7 +257,7 @@ func (s *Server) redispatch(moved []*pending) {
 		m.clients++
 		s.mu.Unlock()
 		if !s.bindPooled(m, p.client) {
-			s.announce(m, p.client)
+			s.announce(m, p.client, p.since)
 		}
 	}
 }
@@ -305,15 +307,18 @@ func (s *Server) link(m *member, client, data net.Conn) {
 	l.Start()
 }
 
-// linkDone records a link's end and frees the client's place.
+// linkDone records a link's end and frees the client's place. Its bytes
+// move from the live links to the finished totals in one critical
+// section, so the byte counters (finished plus live, read under s.mu) never
+// count them twice nor dip.
 func (s *Server) linkDone(m *member, client net.Conn, l *copier.Link, res copier.Result) {
 	s.count.relayed.Add(1)
-	s.count.bytesToAgents.Add(res.AToB)
-	s.count.bytesFromAgents.Add(res.BToA)
 	if res.Err != nil {
 		s.count.relayErrors.Add(1)
 	}
 	s.mu.Lock()
+	s.bytesDone.add(res.AToB, res.BToA)
+	m.ep.bytesDone.add(res.AToB, res.BToA)
 	delete(s.links, l)
 	m.ep.addClientLocked(sourceOf(client), -1)
 	m.clients--

@@ -132,6 +132,15 @@ type Config struct {
 
 	// Logger receives the relay's logs. If nil, slog.Default().
 	Logger *slog.Logger
+
+	// Version names the relay's build in its status views and the
+	// tcprelay_build_info metric. If empty, "unknown".
+	Version string
+
+	// ControlTLS tells the status views that the listeners given to Serve
+	// speak TLS (the caller wraps them with tls.NewListener). The relay
+	// does nothing else with it. If false, they are shown as plain TCP.
+	ControlTLS bool
 }
 
 // DefaultConfig returns the configuration a zero Config stands for: every

@@ -36,6 +36,9 @@ type endpoint struct {
 	conns    int                // outside clients waiting or relayed
 	bySource map[netip.Addr]int // the same, by source address (with a limit on it)
 	pending  int                // outside clients waiting
+	// bytesDone is what the endpoint's links that ended relayed (the live
+	// ones' bytes are in their Progress).
+	bytesDone byteCount
 }
 
 // member is one session's registration serving an endpoint. It owns its

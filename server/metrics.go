@@ -1,39 +1,61 @@
 package server
 
 import (
-	"fmt"
+	"bytes"
 	"io"
+	"math"
+	"os"
+	"runtime"
+	rtmetrics "runtime/metrics"
+	"runtime/pprof"
 	"sort"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 )
 
-// counters are the relay's running totals, exported by WriteMetrics.
+// The metrics are written by hand in the Prometheus text exposition format
+// (version 0.0.4): a hundred lines here, and a test that checks the format
+// (TestMetricsFormat), instead of the client library and the ten modules
+// it brings. The process_ and go_ families use the names of the Prometheus
+// client's process and Go collectors, so the usual dashboards work.
+
+// counters are the relay's running totals, exported by WriteMetrics. The
+// byte totals are not here: they are read with the live links, under s.mu
+// (see linkDone).
 type counters struct {
-	agents          atomic.Int64 // agent sessions established
-	handshakeFails  atomic.Int64 // agent handshakes that failed, wrong secret included
-	authFails       atomic.Int64 // agents refused for their secret
-	dropped         atomic.Int64 // connections dropped on the control port
-	clients         atomic.Int64 // outside clients accepted on public ports
-	refused         atomic.Int64 // outside clients closed at a limit
-	pickupTimeouts  atomic.Int64 // outside clients closed because no data connection came
-	poolHits        atomic.Int64 // clients joined to a parked data connection
-	poolMisses      atomic.Int64 // clients announced with Incoming
-	relayed         atomic.Int64 // relayed connections that ended
-	relayErrors     atomic.Int64 // relayed connections that ended on an error (a reset)
-	bytesToAgents   atomic.Int64 // bytes from outside clients to agents, counted when a connection ends
-	bytesFromAgents atomic.Int64 // bytes from agents to outside clients, counted when a connection ends
-	stallTimeouts   atomic.Int64 // relayed connections closed at the stall timeout
-	idleTimeouts    atomic.Int64 // relayed connections closed at the idle timeout
-	stalledShed     atomic.Int64 // stalled connections closed to keep their memory under the limit
+	agents         atomic.Int64 // agent sessions established
+	handshakeFails atomic.Int64 // agent handshakes that failed, wrong secret included
+	authFails      atomic.Int64 // agents refused for their secret
+	dropped        atomic.Int64 // connections dropped on the control port
+	clients        atomic.Int64 // outside clients accepted on public ports
+	refused        atomic.Int64 // outside clients closed at a limit
+	pickupTimeouts atomic.Int64 // outside clients closed because no data connection came
+	poolHits       atomic.Int64 // clients joined to a parked data connection
+	poolMisses     atomic.Int64 // clients announced with Incoming
+	relayed        atomic.Int64 // relayed connections that ended
+	relayErrors    atomic.Int64 // relayed connections that ended on an error (a reset)
+
+	stallTimeouts atomic.Int64 // relayed connections closed at the stall timeout
+	idleTimeouts  atomic.Int64 // relayed connections closed at the idle timeout
+	stalledShed   atomic.Int64 // stalled connections closed to keep their memory under the limit
 }
 
-// WriteMetrics writes the relay's gauges and counters in the Prometheus text
-// exposition format. Byte counts grow when a relayed connection ends.
+// maxEndpointSeries bounds the endpoints with series of their own (labelled
+// by port), so that a relay with thousands of ports cannot blow up a
+// scrape.
+const maxEndpointSeries = 100
+
+// WriteMetrics writes the relay's gauges and counters, and the process's,
+// in the Prometheus text exposition format. Byte counts are live: they
+// include the connections still open.
 func (s *Server) WriteMetrics(w io.Writer) error {
 	st := s.Stats()
+	snap := s.takeStatus(false)
 	c := &s.count
-	metrics := []struct {
+	var e expo
+	for _, m := range []struct {
 		name, kind, help string
 		value            int64
 	}{
@@ -67,69 +89,216 @@ func (s *Server) WriteMetrics(w io.Writer) error {
 		{"tcprelay_pool_misses_total", "counter", "Outside clients announced to their agent instead.", c.poolMisses.Load()},
 		{"tcprelay_connections_total", "counter", "Relayed connections that ended.", c.relayed.Load()},
 		{"tcprelay_connection_errors_total", "counter", "Relayed connections that ended on an error, such as a reset.", c.relayErrors.Load()},
-		{"tcprelay_bytes_to_agents_total", "counter", "Bytes from outside clients to agents, counted when each connection ends.", c.bytesToAgents.Load()},
-		{"tcprelay_bytes_from_agents_total", "counter", "Bytes from agents to outside clients, counted when each connection ends.", c.bytesFromAgents.Load()},
+		{"tcprelay_bytes_to_agents_total", "counter", "Bytes from outside clients to agents, those of connections still open included.", snap.Bytes.ToAgents},
+		{"tcprelay_bytes_from_agents_total", "counter", "Bytes from agents to outside clients, those of connections still open included.", snap.Bytes.FromAgents},
+	} {
+		e.family(m.name, m.kind, m.help)
+		e.sample(m.name, nil, float64(m.value))
 	}
-	for _, m := range metrics {
-		if _, err := fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s %s\n%s %d\n", m.name, m.help, m.name, m.kind, m.name, m.value); err != nil {
-			return err
-		}
-	}
-	return nil
+	e.family("tcprelay_build_info", "gauge", "Always 1; the relay's version is in its label.")
+	e.sample("tcprelay_build_info", []string{"version", snap.Version}, 1)
+	e.family("tcprelay_start_time_seconds", "gauge", "When the relay started, in seconds since the Unix epoch.")
+	e.sample("tcprelay_start_time_seconds", nil, unixSeconds(s.started))
+	writeEndpointMetrics(&e, snap)
+	writeProcessMetrics(&e)
+	_, err := w.Write(e.b.Bytes())
+	return err
 }
 
-// WriteStatus writes a plain-text view of the agents, and of the endpoints
-// with their members.
-func (s *Server) WriteStatus(w io.Writer) error {
-	type agentLine struct {
-		name, remote, software string
-		since                  time.Time
-		parked                 int
-	}
-	type memberLine struct {
-		name    string
-		id      uint32
-		clients int // waiting for this member or relayed through it
-	}
-	type endpointLine struct {
-		port, conns, waiting int
-		until                time.Time // reserved until; zero: open
-		members              []memberLine
-	}
-	s.mu.Lock()
-	agents := make([]agentLine, 0, len(s.sessions))
-	for ss := range s.sessions {
-		agents = append(agents, agentLine{ss.name(), ss.remote, ss.software, ss.since, len(ss.pool)})
-	}
-	eps := make([]endpointLine, 0, len(s.endpoints))
-	for _, ep := range s.endpoints {
-		e := endpointLine{port: ep.port, conns: ep.conns, waiting: ep.pending, until: ep.until}
-		for _, m := range ep.members {
-			e.members = append(e.members, memberLine{m.sess.name(), m.id, m.clients})
+// writeEndpointMetrics writes series labelled by port for the
+// maxEndpointSeries endpoints with the most clients now (ties: the most
+// bytes relayed, then the lower port).
+func writeEndpointMetrics(e *expo, snap *status) {
+	eps := append(snap.Open, snap.Reserved...)
+	sort.Slice(eps, func(i, j int) bool {
+		a, b := eps[i], eps[j]
+		if a.Conns != b.Conns {
+			return a.Conns > b.Conns
 		}
-		eps = append(eps, e)
+		if ab, bb := a.Bytes.ToAgents+a.Bytes.FromAgents, b.Bytes.ToAgents+b.Bytes.FromAgents; ab != bb {
+			return ab > bb
+		}
+		return a.Port < b.Port
+	})
+	left := max(len(eps)-maxEndpointSeries, 0)
+	eps = eps[:len(eps)-left]
+	const which = " Only for the 100 endpoints with the most clients now (ties: the most bytes, then the lower port); see tcprelay_endpoints_unlabelled."
+	e.family("tcprelay_endpoints_unlabelled", "gauge", "Endpoints (open or reserved) left out of the per-port series, which show at most 100.")
+	e.sample("tcprelay_endpoints_unlabelled", nil, float64(left))
+	for _, f := range []struct {
+		name, help string
+		value      func(*endpointStatus) int
+	}{
+		{"tcprelay_endpoint_clients", "Outside clients of the endpoint on this port, waiting or relayed.", func(ep *endpointStatus) int { return ep.Conns }},
+		{"tcprelay_endpoint_clients_waiting", "Outside clients of the endpoint on this port waiting for their agent.", func(ep *endpointStatus) int { return ep.Pending }},
+		{"tcprelay_endpoint_members", "Agent registrations serving the endpoint on this port (0: reserved for its owner).", func(ep *endpointStatus) int { return len(ep.Members) }},
+	} {
+		e.family(f.name, "gauge", f.help+which)
+		for _, ep := range eps {
+			e.sample(f.name, []string{"port", strconv.Itoa(ep.Port)}, float64(f.value(ep)))
+		}
 	}
-	s.mu.Unlock()
-	sort.Slice(agents, func(i, j int) bool { return agents[i].since.Before(agents[j].since) })
-	sort.Slice(eps, func(i, j int) bool { return eps[i].port < eps[j].port })
+	const bytesName = "tcprelay_endpoint_bytes_total"
+	e.family(bytesName, "counter", "Bytes relayed through the endpoint on this port since it opened, by direction (to_agents, from_agents), connections still open included."+which)
+	for _, ep := range eps {
+		port := strconv.Itoa(ep.Port)
+		e.sample(bytesName, []string{"port", port, "direction", "to_agents"}, float64(ep.Bytes.ToAgents))
+		e.sample(bytesName, []string{"port", port, "direction", "from_agents"}, float64(ep.Bytes.FromAgents))
+	}
+}
 
-	now := time.Now()
-	if _, err := fmt.Fprintf(w, "%d agents, %d endpoints\n", len(agents), len(eps)); err != nil {
-		return err
+// processStart stands for the process's start time where the system does
+// not say (outside Linux): the package's initialisation.
+var processStart = time.Now()
+
+// writeProcessMetrics writes what the Prometheus client's process and Go
+// collectors would, under their names; a figure the system does not give
+// (outside Linux, most) is left out.
+func writeProcessMetrics(e *expo) {
+	if v, ok := cpuSeconds(); ok {
+		e.family("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.")
+		e.sample("process_cpu_seconds_total", nil, v)
 	}
-	for _, a := range agents {
-		fmt.Fprintf(w, "agent %s from %s (%s), connected %s ago, %d parked data connections\n",
-			a.name, a.remote, a.software, now.Sub(a.since).Round(time.Second), a.parked)
+	if ents, err := os.ReadDir("/proc/self/fd"); err == nil {
+		e.family("process_open_fds", "gauge", "Number of open file descriptors.")
+		e.sample("process_open_fds", nil, float64(len(ents)))
 	}
-	for _, e := range eps {
-		if !e.until.IsZero() {
-			fmt.Fprintf(w, "endpoint on port %d: reserved for its owner for another %s\n", e.port, e.until.Sub(now).Round(time.Second))
-			continue
+	if n, ok := maxFDs(); ok {
+		e.family("process_max_fds", "gauge", "Maximum number of open file descriptors.")
+		e.sample("process_max_fds", nil, n)
+	}
+	if vsize, rss, ok := procStatm(); ok {
+		e.family("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.")
+		e.sample("process_virtual_memory_bytes", nil, vsize)
+		e.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
+		e.sample("process_resident_memory_bytes", nil, rss)
+	}
+	start, ok := procStartTime()
+	if !ok {
+		start = unixSeconds(processStart)
+	}
+	e.family("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.")
+	e.sample("process_start_time_seconds", nil, start)
+
+	e.family("go_goroutines", "gauge", "Number of goroutines that currently exist.")
+	e.sample("go_goroutines", nil, float64(runtime.NumGoroutine()))
+	e.family("go_threads", "gauge", "Number of OS threads created.")
+	e.sample("go_threads", nil, float64(pprof.Lookup("threadcreate").Count()))
+	e.family("go_info", "gauge", "Information about the Go environment.")
+	e.sample("go_info", []string{"version", runtime.Version()}, 1)
+	// runtime/metrics, unlike runtime.ReadMemStats, does not stop the world.
+	rm := []rtmetrics.Sample{
+		{Name: "/memory/classes/heap/objects:bytes"},
+		{Name: "/memory/classes/total:bytes"},
+		{Name: "/gc/cycles/total:gc-cycles"},
+	}
+	rtmetrics.Read(rm)
+	for i, m := range []struct{ name, kind, help string }{
+		{"go_memstats_heap_alloc_bytes", "gauge", "Number of heap bytes allocated and currently in use."},
+		{"go_memstats_sys_bytes", "gauge", "Number of bytes obtained from system."},
+		{"go_gc_cycles_total", "counter", "Completed GC cycles."},
+	} {
+		if rm[i].Value.Kind() == rtmetrics.KindUint64 {
+			e.family(m.name, m.kind, m.help)
+			e.sample(m.name, nil, float64(rm[i].Value.Uint64()))
 		}
-		fmt.Fprintf(w, "endpoint on port %d: %d connections, %d waiting\n", e.port, e.conns, e.waiting)
-		for _, m := range e.members {
-			fmt.Fprintf(w, "  member: agent %s tunnel %d, %d clients\n", m.name, m.id, m.clients)
+	}
+}
+
+// procStatm reads the process's virtual and resident memory from
+// /proc/self/statm (Linux).
+func procStatm() (vsize, rss float64, ok bool) {
+	b, err := os.ReadFile("/proc/self/statm")
+	if err != nil {
+		return 0, 0, false
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 2 {
+		return 0, 0, false
+	}
+	pages, err1 := strconv.ParseUint(f[0], 10, 64)
+	resident, err2 := strconv.ParseUint(f[1], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, 0, false
+	}
+	page := float64(os.Getpagesize())
+	return float64(pages) * page, float64(resident) * page, true
+}
+
+// procStartTime reads when the process started (Linux): its start in
+// clock ticks after boot (/proc/self/stat), plus the boot time
+// (/proc/stat). The ticks are USER_HZ, 100 on every Linux the Prometheus
+// client knows of, which assumes the same.
+func procStartTime() (float64, bool) {
+	stat, err := os.ReadFile("/proc/self/stat")
+	if err != nil {
+		return 0, false
+	}
+	// The command name, in parentheses, may hold spaces: fields count
+	// from its end. starttime is field 22; after ")" come fields 3 on.
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0, false
+	}
+	f := strings.Fields(string(stat[i+1:]))
+	if len(f) < 20 {
+		return 0, false
+	}
+	ticks, err := strconv.ParseUint(f[19], 10, 64)
+	if err != nil {
+		return 0, false
+	}
+	all, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, false
+	}
+	for line := range strings.Lines(string(all)) {
+		if v, ok := strings.CutPrefix(line, "btime "); ok {
+			boot, err := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+			if err != nil {
+				return 0, false
+			}
+			const userHZ = 100
+			return float64(boot) + float64(ticks)/userHZ, true
 		}
 	}
-	return nil
+	return 0, false
+}
+
+func unixSeconds(t time.Time) float64 { return float64(t.UnixNano()) / 1e9 }
+
+// expo writes the text exposition format. Each family is written whole:
+// its HELP and TYPE, then its samples.
+type expo struct{ b bytes.Buffer }
+
+var helpEscaper = strings.NewReplacer(`\`, `\\`, "\n", `\n`)
+
+func (e *expo) family(name, kind, help string) {
+	e.b.WriteString("# HELP " + name + " " + helpEscaper.Replace(help) + "\n# TYPE " + name + " " + kind + "\n")
+}
+
+var labelEscaper = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
+
+// sample writes one sample; labels are name, value pairs.
+func (e *expo) sample(name string, labels []string, v float64) {
+	e.b.WriteString(name)
+	for i := 0; i+1 < len(labels); i += 2 {
+		if i == 0 {
+			e.b.WriteByte('{')
+		} else {
+			e.b.WriteByte(',')
+		}
+		e.b.WriteString(labels[i] + `="` + labelEscaper.Replace(labels[i+1]) + `"`)
+	}
+	if len(labels) > 0 {
+		e.b.WriteByte('}')
+	}
+	e.b.WriteByte(' ')
+	// Whole numbers as integers (a byte count reads 10000, not 1e+04).
+	if v == math.Trunc(v) && math.Abs(v) < 1<<53 {
+		e.b.WriteString(strconv.FormatInt(int64(v), 10))
+	} else {
+		e.b.WriteString(strconv.FormatFloat(v, 'g', -1, 64))
+	}
+	e.b.WriteByte('\n')
 }

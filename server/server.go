@@ -78,6 +78,7 @@ type Server struct {
 	pending   map[[proto.TokenLen]byte]*pending
 	poolKeys  map[[proto.TokenLen]byte]*session // sessions that accept pre-opened data connections
 	links     map[*copier.Link]*linkInfo        // relayed connections being copied
+	bytesDone byteCount                         // bytes of the links that ended (with links: see linkDone)
 	wake      chan struct{}                     // closed when links or pending shrink, for waitUntil
 
 	ports         *portAllocator
@@ -96,6 +97,8 @@ type Server struct {
 	stateMu     sync.Mutex  // serialises writes of the state file
 	saveTimer   *time.Timer // a write of the state file is due (under mu)
 	stateFrozen bool        // the relay is stopping: the state file keeps what it had (under mu)
+
+	started time.Time // when New returned it, for the status views
 
 	wg sync.WaitGroup // every goroutine the server starts
 }
@@ -130,6 +133,7 @@ func New(cfg Config) (*Server, error) {
 		poolKeys:  make(map[[proto.TokenLen]byte]*session),
 		ports:     newPortAllocator(cfg.PortMin, cfg.PortMax),
 		budget:    newBudget(fds),
+		started:   time.Now(),
 	}
 	s.quiet = &quietLog{log: log, wg: &s.wg}
 	if cfg.MaxConnsPerTunnel == 0 {

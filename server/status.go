@@ -1,0 +1,448 @@
+package server
+
+import (
+	"bytes"
+	"fmt"
+	"html/template"
+	"io"
+	"math"
+	"sort"
+	"strconv"
+	"time"
+)
+
+// The status views: WriteStatus (plain text) and WriteStatusHTML (the
+// operator's page in a browser). Both render one status, copied under s.mu
+// by takeStatus and sorted, bounded and rendered outside it, so the two
+// never disagree and a slow reader never holds the relay's lock. The
+// metrics' per-endpoint series come from it too.
+
+// statusRows bounds each list a view shows: agents, endpoints, reserved
+// ports, and each endpoint's relayed and waiting clients. Past it a view
+// shows the first ones (the oldest, or the lowest ports) and how many more
+// there are.
+const statusRows = 200
+
+// status is a snapshot of the relay for its status views.
+type status struct {
+	Time    time.Time // when it was taken
+	Started time.Time // when the relay started
+	Version string
+	Mode    string   // who may register: open, shared secret, agents file
+	TLS     bool     // the control listeners speak TLS
+	Control []string // control listeners' addresses
+	Ports   string   // the public port range
+	Limits  []statusLimit
+
+	Bytes     byteCount // relayed by every link, finished and live
+	Clients   int       // outside clients, waiting or relayed
+	Waiting   int       // of which waiting for their agent
+	Relayed   int       // links
+	Endpoints int       // endpoints, open and reserved
+
+	Agents   []agentStatus
+	Open     []*endpointStatus // endpoints with a listener, by port
+	Reserved []*endpointStatus // endpoints kept for an owner that left, by port
+	// The lists' lengths before bound, and the rows it left out.
+	NAgents, NOpen, NReserved          int
+	MoreAgents, MoreOpen, MoreReserved int
+}
+
+type statusLimit struct{ Name, Value string }
+
+type agentStatus struct {
+	Name, Remote, Software string
+	Since                  time.Time
+	Tunnels, Parked        int
+}
+
+type endpointStatus struct {
+	Port  int
+	Pool  string    // the pool it serves, if any
+	Until time.Time // reserved until; zero: open
+
+	Members        []memberStatus
+	Conns, Pending int             // outside clients, waiting or relayed; waiting
+	Clients        []clientStatus  // relayed, oldest first
+	Waiting        []waitingStatus // waiting for their agent, oldest first
+	MoreClients    int             // relayed clients left out of Clients
+	MoreWaiting    int             // waiting clients left out of Waiting
+	Bytes          byteCount       // relayed by its links, finished and live
+}
+
+type memberStatus struct {
+	Agent   string
+	Tunnel  uint32
+	Ready   bool
+	Clients int
+}
+
+type clientStatus struct {
+	Remote, Agent string
+	Tunnel        uint32
+	Since         time.Time // when it was joined to its agent's data connection
+	Bytes         byteCount // so far
+}
+
+type waitingStatus struct {
+	Remote, Agent string
+	Tunnel        uint32
+	Since         time.Time // when the relay accepted it
+}
+
+// byteCount is bytes relayed each way.
+type byteCount struct {
+	ToAgents, FromAgents int64
+}
+
+func (b *byteCount) add(toAgents, fromAgents int64) {
+	b.ToAgents += toAgents
+	b.FromAgents += fromAgents
+}
+
+// takeStatus copies the relay's state under s.mu. The byte counts are read
+// in the same critical section as the finished totals (see linkDone), so
+// they never count a link twice or miss one. With clients false it leaves
+// out the lists of clients (the metrics need only counts and bytes). The
+// lists are neither sorted nor bounded: see bound.
+func (s *Server) takeStatus(clients bool) *status {
+	st := &status{Started: s.started, Version: s.cfg.Version, TLS: s.cfg.ControlTLS,
+		Ports: portRange(s.cfg.PortMin, s.cfg.PortMax), Limits: s.limits()}
+	if st.Version == "" {
+		st.Version = "unknown"
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st.Time = time.Now()
+	st.Mode = s.modeLocked()
+	for ln := range s.listeners {
+		st.Control = append(st.Control, ln.Addr().String())
+	}
+	st.Bytes = s.bytesDone
+	st.Clients, st.Waiting, st.Relayed, st.Endpoints = s.clientsTotal, len(s.pending), len(s.links), len(s.endpoints)
+	st.Agents = make([]agentStatus, 0, len(s.sessions))
+	for ss := range s.sessions {
+		st.Agents = append(st.Agents, agentStatus{Name: ss.name(), Remote: ss.remote, Software: ss.software,
+			Since: ss.since, Tunnels: len(ss.members), Parked: len(ss.pool)})
+	}
+	byEP := make(map[*endpoint]*endpointStatus, len(s.endpoints))
+	for _, ep := range s.endpoints {
+		e := &endpointStatus{Port: ep.port, Pool: ep.pool, Conns: ep.conns, Pending: ep.pending, Bytes: ep.bytesDone}
+		if ep.ln == nil {
+			e.Until = ep.until
+			st.Reserved = append(st.Reserved, e)
+		} else {
+			st.Open = append(st.Open, e)
+		}
+		for _, m := range ep.members {
+			e.Members = append(e.Members, memberStatus{Agent: m.sess.name(), Tunnel: m.id, Ready: m.ready, Clients: m.clients})
+		}
+		byEP[ep] = e
+	}
+	for l, info := range s.links {
+		toAgent, fromAgent := l.Progress() // a is the client, b the data connection
+		st.Bytes.add(toAgent, fromAgent)
+		e := byEP[info.member.ep]
+		if e == nil {
+			continue // its endpoint was released; the link drains
+		}
+		e.Bytes.add(toAgent, fromAgent)
+		if clients {
+			e.Clients = append(e.Clients, clientStatus{Remote: info.client.RemoteAddr().String(),
+				Agent: info.member.sess.name(), Tunnel: info.member.id, Since: info.since,
+				Bytes: byteCount{toAgent, fromAgent}})
+		}
+	}
+	if clients {
+		for _, p := range s.pending {
+			if e := byEP[p.member.ep]; e != nil {
+				e.Waiting = append(e.Waiting, waitingStatus{Remote: p.client.RemoteAddr().String(),
+					Agent: p.member.sess.name(), Tunnel: p.member.id, Since: p.since})
+			}
+		}
+	}
+	return st
+}
+
+// bound sorts the lists (agents and clients oldest first, endpoints by
+// port) and cuts each to statusRows, counting what it left out.
+func (st *status) bound() {
+	st.NAgents, st.NOpen, st.NReserved = len(st.Agents), len(st.Open), len(st.Reserved)
+	sort.Slice(st.Agents, func(i, j int) bool { return st.Agents[i].Since.Before(st.Agents[j].Since) })
+	for _, eps := range []*[]*endpointStatus{&st.Open, &st.Reserved} {
+		sort.Slice(*eps, func(i, j int) bool { return (*eps)[i].Port < (*eps)[j].Port })
+	}
+	if n := len(st.Agents); n > statusRows {
+		st.Agents, st.MoreAgents = st.Agents[:statusRows], n-statusRows
+	}
+	if n := len(st.Open); n > statusRows {
+		st.Open, st.MoreOpen = st.Open[:statusRows], n-statusRows
+	}
+	if n := len(st.Reserved); n > statusRows {
+		st.Reserved, st.MoreReserved = st.Reserved[:statusRows], n-statusRows
+	}
+	for _, e := range append(st.Open, st.Reserved...) {
+		sort.Slice(e.Clients, func(i, j int) bool { return e.Clients[i].Since.Before(e.Clients[j].Since) })
+		sort.Slice(e.Waiting, func(i, j int) bool { return e.Waiting[i].Since.Before(e.Waiting[j].Since) })
+		if n := len(e.Clients); n > statusRows {
+			e.Clients, e.MoreClients = e.Clients[:statusRows], n-statusRows
+		}
+		if n := len(e.Waiting); n > statusRows {
+			e.Waiting, e.MoreWaiting = e.Waiting[:statusRows], n-statusRows
+		}
+	}
+}
+
+// modeLocked says who may register. s.mu must be held (SetAgents changes
+// the agents).
+func (s *Server) modeLocked() string {
+	switch {
+	case s.cfg.Agents != nil && s.cfg.Secret != "":
+		return fmt.Sprintf("identities from an agents file (%d keys), and the shared secret", len(s.cfg.Agents))
+	case s.cfg.Agents != nil:
+		return fmt.Sprintf("identities from an agents file (%d keys)", len(s.cfg.Agents))
+	case s.cfg.Secret != "":
+		return "shared secret"
+	}
+	return "open: any agent may register"
+}
+
+func portRange(lo, hi int) string {
+	if lo == 0 && hi == 0 {
+		return "any: chosen by the operating system"
+	}
+	return strconv.Itoa(lo) + "-" + strconv.Itoa(hi)
+}
+
+// limits lists the settings the relay runs with, as an operator reads
+// them.
+func (s *Server) limits() []statusLimit {
+	set, b := s.set, s.budget
+	count := func(n int, unlimited string) string {
+		if n == math.MaxInt {
+			return unlimited
+		}
+		return strconv.Itoa(n)
+	}
+	timeout := func(d time.Duration, zero string) string {
+		if d <= 0 {
+			return zero
+		}
+		return d.String()
+	}
+	size := func(n int64, zero string) string {
+		if n <= 0 {
+			return zero
+		}
+		return humanBytes(n)
+	}
+	return []statusLimit{
+		{"budget: file descriptors", strconv.Itoa(b.fds)},
+		{"budget: connections in handshake", fmt.Sprintf("%d (%d per source address)", b.handshakes, b.perSource)},
+		{"budget: agents' connections", strconv.Itoa(b.agents)},
+		{"budget: outside clients", strconv.Itoa(b.clients)},
+		{"tunnels per agent", count(set.maxTunnels, "unlimited")},
+		{"clients per tunnel", count(set.maxConns, "a fair share of the budget")},
+		{"clients per source address, per tunnel", count(set.maxPerSource, "unlimited")},
+		{"waiting clients per tunnel", count(set.maxPending, "unlimited")},
+		{"pre-opened data connections per agent", count(set.maxPool, "unlimited")},
+		{"link buffer", size(int64(set.linkBuffer), "the kernel's autotuning")},
+		{"stalled memory limit", size(set.maxStalledMemory, "none")},
+		{"handshake timeout", set.handshakeTimeout.String()},
+		{"pickup timeout", set.pickupTimeout.String()},
+		{"control write timeout", set.writeTimeout.String()},
+		{"heartbeat", timeout(set.heartbeat, "off")},
+		{"port grace", timeout(set.portGrace, "none: released at once")},
+		{"stall timeout", timeout(set.stallTimeout, "none")},
+		{"idle timeout", timeout(set.idleTimeout, "none")},
+		{"control frame size", humanBytes(int64(set.maxFrameSize))},
+	}
+}
+
+// humanBytes is n in B, KiB, MiB or GiB.
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return strconv.FormatInt(n, 10) + " B"
+	}
+	v, suffix := float64(n)/unit, "KiB"
+	for _, s := range []string{"MiB", "GiB", "TiB"} {
+		if v < unit {
+			break
+		}
+		v, suffix = v/unit, s
+	}
+	return strconv.FormatFloat(v, 'f', 1, 64) + " " + suffix
+}
+
+// age is how long ago t was at now, to the second.
+func age(now, t time.Time) string {
+	return now.Sub(t).Round(time.Second).String()
+}
+
+// WriteStatus writes a plain-text view of the relay, its agents, and its
+// endpoints with their members and clients. It says what the status page
+// says (WriteStatusHTML): both render the same snapshot.
+func (s *Server) WriteStatus(w io.Writer) error {
+	st := s.takeStatus(true)
+	st.bound()
+	now := st.Time
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "%d agents, %d endpoints\n", st.NAgents, st.Endpoints)
+	tls := "plain TCP"
+	if st.TLS {
+		tls = "TLS"
+	}
+	fmt.Fprintf(&b, "relay %s, up %s; agents: %s; control %v over %s; public ports %s\n",
+		st.Version, age(now, st.Started), st.Mode, st.Control, tls, st.Ports)
+	fmt.Fprintf(&b, "bytes relayed: %d to agents, %d from agents\n", st.Bytes.ToAgents, st.Bytes.FromAgents)
+	for _, a := range st.Agents {
+		fmt.Fprintf(&b, "agent %s from %s (%s), connected %s ago, %d parked data connections\n",
+			a.Name, a.Remote, a.Software, age(now, a.Since), a.Parked)
+	}
+	if n := st.MoreAgents; n > 0 {
+		fmt.Fprintf(&b, "... and %d more agents\n", n)
+	}
+	for _, e := range st.Open {
+		fmt.Fprintf(&b, "endpoint on port %d: %d connections, %d waiting\n", e.Port, e.Conns, e.Pending)
+		for _, m := range e.Members {
+			ready := ""
+			if !m.Ready {
+				ready = " (not ready)"
+			}
+			fmt.Fprintf(&b, "  member: agent %s tunnel %d, %d clients%s\n", m.Agent, m.Tunnel, m.Clients, ready)
+		}
+		writeClients(&b, now, e)
+	}
+	if n := st.MoreOpen; n > 0 {
+		fmt.Fprintf(&b, "... and %d more endpoints\n", n)
+	}
+	for _, e := range st.Reserved {
+		fmt.Fprintf(&b, "endpoint on port %d: reserved for its owner for another %s\n", e.Port, e.Until.Sub(now).Round(time.Second))
+		writeClients(&b, now, e) // links that outlived their member
+	}
+	if n := st.MoreReserved; n > 0 {
+		fmt.Fprintf(&b, "... and %d more reserved ports\n", n)
+	}
+	_, err := w.Write(b.Bytes())
+	return err
+}
+
+func writeClients(b *bytes.Buffer, now time.Time, e *endpointStatus) {
+	for _, c := range e.Clients {
+		fmt.Fprintf(b, "  client %s via agent %s tunnel %d, relayed for %s: %d bytes to the agent, %d from it\n",
+			c.Remote, c.Agent, c.Tunnel, age(now, c.Since), c.Bytes.ToAgents, c.Bytes.FromAgents)
+	}
+	if e.MoreClients > 0 {
+		fmt.Fprintf(b, "  ... and %d more clients\n", e.MoreClients)
+	}
+	for _, c := range e.Waiting {
+		fmt.Fprintf(b, "  waiting: client %s for agent %s tunnel %d, for %s\n", c.Remote, c.Agent, c.Tunnel, age(now, c.Since))
+	}
+	if e.MoreWaiting > 0 {
+		fmt.Fprintf(b, "  ... and %d more waiting\n", e.MoreWaiting)
+	}
+}
+
+// WriteStatusHTML writes the status page: what WriteStatus says, as an
+// HTML page for a browser that reloads itself every 5 seconds. It has no
+// script; every value the agents or clients chose (names, software) is
+// escaped.
+func (s *Server) WriteStatusHTML(w io.Writer) error {
+	st := s.takeStatus(true)
+	st.bound()
+	var b bytes.Buffer
+	if err := statusPage.Execute(&b, st); err != nil {
+		return fmt.Errorf("status page: %w", err)
+	}
+	_, err := w.Write(b.Bytes())
+	return err
+}
+
+var statusPage = template.Must(template.New("status").Funcs(template.FuncMap{
+	"age":   age,
+	"bytes": humanBytes,
+	"left":  func(now, t time.Time) string { return t.Sub(now).Round(time.Second).String() },
+	"when":  func(t time.Time) string { return t.UTC().Format("2006-01-02 15:04:05 UTC") },
+}).Parse(statusHTML))
+
+const statusHTML = `<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="refresh" content="5">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>tcprelay {{.Version}}: {{.NAgents}} agents, {{.NOpen}} endpoints</title>
+<style>
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; background: #fff; }
+h1 { font-size: 1.4em; margin: 0 0 .2em; }
+h2 { font-size: 1.15em; margin: 1.4em 0 .4em; border-bottom: 1px solid #ccc; }
+h3 { font-size: 1em; margin: 1em 0 .3em; }
+table { border-collapse: collapse; margin: .3em 0 .8em; }
+th, td { padding: .2em .7em; border: 1px solid #ddd; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; font-weight: 600; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+.muted { color: #777; }
+.ok { color: #17702a; }
+.warn { color: #a34a00; }
+code { font-family: ui-monospace, monospace; }
+.more { font-style: italic; color: #555; }
+</style>
+</head>
+<body>
+<h1>tcprelay relay</h1>
+<p class="muted">Version {{.Version}}, up {{age .Time .Started}} (since {{when .Started}}). This page shows the relay at {{when .Time}} and reloads every 5 seconds.</p>
+
+<h2>Relay</h2>
+<table>
+<tr><th>agents admitted</th><td>{{.Mode}}</td></tr>
+<tr><th>control address</th><td>{{range $i, $a := .Control}}{{if $i}}, {{end}}<code>{{$a}}</code>{{else}}<span class="muted">not listening</span>{{end}} {{if .TLS}}<span class="ok">TLS</span>{{else}}<span class="warn">plain TCP</span>{{end}}</td></tr>
+<tr><th>public ports</th><td>{{.Ports}}</td></tr>
+<tr><th>outside clients</th><td>{{.Clients}} ({{.Relayed}} relayed, {{.Waiting}} waiting)</td></tr>
+<tr><th>bytes relayed</th><td>to agents <data value="{{.Bytes.ToAgents}}">{{bytes .Bytes.ToAgents}}</data>, from agents <data value="{{.Bytes.FromAgents}}">{{bytes .Bytes.FromAgents}}</data></td></tr>
+</table>
+<h3>Limits</h3>
+<table>
+{{range .Limits}}<tr><th>{{.Name}}</th><td>{{.Value}}</td></tr>
+{{end}}</table>
+
+<h2>Agents ({{.NAgents}})</h2>
+{{if .Agents}}<table>
+<tr><th>agent</th><th>remote address</th><th>software</th><th>connected since</th><th class="num">tunnels</th><th class="num">parked data connections</th></tr>
+{{range .Agents}}<tr><td>{{.Name}}</td><td><code>{{.Remote}}</code></td><td>{{.Software}}</td><td>{{when .Since}} <span class="muted">({{age $.Time .Since}} ago)</span></td><td class="num">{{.Tunnels}}</td><td class="num">{{.Parked}}</td></tr>
+{{end}}</table>
+{{with .MoreAgents}}<p class="more">and {{.}} more agents</p>{{end}}
+{{else}}<p class="muted">No agent is connected.</p>{{end}}
+
+<h2>Endpoints ({{.NOpen}})</h2>
+{{range .Open}}<section class="endpoint" id="port-{{.Port}}">
+<h3>Port {{.Port}}{{with .Pool}} <span class="muted">pool {{.}}</span>{{end}}: {{.Conns}} clients, {{.Pending}} waiting; to agents <data value="{{.Bytes.ToAgents}}">{{bytes .Bytes.ToAgents}}</data>, from agents <data value="{{.Bytes.FromAgents}}">{{bytes .Bytes.FromAgents}}</data></h3>
+<table>
+<tr><th>member: agent</th><th class="num">tunnel</th><th>state</th><th class="num">clients</th></tr>
+{{range .Members}}<tr><td>{{.Agent}}</td><td class="num">{{.Tunnel}}</td><td>{{if .Ready}}<span class="ok">ready</span>{{else}}<span class="warn">not ready</span>{{end}}</td><td class="num">{{.Clients}}</td></tr>
+{{end}}</table>
+{{if .Clients}}<table class="clients">
+<tr><th>client</th><th>served by</th><th>relayed since</th><th class="num">bytes to agent</th><th class="num">bytes from agent</th></tr>
+{{range .Clients}}<tr><td><code>{{.Remote}}</code></td><td>{{.Agent}} tunnel {{.Tunnel}}</td><td>{{when .Since}} <span class="muted">({{age $.Time .Since}})</span></td><td class="num"><data value="{{.Bytes.ToAgents}}">{{bytes .Bytes.ToAgents}}</data></td><td class="num"><data value="{{.Bytes.FromAgents}}">{{bytes .Bytes.FromAgents}}</data></td></tr>
+{{end}}</table>
+{{with .MoreClients}}<p class="more">and {{.}} more clients</p>{{end}}
+{{else}}<p class="muted">No client is relayed.</p>{{end}}
+{{if .Waiting}}<table class="waiting">
+<tr><th>waiting client</th><th>for</th><th>waiting since</th></tr>
+{{range .Waiting}}<tr><td><code>{{.Remote}}</code></td><td>{{.Agent}} tunnel {{.Tunnel}}</td><td>{{when .Since}} <span class="muted">({{age $.Time .Since}})</span></td></tr>
+{{end}}</table>
+{{with .MoreWaiting}}<p class="more">and {{.}} more waiting</p>{{end}}
+{{end}}</section>
+{{else}}<p class="muted">No endpoint is open.</p>
+{{end}}{{with .MoreOpen}}<p class="more">and {{.}} more endpoints</p>{{end}}
+
+<h2>Reserved ports ({{.NReserved}})</h2>
+{{if .Reserved}}<table>
+<tr><th class="num">port</th><th>pool</th><th>reserved until</th><th class="num">clients still relayed</th></tr>
+{{range .Reserved}}<tr><td class="num">{{.Port}}</td><td>{{.Pool}}</td><td>{{when .Until}} <span class="muted">(another {{left $.Time .Until}})</span></td><td class="num">{{.Conns}}</td></tr>
+{{end}}</table>
+{{with .MoreReserved}}<p class="more">and {{.}} more reserved ports</p>{{end}}
+{{else}}<p class="muted">No port is reserved.</p>{{end}}
+</body>
+</html>
+`
