@@ -49,7 +49,7 @@ func main() {
 	c.Size(&cfg.MaxStalledMemory, "max-stalled-memory", 0, "kernel `memory` the stalled relayed connections (a reader that took nothing for 2s) may hold; past it those stalled longest are closed (0: half the kernel's TCP pressure level, tcp_mem; off: no bound)")
 	c.DurationOff(&cfg.StallTimeout, "stall-timeout", 0, "close a relayed connection whose reader has taken nothing for this `duration` while bytes wait for it (0 or off: never)")
 	c.DurationOff(&cfg.IdleTimeout, "idle-timeout", 0, "close a relayed connection on which nothing has moved, either way, for this `duration` (0 or off: never)")
-	metricsAddr := fs.String("metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics and a status view at /status, e.g. 127.0.0.1:9090 (default: off)")
+	metricsAddr := fs.String("metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics, a status page at / and a text status view at /status, e.g. 127.0.0.1:9090 (default: off)")
 	agentsFile := fs.String("agents", "", "`file` of the agents admitted by key, one per line: NAME KEY [ports=LO-HI,...] [tunnels=N] [sessions=N] [parked=N] [pools=NAME,...|*]; SIGHUP re-reads it (default: none; admit by -secret, or any agent)")
 	stateDir := fs.String("state-dir", "", "`directory` for the port reservations file, so that they survive a restart; off: keep them in memory (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/tcprelay, else ~/.local/state/tcprelay)")
 	c.DurationOff(&cfg.PortGrace, "port-grace", cfg.PortGrace, "how long a public port stays reserved for its owner after its agent left without releasing it, a `duration` or off")
@@ -176,6 +176,7 @@ func main() {
 	if tlsCfg != nil {
 		ln = tls.NewListener(ln, tlsCfg)
 	}
+	cfg.Version, cfg.ControlTLS = cli.Version, tlsCfg != nil // for the status views
 	srv, err := server.New(cfg)
 	if err != nil {
 		ln.Close()
@@ -191,7 +192,7 @@ func main() {
 		go hs.Serve(mln)
 		defer hs.Close()
 		log.Info("serving metrics and status", "metrics", "http://"+mln.Addr().String()+"/metrics",
-			"status", "http://"+mln.Addr().String()+"/status")
+			"status", "http://"+mln.Addr().String()+"/")
 	}
 	log.Info("relay listening", "addr", ln.Addr().String(), "public_ports", strconv.Itoa(cfg.PortMin)+"-"+strconv.Itoa(cfg.PortMax),
 		"state_file", cfg.StateFile, "version", cli.Version)
@@ -225,6 +226,13 @@ func opsHandler(srv *server.Server) http.Handler {
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		srv.WriteStatus(w)
+	})
+	// The status page for a browser, at / exactly: any other path is a 404.
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		w.Header().Set("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'")
+		w.Header().Set("Cache-Control", "no-store")
+		srv.WriteStatusHTML(w)
 	})
 	return mux
 }
