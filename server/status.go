@@ -401,10 +401,6 @@ code { font-family: ui-monospace, monospace; }
 <tr><th>outside clients</th><td>{{.Clients}} ({{.Relayed}} relayed, {{.Waiting}} waiting)</td></tr>
 <tr><th>bytes relayed</th><td>to agents <data value="{{.Bytes.ToAgents}}">{{bytes .Bytes.ToAgents}}</data>, from agents <data value="{{.Bytes.FromAgents}}">{{bytes .Bytes.FromAgents}}</data></td></tr>
 </table>
-<h3>Limits</h3>
-<table>
-{{range .Limits}}<tr><th>{{.Name}}</th><td>{{.Value}}</td></tr>
-{{end}}</table>
 
 <h2>Agents ({{.NAgents}})</h2>
 {{if .Agents}}<table>
@@ -443,6 +439,11 @@ code { font-family: ui-monospace, monospace; }
 {{end}}</table>
 {{with .MoreReserved}}<p class="more">and {{.}} more reserved ports</p>{{end}}
 {{else}}<p class="muted">No port is reserved.</p>{{end}}
+
+<h2>Limits and timeouts</h2>
+<table>
+{{range .Limits}}<tr><th>{{.Name}}</th><td>{{.Value}}</td></tr>
+{{end}}</table>
 </body>
 </html>
 `
