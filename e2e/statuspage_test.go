@@ -72,6 +72,16 @@ func TestStatusPageInBrowser(t *testing.T) {
 		t.Fatalf("GET %s does not list the client %s:\n%s", url, client, page)
 	}
 
+	// The page is at / exactly.
+	if resp, err := http.Get(url + "index.html"); err != nil {
+		t.Error(err)
+	} else {
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusNotFound {
+			t.Errorf("GET %sindex.html: %s, want 404 Not Found", url, resp.Status)
+		}
+	}
+
 	dom := runChromium(t, chromium, "--dump-dom", url)
 	for _, want := range []string{
 		"Port " + strconv.Itoa(pub) + ":",
