@@ -9,21 +9,32 @@
 //     every connection to the control port, which says what it is;
 //   - session.go: a session is one agent's authenticated control
 //     connection and the requests it makes;
+//   - identity.go: who an agent is (its key and scope from the agents
+//     file, or the shared secret's one tenant) and what it may hold;
 //   - endpoint.go: an endpoint is what outside clients connect to (a public
 //     port: its listener, admission limits and client count); a member is
-//     one session's registration serving an endpoint. Today every endpoint
-//     has exactly one member;
+//     one session's registration serving an endpoint, and a pool is an
+//     endpoint with several;
 //   - client.go: one outside client's journey, from accept to link;
-//   - ports.go: which public ports may be handed out.
+//   - budget.go: the file descriptors shared out between handshakes,
+//     agents and outside clients, and the throttle on failed
+//     authentications;
+//   - watch.go: the kernel memory of stalled links, and their timeouts;
+//   - ports.go and state.go: which public ports may be handed out, and
+//     the reservations kept for their owners across restarts;
+//   - metrics.go, status.go, logs.go: what the operator sees.
 //
 // One outside client's journey, every step in client.go:
 //
 //	public port ─accept─▶ serveClient
-//	                        │ admit: endpoint limits, pick a member
+//	                        │ admit: endpoint limits, the budget's fair
+//	                        │ share, pick a ready member
 //	                        ├─▶ bindPooled: a pre-opened data connection of
 //	                        │   the member's session gets a Bind frame ─────┐
 //	                        └─▶ announce: Incoming on the control           │
-//	                            connection; the client waits (pickup timer) │
+//	                            connection; the client waits (pickup timer; │
+//	                            redispatch to another member if its own     │
+//	                            leaves)                                     │
 //	control port ─Attach─▶ attach: the token finds the waiting client ──────┤
 //	                                                                        ▼
 //	                        link: copier.Link copies both ways until both end

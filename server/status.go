@@ -412,7 +412,7 @@ code { font-family: ui-monospace, monospace; }
 
 <h2>Endpoints ({{.NOpen}})</h2>
 {{range .Open}}<section class="endpoint" id="port-{{.Port}}">
-<h3>Port {{.Port}}{{with .Pool}} <span class="muted">pool {{.}}</span>{{end}}: {{.Conns}} clients, {{.Pending}} waiting; to agents <data value="{{.Bytes.ToAgents}}">{{bytes .Bytes.ToAgents}}</data>, from agents <data value="{{.Bytes.FromAgents}}">{{bytes .Bytes.FromAgents}}</data></h3>
+<h3>Port {{.Port}}{{with .Pool}} <span class="muted">pool {{.}}</span>{{end}}: clients {{.Conns}}, waiting {{.Pending}}; to agents <data value="{{.Bytes.ToAgents}}">{{bytes .Bytes.ToAgents}}</data>, from agents <data value="{{.Bytes.FromAgents}}">{{bytes .Bytes.FromAgents}}</data></h3>
 <table>
 <tr><th>member: agent</th><th class="num">tunnel</th><th>state</th><th class="num">clients</th></tr>
 {{range .Members}}<tr><td>{{.Agent}}</td><td class="num">{{.Tunnel}}</td><td>{{if .Ready}}<span class="ok">ready</span>{{else}}<span class="warn">not ready</span>{{end}}</td><td class="num">{{.Clients}}</td></tr>
