@@ -313,6 +313,10 @@ func Append(dst []byte, m Message) []byte {
 // messages without breaking older ones.
 var ErrUnknownType = errors.New("unknown frame type")
 
+// ErrBadValue is returned by Parse for a field whose value is not one the
+// protocol allows (a Ready byte other than 0 or 1).
+var ErrBadValue = errors.New("field value not allowed")
+
 // Parse decodes the payload of a frame of type t. The result does not alias
 // payload. Bytes after the last field this version knows are ignored: a
 // newer peer appends fields to a message, and an older one reads what it
@@ -405,7 +409,10 @@ func Parse(t Type, payload []byte) (Message, error) {
 	case TypeReady:
 		v := &Ready{Tunnel: d.u32()}
 		if b := d.take(1); b != nil {
-			v.Ready = b[0] != 0
+			if b[0] > 1 {
+				d.err = fmt.Errorf("%w: want 0 or 1, got %d", ErrBadValue, b[0])
+			}
+			v.Ready = b[0] == 1
 		}
 		m = v
 	default:

@@ -993,7 +993,7 @@ func FuzzParse(f *testing.F) {
 			if m != nil {
 				t.Fatalf("Parse(0x%02x, %x) returned %#v with error %v", typ, payload, m, err)
 			}
-			if !errors.Is(err, ErrShortPayload) && !errors.Is(err, ErrUnknownType) {
+			if !errors.Is(err, ErrShortPayload) && !errors.Is(err, ErrUnknownType) && !errors.Is(err, ErrBadValue) {
 				t.Fatalf("Parse(0x%02x, %x): unexpected error %v", typ, payload, err)
 			}
 			if errors.Is(err, ErrUnknownType) == isKnownType(Type(typ)) {
