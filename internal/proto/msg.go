@@ -214,7 +214,7 @@ func (m *Challenge) AppendPayload(b []byte) []byte {
 }
 func (m *Auth) AppendPayload(b []byte) []byte {
 	b = append(b, m.MAC[:]...)
-	if m.Key != ([KeyLen]byte{}) {
+	if m.Key != ([KeyLen]byte{}) || m.Sig != ([SigLen]byte{}) {
 		b = append(append(b, m.Key[:]...), m.Sig[:]...)
 	}
 	return b
