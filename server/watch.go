@@ -28,7 +28,7 @@ import (
 const (
 	watchEvery   = time.Second
 	stalledAfter = 2 * time.Second
-	notSentLowat = 128 << 10
+	notSentLowat = 256 << 10
 )
 
 // tune sets a relayed socket's buffers (see above).
