@@ -836,15 +836,26 @@ func TestStalledLinksShedLongestFirst(t *testing.T) {
 		c.Read(make([]byte, 1)) // it flows, then the client stops reading
 		return c
 	}
-	first := stall()
+	// stalled waits until the relay counts n links' worth as stalled
+	// (their reader idle for 2s), so that they stall one after another.
+	var each int64
+	stalled := func(n int64) {
+		check.Eventually(t, 10*time.Second, func() error {
+			m := testutil.Metrics(t, relay.Server)["tcprelay_stalled_memory_bytes"]
+			if each == 0 && m >= 100<<10 {
+				each = m
+			}
+			if each == 0 || m < n*each*3/4 {
+				return fmt.Errorf("stalled memory %d bytes: %d links have not stalled yet", m, n)
+			}
+			return nil
+		})
+	}
 	// Each stalled link holds a few hundred KiB: the limit takes two.
-	check.Eventually(t, 10*time.Second, func() error {
-		if m := testutil.Metrics(t, relay.Server)["tcprelay_stalled_memory_bytes"]; m < 100<<10 {
-			return fmt.Errorf("stalled memory %d bytes: the first link has not stalled yet", m)
-		}
-		return nil
-	})
+	first := stall()
+	stalled(1)
 	second := stall()
+	stalled(2)
 	third := stall()
 	// The first to stall is closed first.
 	check.Eventually(t, 15*time.Second, func() error {
