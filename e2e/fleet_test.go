@@ -391,3 +391,54 @@ backend relays
 		}
 	}
 }
+
+// TestPoolTargetDown: two ./expose agents in a pool, with a health check
+// too slow to matter here (30 s). When one agent's target goes down, the
+// first client sent to it fails, and the agent, on that failed dial,
+// checks at once and tells the relay it is unready: the clients after it
+// go to the other member.
+func TestPoolTargetDown(t *testing.T) {
+	e := newEnv(t)
+	r := e.startRelay(nil)
+	lnA, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.Serve(t, lnA, func(c net.Conn) {
+		c.Write([]byte{'A'})
+		testutil.Echo(c)
+	})
+	_, pub := e.startExpose("127.0.0.1", r.port, lnA.Addr().String(), "-pool", "web", "-health-check", "30s")
+	_, pubB := e.startExpose("127.0.0.1", r.port, taggedEcho(t, 'B'), "-pool", "web", "-health-check", "30s")
+	if pubB != pub {
+		t.Fatalf("pool members on ports %d and %d, want one", pub, pubB)
+	}
+	addr := child.Addr(pub)
+	seen := map[byte]bool{}
+	for i := 0; i < 100 && !(seen['A'] && seen['B']); i++ {
+		a := tryClient(addr)
+		if a.err != nil {
+			t.Fatalf("client %d with both targets up: %v", i, a.err)
+		}
+		seen[a.tag] = true
+	}
+	if !seen['A'] || !seen['B'] {
+		t.Fatalf("100 clients reached only %v: want both members", seen)
+	}
+
+	lnA.Close() // target A goes down; its agent stays
+	failed := 0
+	for i := range 40 {
+		a := tryClient(addr)
+		switch {
+		case a.err != nil:
+			failed++
+		case a.tag != 'B':
+			t.Errorf("client %d served by %c, whose target is down", i, a.tag)
+		}
+	}
+	t.Logf("target A down: %d of 40 clients failed, the rest served by B", failed)
+	if failed > 3 {
+		t.Errorf("%d of 40 clients failed after target A went down: its agent should stop taking clients after its first failed dial", failed)
+	}
+}

@@ -54,6 +54,7 @@ func main() {
 			}
 			return err == nil
 		}
+		fw.OnDialError = agent.Recheck
 	}
 	agent.Run(relays, log, fw.Start)
 }

@@ -390,9 +390,20 @@ type Agent struct {
 	tls      func() (*tls.Config, error)
 
 	// Health, if set, says whether what the agent serves is up; Run asks
-	// it every HealthEvery and tells the relays (tunnel.Listener.SetReady).
+	// it every HealthEvery, and at once after Recheck, and tells the relays
+	// (tunnel.Listener.SetReady).
 	Health      func() bool
 	HealthEvery time.Duration
+	recheck     chan struct{}
+}
+
+// Recheck asks Health again now rather than at the next interval: the
+// agent just failed to reach what it serves. It does not block.
+func (a *Agent) Recheck() {
+	select {
+	case a.recheck <- struct{}{}:
+	default:
+	}
 }
 
 // Agent registers the agent flags; call it before Parse.
@@ -406,6 +417,7 @@ func (c *Common) Agent() *Agent {
 		drain:    c.FS.Duration("drain-timeout", 5*time.Second, "on SIGINT/SIGTERM, how long open connections may finish"),
 		failFast: c.FS.Bool("fail-fast", false, "exit at once if no relay can be reached at start, instead of retrying with backoff"),
 		tls:      c.AgentTLS(),
+		recheck:  make(chan struct{}, 1),
 	}
 }
 
@@ -434,6 +446,7 @@ func (a *Agent) watchHealth(ctx context.Context, ln *tunnel.Listener, ready bool
 		case <-ctx.Done():
 			return
 		case <-tick.C:
+		case <-a.recheck:
 		}
 		if now := a.Health(); now != ready {
 			ready = now

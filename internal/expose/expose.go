@@ -27,6 +27,11 @@ type Forwarder struct {
 
 	// Logger receives one line per failed connection. If nil, slog.Default().
 	Logger *slog.Logger
+
+	// OnDialError, if set, is called when Target could not be reached, so
+	// that the agent can stop taking clients at once instead of at its next
+	// health check. It must not block.
+	OnDialError func()
 }
 
 // Handle forwards one relayed connection to Target and returns when both
@@ -54,6 +59,9 @@ func (f *Forwarder) Start(c net.Conn, done func()) {
 	target, err := net.DialTimeout("tcp", f.Target, timeout)
 	if err != nil {
 		log.Warn("closed client: target unreachable", "client", c.RemoteAddr().String(), "target", f.Target, "err", err)
+		if f.OnDialError != nil {
+			f.OnDialError()
+		}
 		c.Close()
 		done()
 		return
