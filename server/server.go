@@ -294,7 +294,12 @@ func (s *Server) handleConn(c net.Conn, bindIP net.IP, release func()) {
 			s.dropConn(c, "a plain agent at the TLS control port", nil)
 			return
 		}
-		if !errors.Is(err, net.ErrClosed) { // closed by the relay: counted then
+		tc, isTLS := c.(*tls.Conn)
+		switch {
+		case errors.Is(err, net.ErrClosed): // closed by the relay: counted then
+		case isTLS && !tc.ConnectionState().HandshakeComplete:
+			s.dropConn(c, "TLS handshake failed", err) // e.g. the agent does not trust the certificate
+		default:
 			s.dropConn(c, "no preamble", err)
 		}
 		return
