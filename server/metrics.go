@@ -51,8 +51,8 @@ const maxEndpointSeries = 100
 // in the Prometheus text exposition format. Byte counts are live: they
 // include the connections still open.
 func (s *Server) WriteMetrics(w io.Writer) error {
-	st := s.Stats()
 	snap := s.takeStatus(false)
+	st := snap.Stats
 	c := &s.count
 	var e expo
 	for _, m := range []struct {

@@ -545,6 +545,11 @@ type Stats struct {
 func (s *Server) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	return s.statsLocked()
+}
+
+// statsLocked is Stats with s.mu held.
+func (s *Server) statsLocked() Stats {
 	st := Stats{Agents: len(s.sessions), Waiting: len(s.pending), Relayed: len(s.links),
 		Handshaking: s.handshakes.all.Len(), Clients: s.clientsTotal}
 	for _, ep := range s.endpoints {

@@ -35,9 +35,7 @@ type status struct {
 	Limits  []statusLimit
 
 	Bytes     byteCount // relayed by every link, finished and live
-	Clients   int       // outside clients, waiting or relayed
-	Waiting   int       // of which waiting for their agent
-	Relayed   int       // links
+	Stats               // the counts, from the same critical section
 	Endpoints int       // endpoints, open and reserved
 
 	Agents   []agentStatus
@@ -119,7 +117,7 @@ func (s *Server) takeStatus(clients bool) *status {
 		st.Control = append(st.Control, ln.Addr().String())
 	}
 	st.Bytes = s.bytesDone
-	st.Clients, st.Waiting, st.Relayed, st.Endpoints = s.clientsTotal, len(s.pending), len(s.links), len(s.endpoints)
+	st.Stats, st.Endpoints = s.statsLocked(), len(s.endpoints)
 	st.Agents = make([]agentStatus, 0, len(s.sessions))
 	for ss := range s.sessions {
 		st.Agents = append(st.Agents, agentStatus{Name: ss.name(), Remote: ss.remote, Software: ss.software,
