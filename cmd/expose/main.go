@@ -24,7 +24,7 @@ func main() {
 	agent := c.Agent()
 	dialTimeout := c.FS.Duration("dial-timeout", 5e9, "time to connect to TARGET before the outside client is closed")
 	proxyProto := c.FS.String("proxy-protocol", "", "send a PROXY protocol header (v1 or v2) with the client's real address to TARGET (default: none)")
-	c.DurationOff(&agent.HealthEvery, "health-check", 3*time.Second, "how often to check that TARGET accepts connections, a `duration` or off; while it does not, the relays send no new clients to this agent")
+	c.DurationOff(&agent.HealthEvery, "health-check", 3*time.Second, "how often to check that TARGET accepts connections (and at once after a failed dial of it), a `duration` or off; while it does not, the relays send no new clients to this agent")
 	args, log := c.Parse(os.Args[1:], 3)
 	relays, rest := agent.Relays(args, 3)
 	target := rest[0]
