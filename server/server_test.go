@@ -470,6 +470,40 @@ func TestConnLimitPerTunnel(t *testing.T) {
 	echoOK(live[2])
 }
 
+// TestClientLimitPerSource: with MaxClientsPerSource, one address's clients
+// past the bound are closed at once, while another address's are served.
+func TestClientLimitPerSource(t *testing.T) {
+	check.Leaks(t)
+	relay := testutil.StartRelay(t, server.Config{MaxClientsPerSource: 2})
+	pub := echoAgent(t, relay.Addr)
+	dialFrom := func(ip string) *net.TCPConn {
+		d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}}
+		c, err := d.Dial("tcp", pub)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c.(*net.TCPConn)
+	}
+	echoes := func(c *net.TCPConn) bool {
+		c.Write([]byte{1})
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err := io.ReadFull(c, make([]byte, 1))
+		return err == nil
+	}
+	for i := range 2 {
+		if !echoes(dialFrom("127.0.0.1")) {
+			t.Fatalf("client %d from 127.0.0.1, within its bound, not served", i+1)
+		}
+	}
+	extra := dialFrom("127.0.0.1")
+	extra.Write([]byte("x"))
+	expectClosed(t, extra, 5*time.Second)
+	if !echoes(dialFrom("127.0.0.2")) {
+		t.Fatal("a client from another address was not served")
+	}
+}
+
 func TestPendingLimitPerTunnel(t *testing.T) {
 	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{MaxPendingPerTunnel: 2})
