@@ -92,6 +92,7 @@ func TestPreAuthFloodWithLiveLinks(t *testing.T) {
 	for i := range 20 {
 		if err := echoOnce(pub, randomBytes(64<<10), 20*time.Second); err != nil {
 			t.Errorf("new client %d during the flood: %v", i, err)
+			t.Logf("relay log:\n%s", lastLines(r.Stderr.String(), 30))
 		}
 	}
 	wg.Wait()
@@ -256,4 +257,10 @@ func TestStalledClientMemory(t *testing.T) {
 	}
 	t.Logf("per stalled client: %.1f MiB with the default -link-buffer, %.1f MiB with the kernel's autotuning",
 		float64(perLink["default"])/(1<<20), float64(perLink["off"])/(1<<20))
+}
+
+// lastLines is the last n lines of s.
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	return strings.Join(lines[max(len(lines)-n, 0):], "\n")
 }

@@ -9,17 +9,21 @@ import (
 
 // The relay's budget: the file descriptors it may hold, shared out so that
 // no stranger, tenant or flood can take what another needs. Every
-// connection the relay holds is one descriptor; a relayed client is two
-// (its socket and its data connection).
+// connection and listener the relay holds is one descriptor; a relayed
+// client is two (its socket and its data connection).
 //
 //	handshakes: connections to the control port that have not finished
 //	            their handshake (anyone on the internet): a tenth of the
 //	            limit, and a share of that per source address;
-//	agents:     control connections and pre-opened data connections: a
-//	            tenth;
+//	agents:     control connections, pre-opened data connections and
+//	            public listeners: an eighth. Those of the agents that the
+//	            secret admits (keyless, or with a key of their own making)
+//	            are shared by max-min fairness between their source
+//	            addresses, and take at most half of it when an agents file
+//	            is in force: the agents it lists keep the other half;
 //	clients:    outside clients, waiting or relayed, shared by max-min
 //	            fairness between the endpoints;
-//	reserve:    the rest, for listeners, pipes, the state file, metrics.
+//	reserve:    the rest, for pipes, the state file, metrics.
 type budget struct {
 	fds        int // the process's limit
 	handshakes int
@@ -32,37 +36,57 @@ func newBudget(fds int) budget {
 	b := budget{fds: fds}
 	b.handshakes = max(fds/10, 16)
 	b.perSource = max(b.handshakes/32, 8)
-	b.agents = max(fds/10, 16)
-	reserve := 64 + fds/20
+	b.agents = max(fds/8, 16)
+	reserve := 64 + fds/40
 	b.clients = max((fds-b.handshakes-b.agents-reserve)/2, 16)
 	return b
 }
 
-// sourceOf is the address a connection comes from, for per-source limits.
+// sourceOf is the address a connection comes from, for per-source limits:
+// an IPv4 address, or an IPv6 /64, since one host holds a whole /64.
 func sourceOf(c net.Conn) netip.Addr {
-	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
-		ip, _ := netip.AddrFromSlice(a.IP)
-		return ip.Unmap()
+	a, ok := c.RemoteAddr().(*net.TCPAddr)
+	if !ok {
+		return netip.Addr{}
 	}
-	return netip.Addr{}
+	ip, _ := netip.AddrFromSlice(a.IP)
+	if ip = ip.Unmap(); ip.Is6() {
+		p, _ := ip.Prefix(64)
+		return p.Addr()
+	}
+	return ip
 }
 
 // handshakes are the connections to the control port that have not
 // finished their handshake, oldest first, in all and by source address.
-// When a new one would pass a cap, the oldest one (of its source, or in
-// all) is closed to make room, if it has sat there for evictAfter, rather
-// than the new one refused: an agent's connections finish their handshake
-// within a round trip, so the old ones are those that sit silent (a
-// flood). A burst of an agent's data connections, all young, may go past
-// the cap, up to twice it; past that, new ones are refused.
+// When a new one would pass a cap, a silent one (of its source, or in all)
+// is closed to make room, rather than the new one refused: the oldest that
+// has sent nothing at all, else the oldest that has sent nothing for
+// quietFor, if it has lasted evictAfter. A handshake that sent bytes in
+// the last quietFor is never closed to make room: an agent on a long round
+// trip is slow, not silent. A burst of young or talking connections may go
+// past a cap up to twice it. Past that in all, a new one from an address
+// that holds fewer than the average is still let in, in place of a silent
+// one of an address that holds more, however young: a flood fast enough
+// that none of its connections is old yet cannot lock out an agent's few.
+// Otherwise the new one is refused.
 type handshakes struct {
 	all      list.List // of *handshake
 	bySource map[netip.Addr]*list.List
 }
 
-// evictAfter is how long a handshake must have lasted to be closed to make
-// room for a new one.
-const evictAfter = time.Second
+const (
+	// evictAfter is how long a handshake must have lasted to be closed to
+	// make room for a new one.
+	evictAfter = time.Second
+	// quietFor is how long a handshake that sent bytes must have been
+	// quiet since to be closed to make room.
+	quietFor = time.Second
+	// evictScan bounds the handshakes looked at, oldest first, to find one
+	// to close, so that a crowd of talking ones cannot make each accept
+	// slow.
+	evictScan = 64
+)
 
 type handshake struct {
 	c        net.Conn
@@ -88,7 +112,14 @@ func (s *Server) admitHandshake(c net.Conn) (release func(), ok bool) {
 		src = list.New()
 		hs.bySource[h.src] = src
 	}
-	// Make room in the source's share, then in all, if an old one is there.
+	refuse := func() (func(), bool) {
+		if src.Len() == 0 {
+			delete(hs.bySource, h.src)
+		}
+		s.mu.Unlock()
+		return nil, false
+	}
+	// Make room in the source's share, then in all.
 	for _, q := range []struct {
 		l   *list.List
 		cap int
@@ -96,21 +127,25 @@ func (s *Server) admitHandshake(c net.Conn) (release func(), ok bool) {
 		if q.l.Len() < q.cap {
 			continue
 		}
-		if old := q.l.Front().Value.(*handshake); h.at.Sub(old.at) >= evictAfter {
-			evict = append(evict, hs.removeLocked(old))
-		} else if q.l.Len() >= 2*q.cap {
-			if src.Len() == 0 {
-				delete(hs.bySource, h.src)
+		old := silentLocked(q.l, h.at, func(*handshake) bool { return true }, false)
+		switch {
+		case old != nil:
+		case q.l.Len() < 2*q.cap:
+			continue // a burst
+		case q.l == src:
+			return refuse()
+		default:
+			if old = hs.silentOfBiggerLocked(src.Len(), h.at); old == nil {
+				return refuse()
 			}
-			s.mu.Unlock()
-			return nil, false
 		}
+		evict = append(evict, hs.removeLocked(old))
 	}
 	h.inAll, h.inSource = hs.all.PushBack(h), src.PushBack(h)
 	s.mu.Unlock()
 	for _, old := range evict {
 		s.count.dropped.Add(1)
-		s.quiet.Warn("dropped connection on control port: the oldest handshake, to make room", "remote", old.RemoteAddr().String())
+		s.quiet.Warn("dropped connection on control port: a silent handshake, to make room", "remote", old.RemoteAddr().String())
 		old.Close() // its handler's read fails, and it cleans up
 	}
 	return func() {
@@ -120,6 +155,43 @@ func (s *Server) admitHandshake(c net.Conn) (release func(), ok bool) {
 		}
 		s.mu.Unlock()
 	}, true
+}
+
+// silentLocked returns a handshake of l that match accepts and that may be
+// closed to make room at now: among the first evictScan, the oldest that
+// has sent nothing, else the oldest quiet for quietFor; with anyAge, young
+// ones that sent nothing too, else only those that lasted evictAfter. nil
+// if there is none. Where the kernel cannot tell what a socket received,
+// every handshake counts as silent.
+func silentLocked(l *list.List, now time.Time, match func(*handshake) bool, anyAge bool) *handshake {
+	var quiet *handshake
+	n := 0
+	for e := l.Front(); e != nil && n < evictScan; e = e.Next() {
+		h := e.Value.(*handshake)
+		if !match(h) {
+			continue
+		}
+		n++
+		old := now.Sub(h.at) >= evictAfter
+		bytes, idle, ok := received(h.c)
+		switch {
+		case (old || anyAge) && (!ok || bytes == 0):
+			return h
+		case quiet == nil && old && ok && idle >= quietFor:
+			quiet = h
+		}
+	}
+	return quiet
+}
+
+// silentOfBiggerLocked returns a silent handshake of an address that holds
+// more than the average, if an address holding n is below it; else nil.
+func (hs *handshakes) silentOfBiggerLocked(n int, now time.Time) *handshake {
+	sources, total := len(hs.bySource), hs.all.Len()
+	if n*sources >= total {
+		return nil
+	}
+	return silentLocked(&hs.all, now, func(h *handshake) bool { return hs.bySource[h.src].Len()*sources > total }, true)
 }
 
 // removeLocked takes h out of the handshakes and returns its conn.
@@ -134,43 +206,94 @@ func (hs *handshakes) removeLocked(h *handshake) net.Conn {
 	return h.c
 }
 
-// agentFDsLocked counts the descriptors of the agents' budget in use:
-// control connections and parked data connections. s.mu must be held.
-func (s *Server) agentFDsLocked() int {
-	n := len(s.sessions)
-	for ss := range s.sessions {
-		n += len(ss.pool)
+// group is whom a session's descriptors count against in the agents'
+// budget: an agent of the agents file, or, for the agents the secret
+// admits, their source address.
+func (ss *session) group() string {
+	if !ss.secretClass() {
+		return "id:" + ss.id.Name
 	}
-	return n
+	return "src:" + ss.src.String()
+}
+
+// secretClass reports whether the session was admitted by the secret (or
+// by an open relay): without a key, or with a key that no agents file
+// lists.
+func (ss *session) secretClass() bool { return ss.id == nil || !ss.id.named }
+
+// agentRoomLocked reports whether ss may hold one more descriptor of the
+// agents' budget: a control connection, a parked data connection, or a
+// public listener. s.mu must be held.
+func (s *Server) agentRoomLocked(ss *session) bool {
+	group, secret := ss.group(), ss.secretClass()
+	total, class, mine := 0, 0, 0
+	groups := make(map[string]struct{})
+	add := func(g string, sec bool, n int) {
+		total += n
+		if sec && n > 0 {
+			class += n
+			groups[g] = struct{}{}
+		}
+		if g == group {
+			mine += n
+		}
+	}
+	for other := range s.sessions {
+		add(other.group(), other.secretClass(), 1+len(other.pool))
+	}
+	for _, ep := range s.endpoints {
+		if ep.ln != nil {
+			add(ep.group, ep.secret, 1)
+		}
+	}
+	if total+1 > s.budget.agents {
+		return false
+	}
+	if !secret {
+		return true
+	}
+	c := s.budget.agents
+	if s.cfg.Agents != nil {
+		c /= 2
+	}
+	return fairRoom(c, class, len(groups), mine)
 }
 
 // clientRoomLocked reports whether ep may take one more outside client
-// under the clients' budget C. Among the N endpoints that have clients (ep
-// included), each one's fair share is C/(N+1): the one share more is kept
-// for an endpoint that may come. An endpoint below its share is admitted
-// while the share of a next newcomer, C/(N+2), stays free; one above it,
-// while a whole share stays free. So endpoints that flood the budget
-// cannot take it all, and a quiet one, or one that comes later, still gets
-// clients; as flooding clients leave, their places go to the endpoints
-// below their share. Live clients are never closed to make room. s.mu must
-// be held.
+// under the clients' budget, shared by fairRoom between the endpoints.
+// s.mu must be held.
 func (s *Server) clientRoomLocked(ep *endpoint) bool {
-	c, n := s.budget.clients, s.activeEndpoints
-	if ep.conns == 0 {
+	return fairRoom(s.budget.clients, s.clientsTotal, s.activeEndpoints, ep.conns)
+}
+
+// fairRoom reports whether a group that holds mine of a budget c, of which
+// n groups (it included if mine > 0) hold total, may take one more. Each
+// group's fair share is c/(n+1): the one share more is kept for a group
+// that may come. A group below its share is admitted while the share of a
+// next newcomer, c/(n+2), stays free; one above it, while a whole share
+// stays free. So groups that flood the budget cannot take it all, and a
+// quiet one, or one that comes later, still gets its part; as the
+// flooders' places free up, they go to the groups below their share.
+// Nothing is taken back from a group to make room.
+func fairRoom(c, total, n, mine int) bool {
+	if mine == 0 {
 		n++
 	}
 	share, next := c/(n+1), c/(n+2)
-	if ep.conns < share {
-		return s.clientsTotal+1+next <= c
+	if mine < share {
+		return total+1+next <= c
 	}
-	return s.clientsTotal+1+share <= c
+	return total+1+share <= c
 }
 
-// authThrottle slows down guessing: each failed authentication from an
-// address spends a token of its bucket, refilled at authRefill; with none
-// left, the address's connections to the control port are refused at once
-// until one is back. Buckets of addresses that stopped failing are
-// forgotten.
+// authThrottle bounds the secret and key checks an address gets: each
+// check spends a token of its bucket before it runs, and a check that
+// succeeds gives it back. An address has authBurst tokens, refilled at
+// authRefill a second; with none left, its Auth is refused unchecked, and
+// its new connections to the control port at once, until one is back.
+// However an address spreads its guesses over parallel handshakes, it
+// gets at most authBurst plus authRefill a second. Buckets of addresses
+// that stopped failing are forgotten.
 type authThrottle struct {
 	buckets map[netip.Addr]*bucket
 }
@@ -187,7 +310,7 @@ const (
 	authForget = 5 * time.Second // a full bucket is dropped after this
 )
 
-// allowedLocked reports whether src may try to authenticate now.
+// allowedLocked reports whether src has a token for a check now.
 func (t *authThrottle) allowedLocked(src netip.Addr, now time.Time) bool {
 	b := t.buckets[src]
 	return b == nil || b.level(now) >= 1
@@ -197,8 +320,9 @@ func (b *bucket) level(now time.Time) float64 {
 	return min(authBurst, b.tokens+now.Sub(b.at).Seconds()*authRefill)
 }
 
-// failedLocked spends one of src's tokens.
-func (t *authThrottle) failedLocked(src netip.Addr, now time.Time) {
+// takeLocked spends one of src's tokens for a check, and reports whether
+// it had one.
+func (t *authThrottle) takeLocked(src netip.Addr, now time.Time) bool {
 	if t.buckets == nil {
 		t.buckets = make(map[netip.Addr]*bucket)
 	}
@@ -210,7 +334,19 @@ func (t *authThrottle) failedLocked(src netip.Addr, now time.Time) {
 		b = &bucket{tokens: authBurst, at: now}
 		t.buckets[src] = b
 	}
-	b.tokens, b.at = max(b.level(now)-1, 0), now
+	level := b.level(now)
+	if level < 1 {
+		return false
+	}
+	b.tokens, b.at = level-1, now
+	return true
+}
+
+// refundLocked gives back the token of a check that succeeded.
+func (t *authThrottle) refundLocked(src netip.Addr, now time.Time) {
+	if b := t.buckets[src]; b != nil {
+		b.tokens, b.at = min(b.level(now)+1, authBurst), now
+	}
 }
 
 // forgetLocked drops the buckets that are full again; if none is, the

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -24,10 +25,15 @@ import (
 type endpoint struct {
 	s     *Server
 	port  int
-	owner string // who may claim it back: "key:..." for an identity, "resume:..." for a token, "pool:..."
+	owner string // who may claim it back: "key:..." for an identity, "resume:..." for a token, "pool:..." or "secret-pool:..."
 	pool  string // the pool it serves; empty: one agent's own
+	// secret: it was opened by an agent the secret admitted (see
+	// session.secretClass); a pool's members are all of that class.
+	secret bool
 
 	// Guarded by s.mu.
+	group    string       // whose share of the agents' budget its listener counts in (see session.group)
+	src      netip.Addr   // the address of the agent that opened it last
 	ln       net.Listener // nil while reserved
 	until    time.Time    // while reserved: when the reservation ends
 	expiry   *time.Timer  // ends the reservation
@@ -95,7 +101,7 @@ func (ss *session) register(req *proto.Listen) (m *member, ln net.Listener, resu
 	if err != nil {
 		return nil, nil, resume, err
 	}
-	owner := "pool:" + req.Pool
+	owner := poolOwner(req.Pool, ss.secretClass())
 	switch {
 	case req.Pool != "":
 	case ss.id != nil:
@@ -104,13 +110,24 @@ func (ss *session) register(req *proto.Listen) (m *member, ln net.Listener, resu
 		resume = proto.NewToken()
 		owner = resumeOwner(resume)
 	}
-	if ep == nil {
-		if err := ss.checkTunnelLimitLocked(); err != nil {
+	if ep == nil || ep.ln == nil {
+		if ep == nil {
+			if err := ss.checkTunnelLimitLocked(); err != nil {
+				return nil, nil, resume, err
+			}
+		}
+		if !s.agentRoomLocked(ss) {
+			return nil, nil, resume, refusal(proto.CodeLimit, "relay busy: at its budget for agents (%d descriptors), or your share of it; retry later", s.budget.agents)
+		}
+	}
+	if ep != nil {
+		if err := ep.reopenLocked(ss.bindIP); err != nil {
 			return nil, nil, resume, err
 		}
+	} else {
 		var allowed func(int) bool
-		if ss.id != nil {
-			allowed = ss.id.allowsPort
+		if len(ss.tenant.Ports) > 0 {
+			allowed = ss.tenant.allowsPort
 		}
 		ln, err := s.ports.listen(ss.bindIP, int(req.Port), req.Flags&proto.ListenPortRequired != 0 || req.Pool != "", allowed)
 		if err != nil {
@@ -120,8 +137,11 @@ func (ss *session) register(req *proto.Listen) (m *member, ln net.Listener, resu
 			}
 			return nil, nil, resume, &requestError{code, err.Error()}
 		}
-		ep = &endpoint{s: s, ln: ln, port: ln.Addr().(*net.TCPAddr).Port, pool: req.Pool}
+		ep = &endpoint{s: s, ln: ln, port: ln.Addr().(*net.TCPAddr).Port, pool: req.Pool, secret: ss.secretClass()}
 		s.endpoints[ep.port] = ep
+	}
+	if len(ep.members) == 0 {
+		ep.group, ep.src = ss.group(), ss.src
 	}
 	ep.owner = owner // a claim by token gets a fresh one
 	ss.nextID++
@@ -137,8 +157,8 @@ func (ss *session) register(req *proto.Listen) (m *member, ln net.Listener, resu
 // refused, never silently moved.
 func (ss *session) poolLocked(req *proto.Listen) (*endpoint, error) {
 	s := ss.s
-	if ss.id != nil && !ss.id.allowsPool(req.Pool) {
-		return nil, refusal(proto.CodePortUnavailable, "agent %s may not join pool %q (its pools=%s)", ss.id.Name, req.Pool, strings.Join(ss.id.Pools, ","))
+	if !ss.tenant.allowsPool(req.Pool) {
+		return nil, refusal(proto.CodePortUnavailable, "pool %q is not allowed for this agent (its pools=%s)", req.Pool, strings.Join(ss.tenant.Pools, ","))
 	}
 	var ep *endpoint
 	for _, e := range s.endpoints {
@@ -147,13 +167,12 @@ func (ss *session) poolLocked(req *proto.Listen) (*endpoint, error) {
 		}
 	}
 	switch {
+	case ep != nil && ep.secret != ss.secretClass():
+		// Another tenant's pool: the agents of the agents file and those
+		// of the secret never share one.
+		return nil, refusal(proto.CodePortUnavailable, "pool %q is not allowed for this agent", req.Pool)
 	case ep == nil && req.Port != 0 && s.endpoints[int(req.Port)] != nil:
-		other := s.endpoints[int(req.Port)]
-		if other.ln == nil {
-			return nil, refusal(proto.CodePortReserved, "port %d is reserved for its previous owner for another %v",
-				other.port, time.Until(other.until).Round(time.Second))
-		}
-		return nil, refusal(proto.CodePortUnavailable, "port %d is in use by another tunnel", req.Port)
+		return nil, ss.heldElsewhereLocked(s.endpoints[int(req.Port)])
 	case ep == nil:
 		return nil, nil
 	case req.Port != 0 && int(req.Port) != ep.port:
@@ -164,7 +183,48 @@ func (ss *session) poolLocked(req *proto.Listen) (*endpoint, error) {
 			return nil, refusal(proto.CodeBadRequest, "this session is already a member of pool %q", req.Pool)
 		}
 	}
-	return ep, ep.reopenLocked(ss.bindIP)
+	return ep, nil
+}
+
+// heldElsewhereLocked is the refusal of a port that ep holds, for an agent
+// that asked for it by number and may not have it. Another tenant's port is
+// "not allowed", like one outside the agent's scope: the refusal does not
+// tell who holds what.
+func (ss *session) heldElsewhereLocked(ep *endpoint) error {
+	switch {
+	case ep.pool != "" && ss.mayJoinLocked(ep):
+		return refusal(proto.CodePortUnavailable, "port %d serves pool %q: join it with that pool name", ep.port, ep.pool)
+	case ep.pool != "" || !ss.tenantHolds(ep):
+		return refusal(proto.CodePortUnavailable, "port %d is not allowed for this agent", ep.port)
+	case ep.ln != nil:
+		return refusal(proto.CodePortUnavailable, "port %d is in use", ep.port)
+	}
+	return refusal(proto.CodePortReserved, "port %d is reserved for its previous owner for another %v",
+		ep.port, time.Until(ep.until).Round(time.Second))
+}
+
+// mayJoinLocked reports whether ss may join pool endpoint ep: its tenant's
+// scope names the pool, and the pool's members are of its class.
+func (ss *session) mayJoinLocked(ep *endpoint) bool {
+	return ss.tenant.allowsPool(ep.pool) && ep.secret == ss.secretClass()
+}
+
+// tenantHolds reports whether ep, not a pool's, is held by ss's tenant: its
+// identity's key, or a resume token of an agent without a key.
+func (ss *session) tenantHolds(ep *endpoint) bool {
+	if ss.id != nil {
+		return ep.owner == ss.id.owner
+	}
+	return strings.HasPrefix(ep.owner, "resume:")
+}
+
+// poolOwner is the owner string of a pool's port: of the agents of the
+// agents file, or of those the secret admits.
+func poolOwner(pool string, secret bool) string {
+	if secret {
+		return "secret-pool:" + pool
+	}
+	return "pool:" + pool
 }
 
 // claimLocked returns the endpoint a Listen (without a pool) asks for if it
@@ -187,20 +247,12 @@ func (ss *session) claimLocked(req *proto.Listen) (*endpoint, error) {
 	switch {
 	case ep == nil:
 		return nil, nil
-	case ep.pool != "" && required:
-		return nil, refusal(proto.CodePortUnavailable, "port %d serves pool %q: join it with that pool name", ep.port, ep.pool)
-	case ep.ln != nil && required:
-		return nil, refusal(proto.CodePortUnavailable, "port %d is in use", ep.port)
-	case ep.pool != "" || ep.ln != nil:
+	case required && (ep.pool != "" || !ss.tenantHolds(ep) || ep.ln != nil || !ss.owns(ep, req.Resume)):
+		return nil, ss.heldElsewhereLocked(ep)
+	case ep.pool != "" || ep.ln != nil || !ss.owns(ep, req.Resume):
 		return nil, nil // not required: the agent gets another port
-	case !ss.owns(ep, req.Resume):
-		if !required {
-			return nil, nil
-		}
-		return nil, refusal(proto.CodePortReserved, "port %d is reserved for its previous owner for another %v",
-			ep.port, time.Until(ep.until).Round(time.Second))
 	}
-	return ep, ep.reopenLocked(ss.bindIP)
+	return ep, nil
 }
 
 // reopenLocked binds a reserved endpoint's port again, on ip; an open one
@@ -229,36 +281,45 @@ func (ss *session) owns(ep *endpoint, resume [proto.TokenLen]byte) bool {
 	return resume != [proto.TokenLen]byte{} && ep.owner == resumeOwner(resume)
 }
 
-// checkTunnelLimitLocked refuses a new endpoint past the session's limit:
-// an identity's endpoints count over all its sessions, reserved ones
-// included; without an identity, the session's own count.
+// checkTunnelLimitLocked refuses a new endpoint past the limits of the
+// session's tenant: an identity's endpoints count over all its sessions,
+// reserved ones included, up to its tunnels= (or the relay's per-agent
+// limit); the agents without a key have that limit each, and from each
+// source address, and their secret line's tunnels= over all of them.
 func (ss *session) checkTunnelLimitLocked() error {
-	s := ss.s
-	if ss.id == nil {
-		if len(ss.members) >= s.set.maxTunnels {
-			return refusal(proto.CodeLimit, "tunnel limit reached: %d per agent", s.set.maxTunnels)
-		}
-		return nil
-	}
-	limit := ss.id.Tunnels
-	if limit == 0 {
-		limit = s.set.maxTunnels
-	}
-	n := 0
+	s, t := ss.s, ss.tenant
+	all, fromSrc := 0, 0
 	for _, ep := range s.endpoints {
-		if ep.owner == ss.id.owner {
-			n++
-		}
-	}
-	for other := range ss.id.sessions {
-		for _, m := range other.members {
-			if m.ep.pool != "" {
-				n++
+		if ep.pool == "" && ss.tenantHolds(ep) {
+			all++
+			if ep.src == ss.src {
+				fromSrc++
 			}
 		}
 	}
-	if n >= limit {
-		return refusal(proto.CodeLimit, "tunnel limit reached: agent %s holds %d ports (tunnels=%d)", ss.id.Name, n, limit)
+	for other := range t.sessions {
+		for _, m := range other.members {
+			if m.ep.pool != "" {
+				all++
+				if other.src == ss.src {
+					fromSrc++
+				}
+			}
+		}
+	}
+	if ss.id != nil {
+		if limit := cmp.Or(t.Tunnels, s.set.maxTunnels); all >= limit {
+			return refusal(proto.CodeLimit, "tunnel limit reached: agent %s holds %d ports (tunnels=%d)", t.Name, all, limit)
+		}
+		return nil
+	}
+	switch {
+	case len(ss.members) >= s.set.maxTunnels:
+		return refusal(proto.CodeLimit, "tunnel limit reached: %d per agent", s.set.maxTunnels)
+	case fromSrc >= s.set.maxTunnels:
+		return refusal(proto.CodeLimit, "tunnel limit reached: the agents without a key from your address hold %d ports", fromSrc)
+	case t.Tunnels > 0 && all >= t.Tunnels:
+		return refusal(proto.CodeLimit, "tunnel limit reached: the agents without a key hold %d ports (tunnels=%d)", all, t.Tunnels)
 	}
 	return nil
 }
@@ -340,6 +401,11 @@ func (ep *endpoint) releaseLocked() {
 	}
 	s.ports.release(ep.port, nil)
 	s.saveStateSoonLocked()
+	if k, ok := strings.CutPrefix(ep.owner, "key:"); ok {
+		if key, err := proto.ParseKey(k); err == nil {
+			s.forgetLocked(s.ids[string(key)])
+		}
+	}
 }
 
 // pickLocked chooses the member that serves the next client, or nil if

@@ -32,6 +32,13 @@ type Agent struct {
 	Parked int
 	// Pools names the pools it may join; "*" is any. If empty, none.
 	Pools []string
+
+	// Secret marks the line of the shared secret's tenant (its KEY is the
+	// word "secret"; Key is nil): its scope applies to the agents that
+	// register with the secret and no key, and its Sessions, Tunnels and
+	// Parked count over all of them. Each source address among them has
+	// also at most 32 sessions and Config.MaxTunnelsPerAgent tunnels.
+	Secret bool
 }
 
 // PortRange is an inclusive range of ports.
@@ -60,9 +67,11 @@ func LoadAgents(path string) ([]Agent, error) {
 //
 //	NAME KEY [ports=LO-HI[,LO-HI...]] [tunnels=N] [sessions=N] [parked=N] [pools=NAME[,NAME...]|*]
 //
-// with KEY as agents print it (ed25519:BASE64). Blank lines and text after
-// '#' are ignored. Names and keys are unique. The result is never nil, so
-// an empty file admits no agent by key.
+// with KEY as agents print it (ed25519:BASE64), or, on at most one line,
+// the word secret: the scope of the shared secret's tenant (see
+// Agent.Secret). Blank lines and text after '#' are ignored. Names and
+// keys are unique. The result is never nil, so an empty file admits no
+// agent by key.
 func ParseAgents(r io.Reader) ([]Agent, error) {
 	agents := []Agent{}
 	names, keys := map[string]int{}, map[string]int{}
@@ -81,6 +90,9 @@ func ParseAgents(r io.Reader) ([]Agent, error) {
 			return nil, fmt.Errorf("line %d: agent %s is already on line %d", n, a.Name, prev)
 		}
 		if prev, ok := keys[string(a.Key)]; ok {
+			if a.Secret {
+				return nil, fmt.Errorf("line %d: the secret's tenant is already on line %d", n, prev)
+			}
 			return nil, fmt.Errorf("line %d: the key of %s is already on line %d", n, a.Name, prev)
 		}
 		names[a.Name], keys[string(a.Key)] = n, n
@@ -95,7 +107,9 @@ func parseAgent(f []string) (Agent, error) {
 	}
 	a := Agent{Name: f[0]}
 	var err error
-	if a.Key, err = proto.ParseKey(f[1]); err != nil {
+	if f[1] == "secret" {
+		a.Secret = true
+	} else if a.Key, err = proto.ParseKey(f[1]); err != nil {
 		return Agent{}, err
 	}
 	for _, opt := range f[2:] {
@@ -147,11 +161,12 @@ func parseRange(s string) (lo, hi int, err error) {
 // identity is who an agent is, for every limit and every port it holds:
 // an Agent of the agents file, or, on a relay without one, an agent that
 // showed a key (an anonymous identity with the default scope). Agents
-// without a key have no identity: they are the one tenant of the shared
-// secret (or of the open relay), limited per session.
+// without a key have no identity of their own: their tenant is the shared
+// secret's (or the open relay's), with the scope of the agents file's
+// secret line, or the default one.
 type identity struct {
 	Agent
-	owner string // the owner of its ports: "key:" and the key in base64
+	owner string // the owner of its ports: "key:" and the key in base64; "" for the keyless tenant
 	named bool   // from the agents file
 
 	// Guarded by s.mu.
@@ -160,7 +175,24 @@ type identity struct {
 }
 
 func newIdentity(a Agent, named bool) *identity {
-	return &identity{Agent: a, owner: ownerKey(a.Key), named: named, sessions: make(map[*session]struct{})}
+	id := &identity{Agent: a, named: named, sessions: make(map[*session]struct{})}
+	if !a.Secret {
+		id.owner = ownerKey(a.Key)
+	}
+	return id
+}
+
+// keylessScope is the scope of the agents without a key: the agents
+// file's secret line if it has one, else any port of the relay's range and
+// any pool (pools of agents of the agents file stay out of their reach all
+// the same: see mayJoinLocked).
+func keylessScope(agents []Agent) Agent {
+	for _, a := range agents {
+		if a.Secret {
+			return a
+		}
+	}
+	return Agent{Name: "secret", Secret: true, Pools: []string{"*"}}
 }
 
 // ownerKey is the owner string of a key's ports.
@@ -185,4 +217,19 @@ func (id *identity) allowsPort(port int) bool {
 // allowsPool reports whether the identity may join pool name.
 func (id *identity) allowsPool(name string) bool {
 	return slices.Contains(id.Pools, name) || slices.Contains(id.Pools, "*")
+}
+
+// forgetLocked drops an anonymous identity (a key seen without an agents
+// file) once it has no session and no port: keys cost nothing to make, so
+// the relay keeps nothing for one that left. s.mu must be held.
+func (s *Server) forgetLocked(id *identity) {
+	if id == nil || id.named || len(id.sessions) > 0 || s.ids[string(id.Key)] != id {
+		return
+	}
+	for _, ep := range s.endpoints {
+		if ep.owner == id.owner {
+			return
+		}
+	}
+	delete(s.ids, string(id.Key))
 }

@@ -28,6 +28,7 @@ type counters struct {
 	agents         atomic.Int64 // agent sessions established
 	handshakeFails atomic.Int64 // agent handshakes that failed, wrong secret included
 	authFails      atomic.Int64 // agents refused for their secret
+	authThrottled  atomic.Int64 // connections and Auths refused unchecked by the failed-authentication throttle
 	dropped        atomic.Int64 // connections dropped on the control port
 	clients        atomic.Int64 // outside clients accepted on public ports
 	refused        atomic.Int64 // outside clients closed at a limit
@@ -81,6 +82,7 @@ func (s *Server) WriteMetrics(w io.Writer) error {
 		{"tcprelay_agent_sessions_total", "counter", "Agent sessions established.", c.agents.Load()},
 		{"tcprelay_handshake_failures_total", "counter", "Agent handshakes that failed, wrong secrets included.", c.handshakeFails.Load()},
 		{"tcprelay_auth_failures_total", "counter", "Agents refused for a wrong or missing secret.", c.authFails.Load()},
+		{"tcprelay_auth_throttled_total", "counter", "Connections and authentications refused unchecked, their address having spent its failed-authentication budget.", c.authThrottled.Load()},
 		{"tcprelay_control_dropped_total", "counter", "Connections dropped on the control port (garbage, bad tokens, bad pool keys).", c.dropped.Load()},
 		{"tcprelay_clients_total", "counter", "Outside clients accepted on public ports.", c.clients.Load()},
 		{"tcprelay_clients_refused_total", "counter", "Outside clients closed at a tunnel limit.", c.refused.Load()},

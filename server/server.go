@@ -84,6 +84,7 @@ type Server struct {
 	listeners map[net.Listener]struct{} // control listeners being served
 	sessions  map[*session]struct{}     // authenticated agents
 	ids       map[string]*identity      // by key: the agents file's, and anonymous ones
+	keyless   *identity                 // the tenant of the agents without a key
 	endpoints map[int]*endpoint         // by port: open, or reserved for their owner
 	conns     map[net.Conn]struct{}     // every other open conn: handshaking, parked, waiting (relayed ones belong to links)
 	pending   map[[proto.TokenLen]byte]*pending
@@ -97,7 +98,8 @@ type Server struct {
 	stalledMemory atomic.Int64 // bytes, as the watch last found
 	stopWatch     chan struct{}
 	stopWatchOnce sync.Once
-	quiet         *quietLog // for events that come in floods
+	quiet         *quietLog    // for events that come in floods
+	refusing      atomic.Int32 // TLS refusals being sent (see refuseConn)
 
 	budget          budget
 	handshakes      handshakes   // connections in handshake (under mu)
@@ -144,6 +146,7 @@ func New(cfg Config) (*Server, error) {
 		poolKeys:  make(map[[proto.TokenLen]byte]*session),
 		ports:     newPortAllocator(cfg.PortMin, cfg.PortMax),
 		budget:    newBudget(fds),
+		keyless:   newIdentity(keylessScope(cfg.Agents), false),
 		started:   time.Now(),
 	}
 	s.quiet = &quietLog{log: log, wg: &s.wg}
@@ -236,7 +239,7 @@ func (s *Server) acceptLoop(ln net.Listener, admit func(net.Conn) func()) error 
 			var ne net.Error
 			if errors.As(err, &ne) && !errors.Is(err, net.ErrClosed) {
 				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-				s.log.Warn("accept failed; retrying", "addr", ln.Addr().String(), "err", err, "retry_in", delay)
+				s.quiet.Warn("accept failed; retrying", "addr", ln.Addr().String(), "err", err, "retry_in", delay)
 				time.Sleep(delay)
 				continue
 			}
@@ -260,14 +263,40 @@ func (s *Server) acceptLoop(ln net.Listener, admit func(net.Conn) func()) error 
 }
 
 // refuseConn turns away a connection to the control port at a limit: with
-// an Error frame, so an agent knows to retry, and a line in the log.
+// an Error frame, so an agent knows to retry, and a line in the log. It
+// never blocks its caller, the accept loop: on a plain conn the frame goes
+// into an empty send buffer; over TLS, sending it takes a handshake, which
+// runs in a goroutine of its own under a second's deadline, for at most
+// maxRefusing conns at once (past that, a TLS conn is closed without a
+// word, and its agent retries as after any failed handshake).
 func (s *Server) refuseConn(c net.Conn, why string) {
 	s.count.dropped.Add(1)
 	s.quiet.Warn("refused connection on control port", "why", why, "remote", c.RemoteAddr().String())
-	c.SetWriteDeadline(time.Now().Add(time.Second))
-	c.Write(proto.Append(nil, &proto.Error{Code: proto.CodeLimit, Message: why}))
-	s.closeConn(c)
+	frame := proto.Append(nil, &proto.Error{Code: proto.CodeLimit, Message: why})
+	if _, isTLS := c.(*tls.Conn); !isTLS {
+		c.SetWriteDeadline(time.Now().Add(time.Second))
+		c.Write(frame)
+		s.closeConn(c)
+		return
+	}
+	if s.refusing.Add(1) > maxRefusing {
+		s.refusing.Add(-1)
+		s.closeConn(c)
+		return
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		defer s.refusing.Add(-1)
+		c.SetDeadline(time.Now().Add(time.Second))
+		c.Write(frame)
+		s.closeConn(c)
+	}()
 }
+
+// maxRefusing bounds the TLS handshakes run at once only to tell an agent
+// it was refused.
+const maxRefusing = 64
 
 // handleConn reads the preamble and first frame of a connection to the
 // control port, which say what it is: a control connection (Hello), a data
@@ -334,7 +363,8 @@ func (s *Server) handleConn(c net.Conn, bindIP net.IP, release func()) {
 		allowed := s.auth.allowedLocked(sourceOf(c), time.Now())
 		s.mu.Unlock()
 		if !allowed {
-			s.refuseConn(c, "too many failed authentications from your address: retry in a few seconds")
+			s.count.authThrottled.Add(1)
+			s.refuseConn(c, errThrottled)
 			keep = true // refuseConn closed it
 			return
 		}
@@ -579,9 +609,13 @@ func (s *Server) statsLocked() Stats {
 func (s *Server) SetAgents(agents []Agent) {
 	s.mu.Lock()
 	s.cfg.Agents = agents
+	s.keyless.Agent = keylessScope(agents)
 	old := s.ids
 	s.ids = make(map[string]*identity, len(agents))
 	for _, a := range agents {
+		if a.Secret {
+			continue
+		}
 		id := old[string(a.Key)]
 		if id != nil && id.named {
 			id.Agent = a

@@ -190,6 +190,49 @@ func TestHandshakeBudget(t *testing.T) {
 	}
 }
 
+// TestHandshakeFloodLeavesRoomForAgents: a flood from several addresses
+// fast enough that none of its connections has grown old fills the
+// handshakes up to twice the cap in all. A connection from an address
+// below the average still gets in, in place of the oldest of a bigger
+// address, so an agent registers and its clients are served; one more
+// from a flooding address is refused at once.
+func TestHandshakeFloodLeavesRoomForAgents(t *testing.T) {
+	check.Leaks(t)
+	// 200 fds: 20 handshakes in all (40 as a burst), 8 per source address.
+	relay := testutil.StartRelay(t, server.Config{MaxFDs: 200})
+	var silent []*net.TCPConn
+	for i := range 5 {
+		for range 8 {
+			silent = append(silent, dialFrom(t, fmt.Sprintf("127.0.2.%d", i+1), relay.Addr))
+		}
+	}
+	check.Eventually(t, 5*time.Second, func() error {
+		if n := relay.Stats().Handshaking; n != 40 {
+			return fmt.Errorf("%d connections in handshake, want the 40 of the flood", n)
+		}
+		return nil
+	})
+	checkEcho(t, echoAgent(t, relay.Addr), "an agent from another address, with the handshakes full of young connections")
+	// The flood goes on: it stays within twice the cap, refused past it.
+	// All dialled before any is read, so the flood is still young.
+	var more []*net.TCPConn
+	for i := range 10 {
+		more = append(more, dialFrom(t, fmt.Sprintf("127.0.2.%d", i%5+1), relay.Addr))
+	}
+	refused := 0
+	for _, c := range more {
+		c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		if m, err := proto.ReadMessage(c, proto.DefaultMaxPayload); err == nil {
+			if e, ok := m.(*proto.Error); ok && e.Code == proto.CodeLimit {
+				refused++
+			}
+		}
+	}
+	if n := relay.Stats().Handshaking; n > 40 || refused == 0 {
+		t.Errorf("after 10 more from the flooding addresses: %d in handshake, %d refused; want at most 40, and some refused", n, refused)
+	}
+}
+
 func TestTokens(t *testing.T) {
 	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{})
@@ -422,12 +465,26 @@ func TestTunnelLimitPerAgent(t *testing.T) {
 	if e.ID != 9 || e.Code != proto.CodeLimit {
 		t.Fatalf("third tunnel: %+v, want a limit error for request 9", e)
 	}
-	// The session and another agent are undisturbed.
+	// The session is undisturbed.
 	agent.Send(t, proto.Append(nil, &proto.Ping{Data: 5}))
 	if p := agent.Expect(t, proto.TypePong).(*proto.Pong); p.Data != 5 {
 		t.Fatalf("pong %d, want 5", p.Data)
 	}
-	checkEcho(t, echoAgent(t, relay.Addr), "other agent")
+	// Another agent without a key from the same address is held to the
+	// same bound: a secret holder cannot get more by opening sessions.
+	other := testutil.NewRawAgent(t, relay.Addr, "")
+	other.Send(t, proto.Append(nil, &proto.Listen{ID: 1}))
+	if e := other.Expect(t, proto.TypeError).(*proto.Error); e.Code != proto.CodeLimit || !strings.Contains(e.Message, "from your address") {
+		t.Fatalf("a second session from the address: %+v, want the per-address tunnel limit", e)
+	}
+	// An agent with a key of its own is another tenant.
+	cfg := tunnel.Config{Logger: testutil.Logger(t), Key: newKey(t)}
+	ln, err := cfg.Listen(testutil.Context(t), relay.Addr)
+	if err != nil {
+		t.Fatalf("Listen with a key: %v", err)
+	}
+	testutil.Serve(t, ln, testutil.Echo)
+	checkEcho(t, ln.Addr().String(), "other agent")
 }
 
 func TestConnLimitPerTunnel(t *testing.T) {
@@ -476,15 +533,6 @@ func TestClientLimitPerSource(t *testing.T) {
 	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{MaxClientsPerSource: 2})
 	pub := echoAgent(t, relay.Addr)
-	dialFrom := func(ip string) *net.TCPConn {
-		d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}}
-		c, err := d.Dial("tcp", pub)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return c.(*net.TCPConn)
-	}
 	echoes := func(c *net.TCPConn) bool {
 		c.Write([]byte{1})
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -492,14 +540,14 @@ func TestClientLimitPerSource(t *testing.T) {
 		return err == nil
 	}
 	for i := range 2 {
-		if !echoes(dialFrom("127.0.0.1")) {
+		if !echoes(dialFrom(t, "127.0.0.1", pub)) {
 			t.Fatalf("client %d from 127.0.0.1, within its bound, not served", i+1)
 		}
 	}
-	extra := dialFrom("127.0.0.1")
+	extra := dialFrom(t, "127.0.0.1", pub)
 	extra.Write([]byte("x"))
 	expectClosed(t, extra, 5*time.Second)
-	if !echoes(dialFrom("127.0.0.2")) {
+	if !echoes(dialFrom(t, "127.0.0.2", pub)) {
 		t.Fatal("a client from another address was not served")
 	}
 }

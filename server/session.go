@@ -1,11 +1,14 @@
 package server
 
 import (
+	"cmp"
 	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
+	"net/netip"
 	"time"
 
 	"tcprelay/internal/proto"
@@ -19,10 +22,12 @@ type session struct {
 	bindIP   net.IP
 	log      *slog.Logger
 	features proto.Features // spoken by both sides
-	id       *identity      // nil: the shared secret's (or open relay's) one tenant
+	id       *identity      // nil: an agent without a key
+	tenant   *identity      // whose scope and bounds apply: id, or the keyless tenant
 	key      [proto.MACLen]byte
 
-	remote   string    // the agent's address
+	remote   string     // the agent's address
+	src      netip.Addr // its source, for per-source limits (see sourceOf)
 	software string    // what the agent says it is (Hello)
 	since    time.Time // when the session was established
 
@@ -34,6 +39,10 @@ type session struct {
 	pool    []net.Conn   // parked pre-opened data connections
 	joins   replayWindow // PoolJoin sequence numbers seen (feature proof)
 }
+
+// errThrottled is what an address that spent its authentication tokens is
+// told.
+const errThrottled = "too many failed authentications from your address: retry in a few seconds"
 
 // errBadRequest marks a frame the relay does not accept from an agent; the
 // session ends with an Error.
@@ -57,6 +66,7 @@ func (s *Server) runSession(c net.Conn, hello *proto.Hello, bindIP net.IP, relea
 		log:      s.log.With("agent", c.RemoteAddr().String()),
 		features: hello.Features & s.features(),
 		remote:   c.RemoteAddr().String(),
+		src:      sourceOf(c),
 		software: hello.Agent,
 		members:  make(map[uint32]*member),
 	}
@@ -68,7 +78,9 @@ func (s *Server) runSession(c net.Conn, hello *proto.Hello, bindIP net.IP, relea
 		s.closeConn(c)
 		return
 	}
+	ss.tenant = s.keyless
 	if ss.id != nil {
+		ss.tenant = ss.id
 		ss.log = s.log.With("agent", ss.id.Name, "remote", ss.remote)
 	}
 	if err := ss.join(); err != nil {
@@ -120,15 +132,27 @@ func (ss *session) handshake(hello *proto.Hello) error {
 	if !ok {
 		return fmt.Errorf("read auth: got %s frame", m.Type())
 	}
+	// The check spends a token of the address's throttle first, so that
+	// parallel handshakes get no more guesses than one after another.
+	src := sourceOf(ss.ctl.NetConn())
+	s.mu.Lock()
+	allowed := s.auth.takeLocked(src, time.Now())
+	s.mu.Unlock()
+	if !allowed {
+		s.count.authThrottled.Add(1)
+		s.quiet.Warn("authentication refused unchecked: too many failed authentications from the address", "remote", ss.remote)
+		ss.ctl.Send(&proto.Error{Code: proto.CodeLimit, Message: errThrottled})
+		return errors.New("throttled: " + errThrottled)
+	}
 	binding := proto.TLSBinding(ss.ctl.NetConn())
 	if ss.id, err = s.authenticate(ss.features, proto.IdentityMessage(ch.Nonce, hello.Eph, ch.Eph, binding), ch.Nonce, auth); err != nil {
 		s.count.authFails.Add(1)
-		s.mu.Lock()
-		s.auth.failedLocked(sourceOf(ss.ctl.NetConn()), time.Now())
-		s.mu.Unlock()
 		ss.ctl.Send(&proto.Error{Code: proto.CodeAuthFailed, Message: err.Error()})
 		return fmt.Errorf("authentication failed: %w", err)
 	}
+	s.mu.Lock()
+	s.auth.refundLocked(src, time.Now())
+	s.mu.Unlock()
 	if eph != nil {
 		if ss.key, err = eph.SessionKey(hello.Eph, ch.Nonce); err != nil {
 			return fmt.Errorf("session key: %w", err)
@@ -173,7 +197,9 @@ func (s *Server) authenticate(features proto.Features, signed []byte, nonce [pro
 	}
 	id := s.ids[string(pub)]
 	if id == nil {
-		id = newIdentity(Agent{Name: proto.FormatKey(pub), Key: pub}, false)
+		// Its own default scope; it shares pools with the other agents of
+		// the secret, as an agent without a key does.
+		id = newIdentity(Agent{Name: proto.FormatKey(pub), Key: pub, Pools: []string{"*"}}, false)
 		s.ids[string(pub)] = id
 	}
 	return id, nil
@@ -188,22 +214,20 @@ func (ss *session) join() error {
 	if s.draining {
 		return refusal(proto.CodeShuttingDown, "relay shutting down")
 	}
-	if s.agentFDsLocked() >= s.budget.agents {
-		return refusal(proto.CodeLimit, "relay busy: at its budget for agents (%d connections); retry later", s.budget.agents)
+	t := ss.tenant
+	switch {
+	case t.revoked:
+		return refusal(proto.CodeAuthFailed, "agent %s was removed from the relay's agents file", t.Name)
+	case ss.id == nil && t.Sessions > 0 && len(t.sessions) >= t.Sessions:
+		return refusal(proto.CodeLimit, "the agents without a key have %d sessions already (sessions=%d)", len(t.sessions), t.Sessions)
+	case ss.id == nil && ss.fromSameSourceLocked() >= defaultSessions:
+		return refusal(proto.CodeLimit, "the agents without a key from your address have %d sessions already", defaultSessions)
+	case ss.id != nil && len(t.sessions) >= cmp.Or(t.Sessions, defaultSessions):
+		return refusal(proto.CodeLimit, "agent %s has %d sessions already (sessions=%d)", t.Name, len(t.sessions), cmp.Or(t.Sessions, defaultSessions))
+	case !s.agentRoomLocked(ss):
+		return refusal(proto.CodeLimit, "relay busy: at its budget for agents (%d connections), or your share of it; retry later", s.budget.agents)
 	}
-	if id := ss.id; id != nil {
-		limit := id.Sessions
-		if limit == 0 {
-			limit = defaultSessions
-		}
-		switch {
-		case id.revoked:
-			return refusal(proto.CodeAuthFailed, "agent %s was removed from the relay's agents file", id.Name)
-		case len(id.sessions) >= limit:
-			return refusal(proto.CodeLimit, "agent %s has %d sessions already (sessions=%d)", id.Name, len(id.sessions), limit)
-		}
-		id.sessions[ss] = struct{}{}
-	}
+	t.sessions[ss] = struct{}{}
 	// From here the session, not the conn set, owns its connection.
 	s.count.agents.Add(1)
 	ss.since = time.Now()
@@ -318,8 +342,9 @@ func (ss *session) close() {
 	ss.closed = true
 	delete(s.sessions, ss)
 	delete(s.poolKeys, ss.poolKey)
-	if ss.id != nil {
-		delete(ss.id.sessions, ss)
+	if ss.tenant != nil {
+		delete(ss.tenant.sessions, ss)
+		s.forgetLocked(ss.id)
 	}
 	var lns []net.Listener
 	var moved []*pending
@@ -347,12 +372,35 @@ func (ss *session) close() {
 }
 
 // parkLimit is how many pre-opened data connections the session may park:
-// the relay's per-agent limit, and no more than its identity's budget.
+// the relay's per-agent limit, and no more than its tenant's.
 func (ss *session) parkLimit() int {
-	if ss.id != nil {
-		return min(ss.s.set.maxPool, ss.id.parkBudget(ss.s.set.maxPool))
+	return min(ss.s.set.maxPool, ss.tenantParkLimit())
+}
+
+// tenantParkLimit bounds the parked connections of all the sessions of
+// ss's tenant: its parked=, else the relay's per-agent limit for an
+// identity, and no such bound for the keyless tenant (its agents are
+// bounded each, and by their address's fair share of the budget).
+func (ss *session) tenantParkLimit() int {
+	switch {
+	case ss.tenant.Parked > 0:
+		return ss.tenant.Parked
+	case ss.id == nil:
+		return math.MaxInt
 	}
 	return ss.s.set.maxPool
+}
+
+// fromSameSourceLocked counts the other sessions of ss's tenant from its
+// source address. s.mu must be held.
+func (ss *session) fromSameSourceLocked() int {
+	n := 0
+	for other := range ss.tenant.sessions {
+		if other.src == ss.src && other != ss {
+			n++
+		}
+	}
+	return n
 }
 
 // park keeps a pre-opened data connection for the session that owns its
@@ -371,8 +419,7 @@ func (s *Server) park(c net.Conn, join *proto.PoolJoin) bool {
 		why = "bad proof"
 	case ss.features&proto.FeatureProof != 0 && !ss.joins.fresh(join.Seq):
 		why = "replayed"
-	case len(ss.pool) >= ss.parkLimit() || ss.id != nil && ss.id.parkedLocked() >= ss.id.parkBudget(s.set.maxPool) ||
-		s.agentFDsLocked() >= s.budget.agents:
+	case len(ss.pool) >= ss.parkLimit() || ss.tenant.parkedLocked() >= ss.tenantParkLimit() || !s.agentRoomLocked(ss):
 		why = "pool full"
 	default:
 		ss.pool = append(ss.pool, c)
@@ -384,15 +431,6 @@ func (s *Server) park(c net.Conn, join *proto.PoolJoin) bool {
 	}
 	c.SetDeadline(time.Time{})
 	return true
-}
-
-// parkBudget is the identity's limit on pre-opened data connections over
-// all its sessions: Parked, or def.
-func (id *identity) parkBudget(def int) int {
-	if id.Parked > 0 {
-		return id.Parked
-	}
-	return def
 }
 
 // parkedLocked counts the pre-opened data connections of all the

@@ -7,7 +7,10 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // queued is the bytes waiting in c's socket: received and not yet read,
@@ -97,4 +100,27 @@ func readProcInt(path string, i int) int64 {
 	}
 	v, _ := strconv.ParseInt(f[i], 10, 64)
 	return v
+}
+
+// received reports what c's peer has sent: the bytes in all, and how long
+// ago the last of them came. ok is false where the kernel does not say.
+func received(c net.Conn) (bytes uint64, idle time.Duration, ok bool) {
+	if tc, isTLS := c.(*tls.Conn); isTLS {
+		c = tc.NetConn()
+	}
+	sc, isSys := c.(syscall.Conn)
+	if !isSys {
+		return 0, 0, false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return 0, 0, false
+	}
+	rc.Control(func(fd uintptr) {
+		info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+		if err == nil {
+			bytes, idle, ok = info.Bytes_received, time.Duration(info.Last_data_recv)*time.Millisecond, true
+		}
+	})
+	return bytes, idle, ok
 }

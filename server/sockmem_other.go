@@ -2,7 +2,10 @@
 
 package server
 
-import "net"
+import (
+	"net"
+	"time"
+)
 
 // queued cannot look into sockets here.
 func queued(c net.Conn) int64 { return 0 }
@@ -20,3 +23,6 @@ func setNotSentLowat(c *net.TCPConn, n int) {}
 
 // tcpMemPressure is unknown here.
 func tcpMemPressure() int64 { return 0 }
+
+// received cannot look into sockets here.
+func received(c net.Conn) (bytes uint64, idle time.Duration, ok bool) { return 0, 0, false }

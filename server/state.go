@@ -63,7 +63,10 @@ func (s *Server) loadState() error {
 		}
 		ep := &endpoint{s: s, port: e.Port, owner: e.Owner}
 		if pool, ok := strings.CutPrefix(e.Owner, "pool:"); ok {
-			ep.pool = pool
+			// Without an agents file, every agent is the secret's.
+			ep.pool, ep.secret = pool, s.cfg.Agents == nil
+		} else if pool, ok := strings.CutPrefix(e.Owner, "secret-pool:"); ok {
+			ep.pool, ep.secret = pool, true
 		}
 		s.endpoints[e.Port] = ep
 		s.ports.hold(e.Port)
