@@ -28,8 +28,8 @@ type session struct {
 
 	remote   string     // the agent's address
 	src      netip.Addr // its source, for per-source limits (see sourceOf)
-	software string    // what the agent says it is (Hello)
-	since    time.Time // when the session was established
+	software string     // what the agent says it is (Hello)
+	since    time.Time  // when the session was established
 
 	// Guarded by s.mu.
 	closed  bool
