@@ -164,7 +164,7 @@ func (s *Server) announce(m *member, c net.Conn, since time.Time) {
 func (s *Server) attach(c net.Conn, a *proto.Attach) bool {
 	p := s.takePending(a.Token, func(p *pending) bool {
 		ss := p.member.sess
-		return ss.features&proto.FeatureProof == 0 || proto.CheckProof(ss.key, "attach", a.MAC, a.Token[:])
+		return !p.member.cut && (ss.features&proto.FeatureProof == 0 || proto.CheckProof(ss.key, "attach", a.MAC, a.Token[:]))
 	})
 	if p == nil {
 		s.dropConn(c, "data connection with an unknown, used or expired token, or no proof of its session", nil)

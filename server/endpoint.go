@@ -38,6 +38,7 @@ type endpoint struct {
 	until    time.Time    // while reserved: when the reservation ends
 	expiry   *time.Timer  // ends the reservation
 	closed   bool         // released for good
+	cut      bool         // outside its owner's scope: released, not reserved, when its last member leaves
 	members  []*member
 	conns    int                // outside clients waiting or relayed
 	bySource map[netip.Addr]int // the same, by source address (with a limit on it)
@@ -57,6 +58,7 @@ type member struct {
 
 	// Guarded by s.mu.
 	removed bool // no longer serves ep: it gets no new clients
+	cut     bool // ended by a revocation or a narrowed scope: its waiting clients go at once, unclaimed
 	ready   bool // its agent says it can take clients
 	clients int  // outside clients waiting for it or relayed through it
 }
@@ -348,9 +350,16 @@ func (m *member) removeLocked(release bool) (ln net.Listener, moved []*pending) 
 	m.removed = true
 	delete(m.sess.members, m.id)
 	ep.members = slices.DeleteFunc(ep.members, func(x *member) bool { return x == m })
-	if ep.pickLocked() != nil {
+	switch {
+	case ep.pickLocked() != nil:
 		moved = s.takeWaitingLocked(m)
-	} else {
+	case m.cut:
+		for _, p := range s.pending {
+			if p.member == m {
+				p.timer.Reset(0)
+			}
+		}
+	default:
 		s.expireWaitingLocked(func(p *pending) bool { return p.member == m })
 	}
 	if len(ep.members) > 0 || ep.ln == nil {
@@ -358,7 +367,7 @@ func (m *member) removeLocked(release bool) (ln net.Listener, moved []*pending) 
 	}
 	ln = ep.ln
 	ep.ln = nil
-	if release || s.set.portGrace == 0 || (m.sess.id != nil && m.sess.id.revoked && ep.pool == "") {
+	if release || s.set.portGrace == 0 || ep.cut {
 		ep.releaseLocked()
 	} else {
 		ep.reserveLocked(time.Now().Add(s.set.portGrace))
@@ -415,7 +424,7 @@ func (ep *endpoint) releaseLocked() {
 func (ep *endpoint) pickLocked() *member {
 	var ready, parked []*member
 	for _, m := range ep.members {
-		if m.ready {
+		if m.ready && !m.cut {
 			ready = append(ready, m)
 			if len(m.sess.pool) > 0 {
 				parked = append(parked, m)

@@ -54,7 +54,10 @@ import (
 	"crypto/tls"
 	"errors"
 	"log/slog"
+	"math"
 	"net"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -602,10 +605,20 @@ func (s *Server) statsLocked() Stats {
 }
 
 // SetAgents replaces the agents admitted by key (see ParseAgents), as a
-// reload of the agents file does. An agent that is no longer listed, or
-// whose key changed, is revoked: its sessions end and its ports close and
-// are released at once. The others keep their sessions and ports; their
-// new scope applies to their next requests.
+// reload of the agents file does, and applies the new scopes to what every
+// tenant holds, at once:
+//
+//   - an agent that is no longer listed, or whose key changed, is revoked:
+//     its sessions and parked connections end, its waiting clients and its
+//     relayed connections are closed, and its ports are released;
+//   - a tenant whose scope narrowed (ports=, pools=, tunnels=, or the
+//     secret line for the agents without a key) loses what falls outside
+//     it: its reservations there are released, and a session that served
+//     such a port or pool ends with a GoAway, its relayed connections
+//     through it closed, so that its agent registers again within the new
+//     scope. Past tunnels=, reservations go first, then the highest ports.
+//
+// Everything else keeps running.
 func (s *Server) SetAgents(agents []Agent) {
 	s.mu.Lock()
 	s.cfg.Agents = agents
@@ -624,24 +637,142 @@ func (s *Server) SetAgents(agents []Agent) {
 		}
 		s.ids[string(a.Key)] = id
 	}
-	var ended []*session
+	tenants := []*identity{s.keyless}
 	for k, id := range old {
 		if s.ids[k] == nil {
 			id.revoked = true
-			for ss := range id.sessions {
-				ended = append(ended, ss)
-			}
-			for _, ep := range s.endpoints {
-				if ep.owner == id.owner && ep.ln == nil {
-					ep.releaseLocked()
-				}
-			}
+		}
+		tenants = append(tenants, id)
+	}
+	drop := make(map[*member]bool)
+	ended := make(map[*session]bool)
+	for _, t := range tenants {
+		s.narrowLocked(t, drop)
+		for ss := range t.sessions {
+			ended[ss] = t.revoked
+		}
+	}
+	for m := range drop {
+		m.cut = true // no new client, and its waiting ones cannot be claimed
+		ended[m.sess] = true
+	}
+	var links []*copier.Link
+	for l, info := range s.links {
+		if drop[info.member] {
+			links = append(links, l)
 		}
 	}
 	s.mu.Unlock()
-	for _, ss := range ended {
-		ss.log.Warn("agent removed from the agents file: ending its session")
-		ss.ctl.Send(&proto.Error{Code: proto.CodeAuthFailed, Message: "this agent was removed from the relay's agents file"})
-		ss.close()
+	for _, l := range links {
+		l.Close()
 	}
+	// All at once, each within a second, as at shutdown.
+	var wg sync.WaitGroup
+	for ss, end := range ended {
+		if !end {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if ss.tenant.revoked {
+				ss.log.Warn("agent removed from the agents file: ending its session and its connections")
+				ss.ctl.SendWithin(&proto.Error{Code: proto.CodeAuthFailed, Message: "this agent was removed from the relay's agents file"}, time.Second)
+			} else {
+				ss.log.Warn("agent's scope narrowed in the agents file: ending its session, and its connections outside the scope")
+				ss.ctl.SendWithin(&proto.GoAway{Message: "the relay's agents file narrowed this agent's scope: register again",
+					RetryMillis: uint32(comeBackSoon.Milliseconds())}, time.Second)
+			}
+			ss.close()
+		}()
+	}
+	wg.Wait()
+}
+
+// narrowLocked applies t's scope to what it holds: it releases its
+// reservations outside the scope (all of them if it is revoked) and marks
+// in drop the members of its sessions that serve a port or pool outside
+// it, or past its tunnels=; their endpoints are released, not reserved,
+// when those members leave. s.mu must be held.
+func (s *Server) narrowLocked(t *identity, drop map[*member]bool) {
+	holds := func(ep *endpoint) bool {
+		if t == s.keyless {
+			return strings.HasPrefix(ep.owner, "resume:")
+		}
+		return ep.owner == t.owner
+	}
+	var reserved, open []*endpoint
+	cut := func(ep *endpoint) {
+		ep.cut = true
+		if ep.ln == nil {
+			ep.releaseLocked()
+		}
+		for _, m := range ep.members {
+			drop[m] = true
+		}
+	}
+	for _, ep := range s.endpoints {
+		switch {
+		case ep.pool != "" || !holds(ep):
+		case t.revoked || !t.allowsPort(ep.port):
+			cut(ep)
+		case ep.ln == nil:
+			reserved = append(reserved, ep)
+		default:
+			open = append(open, ep)
+		}
+	}
+	var pooled []*member
+	for ss := range t.sessions {
+		for _, m := range ss.members {
+			switch {
+			case m.ep.pool == "":
+			case t.revoked || !t.allowsPool(m.ep.pool):
+				drop[m] = true
+			default:
+				pooled = append(pooled, m)
+			}
+		}
+	}
+	limit := math.MaxInt
+	switch {
+	case t.Tunnels > 0:
+		limit = t.Tunnels
+	case t != s.keyless:
+		limit = s.set.maxTunnels
+	}
+	n := len(reserved) + len(open) + len(pooled)
+	slices.SortFunc(reserved, func(a, b *endpoint) int { return a.until.Compare(b.until) })
+	slices.SortFunc(open, func(a, b *endpoint) int { return b.port - a.port })
+	for ; n > limit && len(reserved) > 0; n-- {
+		cut(reserved[0])
+		reserved = reserved[1:]
+	}
+	for ; n > limit && len(open) > 0; n-- {
+		cut(open[0])
+		open = open[1:]
+	}
+	for ; n > limit && len(pooled) > 0; n-- {
+		drop[pooled[0]] = true
+		pooled = pooled[1:]
+	}
+}
+
+// scopeAllowsLocked reports whether the owner of a reservation in the
+// state file may still hold port: a key of the agents file within its
+// ports=, an agent without a key within the secret's scope. s.mu must be
+// held.
+func (s *Server) scopeAllowsLocked(owner string, port int) bool {
+	switch {
+	case strings.HasPrefix(owner, "resume:"):
+		return s.keyless.allowsPort(port)
+	case strings.HasPrefix(owner, "key:") && s.cfg.Agents != nil:
+		for _, id := range s.ids {
+			if id.owner == owner {
+				return id.allowsPort(port)
+			}
+		}
+		return false
+	}
+	return true
 }

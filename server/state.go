@@ -58,7 +58,8 @@ func (s *Server) loadState() error {
 		if until.IsZero() {
 			until = now.Add(s.set.portGrace)
 		}
-		if e.Port < 1 || e.Port > 65535 || e.Owner == "" || !until.After(now) || s.endpoints[e.Port] != nil {
+		if e.Port < 1 || e.Port > 65535 || e.Owner == "" || !until.After(now) || s.endpoints[e.Port] != nil ||
+			!s.scopeAllowsLocked(e.Owner, e.Port) {
 			continue
 		}
 		ep := &endpoint{s: s, port: e.Port, owner: e.Owner}
