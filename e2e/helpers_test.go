@@ -121,6 +121,9 @@ type env struct {
 	mu        sync.Mutex
 	procs     []*proc
 	stateHome string // XDG_STATE_HOME of every process
+	// relayWrap, if set, runs each relay under this command and its
+	// arguments (such as prlimit --nofile=N:N), which then exec the relay.
+	relayWrap []string
 }
 
 // newEnv returns an env whose leak check runs after every process's own
@@ -357,7 +360,11 @@ func (e *env) tryRelay(ip string, port int, env, flags []string) *relay {
 	t := e.t
 	t.Helper()
 	args := append(append([]string{"-bind", ip}, flags...), strconv.Itoa(port))
-	p := e.start(relayBin, args, procOpts{daemon: true, env: env})
+	bin := relayBin
+	if len(e.relayWrap) > 0 {
+		bin, args = e.relayWrap[0], append(append(e.relayWrap[1:len(e.relayWrap):len(e.relayWrap)], relayBin), args...)
+	}
+	p := e.start(bin, args, procOpts{daemon: true, env: env})
 	r := &relay{proc: p, port: port, ip: ip, env: env, flags: flags}
 	var dialErr error
 	err := p.AwaitReady(readyTimeout, func() bool {

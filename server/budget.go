@@ -59,17 +59,23 @@ func sourceOf(c net.Conn) netip.Addr {
 
 // handshakes are the connections to the control port that have not
 // finished their handshake, oldest first, in all and by source address.
-// When a new one would pass a cap, a silent one (of its source, or in all)
-// is closed to make room, rather than the new one refused: the oldest that
-// has sent nothing at all, else the oldest that has sent nothing for
-// quietFor, if it has lasted evictAfter. A handshake that sent bytes in
+// When a new one would pass a cap (of its source, or in all), room is made
+// rather than the new one refused, by closing, in this order:
+//
+//  1. the oldest that has sent nothing at all and lasted evictAfter;
+//  2. none: a burst of young or talking connections may go past the cap,
+//     up to twice it;
+//  3. past that, in all, for a new one from an address that holds fewer
+//     than the average: a silent one of an address that holds more,
+//     however young, so that a flood fast enough that none of its
+//     connections is old yet cannot lock out an agent's few;
+//  4. the oldest that sent bytes, but none for quietFor, and lasted
+//     evictAfter (a slow sender);
+//
+// and otherwise the new one is refused. A handshake that sent bytes in
 // the last quietFor is never closed to make room: an agent on a long round
-// trip is slow, not silent. A burst of young or talking connections may go
-// past a cap up to twice it. Past that in all, a new one from an address
-// that holds fewer than the average is still let in, in place of a silent
-// one of an address that holds more, however young: a flood fast enough
-// that none of its connections is old yet cannot lock out an agent's few.
-// Otherwise the new one is refused.
+// trip is slow, not silent. What a socket has received is the kernel's
+// word (TCP_INFO); where it cannot say, every handshake counts as silent.
 type handshakes struct {
 	all      list.List // of *handshake
 	bySource map[netip.Addr]*list.List
@@ -77,7 +83,7 @@ type handshakes struct {
 
 const (
 	// evictAfter is how long a handshake must have lasted to be closed to
-	// make room for a new one.
+	// make room for a new one (but see step 3).
 	evictAfter = time.Second
 	// quietFor is how long a handshake that sent bytes must have been
 	// quiet since to be closed to make room.
@@ -112,14 +118,7 @@ func (s *Server) admitHandshake(c net.Conn) (release func(), ok bool) {
 		src = list.New()
 		hs.bySource[h.src] = src
 	}
-	refuse := func() (func(), bool) {
-		if src.Len() == 0 {
-			delete(hs.bySource, h.src)
-		}
-		s.mu.Unlock()
-		return nil, false
-	}
-	// Make room in the source's share, then in all.
+	every := func(*handshake) bool { return true }
 	for _, q := range []struct {
 		l   *list.List
 		cap int
@@ -127,17 +126,22 @@ func (s *Server) admitHandshake(c net.Conn) (release func(), ok bool) {
 		if q.l.Len() < q.cap {
 			continue
 		}
-		old := silentLocked(q.l, h.at, func(*handshake) bool { return true }, false)
-		switch {
-		case old != nil:
-		case q.l.Len() < 2*q.cap:
-			continue // a burst
-		case q.l == src:
-			return refuse()
-		default:
-			if old = hs.silentOfBiggerLocked(src.Len(), h.at); old == nil {
-				return refuse()
+		old := scanLocked(q.l, every, silent(h.at, false))
+		if old == nil && q.l.Len() < 2*q.cap {
+			continue
+		}
+		if old == nil && q.l == &hs.all {
+			old = hs.silentOfBiggerLocked(src.Len(), h.at)
+		}
+		if old == nil {
+			old = scanLocked(q.l, every, quiet(h.at))
+		}
+		if old == nil {
+			if src.Len() == 0 {
+				delete(hs.bySource, h.src)
 			}
+			s.mu.Unlock()
+			return nil, false
 		}
 		evict = append(evict, hs.removeLocked(old))
 	}
@@ -157,41 +161,56 @@ func (s *Server) admitHandshake(c net.Conn) (release func(), ok bool) {
 	}, true
 }
 
-// silentLocked returns a handshake of l that match accepts and that may be
-// closed to make room at now: among the first evictScan, the oldest that
-// has sent nothing, else the oldest quiet for quietFor; with anyAge, young
-// ones that sent nothing too, else only those that lasted evictAfter. nil
-// if there is none. Where the kernel cannot tell what a socket received,
-// every handshake counts as silent.
-func silentLocked(l *list.List, now time.Time, match func(*handshake) bool, anyAge bool) *handshake {
-	var quiet *handshake
+// scanLocked returns the oldest handshake of l that match and want accept,
+// among the first evictScan that match accepts; nil if there is none.
+func scanLocked(l *list.List, match, want func(*handshake) bool) *handshake {
 	n := 0
 	for e := l.Front(); e != nil && n < evictScan; e = e.Next() {
 		h := e.Value.(*handshake)
 		if !match(h) {
 			continue
 		}
-		n++
-		old := now.Sub(h.at) >= evictAfter
-		bytes, idle, ok := received(h.c)
-		switch {
-		case (old || anyAge) && (!ok || bytes == 0):
+		if n++; want(h) {
 			return h
-		case quiet == nil && old && ok && idle >= quietFor:
-			quiet = h
 		}
 	}
-	return quiet
+	return nil
 }
 
-// silentOfBiggerLocked returns a silent handshake of an address that holds
-// more than the average, if an address holding n is below it; else nil.
+// silent accepts a handshake that has sent nothing, if it lasted
+// evictAfter at now or anyAge is set.
+func silent(now time.Time, anyAge bool) func(*handshake) bool {
+	return func(h *handshake) bool {
+		if !anyAge && now.Sub(h.at) < evictAfter {
+			return false
+		}
+		bytes, _, ok := received(h.c)
+		return !ok || bytes == 0
+	}
+}
+
+// quiet accepts a handshake that lasted evictAfter at now and has sent
+// nothing for quietFor.
+func quiet(now time.Time) func(*handshake) bool {
+	return func(h *handshake) bool {
+		if now.Sub(h.at) < evictAfter {
+			return false
+		}
+		_, idle, ok := received(h.c)
+		return !ok || idle >= quietFor
+	}
+}
+
+// silentOfBiggerLocked returns a silent handshake, however young, of an
+// address that holds more than the average, if an address holding n is
+// below it; else nil.
 func (hs *handshakes) silentOfBiggerLocked(n int, now time.Time) *handshake {
 	sources, total := len(hs.bySource), hs.all.Len()
 	if n*sources >= total {
 		return nil
 	}
-	return silentLocked(&hs.all, now, func(h *handshake) bool { return hs.bySource[h.src].Len()*sources > total }, true)
+	bigger := func(h *handshake) bool { return hs.bySource[h.src].Len()*sources > total }
+	return scanLocked(&hs.all, bigger, silent(now, true))
 }
 
 // removeLocked takes h out of the handshakes and returns its conn.

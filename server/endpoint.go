@@ -240,7 +240,7 @@ func (ss *session) claimLocked(req *proto.Listen) (*endpoint, error) {
 		ep = s.endpoints[int(req.Port)]
 	} else if ss.id != nil {
 		for _, e := range s.endpoints {
-			if e.ln == nil && e.owner == ss.id.owner && (ep == nil || e.until.After(ep.until)) {
+			if e.ln == nil && e.owner == ss.id.owner && ss.tenant.allowsPort(e.port) && (ep == nil || e.until.After(ep.until)) {
 				ep = e
 			}
 		}

@@ -572,6 +572,7 @@ type Stats struct {
 
 	Handshaking int // connections to the control port in handshake
 	Clients     int // outside clients, waiting or relayed
+	Identities  int // agent identities held: the agents file's, and keys seen without one
 }
 
 // Stats returns a snapshot of the relay's state.
@@ -584,7 +585,7 @@ func (s *Server) Stats() Stats {
 // statsLocked is Stats with s.mu held.
 func (s *Server) statsLocked() Stats {
 	st := Stats{Agents: len(s.sessions), Waiting: len(s.pending), Relayed: len(s.links),
-		Handshaking: s.handshakes.all.Len(), Clients: s.clientsTotal}
+		Handshaking: s.handshakes.all.Len(), Clients: s.clientsTotal, Identities: len(s.ids)}
 	for _, ep := range s.endpoints {
 		if ep.ln == nil {
 			st.Reserved++

@@ -122,7 +122,7 @@ func TestSilentConnectionsDoNotBlockAgents(t *testing.T) {
 	for i := range 300 {
 		// From five addresses, each within its share; the agent comes
 		// from another.
-		silent = append(silent, dialFrom(t, fmt.Sprintf("127.0.0.%d", 2+i%5), relay.Addr))
+		silent = append(silent, testutil.DialFrom(t, fmt.Sprintf("127.0.0.%d", 2+i%5), relay.Addr))
 	}
 	checkEcho(t, echoAgent(t, relay.Addr), "hello")
 	// Had the agent waited behind them, they would have hit their deadline
@@ -137,19 +137,6 @@ func TestSilentConnectionsDoNotBlockAgents(t *testing.T) {
 	for _, c := range silent {
 		expectClosed(t, c, 10*time.Second)
 	}
-}
-
-// dialFrom connects to addr from the local address ip (any loopback
-// address works on Linux) and closes the conn when the test ends.
-func dialFrom(t *testing.T, ip, addr string) *net.TCPConn {
-	t.Helper()
-	d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}}
-	c, err := d.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c.(*net.TCPConn)
 }
 
 // TestHandshakeBudget: connections that do not finish their handshake are
@@ -169,14 +156,14 @@ func TestHandshakeBudget(t *testing.T) {
 	}
 	var silent []*net.TCPConn
 	for range 16 {
-		silent = append(silent, dialFrom(t, "127.0.0.2", relay.Addr))
+		silent = append(silent, testutil.DialFrom(t, "127.0.0.2", relay.Addr))
 	}
-	if c := dialFrom(t, "127.0.0.2", relay.Addr); !refusedAtOnce(c) {
+	if c := testutil.DialFrom(t, "127.0.0.2", relay.Addr); !refusedAtOnce(c) {
 		t.Fatal("a 17th young connection in handshake from one address (twice its share) was not refused at once")
 	}
 	checkEcho(t, echoAgent(t, relay.Addr), "an agent from another address, during the flood")
 	time.Sleep(1100 * time.Millisecond) // the silent ones grow old: the point of the test
-	dialFrom(t, "127.0.0.2", relay.Addr)
+	testutil.DialFrom(t, "127.0.0.2", relay.Addr)
 	expectClosed(t, silent[0], 5*time.Second) // the oldest made room
 	for i, c := range silent[1:3] {
 		c.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
@@ -203,7 +190,7 @@ func TestHandshakeFloodLeavesRoomForAgents(t *testing.T) {
 	var silent []*net.TCPConn
 	for i := range 5 {
 		for range 8 {
-			silent = append(silent, dialFrom(t, fmt.Sprintf("127.0.2.%d", i+1), relay.Addr))
+			silent = append(silent, testutil.DialFrom(t, fmt.Sprintf("127.0.2.%d", i+1), relay.Addr))
 		}
 	}
 	check.Eventually(t, 5*time.Second, func() error {
@@ -217,7 +204,7 @@ func TestHandshakeFloodLeavesRoomForAgents(t *testing.T) {
 	// All dialled before any is read, so the flood is still young.
 	var more []*net.TCPConn
 	for i := range 10 {
-		more = append(more, dialFrom(t, fmt.Sprintf("127.0.2.%d", i%5+1), relay.Addr))
+		more = append(more, testutil.DialFrom(t, fmt.Sprintf("127.0.2.%d", i%5+1), relay.Addr))
 	}
 	refused := 0
 	for _, c := range more {
@@ -540,14 +527,14 @@ func TestClientLimitPerSource(t *testing.T) {
 		return err == nil
 	}
 	for i := range 2 {
-		if !echoes(dialFrom(t, "127.0.0.1", pub)) {
+		if !echoes(testutil.DialFrom(t, "127.0.0.1", pub)) {
 			t.Fatalf("client %d from 127.0.0.1, within its bound, not served", i+1)
 		}
 	}
-	extra := dialFrom(t, "127.0.0.1", pub)
+	extra := testutil.DialFrom(t, "127.0.0.1", pub)
 	extra.Write([]byte("x"))
 	expectClosed(t, extra, 5*time.Second)
-	if !echoes(dialFrom(t, "127.0.0.2", pub)) {
+	if !echoes(testutil.DialFrom(t, "127.0.0.2", pub)) {
 		t.Fatal("a client from another address was not served")
 	}
 }
@@ -809,7 +796,7 @@ func TestAuthThrottled(t *testing.T) {
 	check.Leaks(t)
 	relay := testutil.StartRelay(t, server.Config{Secret: "the right one"})
 	guess := func() (authFailed bool) {
-		c := dialFrom(t, "127.0.0.2", relay.Addr)
+		c := testutil.DialFrom(t, "127.0.0.2", relay.Addr)
 		defer c.Close()
 		c.SetDeadline(time.Now().Add(5 * time.Second))
 		ctl := proto.NewConn(c, 5*time.Second, proto.DefaultMaxPayload)

@@ -1,0 +1,76 @@
+package server
+
+import (
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+)
+
+// addrConn is a net.Conn that only has a remote address.
+type addrConn struct {
+	net.Conn
+	remote net.Addr
+}
+
+func (c addrConn) RemoteAddr() net.Addr { return c.remote }
+
+// TestSourceGroupsIPv6By64: one host holds a whole IPv6 /64, so every
+// per-source limit counts a /64 as one source; IPv4 addresses (and IPv4
+// in IPv6) stay one each.
+func TestSourceGroupsIPv6By64(t *testing.T) {
+	src := func(ip string) netip.Addr {
+		return sourceOf(addrConn{remote: &net.TCPAddr{IP: net.ParseIP(ip), Port: 1}})
+	}
+	same := [][2]string{
+		{"2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:ffff"},
+		{"2001:db8:1:2:aaaa::5", "2001:db8:1:2::"},
+		{"::ffff:192.0.2.1", "192.0.2.1"},
+	}
+	for _, p := range same {
+		if a, b := src(p[0]), src(p[1]); a != b {
+			t.Errorf("%s and %s are sources %v and %v, want one", p[0], p[1], a, b)
+		}
+	}
+	differ := [][2]string{
+		{"2001:db8:1:2::1", "2001:db8:1:3::1"},
+		{"192.0.2.1", "192.0.2.2"},
+	}
+	for _, p := range differ {
+		if a, b := src(p[0]), src(p[1]); a == b {
+			t.Errorf("%s and %s are one source %v, want two", p[0], p[1], a)
+		}
+	}
+}
+
+// TestAuthThrottleCountsChecks: each check spends a token before it runs,
+// and only a success gives it back, so an address has at most the burst
+// plus the refill in checks however it spreads them.
+func TestAuthThrottleCountsChecks(t *testing.T) {
+	var th authThrottle
+	src := netip.MustParseAddr("192.0.2.1")
+	now := time.Now()
+	checks := 0
+	for range 100 {
+		if th.takeLocked(src, now) {
+			checks++
+		}
+	}
+	if checks != authBurst {
+		t.Fatalf("%d checks at once, want the burst of %d", checks, authBurst)
+	}
+	if th.takeLocked(src, now.Add(400*time.Millisecond)) {
+		t.Fatal("a check 0.4 s later, before a token came back at 2 a second")
+	}
+	if !th.takeLocked(src, now.Add(time.Second)) {
+		t.Fatal("no check a second later, with two tokens back")
+	}
+	// A success gives its token back: honest agents are never slowed.
+	other := netip.MustParseAddr("192.0.2.2")
+	for i := range 100 {
+		if !th.takeLocked(other, now) {
+			t.Fatalf("check %d of an address whose checks all succeed was refused", i)
+		}
+		th.refundLocked(other, now)
+	}
+}
