@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -53,12 +54,16 @@ func TestParseAgents(t *testing.T) {
 # team web
 web %s ports=9000-9009,9100 tunnels=3 sessions=4 parked=8 pools=www,api
 db  %s   # defaults
+team secret ports=9200-9299 sessions=64 pools=scratch
 `, k, k2)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(agents) != 2 {
-		t.Fatalf("%d agents, want 2", len(agents))
+	if len(agents) != 3 {
+		t.Fatalf("%d agents, want 3", len(agents))
+	}
+	if team := agents[2]; !team.Secret || team.Key != nil || team.Name != "team" || team.Sessions != 64 || strings.Join(team.Pools, ",") != "scratch" {
+		t.Errorf("the secret's line = %+v", team)
 	}
 	web := agents[0]
 	if web.Name != "web" || len(web.Ports) != 2 || web.Ports[1] != (server.PortRange{Lo: 9100, Hi: 9100}) ||
@@ -86,6 +91,8 @@ db  %s   # defaults
 		"web " + k + " ports=9000-9001-2",                  // garbage
 		"web " + k + " pools=",                             // empty value
 		"web " + strings.Replace(k, "ed25519:", "rsa:", 1), // another kind of key
+		"a secret\nb secret",                               // two secret lines
+		"a secret\na " + k,                                 // a name taken by the secret's line
 	} {
 		_, err := server.ParseAgents(strings.NewReader(bad))
 		if bad == "web "+k+" ports=9000" {
@@ -361,5 +368,42 @@ func backOn(t *testing.T, addrs <-chan net.Addr, port int) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the agent did not register again")
+	}
+}
+
+// TestSecretTenantScope: with an agents file in force, the agents that
+// register with the secret and no key are one tenant with the scope of
+// the file's secret line: its ports, and its sessions and tunnels over all
+// of them. Keyed tenants are not held by it.
+func TestSecretTenantScope(t *testing.T) {
+	check.Leaks(t)
+	base := freeRange(t, 10)
+	team := server.Agent{Name: "team", Secret: true, Ports: []server.PortRange{{Lo: base + 5, Hi: base + 9}}, Sessions: 2, Tunnels: 3}
+	alice := newKey(t)
+	relay := testutil.StartRelay(t, server.Config{Secret: "s", PortMin: base, PortMax: base + 9,
+		Agents: []server.Agent{agentOf("alice", alice), team}})
+	a := testutil.NewRawAgent(t, relay.Addr, "s")
+	b := testutil.NewRawAgent(t, relay.Addr, "s")
+	if _, refused := testutil.DialRaw(t, relay.Addr, testutil.RawOptions{Secret: "s", Features: proto.FeaturePool}); refused == nil || refused.Code != proto.CodeLimit {
+		t.Errorf("a third session of the secret's agents (sessions=2): %+v, want a limit", refused)
+	}
+	b.Send(t, proto.Append(nil, &proto.Listen{ID: 10, Port: uint16(base), Flags: proto.ListenPortRequired}))
+	if e := b.Expect(t, proto.TypeError).(*proto.Error); !strings.Contains(e.Message, "not allowed for this agent") {
+		t.Errorf("a port outside the secret's ports=: %+v, want not allowed", e)
+	}
+	for i, ag := range []*testutil.RawAgent{a, b, a} {
+		_, p, _ := net.SplitHostPort(ag.Listen(t, 0))
+		if n, _ := strconv.Atoi(p); n < base+5 || n > base+9 {
+			t.Errorf("tunnel %d of the secret's agents on port %d, outside their ports=%d-%d", i+1, n, base+5, base+9)
+		}
+	}
+	b.Send(t, proto.Append(nil, &proto.Listen{ID: 9}))
+	if e := b.Expect(t, proto.TypeError).(*proto.Error); e.Code != proto.CodeLimit {
+		t.Errorf("a fourth tunnel of the secret's agents (tunnels=3): %+v, want a limit", e)
+	}
+	if ln, err := listenAs(t, relay.Addr, alice, "", base); err != nil {
+		t.Errorf("alice, a keyed tenant, on her port %d: %v", base, err)
+	} else {
+		ln.Close()
 	}
 }

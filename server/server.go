@@ -164,6 +164,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.Agents != nil {
 		s.SetAgents(cfg.Agents)
+		if cfg.Secret == "" && slices.ContainsFunc(cfg.Agents, func(a Agent) bool { return a.Secret }) {
+			log.Warn("the agents file has a secret line, but the relay has no secret: the line has no effect", "name", s.keyless.Name)
+		}
 	}
 	if err := s.loadState(); err != nil {
 		return nil, err
