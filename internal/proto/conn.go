@@ -3,15 +3,19 @@ package proto
 import (
 	"bufio"
 	"errors"
+	"fmt"
 	"net"
+	"os"
 	"sync"
 	"time"
 )
 
 // Conn is a control connection, seen from either end: the relay's session
 // and the agent's control loop are the same state machine. It writes whole
-// frames, one writer at a time, each under a write deadline so that a peer
-// that stops reading cannot block the writer for long, and it reads frames
+// frames, one writer at a time, each under a write deadline that bounds
+// the wait for its turn and the write together, so that a peer that stops
+// reading cannot block a writer for long, nor one writer another for
+// longer than the second one's own bound. It reads frames
 // through a buffer: after the first frame a control connection carries
 // nothing else.
 type Conn struct {
@@ -23,14 +27,17 @@ type Conn struct {
 	// MaxPayload bounds the payload of each frame Read accepts.
 	MaxPayload int
 
-	wmu  sync.Mutex
-	wbuf []byte
+	// wturn is the writers' turn: a one-slot semaphore rather than a
+	// mutex, so that waiting for it can time out (see write).
+	wturn chan struct{}
+	wbuf  []byte
 }
 
 // NewConn wraps nc. Writes time out after writeTimeout; reads accept
 // payloads up to maxPayload bytes.
 func NewConn(nc net.Conn, writeTimeout time.Duration, maxPayload int) *Conn {
-	return &Conn{nc: nc, br: bufio.NewReader(nc), writeTimeout: writeTimeout, MaxPayload: maxPayload}
+	return &Conn{nc: nc, br: bufio.NewReader(nc), writeTimeout: writeTimeout, MaxPayload: maxPayload,
+		wturn: make(chan struct{}, 1)}
 }
 
 // NetConn returns the underlying connection.
@@ -59,20 +66,40 @@ func (c *Conn) Send(m Message) error { return c.write(nil, m, c.writeTimeout, ni
 
 // SendWithin writes m as one frame, giving up after d rather than the
 // connection's write timeout: for a goodbye that must not hold up a close.
+// d bounds the whole call, including the wait for another write (a Pong
+// stuck on a peer that reads nothing) to finish or time out.
 func (c *Conn) SendWithin(m Message, d time.Duration) error { return c.write(nil, m, d, nil) }
 
 // errStopped: a ping was not sent because Serve is returning.
 var errStopped = errors.New("stopped")
 
-// write sends prefix and m, giving up after timeout. If stop is closed once
-// the deadline is set, it sends nothing: Serve, returning, closes stop and
+// errTurnTimeout: a write gave up waiting for another write to end.
+var errTurnTimeout = fmt.Errorf("control write: another write held the connection past the deadline: %w", os.ErrDeadlineExceeded)
+
+// write sends prefix and m, giving up after timeout: the wait for its turn
+// and the write share that one deadline. If stop is closed once the
+// deadline is set, it sends nothing: Serve, returning, closes stop and
 // then moves the deadline into the past, so a ping is either cut short by
 // that or not sent at all.
 func (c *Conn) write(prefix []byte, m Message, timeout time.Duration, stop <-chan struct{}) error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
+	deadline := time.Now().Add(timeout)
+	select {
+	case c.wturn <- struct{}{}:
+	default:
+		t := time.NewTimer(timeout)
+		select {
+		case c.wturn <- struct{}{}:
+			t.Stop()
+		case <-t.C:
+			return errTurnTimeout
+		case <-stop:
+			t.Stop()
+			return errStopped
+		}
+	}
+	defer func() { <-c.wturn }()
 	c.wbuf = Append(append(c.wbuf[:0], prefix...), m)
-	c.nc.SetWriteDeadline(time.Now().Add(timeout))
+	c.nc.SetWriteDeadline(deadline)
 	select {
 	case <-stop:
 		return errStopped

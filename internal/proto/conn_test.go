@@ -101,3 +101,48 @@ func TestConnHeartbeat(t *testing.T) {
 		t.Errorf("gave up after %v, before three heartbeats of %v", took, hb)
 	}
 }
+
+// TestConnSendWithinWaitsNoLongerThanItsBound: a write blocked on a peer
+// that reads nothing holds the connection for its whole write timeout, yet
+// a SendWithin(d) behind it gives up after d in all, the wait for its turn
+// included: a goodbye never waits on another write.
+func TestConnSendWithinWaitsNoLongerThanItsBound(t *testing.T) {
+	check.Leaks(t)
+	a, b := net.Pipe() // a write blocks until the peer reads: b never does
+	defer b.Close()
+	w := &writeSignal{Conn: a, writing: make(chan struct{}, 1)}
+	c := NewConn(w, 5*time.Second, DefaultMaxPayload)
+	blocked := make(chan error, 1)
+	go func() { blocked <- c.Send(&Pong{Data: 1}) }()
+	<-w.writing // the Pong holds the connection, for up to 5s
+
+	const d = 200 * time.Millisecond
+	start := time.Now()
+	err := c.SendWithin(&GoAway{}, d)
+	took := time.Since(start)
+	t.Logf("SendWithin(%v) behind a blocked write: %v after %v", d, err, took.Round(time.Millisecond))
+	if took > d+500*time.Millisecond {
+		t.Errorf("SendWithin(%v) behind a blocked write took %v, want at most %v", d, took.Round(time.Millisecond), d)
+	}
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("SendWithin behind a blocked write = %v, want a deadline error", err)
+	}
+	a.Close()
+	if err := <-blocked; err == nil {
+		t.Error("the blocked Send succeeded with nobody reading")
+	}
+}
+
+// writeSignal tells, on writing, each time a Write starts.
+type writeSignal struct {
+	net.Conn
+	writing chan struct{}
+}
+
+func (w *writeSignal) Write(b []byte) (int, error) {
+	select {
+	case w.writing <- struct{}{}:
+	default:
+	}
+	return w.Conn.Write(b)
+}
