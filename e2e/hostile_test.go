@@ -2,12 +2,17 @@ package e2e
 
 import (
 	"errors"
+	"io"
 	"net"
 	"os"
+	"regexp"
 	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"tcprelay/internal/check"
 	"tcprelay/internal/proto"
 	"tcprelay/internal/testutil"
 )
@@ -66,5 +71,91 @@ func TestAgentThatStopsReadingCannotHoldShutdown(t *testing.T) {
 	}
 	if r.ExitCode() != 0 {
 		t.Errorf("relay: %s after SIGTERM, want exit status 0; stderr:\n%s", r.Status(), r.Stderr)
+	}
+}
+
+// TestLogFloodByReadyAndListenFrames plays an agent that floods the relay
+// with 200,000 control frames that each used to write a log line: Ready
+// frames that flip its tunnel's readiness (an INFO line each) and Listen
+// requests the relay refuses (a WARN line each). The relay's whole log
+// stays under 200 lines, the refusals' lines count every refusal, and the
+// session is cut off with an Error that says why.
+func TestLogFloodByReadyAndListenFrames(t *testing.T) {
+	e := newEnv(t)
+	r := e.startRelay(nil)
+	a := testutil.NewRawAgent(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(r.port)), "")
+	a.Listen(t, 0)
+	const tunnel = 1 // the relay numbers a session's tunnels from 1
+	const frames = 200000
+	var flood []byte
+	for i := range frames {
+		switch i % 3 {
+		case 0, 1:
+			flood = proto.Append(flood, &proto.Ready{Tunnel: tunnel, Ready: i%3 == 1})
+		default: // refused: a flag no relay knows
+			flood = proto.Append(flood, &proto.Listen{ID: uint32(i), Flags: 1 << 31})
+		}
+	}
+
+	// The agent reads everything the relay answers while it writes.
+	a.Conn.SetDeadline(time.Now().Add(60 * time.Second))
+	wrote := make(chan error, 1)
+	go func() {
+		_, err := a.Conn.Write(flood)
+		wrote <- err
+	}()
+	refusals := 0
+	var cut *proto.Error
+	var readErr error
+	for {
+		typ, payload, err := proto.ReadFrame(a.Conn, nil, proto.DefaultMaxPayload)
+		if err != nil {
+			readErr = err
+			break
+		}
+		m, err := proto.Parse(typ, payload)
+		if err != nil {
+			t.Fatalf("relay sent a bad %s frame: %v", typ, err)
+		}
+		if m, ok := m.(*proto.Error); ok {
+			if m.ID != 0 {
+				refusals++
+			} else {
+				cut = m
+			}
+		}
+	}
+	writeErr := <-wrote
+	a.Conn.Close()
+	t.Logf("agent: %d refusals answered, then %+v and %v; its write of %d frames: %v", refusals, cut, readErr, frames, writeErr)
+	if cut == nil || cut.Code != proto.CodeLimit || !strings.Contains(cut.Message, "frames") {
+		t.Errorf("session ended with %+v (read: %v), want an Error with code %d (limit) that says the agent sent too many frames", cut, readErr, proto.CodeLimit)
+	}
+	if !errors.Is(readErr, io.EOF) && !errors.Is(readErr, syscall.ECONNRESET) {
+		t.Errorf("after the flood the agent read %v, want the relay to have closed the session", readErr)
+	}
+
+	// Every line the relay wrote, including its start and its stop.
+	check.Eventually(t, 5*time.Second, func() error {
+		if !strings.Contains(r.Stderr.String(), "agent disconnected") {
+			return errors.New("relay has not logged the session's end")
+		}
+		return nil
+	})
+	r.stop()
+	log := r.Stderr.String()
+	t.Logf("relay: %s", regexp.MustCompile(`.*msg="agent disconnected".*`).FindString(log))
+	lines := strings.Count(log, "\n")
+	t.Logf("relay log for %d frames: %d lines, %d bytes:\n%s", frames, lines, len(log), log)
+	if lines > 200 {
+		t.Errorf("relay wrote %d log lines (%d bytes) for %d frames, want at most 200; first lines:\n%s", lines, len(log), frames, clip(log))
+	}
+	counted := 0
+	for _, m := range regexp.MustCompile(`msg="listen request refused".* count=(\d+)`).FindAllStringSubmatch(log, -1) {
+		n, _ := strconv.Atoi(m[1])
+		counted += n
+	}
+	if counted != refusals {
+		t.Errorf("the log counts %d refused listen requests, the agent got %d refusals", counted, refusals)
 	}
 }

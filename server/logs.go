@@ -1,14 +1,17 @@
 package server
 
 import (
+	"context"
 	"log/slog"
 	"sync"
 	"time"
 )
 
 // quietLog writes at most one line per second for each kind of event (a
-// flood of garbage, of refused clients), and every line says how many
-// events it stands for, so the counts in the log add up to the metrics.
+// flood of garbage, of refused clients, an agent's requests), and every
+// line says how many events it stands for, so the counts in the log add up
+// to the metrics. The relay has one for the events of strangers, and each
+// agent session one for the events of its requests.
 // Events that come in between are counted and written one second after
 // the line before, even if no event follows them.
 type quietLog struct {
@@ -21,6 +24,7 @@ type quietLog struct {
 }
 
 type quietKind struct {
+	level slog.Level
 	last  time.Time   // when the last line was written
 	n     int         // events since
 	args  []any       // the last of them
@@ -29,9 +33,14 @@ type quietKind struct {
 
 const quietEvery = time.Second
 
-// Warn logs msg for one event of its kind (msg itself), or counts it for
-// the next line.
-func (q *quietLog) Warn(msg string, args ...any) {
+// Warn logs msg at level WARN for one event of its kind (msg itself), or
+// counts it for the next line.
+func (q *quietLog) Warn(msg string, args ...any) { q.event(slog.LevelWarn, msg, args) }
+
+// Info is Warn at level INFO.
+func (q *quietLog) Info(msg string, args ...any) { q.event(slog.LevelInfo, msg, args) }
+
+func (q *quietLog) event(level slog.Level, msg string, args []any) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.done {
@@ -42,7 +51,7 @@ func (q *quietLog) Warn(msg string, args ...any) {
 	}
 	k := q.kinds[msg]
 	if k == nil {
-		k = &quietKind{}
+		k = &quietKind{level: level}
 		q.kinds[msg] = k
 	}
 	k.n++
@@ -67,7 +76,7 @@ func (q *quietLog) writeLocked(msg string, k *quietKind) {
 	if k.n == 0 {
 		return
 	}
-	q.log.Warn(msg, append(k.args, "count", k.n)...)
+	q.log.Log(context.Background(), k.level, msg, append(k.args, "count", k.n)...)
 	k.n, k.last = 0, time.Now()
 }
 

@@ -30,6 +30,7 @@ type session struct {
 	src      netip.Addr // its source, for per-source limits (see sourceOf)
 	software string     // what the agent says it is (Hello)
 	since    time.Time  // when the session was established
+	quiet    *quietLog  // the log lines of its requests (see serve)
 
 	// Guarded by s.mu.
 	closed  bool
@@ -99,7 +100,7 @@ func (s *Server) runSession(c net.Conn, hello *proto.Hello, bindIP net.IP, relea
 	}
 	if err == nil {
 		ss.ctl.MaxPayload = s.set.maxFrameSize
-		err = ss.ctl.Serve(s.set.heartbeat, ss.handle)
+		err = ss.serve()
 		if errors.Is(err, errBadRequest) || errors.Is(err, proto.ErrShortPayload) {
 			ss.ctl.Send(&proto.Error{Code: proto.CodeBadRequest, Message: err.Error()})
 		}
@@ -261,7 +262,7 @@ func (ss *session) handle(m proto.Message) error {
 func (ss *session) listen(req *proto.Listen) {
 	s := ss.s
 	refuse := func(code uint16, err error) {
-		ss.log.Warn("listen request refused", "port", req.Port, "err", err)
+		ss.quiet.Warn("listen request refused", "port", req.Port, "err", err)
 		ss.ctl.Send(&proto.Error{ID: req.ID, Code: code, Message: err.Error()})
 	}
 	if unknown := req.Flags &^ proto.ListenKnownFlags; unknown != 0 {
@@ -285,7 +286,7 @@ func (ss *session) listen(req *proto.Listen) {
 		ss.close()
 		return
 	}
-	ss.log.Info("tunnel opened", "port", m.ep.port, "pool", m.ep.pool)
+	ss.quiet.Info("tunnel opened", "port", m.ep.port, "pool", m.ep.pool)
 	m.ep.start(ln)
 }
 
@@ -309,21 +310,22 @@ func (ss *session) closeTunnel(id uint32) {
 		ln.Close()
 	}
 	s.redispatch(moved)
-	ss.log.Info("tunnel closed by agent", "port", m.ep.port)
+	ss.quiet.Info("tunnel closed by agent", "port", m.ep.port)
 }
 
 // setReady records whether the agent's member of a tunnel can take new
-// clients.
+// clients, and logs a change.
 func (ss *session) setReady(id uint32, ready bool) {
 	s := ss.s
 	s.mu.Lock()
 	m := ss.members[id]
-	if m != nil {
+	changed := m != nil && m.ready != ready
+	if changed {
 		m.ready = ready
 	}
 	s.mu.Unlock()
-	if m != nil {
-		ss.log.Info("member readiness", "port", m.ep.port, "ready", ready)
+	if changed {
+		ss.quiet.Info("member readiness", "port", m.ep.port, "ready", ready)
 	}
 }
 

@@ -26,6 +26,11 @@ type Conn struct {
 
 	// MaxPayload bounds the payload of each frame Read accepts.
 	MaxPayload int
+	// Admit, if not nil, is called by Serve for every frame it reads
+	// (pings, pongs and frames of unknown types included) before acting on
+	// it; an error ends Serve with that error. The relay bounds an agent's
+	// rate of frames with it.
+	Admit func() error
 
 	// wturn is the writers' turn: a one-slot semaphore rather than a
 	// mutex, so that waiting for it can time out (see write).
@@ -153,6 +158,11 @@ func (c *Conn) Serve(hb time.Duration, handle func(Message) error) error {
 			c.nc.SetReadDeadline(time.Now().Add(3 * hb))
 		}
 		m, err := c.Read()
+		if c.Admit != nil && (err == nil || errors.Is(err, ErrUnknownType)) {
+			if err := c.Admit(); err != nil {
+				return err
+			}
+		}
 		if errors.Is(err, ErrUnknownType) {
 			continue
 		}
