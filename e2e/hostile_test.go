@@ -2,8 +2,10 @@ package e2e
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"regexp"
 	"strconv"
@@ -157,5 +159,94 @@ func TestLogFloodByReadyAndListenFrames(t *testing.T) {
 	}
 	if counted != refusals {
 		t.Errorf("the log counts %d refused listen requests, the agent got %d refusals", counted, refusals)
+	}
+}
+
+// forged is what an agent that wants to mislead the operator calls its
+// software and its pool: whole lines of the status view, a fake agent and
+// a fake endpoint on port 22.
+const forged = "x\nagent evil from 127.0.0.1:1 (evil/1.0), connected 1s ago, 0 parked data connections\n" +
+	"endpoint on port 22: 0 connections, 0 waiting\n  member: agent evil tunnel 1, 0 clients"
+
+// TestStatusLinesForgedBySoftwareAndPoolName plays an agent whose Hello
+// names its software, and whose Listen names its pool, with line breaks
+// and lines of the relay's text view. The operator's views (/status, the
+// page at /, /metrics) and the relay's log show them quoted: no line of
+// theirs starts with a forged one, and the agent's real entry is there.
+func TestStatusLinesForgedBySoftwareAndPoolName(t *testing.T) {
+	e := newEnv(t)
+	ops := net.JoinHostPort("127.0.0.1", strconv.Itoa(freePort(t)))
+	r := e.startRelayWith(nil, nil, "-metrics-addr", ops)
+
+	// The handshake of testutil.NewRawAgent, with a Hello of our own.
+	c := testutil.Dial(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(r.port)))
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	next := func() proto.Message {
+		t.Helper()
+		for {
+			typ, payload, err := proto.ReadFrame(c, nil, proto.DefaultMaxPayload)
+			if err != nil {
+				t.Fatalf("read: %v; relay stderr:\n%s", err, r.Stderr)
+			}
+			m, err := proto.Parse(typ, payload)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, ok := m.(*proto.PoolKey); !ok {
+				return m
+			}
+		}
+	}
+	c.Write(append(proto.Preamble(), proto.Append(nil, &proto.Hello{Agent: forged, Features: proto.FeaturePools})...))
+	ch, ok := next().(*proto.Challenge)
+	if !ok {
+		t.Fatal("no challenge")
+	}
+	c.Write(proto.Append(nil, &proto.Auth{MAC: proto.AuthMAC("", ch.Nonce)}))
+	if m := next(); m.Type() != proto.TypeWelcome {
+		t.Fatalf("got %s %+v, want Welcome", m.Type(), m)
+	}
+	c.Write(proto.Append(nil, &proto.Listen{ID: 1, Pool: forged}))
+	okm, ok := next().(*proto.ListenOK)
+	if !ok {
+		t.Fatalf("pool listen refused; relay stderr:\n%s", r.Stderr)
+	}
+
+	get := func(path string) string {
+		t.Helper()
+		hc := &http.Client{Timeout: 10 * time.Second}
+		resp, err := hc.Get("http://" + ops + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET %s: %s, %v", path, resp.Status, err)
+		}
+		return string(b)
+	}
+	forgedLine := regexp.MustCompile(`(?m)^\s*(agent evil|endpoint on port 22|member: agent evil)`)
+	for _, view := range []struct{ name, text string }{
+		{"/status", get("/status")},
+		{"/", get("/")},
+		{"/metrics", get("/metrics")},
+	} {
+		if m := forgedLine.FindString(view.text); m != "" {
+			t.Errorf("%s shows a line forged by the agent, %q:\n%s", view.name, m, view.text)
+		}
+	}
+	status := get("/status")
+	t.Logf("/status:\n%s", status)
+	// Quoted, and cut to 64 bytes.
+	if want := "(software " + strconv.Quote(forged[:64]+"...") + ")"; !strings.Contains(status, want) {
+		t.Errorf("/status does not show the agent's software quoted, %s; it says:\n%s", want, status)
+	}
+	if want := fmt.Sprintf("endpoint on port %d", okm.Port); !strings.Contains(status, want) {
+		t.Errorf("/status does not show the agent's endpoint (%q):\n%s", want, status)
+	}
+	r.stop()
+	if m := forgedLine.FindString(r.Stderr.String()); m != "" {
+		t.Errorf("the relay's log has a line forged by the agent, %q:\n%s", m, r.Stderr)
 	}
 }

@@ -9,6 +9,8 @@ import (
 	"sort"
 	"strconv"
 	"time"
+	"unicode"
+	"unicode/utf8"
 )
 
 // The status views: WriteStatus (plain text) and WriteStatusHTML (the
@@ -120,12 +122,12 @@ func (s *Server) takeStatus(clients bool) *status {
 	st.Stats, st.Endpoints = s.statsLocked(), len(s.endpoints)
 	st.Agents = make([]agentStatus, 0, len(s.sessions))
 	for ss := range s.sessions {
-		st.Agents = append(st.Agents, agentStatus{Name: ss.name(), Remote: ss.remote, Software: ss.software,
+		st.Agents = append(st.Agents, agentStatus{Name: ss.name(), Remote: ss.remote, Software: peerText(ss.software),
 			Since: ss.since, Tunnels: len(ss.members), Parked: len(ss.pool)})
 	}
 	byEP := make(map[*endpoint]*endpointStatus, len(s.endpoints))
 	for _, ep := range s.endpoints {
-		e := &endpointStatus{Port: ep.port, Pool: ep.pool, Conns: ep.conns, Pending: ep.pending, Bytes: ep.bytesDone}
+		e := &endpointStatus{Port: ep.port, Pool: peerText(ep.pool), Conns: ep.conns, Pending: ep.pending, Bytes: ep.bytesDone}
 		if ep.ln == nil {
 			e.Until = ep.until
 			st.Reserved = append(st.Reserved, e)
@@ -257,6 +259,23 @@ func (s *Server) limits() []statusLimit {
 	}
 }
 
+// maxPeerText bounds what the views show of a string a peer chose.
+const maxPeerText = 64
+
+// peerText is s, a string a peer chose, cut to maxPeerText bytes (on a
+// character's boundary) with "..." if it was longer. The views still quote
+// or escape it.
+func peerText(s string) string {
+	if len(s) <= maxPeerText {
+		return s
+	}
+	n := maxPeerText
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "..."
+}
+
 // humanBytes is n in B, KiB, MiB or GiB.
 func humanBytes(n int64) string {
 	const unit = 1024
@@ -294,15 +313,21 @@ func (s *Server) WriteStatus(w io.Writer) error {
 	fmt.Fprintf(&b, "relay %s, up %s; agents: %s; control %v over %s; public ports %s\n",
 		st.Version, age(now, st.Started), st.Mode, st.Control, tls, st.Ports)
 	fmt.Fprintf(&b, "bytes relayed: %d to agents, %d from agents\n", st.Bytes.ToAgents, st.Bytes.FromAgents)
+	// What a peer chose (an agent's software, a pool's name) is quoted: it
+	// cannot break a line, nor pass for one of the relay's.
 	for _, a := range st.Agents {
-		fmt.Fprintf(&b, "agent %s from %s (%s), connected %s ago, %d parked data connections\n",
+		fmt.Fprintf(&b, "agent %s from %s (software %q), connected %s ago, %d parked data connections\n",
 			a.Name, a.Remote, a.Software, age(now, a.Since), a.Parked)
 	}
 	if n := st.MoreAgents; n > 0 {
 		fmt.Fprintf(&b, "... and %d more agents\n", n)
 	}
 	for _, e := range st.Open {
-		fmt.Fprintf(&b, "endpoint on port %d: %d connections, %d waiting\n", e.Port, e.Conns, e.Pending)
+		pool := ""
+		if e.Pool != "" {
+			pool = fmt.Sprintf(" (pool %q)", e.Pool)
+		}
+		fmt.Fprintf(&b, "endpoint on port %d%s: %d connections, %d waiting\n", e.Port, pool, e.Conns, e.Pending)
 		for _, m := range e.Members {
 			ready := ""
 			if !m.Ready {
@@ -345,7 +370,7 @@ func writeClients(b *bytes.Buffer, now time.Time, e *endpointStatus) {
 // WriteStatusHTML writes the status page: what WriteStatus says, as an
 // HTML page for a browser that reloads itself every 5 seconds. It has no
 // script; every value the agents or clients chose (names, software) is
-// escaped.
+// escaped, and quoted if it holds a character that does not print.
 func (s *Server) WriteStatusHTML(w io.Writer) error {
 	st := s.takeStatus(true)
 	st.bound()
@@ -362,7 +387,20 @@ var statusPage = template.Must(template.New("status").Funcs(template.FuncMap{
 	"bytes": humanBytes,
 	"left":  func(now, t time.Time) string { return t.Sub(now).Round(time.Second).String() },
 	"when":  func(t time.Time) string { return t.UTC().Format("2006-01-02 15:04:05 UTC") },
+	"peer":  printable,
 }).Parse(statusHTML))
+
+// printable is s if every character of it prints, else s quoted (a line
+// break shows as \n): for the page, where html/template escapes markup
+// but lets a line break through to whoever reads the source.
+func printable(s string) string {
+	for _, r := range s {
+		if !unicode.IsPrint(r) {
+			return strconv.Quote(s)
+		}
+	}
+	return s
+}
 
 const statusHTML = `<!DOCTYPE html>
 <html lang="en">
@@ -403,14 +441,14 @@ code { font-family: ui-monospace, monospace; }
 <h2>Agents ({{.NAgents}})</h2>
 {{if .Agents}}<table>
 <tr><th>agent</th><th>remote address</th><th>software</th><th>connected since</th><th class="num">tunnels</th><th class="num">parked data connections</th></tr>
-{{range .Agents}}<tr><td>{{.Name}}</td><td><code>{{.Remote}}</code></td><td>{{.Software}}</td><td>{{when .Since}} <span class="muted">({{age $.Time .Since}} ago)</span></td><td class="num">{{.Tunnels}}</td><td class="num">{{.Parked}}</td></tr>
+{{range .Agents}}<tr><td>{{.Name}}</td><td><code>{{.Remote}}</code></td><td>{{peer .Software}}</td><td>{{when .Since}} <span class="muted">({{age $.Time .Since}} ago)</span></td><td class="num">{{.Tunnels}}</td><td class="num">{{.Parked}}</td></tr>
 {{end}}</table>
 {{with .MoreAgents}}<p class="more">and {{.}} more agents</p>{{end}}
 {{else}}<p class="muted">No agent is connected.</p>{{end}}
 
 <h2>Endpoints ({{.NOpen}})</h2>
 {{range .Open}}<section class="endpoint" id="port-{{.Port}}">
-<h3>Port {{.Port}}{{with .Pool}} <span class="muted">pool {{.}}</span>{{end}}: clients {{.Conns}}, waiting {{.Pending}}; to agents <data value="{{.Bytes.ToAgents}}">{{bytes .Bytes.ToAgents}}</data>, from agents <data value="{{.Bytes.FromAgents}}">{{bytes .Bytes.FromAgents}}</data></h3>
+<h3>Port {{.Port}}{{with .Pool}} <span class="muted">pool {{peer .}}</span>{{end}}: clients {{.Conns}}, waiting {{.Pending}}; to agents <data value="{{.Bytes.ToAgents}}">{{bytes .Bytes.ToAgents}}</data>, from agents <data value="{{.Bytes.FromAgents}}">{{bytes .Bytes.FromAgents}}</data></h3>
 <table>
 <tr><th>member: agent</th><th class="num">tunnel</th><th>state</th><th class="num">clients</th></tr>
 {{range .Members}}<tr><td>{{.Agent}}</td><td class="num">{{.Tunnel}}</td><td>{{if .Ready}}<span class="ok">ready</span>{{else}}<span class="warn">not ready</span>{{end}}</td><td class="num">{{.Clients}}</td></tr>
@@ -433,7 +471,7 @@ code { font-family: ui-monospace, monospace; }
 <h2>Reserved ports ({{.NReserved}})</h2>
 {{if .Reserved}}<table>
 <tr><th class="num">port</th><th>pool</th><th>reserved until</th><th class="num">clients still relayed</th></tr>
-{{range .Reserved}}<tr><td class="num">{{.Port}}</td><td>{{.Pool}}</td><td>{{when .Until}} <span class="muted">(another {{left $.Time .Until}})</span></td><td class="num">{{.Conns}}</td></tr>
+{{range .Reserved}}<tr><td class="num">{{.Port}}</td><td>{{peer .Pool}}</td><td>{{when .Until}} <span class="muted">(another {{left $.Time .Until}})</span></td><td class="num">{{.Conns}}</td></tr>
 {{end}}</table>
 {{with .MoreReserved}}<p class="more">and {{.}} more reserved ports</p>{{end}}
 {{else}}<p class="muted">No port is reserved.</p>{{end}}
