@@ -4,10 +4,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -33,30 +35,46 @@ type stateFile struct {
 // stateDelay coalesces the writes of a burst of changes into one.
 const stateDelay = 100 * time.Millisecond
 
-// loadState reserves, for their owners, the ports the state file lists.
-// A missing file is an empty one.
+// stateVersion is the version of the state file this relay writes and
+// reads.
+const stateVersion = 1
+
+// loadState reserves, for their owners, the ports the state file lists,
+// for no longer than the grace from now. A missing file is an empty one. A
+// file the relay cannot use (not JSON, another version, a symbolic link)
+// does not stop it: it is logged and set aside, renamed to
+// NAME.corrupt-<unix time> and never deleted, and the relay starts with no
+// reservation. It fails only if the file cannot be read or set aside.
 func (s *Server) loadState() error {
-	if s.cfg.StateFile == "" {
+	path := s.cfg.StateFile
+	if path == "" {
 		return nil
 	}
-	b, err := os.ReadFile(s.cfg.StateFile)
+	b, err := readRegular(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
+	}
+	if errors.Is(err, errNotRegular) {
+		return s.setStateAside(err.Error())
 	}
 	if err != nil {
 		return err
 	}
 	var st stateFile
 	if err := json.Unmarshal(b, &st); err != nil {
-		return fmt.Errorf("state file %s: %w", s.cfg.StateFile, err)
+		return s.setStateAside("not a state file: " + err.Error())
+	}
+	if st.Version != stateVersion {
+		return s.setStateAside(fmt.Sprintf("version %d, which this relay does not know (it reads and writes version %d)", st.Version, stateVersion))
 	}
 	now := time.Now()
+	latest := now.Add(s.set.portGrace)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, e := range st.Endpoints {
 		until := e.Until
-		if until.IsZero() {
-			until = now.Add(s.set.portGrace)
+		if until.IsZero() || until.After(latest) {
+			until = latest // open when the relay stopped, or a clock gone wrong
 		}
 		if e.Port < 1 || e.Port > 65535 || e.Owner == "" || !until.After(now) || s.endpoints[e.Port] != nil ||
 			!s.scopeAllowsLocked(e.Owner, e.Port) {
@@ -74,9 +92,45 @@ func (s *Server) loadState() error {
 		ep.reserveLocked(until)
 	}
 	if n := len(s.endpoints); n > 0 {
-		s.log.Info("ports reserved for their owners from the state file", "ports", n, "file", s.cfg.StateFile, "grace", s.set.portGrace)
+		s.log.Info("ports reserved for their owners from the state file", "ports", n, "file", path, "grace", s.set.portGrace)
 	}
 	return nil
+}
+
+// setStateAside renames the state file, which the relay cannot use for
+// why, to NAME.corrupt-<unix time>, and logs it.
+func (s *Server) setStateAside(why string) error {
+	path := s.cfg.StateFile
+	aside := path + ".corrupt-" + strconv.FormatInt(time.Now().Unix(), 10)
+	if err := os.Rename(path, aside); err != nil { // a link is renamed, not followed
+		return fmt.Errorf("state file %s is unusable (%s) and could not be set aside: %w", path, why, err)
+	}
+	s.log.Error("state file unusable: set aside, starting with no port reservation", "file", path, "why", why, "set_aside_as", aside)
+	return nil
+}
+
+// errNotRegular: the state file is a symbolic link, a directory, a device...
+var errNotRegular = errors.New("not a regular file (a symbolic link is not followed)")
+
+// readRegular reads the regular file at path, without following a
+// symbolic link there.
+func readRegular(path string) ([]byte, error) {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, errNotRegular
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if opened, err := f.Stat(); err != nil || !os.SameFile(fi, opened) {
+		return nil, errNotRegular // replaced between the two looks
+	}
+	return io.ReadAll(f)
 }
 
 // saveStateSoonLocked schedules a write of the state file. s.mu must be
@@ -107,7 +161,7 @@ func (s *Server) saveState(final bool) {
 		s.mu.Unlock()
 		return
 	}
-	st := stateFile{Version: 1, Endpoints: []stateEntry{}}
+	st := stateFile{Version: stateVersion, Endpoints: []stateEntry{}}
 	for _, ep := range s.endpoints {
 		st.Endpoints = append(st.Endpoints, stateEntry{Port: ep.port, Owner: ep.owner, Until: ep.until})
 	}
@@ -118,6 +172,9 @@ func (s *Server) saveState(final bool) {
 	}
 }
 
+// writeFileAtomic writes v as JSON to path through a new file (created
+// with O_EXCL, mode 0600) renamed over it: a symbolic link planted at path
+// is replaced, never followed.
 func writeFileAtomic(path string, v any) error {
 	b, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
