@@ -135,3 +135,43 @@ func TestFarFutureReservationCutToGrace(t *testing.T) {
 		t.Errorf("port %d reserved for another %s, want at most the grace, 30s", reserved, m[1])
 	}
 }
+
+// TestSymlinksInStateDirNotFollowed plants symbolic links in the state
+// directory at the paths of the state file and of the self-signed TLS
+// certificate, pointing outside it. The relay starts, writes both, and
+// creates nothing where the links point.
+func TestSymlinksInStateDirNotFollowed(t *testing.T) {
+	e := newEnv(t)
+	dir, outside := t.TempDir(), t.TempDir()
+	var targets []string
+	r, statePath := e.relayWithStateFile(dir, func(path string, port int) {
+		for _, p := range []string{path, strings.TrimSuffix(path, ".json") + "-tls.pem"} {
+			target := filepath.Join(outside, filepath.Base(p))
+			os.Remove(p)
+			if err := os.Symlink(target, p); err != nil {
+				t.Fatal(err)
+			}
+			targets = append(targets, target)
+		}
+	}, "-tls-self-signed")
+	e.startEchoWith("127.0.0.1", r.port, nil, "-tls-fingerprint", fingerprint(t, r)) // the state file is written
+	r.stop()
+	for _, target := range targets {
+		if _, err := os.Lstat(target); err == nil {
+			t.Errorf("the relay wrote %s, outside its state directory, through a link", target)
+		}
+	}
+	for _, p := range []string{statePath, strings.TrimSuffix(statePath, ".json") + "-tls.pem"} {
+		if fi, err := os.Lstat(p); err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s: %v; want a regular file of mode 0600 in place of the link", p, describe(fi, err))
+		}
+	}
+}
+
+// describe says what Lstat found.
+func describe(fi os.FileInfo, err error) string {
+	if err != nil {
+		return err.Error()
+	}
+	return fi.Mode().String()
+}

@@ -14,6 +14,7 @@ import (
 	"math/big"
 	"net"
 	"os"
+	"path/filepath"
 	"time"
 )
 
@@ -27,6 +28,8 @@ func selfSigned(path string, hosts []string) (cert tls.Certificate, created bool
 		if err == nil {
 			return cert, false, nil
 		}
+		// Nothing there, or a symbolic link to nothing: made anew below,
+		// and the link replaced, not followed.
 		if _, statErr := os.Stat(path); !errors.Is(statErr, fs.ErrNotExist) {
 			return cert, false, fmt.Errorf("%s: %w", path, err)
 		}
@@ -62,10 +65,34 @@ func selfSigned(path string, hosts []string) (cert tls.Certificate, created bool
 	pemBytes := append(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
 		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})...)
 	if path != "" {
-		if err := os.WriteFile(path, pemBytes, 0o600); err != nil {
+		if err := writeNew(path, pemBytes); err != nil {
 			return cert, false, err
 		}
 	}
 	cert, err = tls.X509KeyPair(pemBytes, pemBytes)
 	return cert, true, err
+}
+
+// writeNew writes b to path, mode 0600, through a new file of its own
+// (O_CREATE|O_EXCL) in the same directory renamed over path: a symbolic
+// link planted at path is replaced, never followed, so the key cannot be
+// written elsewhere.
+func writeNew(path string, b []byte) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+"-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name()) // a no-op once renamed
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), path)
 }
