@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -134,6 +135,53 @@ func TestFarFutureReservationCutToGrace(t *testing.T) {
 	if err != nil || left > 30*time.Second {
 		t.Errorf("port %d reserved for another %s, want at most the grace, 30s", reserved, m[1])
 	}
+}
+
+// TestEmptyAgentsFileOnSIGHUPKeepsTenants: an agents file emptied (as one
+// caught mid-write is) and a SIGHUP keep every tenant: the relay warns and
+// keeps the agents in force, as for a file with errors. A file that holds
+// only a comment removes everyone, on purpose.
+func TestEmptyAgentsFileOnSIGHUPKeepsTenants(t *testing.T) {
+	requireNC(t)
+	e := newEnv(t)
+	webFile, webKey := e.agentKey("web")
+	agents := writeAgents(t, "", "web "+webKey+"\n")
+	r := e.startRelayWith(nil, nil, "-agents", agents)
+	web, pub := e.startAgent(echoBin, []string{"-key", webFile, "127.0.0.1", strconv.Itoa(r.port)}, "127.0.0.1")
+	e.ncEcho("127.0.0.1", pub, []byte("before\n"))
+
+	for i, content := range []string{"", " \n\t\n"} {
+		writeAgents(t, agents, content)
+		r.signal(syscall.SIGHUP)
+		handled := func() int {
+			log := r.Stderr.String()
+			return strings.Count(log, "agents file reloaded") + strings.Count(log, "agents file is empty")
+		}
+		if !child.WaitFor(5*time.Second, func() bool { return handled() > i }) {
+			t.Fatalf("SIGHUP with the agents file %q: the relay logged nothing of it; stderr:\n%s", content, r.Stderr)
+		}
+		if took, ok := waitRefused(pub, time.Now(), 500*time.Millisecond); ok {
+			t.Fatalf("SIGHUP with the agents file %q revoked web: its port %d refuses connections %v after; relay stderr:\n%s", content, pub, took.Round(time.Millisecond), r.Stderr)
+		}
+		e.ncEcho("127.0.0.1", pub, []byte(fmt.Sprintf("after SIGHUP with the agents file %q\n", content)))
+		if web.Exited() {
+			t.Fatalf("web exited after a SIGHUP with an empty agents file; stderr:\n%s", web.Stderr)
+		}
+		if n := strings.Count(r.Stderr.String(), "agents file is empty"); n != i+1 {
+			t.Errorf("SIGHUP with the agents file %q: the relay warned %d times that the file is empty, want %d; stderr:\n%s", content, n, i+1, r.Stderr)
+		}
+	}
+	t.Logf("relay: %s", regexp.MustCompile(`.*agents file is empty.*`).FindString(r.Stderr.String()))
+
+	// Only a comment: on purpose.
+	writeAgents(t, agents, "# nobody\n")
+	web.ended()
+	hupAt := time.Now()
+	r.signal(syscall.SIGHUP)
+	if took, ok := waitRefused(pub, hupAt, 5*time.Second); !ok {
+		t.Fatalf("a file with only a comment did not remove web: port %d still accepts %v after SIGHUP", pub, took)
+	}
+	web.mustExit(10 * time.Second)
 }
 
 // TestSymlinksInStateDirNotFollowed plants symbolic links in the state

@@ -2,6 +2,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -50,7 +51,7 @@ func main() {
 	c.DurationOff(&cfg.StallTimeout, "stall-timeout", 0, "close a relayed connection whose reader has taken nothing for this `duration` while bytes wait for it (0 or off: never)")
 	c.DurationOff(&cfg.IdleTimeout, "idle-timeout", 0, "close a relayed connection on which nothing has moved, either way, for this `duration` (0 or off: never)")
 	metricsAddr := fs.String("metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics, a status page at / and a text status view at /status, e.g. 127.0.0.1:9090 (default: off)")
-	agentsFile := fs.String("agents", "", "`file` of the agents admitted by key, one per line: NAME KEY [ports=LO-HI,...] [tunnels=N] [sessions=N] [parked=N] [pools=NAME,...|*]; SIGHUP re-reads it (default: none; admit by -secret, or any agent)")
+	agentsFile := fs.String("agents", "", "`file` of the agents admitted by key, one per line: NAME KEY [ports=LO-HI,...] [tunnels=N] [sessions=N] [parked=N] [pools=NAME,...|*]; SIGHUP re-reads it, and keeps the agents in force if it has an error or is empty (as a file caught mid-write is): to remove every agent, leave only a comment in it, e.g. '# none' (default: none; admit by -secret, or any agent)")
 	stateDir := fs.String("state-dir", "", "`directory` for the port reservations file, so that they survive a restart; off: keep them in memory (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/tcprelay, else ~/.local/state/tcprelay)")
 	c.DurationOff(&cfg.PortGrace, "port-grace", cfg.PortGrace, "how long a public port stays reserved for its owner after its agent left without releasing it, a `duration` or off")
 	tlsCert := fs.String("tls-cert", "", "PEM certificate file: serve agents over TLS (with -tls-key)")
@@ -108,7 +109,7 @@ func main() {
 		*drain = 10 * time.Second
 	}
 	if *agentsFile != "" {
-		if cfg.Agents, err = server.LoadAgents(*agentsFile); err != nil {
+		if cfg.Agents, err = loadAgents(*agentsFile); err != nil {
 			c.Fatal(fmt.Errorf("-agents: %w", err))
 		}
 		log.Info("agents admitted by key", "file", *agentsFile, "agents", len(cfg.Agents))
@@ -264,14 +265,18 @@ func stateFile(dir, bind string, port int) (string, error) {
 }
 
 // reloadOnHUP re-reads the agents file on every SIGHUP. A file with an
-// error leaves the agents in force as they were.
+// error, or empty, leaves the agents in force as they were.
 func reloadOnHUP(hup <-chan os.Signal, srv *server.Server, path string, log *slog.Logger) {
 	for range hup {
 		if path == "" {
 			log.Info("SIGHUP: no agents file to reload")
 			continue
 		}
-		agents, err := server.LoadAgents(path)
+		agents, err := loadAgents(path)
+		if errors.Is(err, errEmptyAgents) {
+			log.Warn("agents file is empty: not reloaded, keeping the agents in force (it may have been caught mid-write; to remove every agent, leave only a comment in it)", "file", path)
+			continue
+		}
 		if err != nil {
 			log.Error("agents file not reloaded: keeping the agents in force", "err", err)
 			continue
@@ -279,6 +284,28 @@ func reloadOnHUP(hup <-chan os.Signal, srv *server.Server, path string, log *slo
 		srv.SetAgents(agents)
 		log.Info("agents file reloaded", "file", path, "agents", len(agents))
 	}
+}
+
+// errEmptyAgents: the agents file holds nothing, not even a comment.
+var errEmptyAgents = errors.New("agents file is empty (to admit no agent by key, leave only a comment in it, e.g. '# none')")
+
+// loadAgents reads the agents file at path (see server.ParseAgents). An
+// empty or blank file is an error: it is what a file caught mid-write
+// looks like, and taken at its word it would remove every agent at once.
+// A file that holds only a comment admits no agent by key, on purpose.
+func loadAgents(path string) ([]server.Agent, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	if len(bytes.TrimSpace(b)) == 0 {
+		return nil, fmt.Errorf("%s: %w", path, errEmptyAgents)
+	}
+	agents, err := server.ParseAgents(bytes.NewReader(b))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return agents, nil
 }
 
 // privilegedRange fails if the public ports are all below 1024 and none of
