@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"os"
 	"regexp"
 	"strconv"
@@ -148,17 +147,12 @@ func TestLogFloodByReadyAndListenFrames(t *testing.T) {
 	log := r.Stderr.String()
 	t.Logf("relay: %s", regexp.MustCompile(`.*msg="agent disconnected".*`).FindString(log))
 	lines := strings.Count(log, "\n")
-	t.Logf("relay log for %d frames: %d lines, %d bytes:\n%s", frames, lines, len(log), log)
+	t.Logf("relay log for %d frames: %d lines, %d bytes:\n%s", frames, lines, len(log), clip(log))
 	if lines > 200 {
 		t.Errorf("relay wrote %d log lines (%d bytes) for %d frames, want at most 200; first lines:\n%s", lines, len(log), frames, clip(log))
 	}
-	counted := 0
-	for _, m := range regexp.MustCompile(`msg="listen request refused".* count=(\d+)`).FindAllStringSubmatch(log, -1) {
-		n, _ := strconv.Atoi(m[1])
-		counted += n
-	}
-	if counted != refusals {
-		t.Errorf("the log counts %d refused listen requests, the agent got %d refusals", counted, refusals)
+	if n := counted(log, `msg="listen request refused"`); n != refusals {
+		t.Errorf("the log counts %d refused listen requests, the agent got %d refusals", n, refusals)
 	}
 }
 
@@ -212,20 +206,7 @@ func TestStatusLinesForgedBySoftwareAndPoolName(t *testing.T) {
 		t.Fatalf("pool listen refused; relay stderr:\n%s", r.Stderr)
 	}
 
-	get := func(path string) string {
-		t.Helper()
-		hc := &http.Client{Timeout: 10 * time.Second}
-		resp, err := hc.Get("http://" + ops + path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, err := io.ReadAll(resp.Body)
-		if err != nil || resp.StatusCode != http.StatusOK {
-			t.Fatalf("GET %s: %s, %v", path, resp.Status, err)
-		}
-		return string(b)
-	}
+	get := func(path string) string { return opsGet(t, ops, path) }
 	forgedLine := regexp.MustCompile(`(?m)^\s*(agent evil|endpoint on port 22|member: agent evil)`)
 	for _, view := range []struct{ name, text string }{
 		{"/status", get("/status")},
