@@ -21,27 +21,31 @@ import (
 // Attacks by one authenticated agent on what the operator relies on: the
 // relay's shutdown, its log and its status view.
 
-// TestAgentThatStopsReadingCannotHoldShutdown plays an agent that floods
-// Pings and never reads the Pongs: once the socket buffers are full, the
-// relay's Pong write blocks for its 10s write timeout. SIGTERM with
-// -drain-timeout 1s must still end the relay within the drain timeout plus
-// one second (and a little for the process to exit): the GoAway it sends on
-// the way out does not wait for the blocked Pong.
+// TestAgentThatStopsReadingCannotHoldShutdown plays an agent that stops
+// reading while the relay answers it: it joins a pool whose name is 16 KB
+// long, asks to join it again and again, and reads none of the refusals,
+// each of which quotes the name. Once the socket buffers are full, the
+// relay's write of a refusal blocks for its 10s write timeout. SIGTERM
+// with -drain-timeout 1s must still end the relay within the drain timeout
+// plus one second (and a little for the process to exit): the GoAway it
+// sends on the way out does not wait for the blocked write. (A flood of
+// Pings, whose Pongs block the same way, is cut off by the bound on
+// frames before it fills the buffers: 1,000 Pongs are 13 KB.)
 func TestAgentThatStopsReadingCannotHoldShutdown(t *testing.T) {
 	e := newEnv(t)
 	r := e.startRelayWith(nil, nil, "-drain-timeout", "1s")
-	a := testutil.NewRawAgent(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(r.port)), "")
+	a := testutil.NewRawAgentWith(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(r.port)), "", proto.FeaturePool|proto.FeaturePools)
+	pool := strings.Repeat("p", proto.DefaultMaxPayload-100)
+	a.Send(t, proto.Append(nil, &proto.Listen{ID: 1, Pool: pool}))
+	a.Expect(t, proto.TypeListenOK)
 
-	// Pings until the relay stops reading them for a second: its Pong is stuck
-	// (a pause of the relay's reader alone is shorter).
-	var batch []byte
-	for i := range 4096 {
-		batch = proto.Append(batch, &proto.Ping{Data: uint64(i)})
-	}
+	// Requests until the relay stops reading them for a second: its answer
+	// is stuck (a pause of the relay's reader alone is shorter).
+	again := proto.Append(nil, &proto.Listen{ID: 2, Pool: pool})
 	sent, stuck := 0, false
-	for start, rest := time.Now(), batch; time.Since(start) < 30*time.Second; {
+	for start, rest := time.Now(), again; time.Since(start) < 30*time.Second; {
 		if len(rest) == 0 {
-			rest = batch
+			rest = again
 		}
 		a.Conn.SetWriteDeadline(time.Now().Add(time.Second))
 		n, err := a.Conn.Write(rest)
@@ -51,13 +55,13 @@ func TestAgentThatStopsReadingCannotHoldShutdown(t *testing.T) {
 			break
 		}
 		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
-			t.Fatalf("ping flood: %v after %d bytes; relay stderr:\n%s", err, sent, r.Stderr)
+			t.Fatalf("requests: %v after %d bytes; relay stderr:\n%s", err, sent, r.Stderr)
 		}
 	}
 	if !stuck {
-		t.Fatalf("the relay kept reading %d bytes of Pings for 30s with nobody reading its Pongs", sent)
+		t.Fatalf("the relay kept reading %d bytes of requests for 30s with nobody reading its answers", sent)
 	}
-	t.Logf("the relay stopped reading after %d bytes of Pings (%d Pings): its Pong write is blocked", sent, sent/len(proto.Append(nil, &proto.Ping{})))
+	t.Logf("the relay stopped reading after %d requests of %d bytes: its answer is blocked", sent/len(again), len(again))
 
 	termAt := time.Now()
 	r.sigterm()
