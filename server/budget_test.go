@@ -1,8 +1,14 @@
 package server
 
 import (
+	"bytes"
+	"io"
+	"log/slog"
 	"net"
 	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -73,4 +79,66 @@ func TestAuthThrottleCountsChecks(t *testing.T) {
 		}
 		th.refundLocked(other, now)
 	}
+}
+
+// stuckWriter blocks every Write until released.
+type stuckWriter struct{ release chan struct{} }
+
+func (w stuckWriter) Write(p []byte) (int, error) {
+	<-w.release
+	return len(p), nil
+}
+
+// TestQuietLogNeverBlocksTheCaller: the refusals and drops of strangers are
+// logged from the accept loop, so counting one must never wait on the
+// log's output, even one that is stuck (a full pipe to a logger that
+// stopped reading). The counts are all written once it moves again.
+func TestQuietLogNeverBlocksTheCaller(t *testing.T) {
+	w := stuckWriter{release: make(chan struct{})}
+	var out lockedBuffer
+	var wg sync.WaitGroup
+	q := &quietLog{log: slog.New(slog.NewTextHandler(io.MultiWriter(w, &out), nil)), wg: &wg}
+	done := make(chan struct{})
+	go func() {
+		for range 1000 {
+			q.Warn("dropped connection", "remote", "192.0.2.1:1")
+			q.Warn("refused connection", "remote", "192.0.2.2:2")
+		}
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("2,000 events were not counted within 5 s while the log's output was stuck")
+	}
+	close(w.release)
+	q.flush()
+	wg.Wait()
+	total := 0
+	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+		_, c, _ := strings.Cut(l, "count=")
+		n, _ := strconv.Atoi(c)
+		total += n
+	}
+	if total != 2000 {
+		t.Errorf("the lines count %d events, want 2,000:\n%s", total, out.String())
+	}
+}
+
+// lockedBuffer is a bytes.Buffer safe for concurrent use.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

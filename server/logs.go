@@ -40,6 +40,10 @@ func (q *quietLog) Warn(msg string, args ...any) { q.event(slog.LevelWarn, msg, 
 // Info is Warn at level INFO.
 func (q *quietLog) Info(msg string, args ...any) { q.event(slog.LevelInfo, msg, args) }
 
+// event counts one event of kind msg. It never writes itself: a line is
+// written by a timer's goroutine, at once for the first event of a kind
+// and then at most once every quietEvery, so a caller on the accept loop
+// is never held up by the log's output, even a stuck one.
 func (q *quietLog) event(level slog.Level, msg string, args []any) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -56,40 +60,61 @@ func (q *quietLog) event(level slog.Level, msg string, args []any) {
 	}
 	k.n++
 	k.args = args
-	if wait := quietEvery - time.Since(k.last); wait > 0 {
-		if k.timer == nil {
-			q.wg.Add(1)
-			k.timer = time.AfterFunc(wait, func() {
-				defer q.wg.Done()
-				q.mu.Lock()
-				defer q.mu.Unlock()
-				k.timer = nil
-				q.writeLocked(msg, k)
-			})
-		}
-		return
-	}
-	q.writeLocked(msg, k)
+	q.armLocked(msg, k)
 }
 
-func (q *quietLog) writeLocked(msg string, k *quietKind) {
-	if k.n == 0 {
+// armLocked has k's count written when its turn comes, unless that is
+// arranged already: one timer per kind, held from arming until its line is
+// written.
+func (q *quietLog) armLocked(msg string, k *quietKind) {
+	if k.timer != nil {
 		return
 	}
-	q.log.Log(context.Background(), k.level, msg, append(k.args, "count", k.n)...)
-	k.n, k.last = 0, time.Now()
+	q.wg.Add(1)
+	k.timer = time.AfterFunc(max(quietEvery-time.Since(k.last), 0), func() {
+		defer q.wg.Done()
+		q.write(msg, k)
+	})
 }
 
-// flush writes every count left and stops.
-func (q *quietLog) flush() {
+// write writes k's count, outside q.mu, and arms the next line if events
+// came while it wrote; once the log is flushed, it writes them too.
+func (q *quietLog) write(msg string, k *quietKind) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	for k.n > 0 {
+		n, args := k.n, k.args
+		k.n, k.last = 0, time.Now()
+		q.mu.Unlock()
+		q.log.Log(context.Background(), k.level, msg, append(args[:len(args):len(args)], "count", n)...)
+		q.mu.Lock()
+		if !q.done {
+			break
+		}
+	}
+	k.timer = nil
+	if k.n > 0 {
+		q.armLocked(msg, k)
+	}
+}
+
+// flush writes every count left and stops. A line being written by a
+// timer's goroutine is left to it.
+func (q *quietLog) flush() {
+	q.mu.Lock()
 	q.done = true
+	var left []string
 	for msg, k := range q.kinds {
 		if k.timer != nil && k.timer.Stop() {
 			k.timer = nil
 			q.wg.Done()
 		}
-		q.writeLocked(msg, k)
+		if k.timer == nil && k.n > 0 {
+			left = append(left, msg)
+		}
+	}
+	q.mu.Unlock()
+	for _, msg := range left {
+		q.write(msg, q.kinds[msg])
 	}
 }
