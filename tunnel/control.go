@@ -205,12 +205,14 @@ func (c *control) checkRelay(sent []byte) error {
 	switch {
 	case err == nil:
 	case errors.As(err, &ne) && ne.Timeout() && len(c.conn.Buffered()) == 0:
-		return fmt.Errorf("%w: no answer from %s within %v: it does not look like a relay's control port", ErrProtocol, addr, wait)
+		// Silence, or a close without a word: what a relay that evicts
+		// handshakes under a flood does too, so these may be retried.
+		return cutError{fmt.Errorf("%w: no answer from %s within %v: it does not look like a relay's control port", ErrProtocol, addr, wait)}
 	case len(c.conn.Buffered()) == 0 && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)):
 		if c.l.cfg.TLS != nil {
-			return fmt.Errorf("%w: %s closed the connection without a word: is it a relay's control port?", ErrProtocol, addr)
+			return cutError{fmt.Errorf("%w: %s closed the connection without a word: is it a relay's control port?", ErrProtocol, addr)}
 		}
-		return fmt.Errorf("%w: %s closed the connection without a word: is it a relay's control port, and does the relay expect TLS?", ErrProtocol, addr)
+		return cutError{fmt.Errorf("%w: %s closed the connection without a word: is it a relay's control port, and does the relay expect TLS?", ErrProtocol, addr)}
 	}
 	got := c.conn.Buffered()
 	if len(head) == proto.HeaderLen {
@@ -236,6 +238,9 @@ func (c *control) expect(want proto.Type) (proto.Message, error) {
 		m, err := c.conn.Read()
 		if errors.Is(err, proto.ErrUnknownType) {
 			continue
+		}
+		if err != nil && lost(err) {
+			return nil, cutError{fmt.Errorf("connection to the relay lost during the handshake, waiting for its %s: %w", want, err)}
 		}
 		if err != nil {
 			return nil, protocolError(err)

@@ -22,10 +22,12 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"tcprelay/internal/proto"
@@ -101,9 +103,12 @@ type Config struct {
 	OnAddr func(net.Addr)
 
 	// WaitForRelay makes Listen keep trying, with the reconnection backoff,
-	// while no relay can be reached, until one registers it or ctx ends.
-	// A refusal that retrying cannot change (authentication, a required
-	// port) still fails at once. If false, Listen fails at once.
+	// while no relay can be reached or the connection dies during the
+	// handshake (closed, reset or silent, as a relay under a flood evicts
+	// handshakes), until one registers it or ctx ends. A refusal in the
+	// relay's own words that retrying cannot change (authentication, a
+	// required port, a missing feature) still fails at once. If false,
+	// Listen fails at once.
 	WaitForRelay bool
 
 	// DisableReconnect makes Accept fail with ErrRelayLost when the control
@@ -303,12 +308,31 @@ var errDial = errors.New("dial relay")
 
 // transient reports whether a first registration that failed may succeed
 // if tried again: the relay could not be reached (not started yet,
-// restarting, a network outage) or answered too late, was at a limit, or
-// was shutting down. A relay that refuses the agent, or is no relay at
-// all, is not worth waiting for.
+// restarting, a network outage), the connection died in the middle of the
+// handshake (closed, reset, or silent: a relay under a flood evicts
+// handshakes so), or the relay was at a limit or shutting down. A relay
+// that refuses the agent in its own words (authentication, a required
+// port, a missing feature), or that answers what no relay says, is not
+// worth waiting for.
 func transient(err error) bool {
 	return errors.Is(err, errDial) || errors.Is(err, ErrShuttingDown) || errors.Is(err, ErrLimit) ||
-		errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded)
+		lost(err) || errors.Is(err, context.DeadlineExceeded)
+}
+
+// cutError marks a handshake that the end of the connection cut short,
+// before the relay said anything this agent could act on.
+type cutError struct{ error }
+
+func (e cutError) Unwrap() error { return e.error }
+
+// lost reports whether err is the connection's end rather than something
+// the relay said: EOF, a reset, a broken pipe, a timeout.
+func lost(err error) bool {
+	var ce cutError
+	var ne net.Error
+	return errors.As(err, &ce) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNABORTED) ||
+		errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()
 }
 
 // wantPort is the port to ask a relay for, and whether it is required.

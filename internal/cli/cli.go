@@ -415,7 +415,7 @@ func (c *Common) Agent() *Agent {
 		pool:     c.FS.String("pool", "", "join the pool `NAME`: every agent with the same pool name serves one public port, each client going to one of them (default: the port is this agent's alone)"),
 		key:      c.FS.String("key", "", "Ed25519 private key `file` that identifies this agent to relays with an agents file (created, mode 0600, if missing)"),
 		drain:    c.FS.Duration("drain-timeout", 5*time.Second, "on SIGINT/SIGTERM, how long open connections may finish"),
-		failFast: c.FS.Bool("fail-fast", false, "exit at once if no relay can be reached at start, instead of retrying with backoff"),
+		failFast: c.FS.Bool("fail-fast", false, "exit at once if no relay can be reached at start, or the connection dies during the handshake, instead of retrying with backoff"),
 		tls:      c.AgentTLS(),
 		recheck:  make(chan struct{}, 1),
 	}
