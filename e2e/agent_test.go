@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"net"
 	"strconv"
@@ -9,7 +10,10 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
+	"tcprelay/internal/check"
+	"tcprelay/internal/child"
 	"tcprelay/internal/proto"
 	"tcprelay/internal/testutil"
 )
@@ -131,5 +135,52 @@ func TestHandshakeCutAtStartRetried(t *testing.T) {
 			continue
 		}
 		mustEcho(t, agent.name+" after cut handshakes", port, randomBytes(64<<10))
+	}
+}
+
+// TestRelayRefusingPortIsReported: ./expose -port N registers with two
+// relays, and the second cannot give N (another agent holds it there). The
+// agent announces and serves through the first, logs the second's refusal
+// in the relay's own words at ERROR naming it, keeps asking it with
+// backoff, and joins it once the port is free there.
+func TestRelayRefusingPortIsReported(t *testing.T) {
+	e := newEnv(t)
+	var r2 *relay
+	for attempt := 0; r2 == nil && attempt < 5; attempt++ {
+		r2 = e.tryRelay("127.0.0.2", freePort(t), nil, nil)
+	}
+	if r2 == nil {
+		t.Fatal("relay on 127.0.0.2: no free port in 5 attempts")
+	}
+	squatter, n := e.startEcho("127.0.0.2", r2.port)
+	r1 := e.startRelayWith(nil, nil, "-ports", fmt.Sprintf("%d-%d", n, n))
+	relay2 := net.JoinHostPort("127.0.0.2", strconv.Itoa(r2.port))
+
+	relays := fmt.Sprintf("127.0.0.1:%d,%s", r1.port, relay2)
+	p, port := e.startAgent(exposeBin, []string{"-port", strconv.Itoa(n), relays, taggedEcho(t, 'x')}, "127.0.0.1")
+	if port != n {
+		t.Fatalf("expose announced port %d, want %d", port, n)
+	}
+	if a := tryClient(child.Addr(n)); a.err != nil || a.tag != 'x' {
+		t.Fatalf("through relay 1: tag %q, %v", a.tag, a.err)
+	}
+	check.Eventually(t, 10*time.Second, func() error {
+		for _, line := range strings.Split(p.Stderr.String(), "\n") {
+			if strings.Contains(line, "level=ERROR") && strings.Contains(line, "relay="+relay2) &&
+				strings.Contains(line, "relay says:") && strings.Contains(line, strconv.Itoa(n)) {
+				return nil
+			}
+		}
+		return fmt.Errorf("no ERROR line with relay=%s and its words about port %d; stderr:\n%s", relay2, n, p.Stderr)
+	})
+
+	squatter.stop() // the port frees up on relay 2
+	p.expectLines(2)
+	line, ok := p.waitLine(2, 30*time.Second)
+	if want := "established relay address: " + net.JoinHostPort("127.0.0.2", strconv.Itoa(n)); !ok || line != want {
+		t.Fatalf("second announcement %q (%v), want %q; stderr:\n%s", line, ok, want, p.Stderr)
+	}
+	if a := tryClient(net.JoinHostPort("127.0.0.2", strconv.Itoa(n))); a.err != nil || a.tag != 'x' {
+		t.Fatalf("through relay 2: tag %q, %v", a.tag, a.err)
 	}
 }

@@ -274,6 +274,22 @@ func protocolError(err error) error {
 	return err
 }
 
+// refusal is what the relay said in an Error frame: its code, as one of the
+// sentinel errors, and its own words.
+type refusal struct {
+	kind  error
+	words string
+}
+
+func (e *refusal) Error() string { return e.kind.Error() + ": relay says: " + e.words }
+func (e *refusal) Unwrap() error { return e.kind }
+
+// refused reports whether err is the relay's refusal, in its own words.
+func refused(err error) bool {
+	var rf *refusal
+	return errors.As(err, &rf)
+}
+
 func relayError(e *proto.Error) error {
 	var sentinel error
 	switch e.Code {
@@ -290,7 +306,7 @@ func relayError(e *proto.Error) error {
 	default:
 		sentinel = ErrProtocol
 	}
-	return fmt.Errorf("%w: relay says: %s", sentinel, e.Message)
+	return &refusal{sentinel, e.Message}
 }
 
 // serve handles the relay's frames, and pings it, until the control

@@ -21,23 +21,32 @@ type registration struct {
 	addr   *Addr    // the public address; nil until first registered
 	ctl    *control // the control connection; nil while reconnecting
 	resume [proto.TokenLen]byte
+	err    error // why it is not registered: the last failure; nil while registered
 	final  error // gave up for good
 }
 
 type regState struct {
 	registered bool
+	err        error
 	final      error
 }
 
 func (r *registration) state() regState {
 	r.l.mu.Lock()
 	defer r.l.mu.Unlock()
-	return regState{r.ctl != nil, r.final}
+	return regState{r.ctl != nil, r.err, r.final}
+}
+
+// failed records why the last attempt to register failed.
+func (r *registration) failed(err error) {
+	r.l.mu.Lock()
+	r.err = err
+	r.l.mu.Unlock()
 }
 
 func (r *registration) setFinal(err error) {
 	r.l.mu.Lock()
-	r.final = err
+	r.final, r.err = err, err
 	r.l.mu.Unlock()
 }
 
@@ -67,7 +76,7 @@ func (r *registration) registered(ctl *control) bool {
 		return false
 	}
 	old := r.addr
-	r.ctl, r.addr, r.resume = ctl, ctl.addr, ctl.resume
+	r.ctl, r.addr, r.resume, r.err = ctl, ctl.addr, ctl.resume, nil
 	ready := l.ready
 	l.mu.Unlock()
 	if ready != ctl.ready { // SetReady ran during the dial
@@ -101,7 +110,7 @@ func (r *registration) run(ctl *control) {
 		if ctl != nil {
 			err := ctl.serve()
 			l.mu.Lock()
-			r.ctl = nil
+			r.ctl, r.err = nil, err
 			l.mu.Unlock()
 			if l.isClosed() {
 				return
@@ -145,14 +154,21 @@ func (r *registration) reconnect(quick time.Duration, quickUntil time.Time) *con
 		if l.isClosed() {
 			return nil
 		}
-		if errors.Is(err, ErrAuthFailed) || errors.Is(err, ErrUnsupported) {
+		r.failed(err)
+		if final(err) {
 			l.giveUp(r, err)
 			return nil
 		}
 		if !time.Now().Before(quickUntil) {
 			delay = min(2*delay, l.cfg.maxBackoff())
 		}
-		l.log.Warn("reconnect failed", "relay", r.relayAddr, "attempt", attempt, "err", err)
+		if refused(err) && !errors.Is(err, ErrShuttingDown) {
+			// In the relay's own words: a port in use or a limit may
+			// change, so it is asked again, but someone must look.
+			l.log.Error("relay refused the agent; retrying", "relay", r.relayAddr, "attempt", attempt, "err", err)
+		} else {
+			l.log.Warn("reconnect failed", "relay", r.relayAddr, "attempt", attempt, "err", err)
+		}
 	}
 }
 

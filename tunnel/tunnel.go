@@ -211,9 +211,12 @@ var _ net.Listener = (*Listener)(nil)
 // Listen registers with each relay at relayAddrs and opens a public port on
 // it. It returns once every relay has answered: registered, with the port
 // bound, or failed. It fails if no relay registered it (unless
-// Config.WaitForRelay); a relay that failed is retried in the background,
-// unless it refused for good. Addr is the first relay's address, final
-// until a reconnection; Addrs lists them all.
+// Config.WaitForRelay). A relay that failed or refused while another
+// registered it is retried in the background, with the reconnection
+// backoff; a refusal is logged at ERROR in the relay's own words, and
+// Status shows it. A relay that refused the secret or key, or lacks a
+// feature, is given up on. Addr is the first relay's address, final until
+// a reconnection; Addrs lists them all.
 func (c *Config) Listen(ctx context.Context, relayAddrs ...string) (*Listener, error) {
 	if len(relayAddrs) == 0 {
 		return nil, errors.New("no relay address")
@@ -245,43 +248,43 @@ func (c *Config) Listen(ctx context.Context, relayAddrs ...string) (*Listener, e
 	l.done = l.ctx.Done()
 
 	// One relay at a time: the first that registers fixes the port the
-	// others are asked for. Each one serves as soon as it is registered.
+	// others are asked for. Each one serves as soon as it is registered. A
+	// relay that refuses is not asked again here: if no other registers
+	// the Listener, Listen fails with its refusal.
 	delay := c.minBackoff()
+	running := make(map[*registration]bool)   // registered, and started
+	refusedBy := make(map[*registration]bool) // refused, not to be asked again here
 	for {
 		var errs []error
-		ok, final := 0, 0
 		for _, r := range l.regs {
-			if st := r.state(); st.registered || st.final != nil {
+			if running[r] || refusedBy[r] {
 				continue
 			}
 			ctl, err := r.dial(ctx)
-			switch {
-			case err == nil:
+			if err == nil {
+				running[r] = true
 				r.start(ctl)
-			case !transient(err):
-				r.setFinal(err)
-				errs = append(errs, err)
-			default:
-				errs = append(errs, err)
+				continue
+			}
+			r.failed(err)
+			errs = append(errs, err)
+			if !transient(err) {
+				refusedBy[r] = true
+			}
+			if len(l.regs) > 1 && refused(err) && !errors.Is(err, ErrShuttingDown) && !final(err) {
+				// The others may serve: say it here, or nobody will
+				// (giveUp says it of a final refusal).
+				l.log.Error("relay refused the agent", "relay", r.relayAddr, "err", err)
 			}
 		}
-		for _, r := range l.regs {
-			st := r.state()
-			if st.registered {
-				ok++
-			}
-			if st.final != nil {
-				final++
-			}
-		}
-		if ok > 0 {
+		if len(running) > 0 {
 			break
 		}
 		err := errors.Join(errs...)
 		if len(errs) == 1 {
 			err = errs[0]
 		}
-		if !c.WaitForRelay || final == len(l.regs) || ctx.Err() != nil {
+		if !c.WaitForRelay || len(refusedBy) == len(l.regs) || ctx.Err() != nil {
 			l.cancel()
 			return nil, err
 		}
@@ -294,13 +297,30 @@ func (c *Config) Listen(ctx context.Context, relayAddrs ...string) (*Listener, e
 		}
 		delay = min(2*delay, c.maxBackoff())
 	}
-	// The relays that could not register it yet keep trying.
+	// The relays that could not register it yet keep trying, with the
+	// backoff, while the others serve: even one that refused (a port in use
+	// may free up), unless retrying cannot change its answer.
 	for _, r := range l.regs {
-		if st := r.state(); !st.registered && st.final == nil {
+		st := r.state()
+		switch {
+		case running[r]:
+		case final(st.err):
+			l.giveUp(r, st.err)
+		default:
+			if !refused(st.err) {
+				l.log.Warn("relay not registered yet; retrying in the background", "relay", r.relayAddr, "err", st.err)
+			}
 			r.start(nil)
 		}
 	}
 	return l, nil
+}
+
+// final reports whether a relay's refusal is one that retrying cannot
+// change: it refused the secret or key, or lacks a feature this Listener
+// needs.
+func final(err error) bool {
+	return errors.Is(err, ErrAuthFailed) || errors.Is(err, ErrUnsupported)
 }
 
 // errDial marks a relay that could not be reached at all.
@@ -461,6 +481,46 @@ func (l *Listener) Addrs() []net.Addr {
 		}
 	}
 	return addrs
+}
+
+// RelayStatus is the Listener's standing with one relay.
+type RelayStatus struct {
+	// Relay is the relay's control address, as given to Listen.
+	Relay string
+
+	// Addr is the public address on that relay; nil while the Listener is
+	// not registered there.
+	Addr net.Addr
+
+	// Err is why the Listener is not registered there: the last failure,
+	// in the relay's own words when it refused (errors.Is it
+	// ErrPortUnavailable, ErrAuthFailed, ErrLimit...), or the loss of the
+	// connection. Nil while registered.
+	Err error
+
+	// GaveUp is set when the Listener no longer tries that relay: it
+	// refused the secret or key, or lacks a feature the Listener needs
+	// (or the connection was lost with DisableReconnect). Otherwise the
+	// Listener keeps asking, with the reconnection backoff.
+	GaveUp bool
+}
+
+// Status reports the Listener's standing with each relay, in the order
+// the relays were given: a relay that refuses it (a port it cannot give,
+// a limit) is listed with its own words while the others serve.
+func (l *Listener) Status() []RelayStatus {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	st := make([]RelayStatus, len(l.regs))
+	for i, r := range l.regs {
+		st[i] = RelayStatus{Relay: r.relayAddr, GaveUp: r.final != nil}
+		if r.ctl != nil {
+			st[i].Addr = r.ctl.addr
+		} else {
+			st[i].Err = r.err
+		}
+	}
+	return st
 }
 
 // deliver hands a relayed conn to Accept, or closes it if the Listener

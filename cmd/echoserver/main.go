@@ -18,7 +18,10 @@ func main() {
 			"client sends, half-closing after it does. RELAYHOST may list several\n"+
 			"relays, comma-separated, each HOST or HOST:PORT (RELAYPORT is the port of\n"+
 			"those without one): the agent registers with each, on the same port, and\n"+
-			"prints one line per relay.")
+			"prints one line per relay. A relay that refuses it (a port it cannot give,\n"+
+			"a limit) is logged at ERROR, in the relay's words, and asked again with\n"+
+			"backoff while the others serve; one that refuses the secret or key is\n"+
+			"given up. The agent exits only if no relay registers it.")
 	agent := c.Agent()
 	args, log := c.Parse(os.Args[1:], 2)
 	relays, _ := agent.Relays(args, 2)

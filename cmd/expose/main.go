@@ -20,7 +20,10 @@ func main() {
 			"TARGET is unmodified: redis, sshd, a web server. RELAYHOST may list\n"+
 			"several relays, comma-separated, each HOST or HOST:PORT (RELAYPORT is the\n"+
 			"port of those without one): the agent registers with each, on the same\n"+
-			"port, and prints one line per relay.")
+			"port, and prints one line per relay. A relay that refuses it (a port it\n"+
+			"cannot give, a limit) is logged at ERROR, in the relay's words, and asked\n"+
+			"again with backoff while the others serve; one that refuses the secret or\n"+
+			"key is given up. The agent exits only if no relay registers it.")
 	agent := c.Agent()
 	dialTimeout := c.FS.Duration("dial-timeout", 5e9, "time to connect to TARGET before the outside client is closed")
 	proxyProto := c.FS.String("proxy-protocol", "", "send a PROXY protocol header (v1 or v2) with the client's real address to TARGET (default: none)")

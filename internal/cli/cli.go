@@ -411,7 +411,7 @@ func (c *Common) Agent() *Agent {
 	c.agent = true
 	return &Agent{
 		c:        c,
-		port:     c.FS.Int("port", 0, "public port to ask every relay for; the agent exits if a relay cannot give it (0: any, the same on every relay)"),
+		port:     c.FS.Int("port", 0, "public port to ask every relay for (0: any, the same on every relay); the agent exits if no relay can give it; a relay that cannot while another can is logged at ERROR in its own words and asked again with backoff"),
 		pool:     c.FS.String("pool", "", "join the pool `NAME`: every agent with the same pool name serves one public port, each client going to one of them (default: the port is this agent's alone)"),
 		key:      c.FS.String("key", "", "Ed25519 private key `file` that identifies this agent to relays with an agents file (created, mode 0600, if missing)"),
 		drain:    c.FS.Duration("drain-timeout", 5*time.Second, "on SIGINT/SIGTERM, how long open connections may finish"),
@@ -506,7 +506,13 @@ func (a *Agent) Run(relays []string, log *slog.Logger, handle Handler) {
 		}
 		a.c.Fatal(err)
 	}
-	log.Info("accepting relayed connections", "ready", ready)
+	registered := 0
+	for _, st := range ln.Status() {
+		if st.Addr != nil {
+			registered++
+		}
+	}
+	log.Info("accepting relayed connections", "ready", ready, "relays", len(relays), "registered", registered)
 	if a.Health != nil && a.HealthEvery > 0 {
 		go a.watchHealth(ctx, ln, ready, log)
 	}
