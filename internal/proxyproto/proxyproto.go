@@ -17,10 +17,22 @@ var v2Signature = []byte{0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0
 // the given version (1 or 2). When either address is not an IP address the
 // header says the addresses are unknown (v1 "PROXY UNKNOWN", v2 a LOCAL
 // command), and the receiver falls back to the connection's own addresses.
+// An IP address that is neither 4 nor 16 bytes long, or a port outside
+// 0-65535, is an error: no header can carry it.
 func Header(version int, src, dst net.Addr) ([]byte, error) {
 	s, sok := src.(*net.TCPAddr)
 	d, dok := dst.(*net.TCPAddr)
 	known := sok && dok && s.IP != nil && d.IP != nil
+	if known {
+		for _, a := range []*net.TCPAddr{s, d} {
+			if len(a.IP) != net.IPv4len && len(a.IP) != net.IPv6len {
+				return nil, fmt.Errorf("PROXY header: IP address of %d bytes (%v)", len(a.IP), a.IP)
+			}
+			if a.Port < 0 || a.Port > 65535 {
+				return nil, fmt.Errorf("PROXY header: port %d out of range", a.Port)
+			}
+		}
+	}
 	v4 := known && s.IP.To4() != nil && d.IP.To4() != nil
 	switch version {
 	case 1:
