@@ -72,7 +72,11 @@ func dialControl(ctx context.Context, r *registration, req *proto.Listen) (*cont
 // control connection resolved, and verify the same name.
 func (l *Listener) dialRelay(ctx context.Context, addr, host string) (net.Conn, error) {
 	d := net.Dialer{KeepAlive: 15 * time.Second}
-	conn, err := d.DialContext(ctx, "tcp", addr)
+	dial := l.cfg.dial
+	if dial == nil {
+		dial = func(ctx context.Context, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) }
+	}
+	conn, err := dial(ctx, addr)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", errDial, err)
 	}

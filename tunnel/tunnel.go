@@ -131,6 +131,9 @@ type Config struct {
 
 	// require adds features the relay must have (tests only).
 	require proto.Features
+
+	// dial, if set, replaces the TCP dial of the relay (tests only).
+	dial func(ctx context.Context, addr string) (net.Conn, error)
 }
 
 // needs is the set of features a relay must have to serve c; Listen fails
