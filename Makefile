@@ -33,10 +33,20 @@ lint:
 	GOOS=freebsd go build ./...
 	go run $(STATICCHECK) ./...
 
-# Each fuzz target for FUZZTIME.
+# Every fuzz target in the repository for FUZZTIME each, found by name (a
+# func FuzzXxx in a _test.go file, listed by go test -list), so that a new
+# one cannot be left out.
 fuzz:
-	go test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME) ./internal/proto
-	go test -run='^$$' -fuzz='^FuzzReadFrame$$' -fuzztime=$(FUZZTIME) ./internal/proto
+	@set -e; n=0; \
+	for dir in $$(grep -rl --include='*_test.go' '^func Fuzz' . | xargs -r -n1 dirname | sort -u); do \
+	  fns=$$(go test -list '^Fuzz' $$dir | grep '^Fuzz') || { echo "$$dir: no fuzz target listed"; exit 1; }; \
+	  for fn in $$fns; do \
+	    echo "go test -run='^\$$' -fuzz='^$$fn\$$' -fuzztime=$(FUZZTIME) $$dir"; \
+	    go test -run='^$$' -fuzz="^$$fn\$$" -fuzztime=$(FUZZTIME) $$dir; \
+	    n=$$((n+1)); \
+	  done; \
+	done; \
+	echo "ran $$n fuzz targets for $(FUZZTIME) each"
 
 # The relay path against a direct connection, side by side on loopback
 # (iperf3, CPU per GB, redis-benchmark, connect latency, idle cost, capacity):
