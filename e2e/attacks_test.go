@@ -420,10 +420,8 @@ func TestAttackNarrowedTenantKeepsPort(t *testing.T) {
 	live := openLive(t, pub)
 
 	// Narrowed to the other ports of the range.
-	narrow := fmt.Sprintf("%d-%d", lo, lo+9)
-	if pub == lo {
-		narrow = fmt.Sprintf("%d-%d", lo+1, lo+9)
-	} else {
+	narrow := fmt.Sprintf("%d-%d", lo+1, lo+9)
+	if pub != lo {
 		narrow = fmt.Sprintf("%d-%d", lo, pub-1)
 	}
 	writeAgents(t, agents, "alice "+aliceKey+" ports="+narrow+"\n")

@@ -9,10 +9,13 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unicode"
 
 	"tcprelay/internal/proto"
 )
@@ -30,6 +33,8 @@ type control struct {
 	poolKey  *proto.PoolKey     // the relay's offer of pre-opened data connections; nil: none
 	pool     *pool
 	joins    atomic.Uint64 // PoolJoin sequence numbers used
+
+	deadline time.Time // the end of the handshake
 
 	tunnel uint32 // the relay's name for the tunnel
 	addr   *Addr  // the public address
@@ -52,7 +57,10 @@ func dialControl(ctx context.Context, r *registration, req *proto.Listen) (*cont
 	}
 	c := &control{l: l, r: r, conn: proto.NewConn(conn, l.cfg.writeTimeout(), proto.DefaultMaxPayload),
 		dataAddr: conn.RemoteAddr().String()}
-	// A cancelled ctx unblocks the handshake's reads and writes.
+	// The handshake's reads and writes end at ctx's deadline, and a
+	// cancelled ctx unblocks them.
+	c.deadline, _ = ctx.Deadline()
+	conn.SetDeadline(c.deadline)
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
 	err = c.handshake(req)
 	if !stop() || err != nil {
@@ -203,7 +211,9 @@ func (c *control) checkRelay(sent []byte) error {
 	addr := c.r.relayAddr
 	wait := min(answerTimeout, c.l.cfg.dialTimeout())
 	nc.SetReadDeadline(time.Now().Add(wait))
-	defer nc.SetReadDeadline(time.Time{})
+	// Back to the handshake's deadline, never to none: a read past it
+	// must still end.
+	defer nc.SetReadDeadline(c.deadline)
 	head, err := c.conn.Peek(proto.HeaderLen)
 	var ne net.Error
 	switch {
@@ -285,7 +295,20 @@ type refusal struct {
 	words string
 }
 
-func (e *refusal) Error() string { return e.kind.Error() + ": relay says: " + e.words }
+func (e *refusal) Error() string { return e.kind.Error() + ": relay says: " + relayWords(e.words) }
+
+// relayWords is what a relay said, fit for a log line: quoted if it holds
+// anything that does not print (a newline could forge lines of the
+// agent's log), and cut at 256 bytes.
+func relayWords(s string) string {
+	if len(s) > 256 {
+		s = s[:256] + "..."
+	}
+	if strings.ContainsFunc(s, func(r rune) bool { return !unicode.IsPrint(r) }) {
+		return strconv.Quote(s)
+	}
+	return s
+}
 func (e *refusal) Unwrap() error { return e.kind }
 
 // refused reports whether err is the relay's refusal, in its own words.

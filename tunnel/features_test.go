@@ -67,3 +67,20 @@ func TestRelayWithoutNeededFeature(t *testing.T) {
 		t.Errorf("Hello announced features %v, want pool among them", h.Features)
 	}
 }
+
+// TestRelayWordsCannotForgeLogLines: what a relay says goes into the
+// agent's errors and log lines; a newline in it could forge a line, so it
+// is quoted, and a long message is cut.
+func TestRelayWordsCannotForgeLogLines(t *testing.T) {
+	forged := "port 8081 is in use\ntime=2026-01-01 level=INFO msg=\"registered with the relay\" public=evil:22"
+	err := relayError(&proto.Error{Code: proto.CodePortUnavailable, Message: forged})
+	if strings.Contains(err.Error(), "\n") || !strings.Contains(err.Error(), `\n`) {
+		t.Errorf("a relay's message with a newline: %q, want it quoted", err)
+	}
+	if got := relayError(&proto.Error{Code: proto.CodeLimit, Message: "relay busy"}).Error(); !strings.HasSuffix(got, ": relay says: relay busy") {
+		t.Errorf("a plain message: %q, want it as it is", got)
+	}
+	if got := relayWords(strings.Repeat("x", 10000)); len(got) > 300 {
+		t.Errorf("a 10,000-byte message became %d bytes, want it cut", len(got))
+	}
+}

@@ -206,5 +206,5 @@ type goAwayError struct {
 	retry time.Duration
 }
 
-func (e *goAwayError) Error() string        { return ErrShuttingDown.Error() + " (" + e.msg + ")" }
+func (e *goAwayError) Error() string        { return ErrShuttingDown.Error() + " (" + relayWords(e.msg) + ")" }
 func (e *goAwayError) Is(target error) bool { return target == ErrShuttingDown }
