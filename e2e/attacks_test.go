@@ -212,21 +212,27 @@ func readTag(port int) (string, error) {
 // TestAttackSecretHolderJoinsKeyedPool: on a relay with an agents file
 // and a secret, a holder of the secret asks to join alice's pool. The pool
 // scope used to be checked only for agents with a key, so it joined, and
-// with its parked connections took most of alice's clients. Now it is
-// refused, with words that do not say who serves the pool, and every
-// client reaches alice's server.
+// with its parked connections took most of alice's clients. Now the
+// secret's agents have pools of their own: its pool of that name is
+// another pool, on another port, and every client of alice's reaches
+// alice's server, whichever of them came first.
 func TestAttackSecretHolderJoinsKeyedPool(t *testing.T) {
 	e := newEnv(t)
 	aliceFile, aliceKey := e.agentKey("alice")
 	agents := writeAgents(t, "", "alice "+aliceKey+" pools=web\n")
 	r := e.startRelayWith(nil, secretEnv, "-agents", agents)
+	// The secret holder first, to squat the name; then alice.
+	_, mallory := e.startAgentWith(exposeBin, []string{"-pool", "web", "127.0.0.1", strconv.Itoa(r.port), taggedServer(t, "mallory")},
+		"127.0.0.1", secretEnv)
 	_, pub := e.startExpose("127.0.0.1", r.port, taggedServer(t, "alice"), "-key", aliceFile, "-pool", "web")
-
-	mallory := e.start(exposeBin, []string{"-pool", "web", "-fail-fast", "127.0.0.1", strconv.Itoa(r.port), taggedServer(t, "mallory")},
-		procOpts{env: secretEnv})
-	mallory.mustExit(15 * time.Second)
-	if mallory.ExitCode() == 0 || !strings.Contains(mallory.Stderr.String(), "not allowed for this agent") {
-		t.Errorf("a secret holder asking for alice's pool: %s, stderr:\n%s\nwant a refusal: not allowed for this agent", mallory.Status(), mallory.Stderr)
+	if pub == mallory {
+		t.Fatalf("alice's pool web and the secret holder's are one port, %d", pub)
+	}
+	// And a holder that comes after alice does not get in either.
+	_, late := e.startAgentWith(exposeBin, []string{"-pool", "web", "127.0.0.1", strconv.Itoa(r.port), taggedServer(t, "mallory")},
+		"127.0.0.1", secretEnv)
+	if late != mallory {
+		t.Errorf("the second secret holder's pool web is on port %d, want the first's, %d", late, mallory)
 	}
 	for i := range 20 {
 		if tag, err := readTag(pub); tag != "alice\n" {

@@ -162,17 +162,16 @@ func (ss *session) poolLocked(req *proto.Listen) (*endpoint, error) {
 	if !ss.tenant.allowsPool(req.Pool) {
 		return nil, refusal(proto.CodePortUnavailable, "pool %q is not allowed for this agent (its pools=%s)", req.Pool, strings.Join(ss.tenant.Pools, ","))
 	}
+	// The agents of the agents file and those of the secret have pools of
+	// their own: one name on each side is two pools, so neither side can
+	// join, nor take first, a pool of the other.
 	var ep *endpoint
 	for _, e := range s.endpoints {
-		if e.pool == req.Pool {
+		if e.pool == req.Pool && e.secret == ss.secretClass() {
 			ep = e
 		}
 	}
 	switch {
-	case ep != nil && ep.secret != ss.secretClass():
-		// Another tenant's pool: the agents of the agents file and those
-		// of the secret never share one.
-		return nil, refusal(proto.CodePortUnavailable, "pool %q is not allowed for this agent", req.Pool)
 	case ep == nil && req.Port != 0 && s.endpoints[int(req.Port)] != nil:
 		return nil, ss.heldElsewhereLocked(s.endpoints[int(req.Port)])
 	case ep == nil:
