@@ -285,42 +285,54 @@ func (ss *session) owns(ep *endpoint, resume [proto.TokenLen]byte) bool {
 // checkTunnelLimitLocked refuses a new endpoint past the limits of the
 // session's tenant: an identity's endpoints count over all its sessions,
 // reserved ones included, up to its tunnels= (or the relay's per-agent
-// limit); the agents without a key have that limit each, and from each
-// source address, and their secret line's tunnels= over all of them.
+// limit); the agents without a key have that limit each, and their secret
+// line's tunnels= over all of them. And every agent the secret admits
+// (without a key, or with a key of its own making) counts against its
+// source address's limit, the relay's per-agent one: keys cost nothing to
+// make.
 func (ss *session) checkTunnelLimitLocked() error {
 	s, t := ss.s, ss.tenant
-	all, fromSrc := 0, 0
+	all := 0
 	for _, ep := range s.endpoints {
 		if ep.pool == "" && ss.tenantHolds(ep) {
 			all++
-			if ep.src == ss.src {
-				fromSrc++
-			}
 		}
 	}
 	for other := range t.sessions {
 		for _, m := range other.members {
 			if m.ep.pool != "" {
 				all++
-				if other.src == ss.src {
+			}
+		}
+	}
+	switch limit := cmp.Or(t.Tunnels, s.set.maxTunnels); {
+	case ss.id != nil && all >= limit:
+		return refusal(proto.CodeLimit, "tunnel limit reached: agent %s holds %d ports (tunnels=%d)", t.Name, all, limit)
+	case ss.id == nil && len(ss.members) >= s.set.maxTunnels:
+		return refusal(proto.CodeLimit, "tunnel limit reached: %d per agent", s.set.maxTunnels)
+	case ss.id == nil && t.Tunnels > 0 && all >= t.Tunnels:
+		return refusal(proto.CodeLimit, "tunnel limit reached: the agents without a key hold %d ports (tunnels=%d)", all, t.Tunnels)
+	}
+	if !ss.secretClass() {
+		return nil
+	}
+	fromSrc := 0
+	for _, ep := range s.endpoints {
+		if ep.pool == "" && ep.secret && ep.src == ss.src {
+			fromSrc++
+		}
+	}
+	for other := range s.sessions {
+		if other.secretClass() && other.src == ss.src {
+			for _, m := range other.members {
+				if m.ep.pool != "" {
 					fromSrc++
 				}
 			}
 		}
 	}
-	if ss.id != nil {
-		if limit := cmp.Or(t.Tunnels, s.set.maxTunnels); all >= limit {
-			return refusal(proto.CodeLimit, "tunnel limit reached: agent %s holds %d ports (tunnels=%d)", t.Name, all, limit)
-		}
-		return nil
-	}
-	switch {
-	case len(ss.members) >= s.set.maxTunnels:
-		return refusal(proto.CodeLimit, "tunnel limit reached: %d per agent", s.set.maxTunnels)
-	case fromSrc >= s.set.maxTunnels:
-		return refusal(proto.CodeLimit, "tunnel limit reached: the agents without a key from your address hold %d ports", fromSrc)
-	case t.Tunnels > 0 && all >= t.Tunnels:
-		return refusal(proto.CodeLimit, "tunnel limit reached: the agents without a key hold %d ports (tunnels=%d)", all, t.Tunnels)
+	if fromSrc >= s.set.maxTunnels {
+		return refusal(proto.CodeLimit, "tunnel limit reached: the agents of the secret from your address hold %d ports", fromSrc)
 	}
 	return nil
 }

@@ -463,14 +463,21 @@ func TestTunnelLimitPerAgent(t *testing.T) {
 	if e := other.Expect(t, proto.TypeError).(*proto.Error); e.Code != proto.CodeLimit || !strings.Contains(e.Message, "from your address") {
 		t.Fatalf("a second session from the address: %+v, want the per-address tunnel limit", e)
 	}
-	// An agent with a key of its own is another tenant.
-	cfg := tunnel.Config{Logger: testutil.Logger(t), Key: newKey(t)}
-	ln, err := cfg.Listen(testutil.Context(t), relay.Addr)
-	if err != nil {
-		t.Fatalf("Listen with a key: %v", err)
+	// So is one with a key of its own making: keys cost nothing.
+	keyed, refused := testutil.DialRaw(t, relay.Addr, testutil.RawOptions{Key: newKey(t), Features: proto.FeaturePool})
+	if refused != nil {
+		t.Fatalf("a session with a key: %+v", refused)
 	}
-	testutil.Serve(t, ln, testutil.Echo)
-	checkEcho(t, ln.Addr().String(), "other agent")
+	keyed.Send(t, proto.Append(nil, &proto.Listen{ID: 1}))
+	if e := keyed.Expect(t, proto.TypeError).(*proto.Error); e.Code != proto.CodeLimit || !strings.Contains(e.Message, "from your address") {
+		t.Fatalf("a session with a new key from the address: %+v, want the per-address tunnel limit", e)
+	}
+	// Another address is not held by it.
+	from2, refused := testutil.DialRaw(t, relay.Addr, testutil.RawOptions{From: "127.0.0.2", Features: proto.FeaturePool})
+	if refused != nil {
+		t.Fatalf("a session from another address: %+v", refused)
+	}
+	from2.Listen(t, 0)
 }
 
 func TestConnLimitPerTunnel(t *testing.T) {

@@ -221,8 +221,8 @@ func (ss *session) join() error {
 		return refusal(proto.CodeAuthFailed, "agent %s was removed from the relay's agents file", t.Name)
 	case ss.id == nil && t.Sessions > 0 && len(t.sessions) >= t.Sessions:
 		return refusal(proto.CodeLimit, "the agents without a key have %d sessions already (sessions=%d)", len(t.sessions), t.Sessions)
-	case ss.id == nil && ss.fromSameSourceLocked() >= defaultSessions:
-		return refusal(proto.CodeLimit, "the agents without a key from your address have %d sessions already", defaultSessions)
+	case ss.secretClass() && ss.fromSameSourceLocked() >= defaultSessions:
+		return refusal(proto.CodeLimit, "the agents of the secret from your address have %d sessions already", defaultSessions)
 	case ss.id != nil && len(t.sessions) >= cmp.Or(t.Sessions, defaultSessions):
 		return refusal(proto.CodeLimit, "agent %s has %d sessions already (sessions=%d)", t.Name, len(t.sessions), cmp.Or(t.Sessions, defaultSessions))
 	case !s.agentRoomLocked(ss):
@@ -393,12 +393,12 @@ func (ss *session) tenantParkLimit() int {
 	return ss.s.set.maxPool
 }
 
-// fromSameSourceLocked counts the other sessions of ss's tenant from its
-// source address. s.mu must be held.
+// fromSameSourceLocked counts the other sessions the secret admitted (see
+// secretClass) from ss's source address. s.mu must be held.
 func (ss *session) fromSameSourceLocked() int {
 	n := 0
-	for other := range ss.tenant.sessions {
-		if other.src == ss.src && other != ss {
+	for other := range ss.s.sessions {
+		if other.secretClass() && other.src == ss.src && other != ss {
 			n++
 		}
 	}
