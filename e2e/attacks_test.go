@@ -8,7 +8,6 @@ import (
 	"io"
 	"math/big"
 	"net"
-	"net/http"
 	"regexp"
 	"strconv"
 	"strings"
@@ -54,17 +53,12 @@ func holdSilent(t *testing.T, addr string, n int, ips func(i int) string) (held 
 // metric scrapes one sample without labels from http://maddr/metrics.
 func metric(t *testing.T, maddr, name string) int64 {
 	t.Helper()
-	resp, err := http.Get("http://" + maddr + "/metrics")
-	if err != nil {
-		t.Fatalf("GET /metrics: %v", err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	m := regexp.MustCompile(`(?m)^` + name + ` (\d+)$`).FindSubmatch(b)
+	b := opsGet(t, maddr, "/metrics")
+	m := regexp.MustCompile(`(?m)^` + name + ` (\d+)$`).FindStringSubmatch(b)
 	if m == nil {
 		t.Fatalf("/metrics has no %s:\n%s", name, b)
 	}
-	v, _ := strconv.ParseInt(string(m[1]), 10, 64)
+	v, _ := strconv.ParseInt(m[1], 10, 64)
 	return v
 }
 

@@ -85,7 +85,7 @@ func (s *Server) runSession(c net.Conn, hello *proto.Hello, bindIP net.IP, relea
 		ss.log = s.log.With("agent", ss.id.Name, "remote", ss.remote)
 	}
 	if err := ss.join(); err != nil {
-		ss.log.Warn("agent refused", "err", err)
+		s.quiet.Warn("agent refused", "err", err, "remote", ss.remote)
 		var re *requestError
 		if errors.As(err, &re) {
 			ss.ctl.Send(&proto.Error{Code: re.code, Message: re.msg})
