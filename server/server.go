@@ -54,6 +54,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"log/slog"
+	"maps"
 	"math"
 	"net"
 	"slices"
@@ -455,14 +456,21 @@ func (s *Server) stopAccepting(reason string, retry time.Duration) {
 	for _, ln := range lns {
 		ln.Close()
 	}
-	// All at once, each within a second: an agent that stopped reading
-	// cannot hold up the others, nor the shutdown.
+	endSessions(sessions, func(*session) proto.Message {
+		return &proto.GoAway{Message: reason, RetryMillis: uint32(retry.Milliseconds())}
+	})
+}
+
+// endSessions tells each session why it ends, and ends it: all at once,
+// each within a second, so that an agent that stopped reading cannot hold
+// up the others, nor the caller.
+func endSessions(sessions []*session, why func(*session) proto.Message) {
 	var wg sync.WaitGroup
 	for _, ss := range sessions {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			ss.ctl.SendWithin(&proto.GoAway{Message: reason, RetryMillis: uint32(retry.Milliseconds())}, time.Second)
+			ss.ctl.SendWithin(why(ss), time.Second)
 			ss.close()
 		}()
 	}
@@ -648,17 +656,21 @@ func (s *Server) SetAgents(agents []Agent) {
 		}
 		tenants = append(tenants, id)
 	}
+	// The sessions to end: a revoked tenant's, and those that lose a
+	// member to a narrowed scope.
 	drop := make(map[*member]bool)
-	ended := make(map[*session]bool)
+	var end []*session
 	for _, t := range tenants {
 		s.narrowLocked(t, drop)
-		for ss := range t.sessions {
-			ended[ss] = t.revoked
+		if t.revoked {
+			end = slices.AppendSeq(end, maps.Keys(t.sessions))
 		}
 	}
 	for m := range drop {
 		m.cut = true // no new client, and its waiting ones cannot be claimed
-		ended[m.sess] = true
+		if !m.sess.tenant.revoked && !slices.Contains(end, m.sess) {
+			end = append(end, m.sess)
+		}
 	}
 	var links []*copier.Link
 	for l, info := range s.links {
@@ -670,27 +682,15 @@ func (s *Server) SetAgents(agents []Agent) {
 	for _, l := range links {
 		l.Close()
 	}
-	// All at once, each within a second, as at shutdown.
-	var wg sync.WaitGroup
-	for ss, end := range ended {
-		if !end {
-			continue
+	endSessions(end, func(ss *session) proto.Message {
+		if ss.tenant.revoked {
+			ss.log.Warn("agent removed from the agents file: ending its session and its connections")
+			return &proto.Error{Code: proto.CodeAuthFailed, Message: "this agent was removed from the relay's agents file"}
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if ss.tenant.revoked {
-				ss.log.Warn("agent removed from the agents file: ending its session and its connections")
-				ss.ctl.SendWithin(&proto.Error{Code: proto.CodeAuthFailed, Message: "this agent was removed from the relay's agents file"}, time.Second)
-			} else {
-				ss.log.Warn("agent's scope narrowed in the agents file: ending its session, and its connections outside the scope")
-				ss.ctl.SendWithin(&proto.GoAway{Message: "the relay's agents file narrowed this agent's scope: register again",
-					RetryMillis: uint32(comeBackSoon.Milliseconds())}, time.Second)
-			}
-			ss.close()
-		}()
-	}
-	wg.Wait()
+		ss.log.Warn("agent's scope narrowed in the agents file: ending its session, and its connections outside the scope")
+		return &proto.GoAway{Message: "the relay's agents file narrowed this agent's scope: register again",
+			RetryMillis: uint32(comeBackSoon.Milliseconds())}
+	})
 }
 
 // narrowLocked applies t's scope to what it holds: it releases its

@@ -14,8 +14,9 @@ import (
 	"math/big"
 	"net"
 	"os"
-	"path/filepath"
 	"time"
+
+	"tcprelay/internal/atomicfile"
 )
 
 // selfSigned returns the relay's self-signed certificate, kept in path
@@ -65,34 +66,10 @@ func selfSigned(path string, hosts []string) (cert tls.Certificate, created bool
 	pemBytes := append(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
 		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})...)
 	if path != "" {
-		if err := writeNew(path, pemBytes); err != nil {
+		if err := atomicfile.Write(path, pemBytes); err != nil {
 			return cert, false, err
 		}
 	}
 	cert, err = tls.X509KeyPair(pemBytes, pemBytes)
 	return cert, true, err
-}
-
-// writeNew writes b to path, mode 0600, through a new file of its own
-// (O_CREATE|O_EXCL) in the same directory renamed over path: a symbolic
-// link planted at path is replaced, never followed, so the key cannot be
-// written elsewhere.
-func writeNew(path string, b []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+"-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name()) // a no-op once renamed
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), path)
 }

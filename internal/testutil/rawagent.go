@@ -101,15 +101,7 @@ func DialRaw(t testing.TB, relayAddr string, o RawOptions) (*RawAgent, *proto.Er
 	// A session the relay keeps gets its pool key (if both speak pools)
 	// next; one it turns away at its limits, an Error.
 	if hello.Features&ch.Features&proto.FeaturePool != 0 {
-		typ, payload, err := proto.ReadFrame(a.br, nil, proto.DefaultMaxPayload)
-		if err != nil {
-			t.Fatalf("raw agent read: %v", err)
-		}
-		m, err := proto.Parse(typ, payload)
-		if err != nil {
-			t.Fatalf("raw agent parse %s: %v", typ, err)
-		}
-		switch m := m.(type) {
+		switch m := a.read(t).(type) {
 		case *proto.PoolKey:
 			a.PoolKey = m
 		case *proto.Error:
@@ -149,15 +141,7 @@ func (a *RawAgent) Send(t testing.TB, b []byte) {
 func (a *RawAgent) Next(t testing.TB) proto.Message {
 	t.Helper()
 	for {
-		typ, payload, err := proto.ReadFrame(a.br, nil, proto.DefaultMaxPayload)
-		if err != nil {
-			t.Fatalf("raw agent read: %v", err)
-		}
-		m, err := proto.Parse(typ, payload)
-		if err != nil {
-			t.Fatalf("raw agent parse %s: %v", typ, err)
-		}
-		switch m := m.(type) {
+		switch m := a.read(t).(type) {
 		case *proto.Ping:
 		case *proto.PoolKey:
 			a.PoolKey = m
@@ -165,6 +149,20 @@ func (a *RawAgent) Next(t testing.TB) proto.Message {
 			return m
 		}
 	}
+}
+
+// read reads and parses the next frame, whatever it is.
+func (a *RawAgent) read(t testing.TB) proto.Message {
+	t.Helper()
+	typ, payload, err := proto.ReadFrame(a.br, nil, proto.DefaultMaxPayload)
+	if err != nil {
+		t.Fatalf("raw agent read: %v", err)
+	}
+	m, err := proto.Parse(typ, payload)
+	if err != nil {
+		t.Fatalf("raw agent parse %s: %v", typ, err)
+	}
+	return m
 }
 
 // Expect reads the next frame and fails unless it has type want.
