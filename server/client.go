@@ -30,7 +30,7 @@ func (ep *endpoint) serveClient(c net.Conn) func() {
 	}
 	accepted := time.Now()
 	return func() {
-		if !s.bindPooled(m, c) {
+		if !s.bindPooled(m, c, accepted) {
 			s.announce(m, c, accepted)
 		}
 	}
@@ -67,7 +67,23 @@ func (ep *endpoint) admit(c net.Conn) *member {
 	s.count.refused.Add(1)
 	s.closeConn(c)
 	s.quiet.Warn("closed outside client: "+why, "port", ep.port, "client", c.RemoteAddr().String())
+	s.logUnrelayed(ep, nil, c, time.Now(), "refused: "+why)
 	return nil
+}
+
+// logUnrelayed writes the access log's line for an outside client that
+// was closed before it was relayed; m is the member it waited for, if
+// any.
+func (s *Server) logUnrelayed(ep *endpoint, m *member, c net.Conn, since time.Time, reason string) {
+	if s.access == nil {
+		return
+	}
+	rec := ConnRecord{Event: "connection", Start: since, End: time.Now(), Port: ep.port, Pool: ep.pool,
+		Client: c.RemoteAddr().String(), Reason: reason}
+	if m != nil {
+		rec.Agent, rec.AgentAddr = m.sess.name(), m.sess.remote
+	}
+	s.access.add(rec)
 }
 
 // addClientLocked counts delta outside clients from src on ep, in the
@@ -94,10 +110,11 @@ func (ep *endpoint) addClientLocked(src netip.Addr, delta int) {
 	}
 }
 
-// bindPooled joins client to a parked data connection of m's session if it
-// has one, and reports whether it did. The Bind frame tells the agent which
-// tunnel and client it is; the bytes after it are the client's.
-func (s *Server) bindPooled(m *member, client net.Conn) bool {
+// bindPooled joins client, accepted at since, to a parked data connection
+// of m's session if it has one, and reports whether it did. The Bind frame
+// tells the agent which tunnel and client it is; the bytes after it are
+// the client's.
+func (s *Server) bindPooled(m *member, client net.Conn, since time.Time) bool {
 	for {
 		data := m.sess.takePooled()
 		if data == nil {
@@ -112,7 +129,7 @@ func (s *Server) bindPooled(m *member, client net.Conn) bool {
 		}
 		data.SetWriteDeadline(time.Time{})
 		s.count.poolHits.Add(1)
-		s.link(m, client, data)
+		s.link(m, client, data, since)
 		return true
 	}
 }
@@ -135,7 +152,11 @@ func (s *Server) announce(m *member, c net.Conn, since time.Time) {
 	s.mu.Lock()
 	if removed := m.removed; removed || ep.pending >= s.set.maxPending {
 		s.mu.Unlock()
-		s.dropClient(p)
+		why := "no agent"
+		if !removed {
+			why = "refused: tunnel at its limit of clients waiting for the agent"
+		}
+		s.dropClient(p, why)
 		if !removed {
 			s.count.refused.Add(1)
 			s.quiet.Warn("closed outside client: tunnel at its limit of clients waiting for the agent",
@@ -172,7 +193,7 @@ func (s *Server) attach(c net.Conn, a *proto.Attach) bool {
 	}
 	p.timer.Stop()
 	c.SetDeadline(time.Time{})
-	s.link(p.member, p.client, c)
+	s.link(p.member, p.client, c, p.since)
 	return true
 }
 
@@ -203,7 +224,7 @@ func (s *Server) pickupTimeout(p *pending) {
 	s.count.pickupTimeouts.Add(1)
 	p.member.sess.log.Warn("closed outside client: no data connection from the agent in time",
 		"port", p.member.ep.port, "client", p.client.RemoteAddr().String())
-	s.dropClient(p)
+	s.dropClient(p, "pickup timeout")
 }
 
 // claimGrace is how long a waiting client outlives its member. The agent
@@ -252,19 +273,20 @@ func (s *Server) redispatch(moved []*pending) {
 			ep.addClientLocked(sourceOf(p.client), -1)
 			s.mu.Unlock()
 			s.closeConn(p.client)
+			s.logUnrelayed(ep, p.member, p.client, p.since, "no agent")
 			continue
 		}
 		m.clients++
 		s.mu.Unlock()
-		if !s.bindPooled(m, p.client) {
+		if !s.bindPooled(m, p.client, p.since) {
 			s.announce(m, p.client, p.since)
 		}
 	}
 }
 
-// dropClient closes an outside client that will not be relayed and frees
-// its place.
-func (s *Server) dropClient(p *pending) {
+// dropClient closes an outside client that will not be relayed, for
+// reason, and frees its place.
+func (s *Server) dropClient(p *pending, reason string) {
 	if p.timer != nil {
 		p.timer.Stop()
 	}
@@ -273,23 +295,34 @@ func (s *Server) dropClient(p *pending) {
 	p.member.ep.addClientLocked(sourceOf(p.client), -1)
 	p.member.clients--
 	s.mu.Unlock()
+	s.logUnrelayed(p.member.ep, p.member, p.client, p.since, reason)
 }
 
 // linkInfo is what the relay knows of a relayed connection.
 type linkInfo struct {
 	member       *member
 	client, data net.Conn
-	since        time.Time
+	accepted     time.Time // when the relay accepted the client
+	since        time.Time // when it was joined to its data connection
 
 	// Watched (see watch.go), under s.mu.
 	moved   int64     // bytes both ways when last looked at
 	changed time.Time // when that last changed
+	reason  string    // why the relay closed it, if it did (for the access log)
+}
+
+// endedBy records why the relay closes the link, if nothing else did
+// first. s.mu must be held.
+func (info *linkInfo) endedBy(reason string) {
+	if info.reason == "" {
+		info.reason = reason
+	}
 }
 
 // link copies between an outside client and the data connection joined to
 // it, in the background, until both directions end. An idle link holds no
 // goroutine.
-func (s *Server) link(m *member, client, data net.Conn) {
+func (s *Server) link(m *member, client, data net.Conn, accepted time.Time) {
 	s.tune(client)
 	s.tune(data)
 	l := copier.New(client, data, func(l *copier.Link, res copier.Result) {
@@ -301,7 +334,7 @@ func (s *Server) link(m *member, client, data net.Conn) {
 	// it.
 	delete(s.conns, client)
 	delete(s.conns, data)
-	s.links[l] = &linkInfo{member: m, client: client, data: data, since: now, changed: now}
+	s.links[l] = &linkInfo{member: m, client: client, data: data, accepted: accepted, since: now, changed: now}
 	s.wg.Add(1)
 	s.mu.Unlock()
 	l.Start()
@@ -317,6 +350,7 @@ func (s *Server) linkDone(m *member, client net.Conn, l *copier.Link, res copier
 		s.count.relayErrors.Add(1)
 	}
 	s.mu.Lock()
+	info := s.links[l]
 	s.bytesDone.add(res.AToB, res.BToA)
 	m.ep.bytesDone.add(res.AToB, res.BToA)
 	delete(s.links, l)
@@ -326,5 +360,18 @@ func (s *Server) linkDone(m *member, client net.Conn, l *copier.Link, res copier
 	s.mu.Unlock()
 	s.log.Debug("connection closed", "port", m.ep.port, "client", client.RemoteAddr().String(),
 		"bytes_in", res.AToB, "bytes_out", res.BToA, "err", res.Err)
+	if s.access != nil {
+		reason := info.reason
+		switch {
+		case reason != "":
+		case res.BFirst:
+			reason = "agent closed"
+		default:
+			reason = "client closed"
+		}
+		s.access.add(ConnRecord{Event: "connection", Start: info.accepted, End: time.Now(), Port: m.ep.port, Pool: m.ep.pool,
+			Agent: m.sess.name(), AgentAddr: m.sess.remote, Client: client.RemoteAddr().String(),
+			BytesIn: res.AToB, BytesOut: res.BToA, Reason: reason})
+	}
 	s.wg.Done()
 }

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"io"
 	"log/slog"
 	"math"
 	"time"
@@ -132,6 +133,13 @@ type Config struct {
 
 	// Logger receives the relay's logs. If nil, slog.Default().
 	Logger *slog.Logger
+
+	// AccessLog, if set, receives one JSON line per outside connection
+	// and per agent session when it ends (see ConnRecord and
+	// SessionRecord). The lines are written from a goroutine of the
+	// relay's: a writer that falls 4,096 lines behind loses the newest,
+	// counted in tcprelay_access_log_dropped_total. If nil, none.
+	AccessLog io.Writer
 
 	// Version names the relay's build in its status views and the
 	// tcprelay_build_info metric. If empty, "unknown".

@@ -84,6 +84,7 @@ func (s *Server) WriteMetrics(w io.Writer) error {
 		{"tcprelay_handshake_failures_total", "counter", "Agent handshakes that failed, wrong secrets included.", c.handshakeFails.Load()},
 		{"tcprelay_auth_failures_total", "counter", "Agents refused for a wrong or missing secret.", c.authFails.Load()},
 		{"tcprelay_auth_throttled_total", "counter", "Connections and authentications refused unchecked, their address having spent its failed-authentication budget.", c.authThrottled.Load()},
+		{"tcprelay_access_log_dropped_total", "counter", "Access log lines dropped because its writer fell too far behind.", s.access.droppedRecords()},
 		{"tcprelay_control_dropped_total", "counter", "Connections dropped on the control port (garbage, bad tokens, bad pool keys).", c.dropped.Load()},
 		{"tcprelay_clients_total", "counter", "Outside clients accepted on public ports.", c.clients.Load()},
 		{"tcprelay_clients_refused_total", "counter", "Outside clients closed at a tunnel limit.", c.refused.Load()},

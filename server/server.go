@@ -104,6 +104,7 @@ type Server struct {
 	stopWatchOnce sync.Once
 	quiet         *quietLog    // for events that come in floods
 	refusing      atomic.Int32 // TLS refusals being sent (see refuseConn)
+	access        *accessLog   // nil: no access log
 
 	budget          budget
 	handshakes      handshakes   // connections in handshake (under mu)
@@ -154,6 +155,9 @@ func New(cfg Config) (*Server, error) {
 		started:   time.Now(),
 	}
 	s.quiet = &quietLog{log: log, wg: &s.wg}
+	if cfg.AccessLog != nil {
+		s.access = newAccessLog(cfg.AccessLog)
+	}
 	if cfg.MaxConnsPerTunnel == 0 {
 		s.set.maxConns = max(s.budget.clients/4, 16)
 	}
@@ -545,8 +549,9 @@ func (s *Server) Close() error {
 		conns = append(conns, c)
 	}
 	links := make([]*copier.Link, 0, len(s.links))
-	for l := range s.links {
+	for l, info := range s.links {
 		links = append(links, l)
+		info.endedBy("relay shut down")
 	}
 	for tok, p := range s.pending {
 		delete(s.pending, tok)
@@ -567,6 +572,7 @@ func (s *Server) Close() error {
 	s.quiet.flush()
 	s.stopWatchOnce.Do(func() { close(s.stopWatch) })
 	s.wg.Wait()
+	s.access.close()
 	return nil
 }
 
@@ -672,10 +678,17 @@ func (s *Server) SetAgents(agents []Agent) {
 			end = append(end, m.sess)
 		}
 	}
+	for _, ss := range end {
+		ss.ended = "scope narrowed"
+		if ss.tenant.revoked {
+			ss.ended = "revoked"
+		}
+	}
 	var links []*copier.Link
 	for l, info := range s.links {
 		if drop[info.member] {
 			links = append(links, l)
+			info.endedBy("revoked")
 		}
 	}
 	s.mu.Unlock()

@@ -5,6 +5,7 @@ import (
 	"crypto/ed25519"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math"
 	"net"
@@ -32,7 +33,10 @@ type session struct {
 	since    time.Time  // when the session was established
 	quiet    *quietLog  // the log lines of its requests (see serve)
 
+	ports []int // the public ports it got, in order (its own goroutine's)
+
 	// Guarded by s.mu.
+	ended   string // why the relay ended it, if it did for a reason of its own (the access log's)
 	closed  bool
 	members map[uint32]*member // by tunnel id
 	nextID  uint32
@@ -107,6 +111,36 @@ func (s *Server) runSession(c net.Conn, hello *proto.Hello, bindIP net.IP, relea
 	}
 	ss.close()
 	ss.log.Info("agent disconnected", "reason", err)
+	if s.access != nil {
+		rec := SessionRecord{Event: "session", Start: ss.since, End: time.Now(), Agent: ss.name(), Addr: ss.remote,
+			Ports: ss.ports, Reason: ss.endReason(err)}
+		if ss.id != nil {
+			rec.Key = proto.FormatKey(ss.id.Key)
+		}
+		s.access.add(rec)
+	}
+}
+
+// endReason says, for the access log, why the session ended with err.
+func (ss *session) endReason(err error) string {
+	s := ss.s
+	s.mu.Lock()
+	draining, ended := s.draining, ss.ended
+	s.mu.Unlock()
+	var ne net.Error
+	switch {
+	case ended != "":
+		return ended
+	case draining:
+		return "relay shut down"
+	case errors.Is(err, io.EOF):
+		return "agent closed"
+	case errors.As(err, &ne) && ne.Timeout():
+		return "agent silent"
+	case err == nil:
+		return "closed"
+	}
+	return err.Error()
 }
 
 // handshake runs challenge-response authentication under the deadline that
@@ -287,6 +321,7 @@ func (ss *session) listen(req *proto.Listen) {
 		return
 	}
 	ss.quiet.Info("tunnel opened", "port", m.ep.port, "pool", m.ep.pool)
+	ss.ports = append(ss.ports, m.ep.port)
 	m.ep.start(ln)
 }
 

@@ -82,8 +82,10 @@ func (s *Server) watchOnce(now time.Time) {
 		switch {
 		case s.set.stallTimeout > 0 && w >= s.set.stallTimeout:
 			stale = append(stale, l)
+			info.endedBy("stalled")
 		case s.set.idleTimeout > 0 && now.Sub(info.changed) >= s.set.idleTimeout:
 			idle = append(idle, l)
+			info.endedBy("idle")
 		case w >= stalledAfter:
 			cands = append(cands, stalled{l: l, info: info, waiting: w})
 		}
@@ -107,6 +109,11 @@ func (s *Server) watchOnce(now time.Time) {
 			shed = append(shed, c.l)
 			total -= c.mem
 		}
+		s.mu.Lock()
+		for _, c := range cands[:len(shed)] {
+			c.info.endedBy("shed")
+		}
+		s.mu.Unlock()
 	}
 	for _, l := range stale {
 		s.count.stallTimeouts.Add(1)

@@ -50,6 +50,7 @@ func main() {
 	c.Size(&cfg.MaxStalledMemory, "max-stalled-memory", 0, "kernel `memory` the stalled relayed connections (a reader that took nothing for 2s) may hold; past it those stalled longest are closed (0: half the kernel's TCP pressure level, tcp_mem; off: no bound)")
 	c.DurationOff(&cfg.StallTimeout, "stall-timeout", 0, "close a relayed connection whose reader has taken nothing for this `duration` while bytes wait for it (0 or off: never)")
 	c.DurationOff(&cfg.IdleTimeout, "idle-timeout", 0, "close a relayed connection on which nothing has moved, either way, for this `duration` (0 or off: never)")
+	accessLog := fs.String("access-log", "", "append one JSON line per outside connection and per agent session, when it ends, to this `file`; SIGUSR1 reopens it (for logrotate); the fields are in docs/OPERATING.md (default: none)")
 	metricsAddr := fs.String("metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics, a status page at / and a text status view at /status, e.g. 127.0.0.1:9090 (default: off)")
 	agentsFile := fs.String("agents", "", "`file` of the agents admitted by key, one per line: NAME KEY [ports=LO-HI,...] [tunnels=N] [sessions=N] [parked=N] [pools=NAME,...|*], and at most one NAME secret [options] line for the agents that come with -secret and no key; SIGHUP re-reads it and applies it at once (a removed key's sessions and connections end), and keeps the agents in force if it has an error or is empty (as a file caught mid-write is): to remove every agent, leave only a comment in it, e.g. '# none' (default: none; admit by -secret, or any agent)")
 	stateDir := fs.String("state-dir", "", "`directory` for the port reservations file, so that they survive a restart; off: keep them in memory (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/tcprelay, else ~/.local/state/tcprelay)")
@@ -167,6 +168,17 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
+	if *accessLog != "" {
+		af, err := openAccessFile(*accessLog)
+		if err != nil {
+			c.Fatal(fmt.Errorf("-access-log: %w", err))
+		}
+		defer af.Close() // after the Shutdown below, which writes the last lines
+		cfg.AccessLog = af
+		usr1 := make(chan os.Signal, 1)
+		notifyReopen(usr1)
+		go reopenOn(usr1, af, log)
+	}
 	if err := privilegedRange(*bind, cfg.PortMin, cfg.PortMax); err != nil {
 		c.Fatal(err)
 	}

@@ -19,6 +19,9 @@ type Result struct {
 	// to a closed peer, Close); nil when both directions ended with a clean
 	// EOF.
 	Err error
+	// BFirst: the direction b→a ended first (b's side closed or failed
+	// before a's); false, a→b did.
+	BFirst bool
 }
 
 // closeWriter is implemented by *net.TCPConn, *net.UnixConn, *tls.Conn and
@@ -234,6 +237,9 @@ func (d *dir) end(n int64, err error) {
 	}
 	l.mu.Lock()
 	*d.n = n
+	if l.left == len(l.dirs) {
+		l.res.BFirst = d == &l.dirs[1]
+	}
 	l.left--
 	last := l.left == 0
 	if last {

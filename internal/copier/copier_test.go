@@ -255,8 +255,8 @@ func TestHalfClose(t *testing.T) {
 		t.Fatalf("clientA read %q, %v after \"response\"; want EOF", rest, err)
 	}
 	res := r.result(t)
-	if res.AToB != int64(len("request")) || res.BToA != int64(len("response")) || res.Err != nil {
-		t.Errorf("Result = %+v, want AToB=7 BToA=8 Err=nil", res)
+	if res.AToB != int64(len("request")) || res.BToA != int64(len("response")) || res.Err != nil || res.BFirst {
+		t.Errorf("Result = %+v, want AToB=7 BToA=8 Err=nil, and a→b ended first", res)
 	}
 	assertClosed(t, "a", r.a)
 	assertClosed(t, "b", r.b)
