@@ -84,6 +84,10 @@ type Listen struct {
 	// Pool, if not empty, joins the endpoint of that name (feature pools),
 	// served by every agent that joins it, on one port.
 	Pool string
+	// Allow and Deny narrow who may reach this member (feature acl):
+	// comma-separated CIDR prefixes (see ParsePrefixes). A client from a
+	// Deny prefix, or from none of a non-empty Allow, is not relayed to it.
+	Allow, Deny string
 }
 
 // ListenOK answers a Listen.
@@ -228,11 +232,15 @@ func (m *Listen) AppendPayload(b []byte) []byte {
 	b = binary.BigEndian.AppendUint32(b, m.Flags)
 	// Optional fields are written up to the last one set: an earlier one
 	// that is not set goes as zero.
-	if m.Resume != ([TokenLen]byte{}) || m.Pool != "" {
+	if m.Resume != ([TokenLen]byte{}) || m.Pool != "" || m.Allow != "" || m.Deny != "" {
 		b = append(b, m.Resume[:]...)
 	}
-	if m.Pool != "" {
+	if m.Pool != "" || m.Allow != "" || m.Deny != "" {
 		b = appendString(b, m.Pool)
+	}
+	if m.Allow != "" || m.Deny != "" {
+		b = appendString(b, m.Allow)
+		b = appendString(b, m.Deny)
 	}
 	return b
 }
@@ -356,6 +364,9 @@ func Parse(t Type, payload []byte) (Message, error) {
 		}
 		if d.more() {
 			v.Pool = d.string()
+		}
+		if d.more() {
+			v.Allow, v.Deny = d.string(), d.string()
 		}
 		m = v
 	case TypeListenOK:

@@ -97,6 +97,9 @@ const (
 	// FeatureReady: a member says whether it can take clients (Ready,
 	// ListenUnready).
 	FeatureReady Features = 1 << 4
+	// FeatureACL: a member narrows who may reach it (Listen.Allow and
+	// Listen.Deny).
+	FeatureACL Features = 1 << 5
 )
 
 // featureNames names each feature, in bit order, for messages and docs.
@@ -109,6 +112,7 @@ var featureNames = []struct {
 	{FeatureProof, "proof"},
 	{FeaturePools, "pools"},
 	{FeatureReady, "ready"},
+	{FeatureACL, "acl"},
 }
 
 // String names the features in f, comma-separated; unknown bits are shown

@@ -135,6 +135,8 @@ func samples() []sample {
 		{"ready/yes", &Ready{Tunnel: math.MaxUint32, Ready: true}},
 		{"listen/pool", &Listen{ID: 1, Port: 80, Pool: "web"}},
 		{"listen/pool-resume", &Listen{ID: 1, Resume: seqToken(), Pool: maxString}},
+		{"listen/acl", &Listen{ID: 2, Port: 80, Allow: "10.0.0.0/8,2001:db8::/32", Deny: "10.1.0.0/16"}},
+		{"listen/allow-only", &Listen{ID: 2, Allow: "192.0.2.7/32"}},
 	}
 }
 
@@ -421,7 +423,7 @@ func bare(m Message) Message {
 		return &Auth{MAC: m.MAC}
 	case *Listen:
 		v := *m
-		v.Resume, v.Pool = [TokenLen]byte{}, ""
+		v.Resume, v.Pool, v.Allow, v.Deny = [TokenLen]byte{}, "", "", ""
 		return &v
 	case *ListenOK:
 		v := *m
@@ -457,6 +459,9 @@ func full(m Message) Message {
 		v.Resume = [TokenLen]byte(one(TokenLen))
 		if v.Pool == "" {
 			v.Pool = "p"
+		}
+		if v.Allow == "" && v.Deny == "" {
+			v.Deny = "192.0.2.0/24"
 		}
 		return &v
 	case *ListenOK:
