@@ -32,9 +32,10 @@ func (a stringAddr) Network() string { return "tcp" }
 func (a stringAddr) String() string  { return string(a) }
 
 // Conn is a relayed connection to one outside client: the agent's data
-// connection to the relay, a *net.TCPConn or, with TLS, a *tls.Conn.
-// ReadFrom and WriteTo hand over to the *net.TCPConn when there is one, so
-// io.Copy between a Conn and another TCP connection still uses splice(2).
+// connection to the relay, a raw TCP stream (a *net.TCPConn, or one through
+// a proxy) or, with TLS, a *tls.Conn. ReadFrom and WriteTo hand over to the
+// raw stream when there is one, so io.Copy between a Conn and another TCP
+// connection still uses splice(2).
 type Conn struct {
 	net.Conn
 	local, remote net.Addr
@@ -65,6 +66,16 @@ func (c *Conn) CloseWrite() error {
 	return c.Conn.Close()
 }
 
+// rawStream is a data connection whose socket carries the client's bytes
+// as they are: a *net.TCPConn, or a stream through a proxy over one (see
+// transport.Dialer).
+type rawStream interface {
+	net.Conn
+	syscall.Conn
+	io.ReaderFrom
+	io.WriterTo
+}
+
 // errNotRaw is SyscallConn's answer when the data connection is TLS: its
 // descriptor carries ciphertext, not the client's bytes.
 var errNotRaw = errors.New("tunnel: data connection is not raw TCP")
@@ -73,7 +84,7 @@ var errNotRaw = errors.New("tunnel: data connection is not raw TCP")
 // TCP, so copiers can splice(2) the client's bytes without a user-space
 // copy. With TLS it returns an error.
 func (c *Conn) SyscallConn() (syscall.RawConn, error) {
-	if tc, ok := c.Conn.(*net.TCPConn); ok {
+	if tc, ok := c.Conn.(rawStream); ok {
 		return tc.SyscallConn()
 	}
 	return nil, errNotRaw
@@ -81,7 +92,7 @@ func (c *Conn) SyscallConn() (syscall.RawConn, error) {
 
 // ReadFrom copies r to the outside client.
 func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
-	if tc, ok := c.Conn.(*net.TCPConn); ok {
+	if tc, ok := c.Conn.(rawStream); ok {
 		return tc.ReadFrom(r)
 	}
 	return io.Copy(struct{ io.Writer }{c.Conn}, r)
@@ -89,7 +100,7 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 
 // WriteTo copies what the outside client sends to w.
 func (c *Conn) WriteTo(w io.Writer) (int64, error) {
-	if tc, ok := c.Conn.(*net.TCPConn); ok {
+	if tc, ok := c.Conn.(rawStream); ok {
 		return tc.WriteTo(w)
 	}
 	return io.Copy(w, struct{ io.Reader }{c.Conn})

@@ -26,7 +26,7 @@ type control struct {
 	l        *Listener
 	r        *registration
 	conn     *proto.Conn
-	dataAddr string             // where data connections go: the relay's resolved address
+	dataAddr string             // where data connections go: the address the control connection reached
 	hb       time.Duration      // heartbeat the relay asked for; 0: none
 	features proto.Features     // spoken by both sides
 	key      [proto.MACLen]byte // the session key (feature proof)
@@ -51,7 +51,7 @@ func dialControl(ctx context.Context, r *registration, req *proto.Listen) (*cont
 	l := r.l
 	ctx, cancel := context.WithTimeout(ctx, l.cfg.dialTimeout())
 	defer cancel()
-	conn, err := l.dialRelay(ctx, r.relayAddr, r.dialedHost)
+	conn, err := r.dialRelay(ctx, r.relayAddr)
 	if err != nil {
 		return nil, err
 	}
@@ -74,18 +74,19 @@ func dialControl(ctx context.Context, r *registration, req *proto.Listen) (*cont
 	return c, nil
 }
 
-// dialRelay opens a TCP connection to addr (a relay's control port) and, if
-// configured, runs the TLS handshake on it, verifying host unless the TLS
-// configuration names a server. Data connections dial the address the
-// control connection resolved, and verify the same name.
-func (l *Listener) dialRelay(ctx context.Context, addr, host string) (net.Conn, error) {
-	d := net.Dialer{KeepAlive: 15 * time.Second}
-	dial := l.cfg.dial
-	if dial == nil {
-		dial = func(ctx context.Context, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) }
-	}
-	conn, err := dial(ctx, addr)
+// dialRelay opens a stream to addr (r's relay's control port), with r's
+// Dialer (direct or through a proxy: this file does not know which) and,
+// if configured, runs the TLS handshake on it, verifying the relay's host
+// unless the TLS configuration names a server. Data connections dial the
+// address the control connection reached (see transport.Dialer), and
+// verify the same name.
+func (r *registration) dialRelay(ctx context.Context, addr string) (net.Conn, error) {
+	l, host := r.l, r.dialedHost
+	conn, err := r.dialer(ctx, addr)
 	if err != nil {
+		if final(err) {
+			return nil, err
+		}
 		return nil, fmt.Errorf("%w: %w", errDial, err)
 	}
 	if l.cfg.TLS == nil {
@@ -385,7 +386,7 @@ func (c *control) handle(m proto.Message) error {
 func (c *control) dataConn(first proto.Message) (net.Conn, error) {
 	l := c.l
 	ctx, cancel := context.WithTimeout(l.ctx, l.cfg.dialTimeout())
-	conn, err := l.dialRelay(ctx, c.dataAddr, c.r.dialedHost)
+	conn, err := c.r.dialRelay(ctx, c.dataAddr)
 	cancel()
 	if err != nil {
 		return nil, err

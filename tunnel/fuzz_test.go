@@ -146,14 +146,25 @@ func recordRelay(f *testing.F) (control, data []byte) {
 	return control, data
 }
 
-// recorder keeps a copy of what is read from the relay.
+// recorder keeps a copy of what is read from the relay. It does not embed
+// the *net.TCPConn, whose ReadFrom, WriteTo and SyscallConn would let a
+// copier splice past Read (transport.Dialer's contract).
 type recorder struct {
-	*net.TCPConn
+	tc  *net.TCPConn
 	rec *testutil.LockedBuffer
 }
 
+func (r *recorder) Close() error                       { return r.tc.Close() }
+func (r *recorder) CloseWrite() error                  { return r.tc.CloseWrite() }
+func (r *recorder) Write(p []byte) (int, error)        { return r.tc.Write(p) }
+func (r *recorder) LocalAddr() net.Addr                { return r.tc.LocalAddr() }
+func (r *recorder) RemoteAddr() net.Addr               { return r.tc.RemoteAddr() }
+func (r *recorder) SetDeadline(t time.Time) error      { return r.tc.SetDeadline(t) }
+func (r *recorder) SetReadDeadline(t time.Time) error  { return r.tc.SetReadDeadline(t) }
+func (r *recorder) SetWriteDeadline(t time.Time) error { return r.tc.SetWriteDeadline(t) }
+
 func (r *recorder) Read(p []byte) (int, error) {
-	n, err := r.TCPConn.Read(p)
+	n, err := r.tc.Read(p)
 	r.rec.Write(p[:n])
 	return n, err
 }

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"tcprelay/internal/proto"
+	"tcprelay/internal/transport"
 )
 
 // registration is the Listener's presence on one relay: its control
@@ -17,6 +18,7 @@ type registration struct {
 	l          *Listener
 	relayAddr  string
 	dialedHost string
+	dialer     transport.Dialer // every connection to this relay: control and data
 
 	addr   *Addr    // the public address; nil until first registered
 	ctl    *control // the control connection; nil while reconnecting

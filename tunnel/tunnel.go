@@ -31,6 +31,7 @@ import (
 	"time"
 
 	"tcprelay/internal/proto"
+	"tcprelay/internal/transport"
 )
 
 // Errors returned by Listen and Accept; those from the relay wrap its own
@@ -85,6 +86,24 @@ type Config struct {
 	// relay sends them to the pool's other members until SetReady(true).
 	StartUnready bool
 
+	// Proxy is how the agent reaches the relays: a proxy URL, through
+	// which every connection to a relay goes (control, pooled and
+	// announced data): http://HOST:PORT or https://HOST:PORT for an HTTP
+	// CONNECT proxy (https: TLS to the proxy, verified against the system's
+	// roots), socks5://HOST:PORT or socks5h://HOST:PORT for a SOCKS5 proxy
+	// (either way the proxy resolves the relay's name), each with optional
+	// USER:PASSWORD@. If empty, the environment's proxy for each relay, as Go
+	// programs read it for an https URL: HTTPS_PROXY, else ALL_PROXY, unless
+	// NO_PROXY lists the relay (and never for localhost or a loopback
+	// address). "direct" means no proxy, whatever the environment says. TLS
+	// runs on top of the proxied stream, end to end with the relay.
+	//
+	// A proxy that refuses the credentials (407, or SOCKS5's refusal) fails
+	// like a relay that refuses the secret: retrying cannot change it. Its
+	// other refusals (a 403, a 502 while the relay is down) are retried like
+	// an unreachable relay.
+	Proxy string
+
 	// TLS, if set, secures the control and data connections to the relay.
 	// If its ServerName is empty, the host of the relay address is used.
 	// See PinnedTLS for a relay with a self-signed certificate.
@@ -132,8 +151,9 @@ type Config struct {
 	// require adds features the relay must have (tests only).
 	require proto.Features
 
-	// dial, if set, replaces the TCP dial of the relay (tests only).
-	dial func(ctx context.Context, addr string) (net.Conn, error)
+	// dial, if set, replaces the dial of the relay, Proxy included (tests
+	// only).
+	dial transport.Dialer
 }
 
 // needs is the set of features a relay must have to serve c; Listen fails
@@ -245,7 +265,17 @@ func (c *Config) Listen(ctx context.Context, relayAddrs ...string) (*Listener, e
 		if err != nil {
 			return nil, fmt.Errorf("relay address %q: %w", a, err)
 		}
-		l.regs = append(l.regs, &registration{l: l, relayAddr: a, dialedHost: host})
+		dial, via, err := transport.ForRelay(c.Proxy, a)
+		if err != nil {
+			return nil, fmt.Errorf("relay %s: %w", a, err)
+		}
+		if c.dial != nil {
+			dial = c.dial
+		}
+		if via != "" {
+			l.log.Info("reaching the relay through a proxy", "relay", a, "proxy", via)
+		}
+		l.regs = append(l.regs, &registration{l: l, relayAddr: a, dialedHost: host, dialer: dial})
 	}
 	l.ctx, l.cancel = context.WithCancel(context.Background())
 	l.done = l.ctx.Done()
@@ -321,9 +351,9 @@ func (c *Config) Listen(ctx context.Context, relayAddrs ...string) (*Listener, e
 
 // final reports whether a relay's refusal is one that retrying cannot
 // change: it refused the secret or key, or lacks a feature this Listener
-// needs.
+// needs; or the proxy on the way refused its credentials.
 func final(err error) bool {
-	return errors.Is(err, ErrAuthFailed) || errors.Is(err, ErrUnsupported)
+	return errors.Is(err, ErrAuthFailed) || errors.Is(err, ErrUnsupported) || errors.Is(err, transport.ErrProxyAuth)
 }
 
 // errDial marks a relay that could not be reached at all.

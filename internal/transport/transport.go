@@ -52,25 +52,25 @@ var ErrProxyAuth = errors.New("proxy refused the credentials")
 // ForRelay returns the Dialer that reaches the relay at addr (host:port)
 // under the proxy setting proxy: a proxy URL (http://, https://, socks5://
 // or socks5h://, each with optional user:password@); NoProxy ("direct")
-// for none; or "" for the environment's choice (see FromEnvironment). A
-// malformed setting is an error that says what is wanted.
-func ForRelay(proxy, addr string) (Dialer, error) {
+// for none; or "" for the environment's choice (see FromEnvironment). via
+// names the proxy for logs (without its password), "" if none. A malformed
+// setting is an error that says what is wanted.
+func ForRelay(proxy, addr string) (d Dialer, via string, err error) {
 	var u *url.URL
 	switch proxy {
 	case NoProxy:
-		return Direct, nil
+		return Direct, "", nil
 	case "":
-		var err error
 		if u, err = FromEnvironment(addr); err != nil || u == nil {
-			return Direct, err
+			return Direct, "", err
 		}
 	default:
-		var err error
 		if u, err = ParseProxy(proxy); err != nil {
-			return nil, err
+			return nil, "", err
 		}
 	}
-	return ViaProxy(u, Direct)
+	d, err = ViaProxy(u, Direct)
+	return d, Redact(u), err
 }
 
 // ParseProxy parses a proxy URL and checks that ViaProxy can use it.

@@ -267,14 +267,17 @@ func TestFromEnvironment(t *testing.T) {
 
 func TestForRelay(t *testing.T) {
 	t.Setenv("HTTPS_PROXY", "ftp://bad")
-	if _, err := ForRelay("", "relay.example:8080"); err == nil || !strings.Contains(err.Error(), "HTTPS_PROXY") {
+	if _, _, err := ForRelay("", "relay.example:8080"); err == nil || !strings.Contains(err.Error(), "HTTPS_PROXY") {
 		t.Errorf("ForRelay with a bad HTTPS_PROXY: %v, want an error naming the variable", err)
 	}
-	if _, err := ForRelay(NoProxy, "relay.example:8080"); err != nil {
+	if _, via, err := ForRelay(NoProxy, "relay.example:8080"); err != nil || via != "" {
 		t.Errorf("ForRelay(%q) with a bad HTTPS_PROXY: %v, want direct, the environment ignored", NoProxy, err)
 	}
-	if _, err := ForRelay("relay.example:3128", "relay.example:8080"); err == nil {
+	if _, _, err := ForRelay("relay.example:3128", "relay.example:8080"); err == nil {
 		t.Error("ForRelay with a proxy URL without a scheme succeeded")
+	}
+	if _, via, err := ForRelay("socks5://u:pw@p:1080", "relay.example:8080"); err != nil || via != "socks5://p:1080" {
+		t.Errorf("ForRelay(socks5://u:pw@p:1080) names the proxy %q (%v), want socks5://p:1080", via, err)
 	}
 	u, _ := url.Parse("http://p:3128")
 	if _, err := ViaProxy(u, nil); err != nil {
