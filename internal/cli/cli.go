@@ -25,6 +25,7 @@ import (
 	"syscall"
 	"time"
 
+	"tcprelay/internal/transport"
 	"tcprelay/tunnel"
 )
 
@@ -378,7 +379,7 @@ func Serve(ln net.Listener, handle Handler, drain time.Duration, log *slog.Logge
 }
 
 // Agent holds what the relayed programs (echoserver, expose) share: the
-// flags -port, -key, -drain-timeout, -fail-fast and the TLS flags, and the
+// flags -port, -key, -drain-timeout, -fail-fast, -proxy and the TLS flags, and the
 // way they register with the relays and serve.
 type Agent struct {
 	c        *Common
@@ -387,6 +388,7 @@ type Agent struct {
 	key      *string
 	drain    *time.Duration
 	failFast *bool
+	proxy    *string
 	tls      func() (*tls.Config, error)
 
 	// Health, if set, says whether what the agent serves is up; Run asks
@@ -416,8 +418,11 @@ func (c *Common) Agent() *Agent {
 		key:      c.FS.String("key", "", "Ed25519 private key `file` that identifies this agent to relays with an agents file (created, mode 0600, if missing)"),
 		drain:    c.FS.Duration("drain-timeout", 5*time.Second, "on SIGINT/SIGTERM, how long open connections may finish"),
 		failFast: c.FS.Bool("fail-fast", false, "exit at once if no relay can be reached at start, or the connection dies during the handshake, instead of retrying with backoff"),
-		tls:      c.AgentTLS(),
-		recheck:  make(chan struct{}, 1),
+		proxy: c.FS.String("proxy", "", "reach the relays through this proxy `URL`: http://HOST:PORT or https://HOST:PORT (HTTP CONNECT; https: TLS to the proxy), socks5://HOST:PORT or socks5h://HOST:PORT (SOCKS5), each with optional USER:PASSWORD@; every connection to a relay goes through it, and -tls runs end to end on top. "+
+			"Default: the environment, as Go programs read it for https: HTTPS_PROXY, else ALL_PROXY, unless NO_PROXY lists the relay (never for localhost or a loopback address). "+
+			"\"direct\": no proxy, whatever the environment says. A proxy that refuses the credentials (407, SOCKS5 auth) ends the agent like a refused secret; its other refusals are retried"),
+		tls:     c.AgentTLS(),
+		recheck: make(chan struct{}, 1),
 	}
 }
 
@@ -472,6 +477,11 @@ func (a *Agent) Run(relays []string, log *slog.Logger, handle Handler) {
 	if err != nil {
 		a.c.Usagef("%v", err)
 	}
+	if p := *a.proxy; p != "" && p != transport.NoProxy {
+		if _, err := transport.ParseProxy(p); err != nil {
+			a.c.Usagef("-proxy: %v", err)
+		}
+	}
 	var key ed25519.PrivateKey
 	if *a.key != "" {
 		var created bool
@@ -492,6 +502,7 @@ func (a *Agent) Run(relays []string, log *slog.Logger, handle Handler) {
 		PortRequired: *a.port != 0, // a port asked for is never silently replaced
 		Pool:         *a.pool,
 		TLS:          tlsCfg,
+		Proxy:        *a.proxy,
 		WaitForRelay: !*a.failFast,
 		Agent:        a.c.Name + "/" + Version,
 		Logger:       log,
