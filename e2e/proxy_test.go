@@ -83,7 +83,13 @@ func waitProxied(t *testing.T, p *proc, target string, n int) int {
 // directions at the first EOF.
 func roundTrip(t *testing.T, what string, port int, data []byte) {
 	t.Helper()
-	c, err := net.DialTimeout("tcp", child.Addr(port), 5*time.Second)
+	roundTripTo(t, what, "127.0.0.1", port, data)
+}
+
+// roundTripTo is roundTrip to host:port.
+func roundTripTo(t *testing.T, what, host string, port int, data []byte) {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", net.JoinHostPort(host, strconv.Itoa(port)), 5*time.Second)
 	if err != nil {
 		t.Fatalf("%s: %v", what, err)
 	}
@@ -98,7 +104,7 @@ func roundTrip(t *testing.T, what string, port int, data []byte) {
 		err = werr
 	}
 	if err != nil || !bytes.Equal(got, data) {
-		t.Fatalf("%s: echo through 127.0.0.1:%d: %d of %d bytes back (equal: %v), err %v", what, port, n, len(data), bytes.Equal(got, data), err)
+		t.Fatalf("%s: echo through %s:%d: %d of %d bytes back (equal: %v), err %v", what, host, port, n, len(data), bytes.Equal(got, data), err)
 	}
 }
 
@@ -232,4 +238,144 @@ func TestAgentsThroughMicrosocks(t *testing.T) {
 		px, port := e.startMicrosocks("bob", "hunter2")
 		return px, port, "socks5://bob:hunter2@" + child.Addr(port)
 	})
+}
+
+// TestProxyRefusesCredentials: a proxy that refuses the agent's password
+// ends the agent (exit 1) with an error that names the proxy, without the
+// password, and its answer, with -fail-fast or without it: a 407 is not
+// going to change, like a refused secret.
+func TestProxyRefusesCredentials(t *testing.T) {
+	e := newEnv(t)
+	r := e.startRelay(nil)
+	relayAddr := child.Addr(r.port)
+	_, tp := e.startTinyproxy([]int{r.port}, "alice", "s3cret")
+	_, ms := e.startMicrosocks("bob", "hunter2")
+	for _, c := range []struct {
+		proxy, want string
+	}{
+		// tinyproxy answers a wrong password 401, and no password 407.
+		{"http://alice:wrong@" + child.Addr(tp), "proxy http://" + child.Addr(tp) + " refused CONNECT " + relayAddr + ": 401 Unauthorized"},
+		{"http://" + child.Addr(tp), "proxy http://" + child.Addr(tp) + " refused CONNECT " + relayAddr + ": 407 Proxy Authentication Required"},
+		{"socks5://bob:wrong@" + child.Addr(ms), "proxy socks5://" + child.Addr(ms) + " refused CONNECT " + relayAddr + ": username/password authentication failed"},
+	} {
+		for _, flags := range [][]string{{"-fail-fast"}, nil} {
+			args := append(append([]string{"-proxy", c.proxy}, flags...), "127.0.0.1", strconv.Itoa(r.port))
+			p := e.start(echoBin, args, procOpts{})
+			p.mustExit(15 * time.Second)
+			stderr := p.Stderr.String()
+			if p.ExitCode() != 1 || !strings.Contains(stderr, c.want) || strings.Contains(stderr, "wrong@") || p.Out() != "" {
+				t.Errorf("%s: %s, stdout %q, stderr:\n%s\nwant exit status 1, no announcement, and stderr saying %q without the password", p, p.Status(), p.Out(), stderr, c.want)
+			}
+		}
+	}
+}
+
+// TestRedisBehindConnectProxy: redis-server's only way out is a CONNECT
+// proxy that allows nothing but the relay's port; expose beside it serves
+// it through the relay, and an outside redis-cli uses it on the public
+// port. ss shows expose's every connection goes to the proxy or to redis.
+func TestRedisBehindConnectProxy(t *testing.T) {
+	server := requireProgram(t, "redis-server", "redis-server")
+	cli := requireProgram(t, "redis-cli", "redis-tools")
+	dir := t.TempDir()
+	e := newEnv(t)
+	_, redisPort := e.startService(server, func(port int) []string {
+		return []string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1",
+			"--save", "", "--appendonly", "no", "--dir", dir}
+	}, nil)
+	r := e.startRelay(nil)
+	px, proxyPort := e.startTinyproxy([]int{r.port}, "corp", "pa55")
+	ex, pub := e.startExpose("127.0.0.1", r.port, child.Addr(redisPort), "-proxy", "http://corp:pa55@"+child.Addr(proxyPort))
+
+	redis := func(stdin []byte, args ...string) string {
+		t.Helper()
+		p := e.runOK(cli, append([]string{"-h", "127.0.0.1", "-p", strconv.Itoa(pub)}, args...), stdin)
+		return p.Stdout.String()
+	}
+	if got := redis(nil, "SET", "greeting", "through the proxy"); got != "OK\n" {
+		t.Errorf("redis-cli SET through the relay printed %q, want OK", got)
+	}
+	if got := redis(nil, "GET", "greeting"); got != "through the proxy\n" {
+		t.Errorf("redis-cli GET through the relay printed %q", got)
+	}
+	value := bytes.Repeat([]byte("0123456789abcdef"), 4096) // 64 KiB
+	if got := redis(value, "-x", "SET", "big"); got != "OK\n" {
+		t.Errorf("redis-cli -x SET big printed %q, want OK", got)
+	}
+	if got, want := redis(nil, "STRLEN", "big"), fmt.Sprintf("%d\n", len(value)); got != want {
+		t.Errorf("redis-cli STRLEN big printed %q, want %q", got, want)
+	}
+	// Three clients: at least the control connection and a data
+	// connection for each client through the proxy.
+	waitProxied(t, px, child.Addr(r.port), 5)
+	onlyTo(t, ex, child.Addr(proxyPort), child.Addr(redisPort))
+}
+
+// localIP is an address of this machine that is not loopback: Go programs
+// never proxy a loopback relay, so the environment's proxy is tested with
+// a relay on it.
+func localIP(t *testing.T) string {
+	t.Helper()
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range addrs {
+		if ipn, ok := a.(*net.IPNet); ok && ipn.IP.To4() != nil && !ipn.IP.IsLoopback() && !ipn.IP.IsLinkLocalUnicast() {
+			return ipn.IP.String()
+		}
+	}
+	missing(t, "no non-loopback IPv4 address on this machine")
+	return ""
+}
+
+// TestProxyFromEnvironment: with no -proxy, the agents take the proxy from
+// HTTPS_PROXY, else ALL_PROXY, and dial directly a relay that NO_PROXY
+// lists; -proxy direct ignores the environment.
+func TestProxyFromEnvironment(t *testing.T) {
+	e := newEnv(t)
+	ip := localIP(t)
+	var r *relay
+	for attempt := 0; r == nil && attempt < 5; attempt++ {
+		r = e.tryRelay(ip, freePort(t), nil, nil)
+	}
+	if r == nil {
+		t.Fatal("relay: no free port in 5 attempts")
+	}
+	relayAddr := net.JoinHostPort(ip, strconv.Itoa(r.port))
+	tpProc, tp := e.startTinyproxy([]int{r.port}, "", "")
+	msProc, ms := e.startMicrosocks("bob", "hunter2")
+	clean := []string{"HTTPS_PROXY=", "https_proxy=", "ALL_PROXY=", "all_proxy=", "NO_PROXY=", "no_proxy=", "HTTP_PROXY=", "http_proxy="}
+	dead := "http://" + child.Addr(freePort(t)) // nothing listens there
+	for _, c := range []struct {
+		name  string
+		env   []string
+		flags []string
+		via   *proc // the proxy that must carry it; nil: none
+	}{
+		{"HTTPS_PROXY", []string{"HTTPS_PROXY=http://" + child.Addr(tp)}, nil, tpProc},
+		{"https_proxy", []string{"https_proxy=" + child.Addr(tp)}, nil, tpProc},
+		{"ALL_PROXY", []string{"ALL_PROXY=socks5://bob:hunter2@" + child.Addr(ms)}, nil, msProc},
+		{"HTTPS_PROXY before ALL_PROXY", []string{"HTTPS_PROXY=http://" + child.Addr(tp), "ALL_PROXY=" + dead}, nil, tpProc},
+		{"NO_PROXY", []string{"HTTPS_PROXY=" + dead, "NO_PROXY=example.com," + ip}, nil, nil},
+		{"-proxy direct", []string{"HTTPS_PROXY=" + dead, "ALL_PROXY=" + dead}, []string{"-proxy", "direct"}, nil},
+		{"-proxy over HTTPS_PROXY", []string{"HTTPS_PROXY=" + dead}, []string{"-proxy", "socks5://bob:hunter2@" + child.Addr(ms)}, msProc},
+	} {
+		before := map[*proc]int{tpProc: proxied(tpProc, relayAddr), msProc: proxied(msProc, relayAddr)}
+		p, pub := e.startEchoWith(ip, r.port, append(append([]string(nil), clean...), c.env...), c.flags...)
+		roundTripTo(t, c.name, ip, pub, []byte("hello via "+c.name+"\n"))
+		for _, px := range []*proc{tpProc, msProc} {
+			got := proxied(px, relayAddr) - before[px]
+			if px == c.via && got == 0 {
+				t.Errorf("%s: %s carried no stream to the relay, want the agent's", c.name, px)
+			}
+			if px != c.via && got != 0 {
+				t.Errorf("%s: %s carried %d streams to the relay, want none", c.name, px, got)
+			}
+		}
+		if c.via == nil {
+			onlyTo(t, p, relayAddr)
+		}
+		p.stop()
+	}
 }

@@ -65,7 +65,7 @@ func (p *proxy) connect(ctx context.Context, addr string) (_ net.Conn, err error
 	n, _ := strconv.Atoi(status[9:12]) // checked by readResponse
 	if n < 200 || n > 299 {
 		err := fmt.Errorf("proxy %s refused CONNECT %s: %s", p.name, addr, printable(status[9:]))
-		if n == 407 {
+		if n == 407 || n == 401 { // tinyproxy answers 401 to a wrong password, 407 to none
 			err = fmt.Errorf("%w (%w)", err, ErrProxyAuth)
 		}
 		return nil, err

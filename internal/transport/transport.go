@@ -44,8 +44,9 @@ func Direct(ctx context.Context, addr string) (net.Conn, error) {
 // environment says.
 const NoProxy = "direct"
 
-// ErrProxyAuth marks a proxy's refusal of the credentials (HTTP 407, or a
-// SOCKS5 authentication failure): asking again with the same ones cannot
+// ErrProxyAuth marks a proxy's refusal of the credentials (HTTP 407, or
+// 401 as tinyproxy answers a wrong password, or a SOCKS5 authentication
+// failure): asking again with the same ones cannot
 // change its answer.
 var ErrProxyAuth = errors.New("proxy refused the credentials")
 

@@ -118,6 +118,7 @@ func TestConnectRefusalNamesTheProxyAndItsAnswer(t *testing.T) {
 		auth   bool
 	}{
 		{"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"x\"\r\n\r\n", "407 Proxy Authentication Required", true},
+		{"HTTP/1.0 401 Unauthorized\r\n\r\n", "401 Unauthorized", true},
 		{"HTTP/1.1 403 Forbidden\r\nContent-Length: 3\r\n\r\nno\n", "403 Forbidden", false},
 		{"HTTP/1.1 502 Bad Gateway\r\n\r\n", "502 Bad Gateway", false},
 		{"SSH-2.0-OpenSSH_9.2\r\n", `answered "SSH-2.0-OpenSSH_9.2\r\n": not an HTTP proxy`, false},
