@@ -379,3 +379,28 @@ func TestProxyFromEnvironment(t *testing.T) {
 		p.stop()
 	}
 }
+
+// TestProxyFlag: both agents' -h documents -proxy, its schemes, the
+// environment variables and "direct"; a malformed proxy URL is a usage
+// error (exit 2) that says what is wanted, without the password.
+func TestProxyFlag(t *testing.T) {
+	e := newEnv(t)
+	for _, c := range []struct {
+		bin  string
+		args []string
+	}{{echoBin, []string{"relay.example", "8080"}}, {exposeBin, []string{"relay.example", "8080", "127.0.0.1:1"}}} {
+		p := e.start(c.bin, []string{"-h"}, procOpts{})
+		p.mustExit(10 * time.Second)
+		out := p.Out()
+		for _, want := range []string{"-proxy URL", "http://", "https://", "socks5://", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", `"direct"`} {
+			if !strings.Contains(out, want) {
+				t.Errorf("%s: -h does not mention %s:\n%s", p, want, out)
+			}
+		}
+		p = e.start(c.bin, append([]string{"-proxy", "ftp://u:secret@proxy.example"}, c.args...), procOpts{})
+		p.mustExit(10 * time.Second)
+		if stderr := p.Stderr.String(); p.ExitCode() != 2 || !strings.Contains(stderr, "want http://, https://, socks5://") || strings.Contains(stderr, "secret") {
+			t.Errorf("%s: %s, stderr %q; want exit status 2 saying which schemes, without the password", p, p.Status(), stderr)
+		}
+	}
+}
