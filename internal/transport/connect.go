@@ -40,7 +40,12 @@ func (p *proxy) connect(ctx context.Context, addr string) (_ net.Conn, err error
 		}
 	}()
 	if p.url.Scheme == "https" {
-		tc := tls.Client(conn, &tls.Config{ServerName: p.url.Hostname()})
+		cfg := &tls.Config{}
+		if p.tls != nil {
+			cfg = p.tls.Clone()
+		}
+		cfg.ServerName = p.url.Hostname()
+		tc := tls.Client(conn, cfg)
 		if err := tc.HandshakeContext(ctx); err != nil {
 			return nil, fmt.Errorf("proxy %s: TLS handshake: %w", p.name, err)
 		}

@@ -9,6 +9,7 @@ package transport
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -188,6 +189,7 @@ type proxy struct {
 	name string // the URL without credentials
 	addr string // host:port
 	next Dialer
+	tls  *tls.Config // TLS to an https:// proxy; nil: system roots (tests set it)
 }
 
 // dial opens the connection to the proxy itself.

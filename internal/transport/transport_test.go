@@ -3,6 +3,7 @@ package transport
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -21,9 +22,17 @@ import (
 // answer (after recording it) and then, if the answer is a 200, echoes.
 // An empty answer means silence until the client goes away.
 func fakeProxy(t *testing.T, answer string) (addr string, requests chan *http.Request) {
+	return fakeProxyOn(t, answer, nil)
+}
+
+// fakeProxyOn is fakeProxy, over TLS with cert if it is set.
+func fakeProxyOn(t *testing.T, answer string, cert *tls.Certificate) (addr string, requests chan *http.Request) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
+	}
+	if cert != nil {
+		ln = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{*cert}})
 	}
 	requests = make(chan *http.Request, 10)
 	testutil.Serve(t, ln, func(c net.Conn) {
@@ -38,7 +47,7 @@ func fakeProxy(t *testing.T, answer string) (addr string, requests chan *http.Re
 		}
 		io.WriteString(c, answer)
 		if strings.HasPrefix(answer, "HTTP/1.1 200 ") && strings.Contains(answer, "\r\n\r\n") {
-			testutil.Echo(c)
+			io.Copy(c, c)
 		}
 	})
 	return ln.Addr().String(), requests
@@ -283,5 +292,46 @@ func TestForRelay(t *testing.T) {
 	u, _ := url.Parse("http://p:3128")
 	if _, err := ViaProxy(u, nil); err != nil {
 		t.Error(err)
+	}
+}
+
+// TestConnectOverTLSToTheProxy: https:// speaks TLS to the proxy, verified
+// for the proxy's host name: a certificate the roots do not trust is
+// refused, naming the proxy; a trusted one carries the stream.
+func TestConnectOverTLSToTheProxy(t *testing.T) {
+	check.Leaks(t)
+	cert, roots := testutil.SelfSignedCert(t)
+	addr, _ := fakeProxyOn(t, "HTTP/1.1 200 Connection established\r\n\r\n", &cert)
+	_, port, _ := net.SplitHostPort(addr)
+	u, err := ParseProxy("https://localhost:" + port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+
+	d, _ := ViaProxy(u, nil) // the system's roots: they do not know the test CA
+	if c, err := d(ctx, "relay.example:8080"); err == nil {
+		c.Close()
+		t.Fatal("an untrusted proxy certificate was accepted")
+	} else if !strings.Contains(err.Error(), "proxy https://localhost:"+port+": TLS handshake") || !strings.Contains(err.Error(), "certificate") {
+		t.Errorf("error %q: want a TLS handshake failure naming the proxy", err)
+	}
+
+	p := &proxy{url: u, name: Redact(u), addr: proxyAddr(u), next: Direct, tls: &tls.Config{RootCAs: roots}}
+	c, err := p.connect(ctx, "relay.example:8080")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := io.WriteString(c, "over TLS"); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, len("over TLS"))
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "over TLS" {
+		t.Fatalf("echo through the TLS proxy: %q, %v", buf, err)
+	}
+	if got := c.RemoteAddr().String(); got != "relay.example:8080" {
+		t.Errorf("RemoteAddr = %s, want relay.example:8080", got)
 	}
 }
