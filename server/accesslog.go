@@ -25,10 +25,10 @@ type ConnRecord struct {
 	Client    string    `json:"client"`               // the outside client's address
 	BytesIn   int64     `json:"bytes_in"`             // from the client to the agent
 	BytesOut  int64     `json:"bytes_out"`            // from the agent to the client
-	// Reason is why it ended: "client closed", "agent closed", "error" (a
-	// reset or failed write), "idle", "stalled", "shed", "revoked",
-	// "shutdown", "pickup timeout", "no agent", or "refused: " and the
-	// limit.
+	// Reason is why it ended: "client closed" or "agent closed" (whose
+	// side ended first), "idle", "stalled", "shed", "revoked", "relay shut
+	// down"; for a client never relayed, "denied", "pickup timeout", "no
+	// agent", or "refused: " and the limit.
 	Reason string `json:"reason"`
 }
 

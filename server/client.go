@@ -40,13 +40,21 @@ func (ep *endpoint) serveClient(c net.Conn) func() {
 // picks the member to serve it, or closes c and returns nil.
 func (ep *endpoint) admit(c net.Conn) *member {
 	s := ep.s
-	src := sourceOf(c)
+	src, ip := sourceOf(c), clientIP(c)
 	s.mu.Lock()
 	var why string
 	var m *member
 	switch {
 	case ep.closed:
 		why = "tunnel closed"
+	case !ep.admitsLocked(ip):
+		ep.denied++
+		s.mu.Unlock()
+		s.count.denied.Add(1)
+		s.closeConn(c)
+		s.quiet.Warn("closed outside client: not allowed by the tunnel's access lists", "port", ep.port, "client", c.RemoteAddr().String())
+		s.logUnrelayed(ep, nil, c, time.Now(), "denied")
+		return nil
 	case ep.conns >= s.set.maxConns:
 		why = "tunnel at its connection limit"
 	case ep.bySource[src] >= s.set.maxPerSource:
@@ -54,7 +62,7 @@ func (ep *endpoint) admit(c net.Conn) *member {
 	case !s.clientRoomLocked(ep):
 		why = "relay at its budget of clients: this tunnel has its fair share"
 	default:
-		if m = ep.pickLocked(); m == nil {
+		if m = ep.pickLocked(ip); m == nil {
 			why = "tunnel has no ready agent"
 			break
 		}
@@ -69,6 +77,28 @@ func (ep *endpoint) admit(c net.Conn) *member {
 	s.quiet.Warn("closed outside client: "+why, "port", ep.port, "client", c.RemoteAddr().String())
 	s.logUnrelayed(ep, nil, c, time.Now(), "refused: "+why)
 	return nil
+}
+
+// admitsLocked reports whether a client from ip may reach ep: one of its
+// members' access lists let it in (or it has no member yet). s.mu must be
+// held.
+func (ep *endpoint) admitsLocked(ip netip.Addr) bool {
+	for _, m := range ep.members {
+		if m.admitsLocked(ip) {
+			return true
+		}
+	}
+	return len(ep.members) == 0
+}
+
+// clientIP is the address an outside client connects from, whole (access
+// lists match it exactly, where per-source limits group IPv6 by /64).
+func clientIP(c net.Conn) netip.Addr {
+	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		ip, _ := netip.AddrFromSlice(a.IP)
+		return ip.Unmap()
+	}
+	return netip.Addr{}
 }
 
 // logUnrelayed writes the access log's line for an outside client that
@@ -268,7 +298,7 @@ func (s *Server) redispatch(moved []*pending) {
 	for _, p := range moved {
 		ep := p.member.ep
 		s.mu.Lock()
-		m := ep.pickLocked()
+		m := ep.pickLocked(clientIP(p.client))
 		if m == nil {
 			ep.addClientLocked(sourceOf(p.client), -1)
 			s.mu.Unlock()

@@ -43,6 +43,7 @@ type endpoint struct {
 	conns    int                // outside clients waiting or relayed
 	bySource map[netip.Addr]int // the same, by source address (with a limit on it)
 	pending  int                // outside clients waiting
+	denied   int                // outside clients closed by the access lists
 	// bytesDone is what the endpoint's links that ended relayed (the live
 	// ones' bytes are in their Progress).
 	bytesDone byteCount
@@ -57,6 +58,8 @@ type member struct {
 	ep   *endpoint
 
 	// Guarded by s.mu.
+	allow, deny []netip.Prefix // its agent's own access lists (Listen.Allow, Listen.Deny)
+
 	removed bool // no longer serves ep: it gets no new clients
 	cut     bool // ended by a revocation or a narrowed scope: its waiting clients go at once, unclaimed
 	ready   bool // its agent says it can take clients
@@ -89,6 +92,14 @@ func resumeOwner(tok [proto.TokenLen]byte) string {
 // claim, and for a pool, which anyone allowed may join).
 func (ss *session) register(req *proto.Listen) (m *member, ln net.Listener, resume [proto.TokenLen]byte, err error) {
 	s := ss.s
+	allow, err := proto.ParsePrefixes(req.Allow)
+	if err != nil {
+		return nil, nil, resume, refusal(proto.CodeBadRequest, "allow: %v", err)
+	}
+	deny, err := proto.ParsePrefixes(req.Deny)
+	if err != nil {
+		return nil, nil, resume, refusal(proto.CodeBadRequest, "deny: %v", err)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if ss.closed || s.draining {
@@ -147,7 +158,7 @@ func (ss *session) register(req *proto.Listen) (m *member, ln net.Listener, resu
 	}
 	ep.owner = owner // a claim by token gets a fresh one
 	ss.nextID++
-	m = &member{id: ss.nextID, sess: ss, ep: ep, ready: req.Flags&proto.ListenUnready == 0}
+	m = &member{id: ss.nextID, sess: ss, ep: ep, ready: req.Flags&proto.ListenUnready == 0, allow: allow, deny: deny}
 	ss.members[m.id] = m
 	ep.members = append(ep.members, m)
 	return m, ep.ln, resume, nil
@@ -362,7 +373,7 @@ func (m *member) removeLocked(release bool) (ln net.Listener, moved []*pending) 
 	delete(m.sess.members, m.id)
 	ep.members = slices.DeleteFunc(ep.members, func(x *member) bool { return x == m })
 	switch {
-	case ep.pickLocked() != nil:
+	case ep.pickLocked(netip.Addr{}) != nil:
 		moved = s.takeWaitingLocked(m)
 	case m.cut:
 		for _, p := range s.pending {
@@ -428,14 +439,23 @@ func (ep *endpoint) releaseLocked() {
 	}
 }
 
-// pickLocked chooses the member that serves the next client, or nil if
-// none is ready: among the ready members, those with a pre-opened data
-// connection parked (the client then costs no round trip), and of two
-// picked at random, the one with fewer clients. s.mu must be held.
-func (ep *endpoint) pickLocked() *member {
+// admitsLocked reports whether m may be given a client from ip: its
+// tenant's access lists, and its agent's own, let it in. A zero ip is any
+// client. s.mu must be held.
+func (m *member) admitsLocked(ip netip.Addr) bool {
+	t := m.sess.tenant
+	return !ip.IsValid() || admits(t.Allow, t.Deny, ip) && admits(m.allow, m.deny, ip)
+}
+
+// pickLocked chooses the member that serves the next client, from ip (zero:
+// any client), or nil if none is ready and admits it: among those, the
+// ones with a pre-opened data connection parked (the client then costs no
+// round trip), and of two picked at random, the one with fewer clients.
+// s.mu must be held.
+func (ep *endpoint) pickLocked(ip netip.Addr) *member {
 	var ready, parked []*member
 	for _, m := range ep.members {
-		if m.ready && !m.cut {
+		if m.ready && !m.cut && m.admitsLocked(ip) {
 			ready = append(ready, m)
 			if len(m.sess.pool) > 0 {
 				parked = append(parked, m)

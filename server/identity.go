@@ -5,6 +5,7 @@ import (
 	"crypto/ed25519"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"slices"
 	"strconv"
@@ -32,6 +33,13 @@ type Agent struct {
 	Parked int
 	// Pools names the pools it may join; "*" is any. If empty, none.
 	Pools []string
+
+	// Allow and Deny bound who may reach its tunnels: an outside client
+	// from a Deny prefix, or from none of a non-empty Allow, is closed at
+	// accept, before its agent hears of it. An agent may narrow them
+	// further for its own tunnels (Listen.Allow, Listen.Deny), never widen
+	// them. If empty, anyone.
+	Allow, Deny []netip.Prefix
 
 	// Secret marks the line of the shared secret's tenant (its KEY is the
 	// word "secret"; Key is nil): its scope applies to the agents that
@@ -66,6 +74,7 @@ func LoadAgents(path string) ([]Agent, error) {
 // ParseAgents reads an agents file: one agent per line,
 //
 //	NAME KEY [ports=LO-HI[,LO-HI...]] [tunnels=N] [sessions=N] [parked=N] [pools=NAME[,NAME...]|*]
+//	         [allow=CIDR[,CIDR...]] [deny=CIDR[,CIDR...]]
 //
 // with KEY as agents print it (ed25519:BASE64), or, on at most one line,
 // the word secret: the scope of the shared secret's tenant (see
@@ -137,8 +146,14 @@ func parseAgent(f []string) (Agent, error) {
 			if slices.Contains(a.Pools, "") {
 				return Agent{}, fmt.Errorf("pools=%s: an empty pool name", v)
 			}
+		case "allow", "deny":
+			ps, err := proto.ParsePrefixes(v)
+			if err != nil {
+				return Agent{}, fmt.Errorf("%s=%s: %w", k, v, err)
+			}
+			*map[string]*[]netip.Prefix{"allow": &a.Allow, "deny": &a.Deny}[k] = ps
 		default:
-			return Agent{}, fmt.Errorf("unknown option %q: want ports, tunnels, sessions, parked or pools", k)
+			return Agent{}, fmt.Errorf("unknown option %q: want ports, tunnels, sessions, parked, pools, allow or deny", k)
 		}
 	}
 	return a, nil
@@ -232,4 +247,23 @@ func (s *Server) forgetLocked(id *identity) {
 		}
 	}
 	delete(s.ids, string(id.Key))
+}
+
+// admits reports whether a client from ip passes the lists allow and deny:
+// it is in no Deny prefix, and in an Allow prefix if there are any.
+func admits(allow, deny []netip.Prefix, ip netip.Addr) bool {
+	for _, p := range deny {
+		if p.Contains(ip) {
+			return false
+		}
+	}
+	if len(allow) == 0 {
+		return true
+	}
+	for _, p := range allow {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	return false
 }

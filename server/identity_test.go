@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -52,7 +53,7 @@ func TestParseAgents(t *testing.T) {
 	k2 := proto.FormatKey(newKey(t).Public().(ed25519.PublicKey))
 	agents, err := server.ParseAgents(strings.NewReader(fmt.Sprintf(`
 # team web
-web %s ports=9000-9009,9100 tunnels=3 sessions=4 parked=8 pools=www,api
+web %s ports=9000-9009,9100 tunnels=3 sessions=4 parked=8 pools=www,api allow=10.0.0.0/8,2001:db8::1 deny=10.1.0.0/16
 db  %s   # defaults
 team secret ports=9200-9299 sessions=64 pools=scratch
 `, k, k2)))
@@ -69,6 +70,9 @@ team secret ports=9200-9299 sessions=64 pools=scratch
 	if web.Name != "web" || len(web.Ports) != 2 || web.Ports[1] != (server.PortRange{Lo: 9100, Hi: 9100}) ||
 		web.Tunnels != 3 || web.Sessions != 4 || web.Parked != 8 || strings.Join(web.Pools, ",") != "www,api" {
 		t.Errorf("web = %+v", web)
+	}
+	if proto.FormatPrefixes(web.Allow) != "10.0.0.0/8,2001:db8::1/128" || proto.FormatPrefixes(web.Deny) != "10.1.0.0/16" {
+		t.Errorf("web's access lists: allow %v, deny %v", web.Allow, web.Deny)
 	}
 	if db := agents[1]; db.Name != "db" || db.Ports != nil || db.Tunnels != 0 {
 		t.Errorf("db = %+v", db)
@@ -93,6 +97,8 @@ team secret ports=9200-9299 sessions=64 pools=scratch
 		"web " + strings.Replace(k, "ed25519:", "rsa:", 1), // another kind of key
 		"a secret\nb secret",                               // two secret lines
 		"a secret\na " + k,                                 // a name taken by the secret's line
+		"web " + k + " allow=10.0.0.0/33",                  // not a prefix
+		"web " + k + " deny=example.com",                   // not an address
 	} {
 		_, err := server.ParseAgents(strings.NewReader(bad))
 		if bad == "web "+k+" ports=9000" {
@@ -405,5 +411,48 @@ func TestSecretTenantScope(t *testing.T) {
 		t.Errorf("alice, a keyed tenant, on her port %d: %v", base, err)
 	} else {
 		ln.Close()
+	}
+}
+
+// TestAccessLists: who may reach a tunnel is the intersection of its
+// identity's allow=/deny= and its agent's own lists: a client outside them
+// is closed at accept, counted, and never announced to the agent; an agent
+// cannot widen what the agents file allows.
+func TestAccessLists(t *testing.T) {
+	check.Leaks(t)
+	key := newKey(t)
+	a := agentOf("web", key)
+	a.Allow = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/29")}
+	a.Deny = []netip.Prefix{netip.MustParsePrefix("127.0.0.3/32")}
+	relay := testutil.StartRelay(t, server.Config{Agents: []server.Agent{a}})
+	ag, refused := testutil.DialRaw(t, relay.Addr, testutil.RawOptions{Key: key, Features: proto.FeatureACL})
+	if refused != nil {
+		t.Fatal(refused)
+	}
+	// The agent denies one more address, and tries to allow one the file
+	// does not.
+	ag.Send(t, proto.Append(nil, &proto.Listen{ID: 7, Deny: "127.0.0.4", Allow: "127.0.0.0/24"}))
+	ok := ag.Expect(t, proto.TypeListenOK).(*proto.ListenOK)
+	pub := net.JoinHostPort("127.0.0.1", strconv.Itoa(int(ok.Port)))
+
+	for _, from := range []string{"127.0.0.3", "127.0.0.4", "127.0.0.9"} {
+		c := testutil.DialFrom(t, from, pub)
+		if b := testutil.ReadAllTimeout(t, c, 5*time.Second); len(b) != 0 {
+			t.Errorf("a client from %s read %q, want it closed", from, b)
+		}
+	}
+	served := testutil.DialFrom(t, "127.0.0.2", pub)
+	if in := ag.ExpectIncoming(t); in.Client != served.LocalAddr().String() {
+		t.Errorf("the agent heard of %s first, want the one allowed client, %s: the denied ones must not reach it", in.Client, served.LocalAddr())
+	}
+	m := testutil.Metrics(t, relay.Server)
+	if m["tcprelay_clients_denied_total"] != 3 || m[`tcprelay_endpoint_clients_denied_total{port="`+strconv.Itoa(int(ok.Port))+`"}`] != 3 {
+		t.Errorf("denied: %d in all, %d on the endpoint; want 3 and 3", m["tcprelay_clients_denied_total"],
+			m[`tcprelay_endpoint_clients_denied_total{port="`+strconv.Itoa(int(ok.Port))+`"}`])
+	}
+	// A list that is not CIDRs is refused, naming it.
+	ag.Send(t, proto.Append(nil, &proto.Listen{ID: 8, Allow: "10.0.0.0/33"}))
+	if e := ag.Expect(t, proto.TypeError).(*proto.Error); e.ID != 8 || !strings.Contains(e.Message, "10.0.0.0/33") {
+		t.Errorf("Listen with a bad allow list: %+v, want an error naming it", e)
 	}
 }

@@ -32,6 +32,7 @@ type counters struct {
 	dropped        atomic.Int64 // connections dropped on the control port
 	clients        atomic.Int64 // outside clients accepted on public ports
 	refused        atomic.Int64 // outside clients closed at a limit
+	denied         atomic.Int64 // outside clients closed by a tunnel's access lists
 	pickupTimeouts atomic.Int64 // outside clients closed because no data connection came
 	poolHits       atomic.Int64 // clients joined to a parked data connection
 	poolMisses     atomic.Int64 // clients announced with Incoming
@@ -88,6 +89,7 @@ func (s *Server) WriteMetrics(w io.Writer) error {
 		{"tcprelay_control_dropped_total", "counter", "Connections dropped on the control port (garbage, bad tokens, bad pool keys).", c.dropped.Load()},
 		{"tcprelay_clients_total", "counter", "Outside clients accepted on public ports.", c.clients.Load()},
 		{"tcprelay_clients_refused_total", "counter", "Outside clients closed at a tunnel limit.", c.refused.Load()},
+		{"tcprelay_clients_denied_total", "counter", "Outside clients closed by a tunnel's access lists (allow=, deny=).", c.denied.Load()},
 		{"tcprelay_pickup_timeouts_total", "counter", "Outside clients closed because no data connection came in time.", c.pickupTimeouts.Load()},
 		{"tcprelay_pool_hits_total", "counter", "Outside clients joined to a pre-opened data connection.", c.poolHits.Load()},
 		{"tcprelay_pool_misses_total", "counter", "Outside clients announced to their agent instead.", c.poolMisses.Load()},
@@ -141,6 +143,11 @@ func writeEndpointMetrics(e *expo, snap *status) {
 		for _, ep := range eps {
 			e.sample(f.name, []string{"port", strconv.Itoa(ep.Port)}, float64(f.value(ep)))
 		}
+	}
+	const deniedName = "tcprelay_endpoint_clients_denied_total"
+	e.family(deniedName, "counter", "Outside clients of the endpoint on this port closed by its access lists, since it opened."+which)
+	for _, ep := range eps {
+		e.sample(deniedName, []string{"port", strconv.Itoa(ep.Port)}, float64(ep.Denied))
 	}
 	const bytesName = "tcprelay_endpoint_bytes_total"
 	e.family(bytesName, "counter", "Bytes relayed through the endpoint on this port since it opened, by direction (to_agents, from_agents), connections still open included."+which)

@@ -189,7 +189,7 @@ func New(cfg Config) (*Server, error) {
 
 // features is what this relay speaks.
 func (s *Server) features() proto.Features {
-	f := proto.FeatureIdentity | proto.FeatureProof | proto.FeaturePools | proto.FeatureReady
+	f := proto.FeatureIdentity | proto.FeatureProof | proto.FeaturePools | proto.FeatureReady | proto.FeatureACL
 	if s.set.maxPool > 0 {
 		f |= proto.FeaturePool
 	}

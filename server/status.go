@@ -68,6 +68,7 @@ type endpointStatus struct {
 	MoreClients    int             // relayed clients left out of Clients
 	MoreWaiting    int             // waiting clients left out of Waiting
 	Bytes          byteCount       // relayed by its links, finished and live
+	Denied         int             // outside clients closed by its access lists
 }
 
 type memberStatus struct {
@@ -127,7 +128,7 @@ func (s *Server) takeStatus(clients bool) *status {
 	}
 	byEP := make(map[*endpoint]*endpointStatus, len(s.endpoints))
 	for _, ep := range s.endpoints {
-		e := &endpointStatus{Port: ep.port, Pool: peerText(ep.pool), Conns: ep.conns, Pending: ep.pending, Bytes: ep.bytesDone}
+		e := &endpointStatus{Port: ep.port, Pool: peerText(ep.pool), Conns: ep.conns, Pending: ep.pending, Bytes: ep.bytesDone, Denied: ep.denied}
 		if ep.ln == nil {
 			e.Until = ep.until
 			st.Reserved = append(st.Reserved, e)

@@ -186,7 +186,8 @@ func jitter(d time.Duration) time.Duration {
 func (r *registration) dial(ctx context.Context) (*control, error) {
 	l := r.l
 	port, required := l.wantPort()
-	req := &proto.Listen{ID: 1, Port: uint16(port), Pool: l.cfg.Pool}
+	req := &proto.Listen{ID: 1, Port: uint16(port), Pool: l.cfg.Pool,
+		Allow: proto.FormatPrefixes(l.cfg.Allow), Deny: proto.FormatPrefixes(l.cfg.Deny)}
 	if required {
 		req.Flags |= proto.ListenPortRequired
 	}

@@ -25,6 +25,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"syscall"
@@ -81,6 +82,14 @@ type Config struct {
 	// The pool's first member fixes its port. If empty, the port is this
 	// agent's alone.
 	Pool string
+
+	// Allow and Deny narrow who may reach this agent's tunnels: an outside
+	// client from a Deny prefix, or from none of a non-empty Allow, is
+	// closed by the relay when it connects, before this agent hears of it.
+	// They narrow what the relay's agents file allows for this agent,
+	// never widen it. A relay without the feature (acl) is an
+	// ErrUnsupported. If empty, anyone the relay lets in.
+	Allow, Deny []netip.Prefix
 
 	// StartUnready registers the Listener as not ready for clients: the
 	// relay sends them to the pool's other members until SetReady(true).
@@ -165,6 +174,9 @@ func (c *Config) needs() proto.Features {
 	}
 	if c.Pool != "" {
 		need |= proto.FeaturePools
+	}
+	if len(c.Allow)+len(c.Deny) > 0 {
+		need |= proto.FeatureACL
 	}
 	return need
 }

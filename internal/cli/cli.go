@@ -25,6 +25,7 @@ import (
 	"syscall"
 	"time"
 
+	"tcprelay/internal/proto"
 	"tcprelay/internal/transport"
 	"tcprelay/tunnel"
 )
@@ -389,6 +390,8 @@ type Agent struct {
 	drain    *time.Duration
 	failFast *bool
 	proxy    *string
+	allow    *string
+	deny     *string
 	tls      func() (*tls.Config, error)
 
 	// Health, if set, says whether what the agent serves is up; Run asks
@@ -421,6 +424,8 @@ func (c *Common) Agent() *Agent {
 		proxy: c.FS.String("proxy", "", "reach the relays through this proxy `URL`: http://HOST:PORT or https://HOST:PORT (HTTP CONNECT; https: TLS to the proxy), socks5://HOST:PORT or socks5h://HOST:PORT (SOCKS5), each with optional USER:PASSWORD@; every connection to a relay goes through it, and -tls runs end to end on top. "+
 			"Default: the environment, as Go programs read it for https: HTTPS_PROXY, else ALL_PROXY, unless NO_PROXY lists the relay (never for localhost or a loopback address). "+
 			"\"direct\": no proxy, whatever the environment says. A proxy that refuses the credentials (407, SOCKS5 auth) ends the agent like a refused secret; its other refusals are retried"),
+		allow:   c.FS.String("allow", "", "only outside clients from these `CIDRs` (comma-separated, e.g. 192.0.2.0/24,2001:db8::/32) may reach this agent: the relay closes the others when they connect; it narrows the relay's agents file (allow=), never widens it (default: anyone the relay lets in)"),
+		deny:    c.FS.String("deny", "", "outside clients from these `CIDRs` (comma-separated) may not reach this agent: the relay closes them when they connect (default: none)"),
 		tls:     c.AgentTLS(),
 		recheck: make(chan struct{}, 1),
 	}
@@ -495,7 +500,17 @@ func (a *Agent) Run(relays []string, log *slog.Logger, handle Handler) {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	allow, err := proto.ParsePrefixes(*a.allow)
+	if err != nil {
+		a.c.Usagef("-allow: %v", err)
+	}
+	deny, err := proto.ParsePrefixes(*a.deny)
+	if err != nil {
+		a.c.Usagef("-deny: %v", err)
+	}
 	cfg := tunnel.Config{
+		Allow:        allow,
+		Deny:         deny,
 		Secret:       a.c.Secret(),
 		Key:          key,
 		Port:         *a.port,
