@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"bytes"
+	"fmt"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -55,5 +57,72 @@ func TestAccessListsWithNC(t *testing.T) {
 	}
 	if len(denied) != 3 || !denied["127.0.0.3"] || !denied["127.0.0.4"] || !denied["127.0.0.9"] {
 		t.Errorf("the access log's denied clients: %v, want 127.0.0.3, .4 and .9", denied)
+	}
+}
+
+// TestAccessListsBehindHAProxy: a relay behind haproxy sees haproxy's
+// address on every client; with -proxy-protocol-from it reads the PROXY
+// header haproxy sends (v2 with send-proxy-v2, v1 with send-proxy) and the
+// access lists and the access log see the true client: nc from an allowed
+// address through haproxy is echoed, one from a denied address is closed.
+// A peer that is not trusted cannot forge a source: its header is data.
+func TestAccessListsBehindHAProxy(t *testing.T) {
+	requireNC(t)
+	haproxy := requireProgram(t, "haproxy", "haproxy")
+	for _, send := range []string{"send-proxy-v2", "send-proxy"} {
+		t.Run(send, func(t *testing.T) {
+			e := newEnv(t)
+			accessLog := filepath.Join(t.TempDir(), "access.log")
+			r := e.startRelayWith(nil, nil, "-proxy-protocol-from", "127.0.0.1/32", "-access-log", accessLog)
+			_, pub := e.startEchoWith("127.0.0.1", r.port, nil, "-deny", "127.0.0.4")
+			cfg := filepath.Join(t.TempDir(), "haproxy.cfg")
+			_, lb := e.startService(haproxy, func(port int) []string {
+				os.WriteFile(cfg, []byte(fmt.Sprintf(`global
+  maxconn 200
+defaults
+  mode tcp
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+frontend relay
+  bind 127.0.0.1:%d
+  default_backend relay
+backend relay
+  server relay1 127.0.0.1:%d %s
+`, port, pub, send)), 0o644)
+				return []string{"-db", "-f", cfg}
+			}, nil)
+
+			ncFrom := func(src string, port int) *proc {
+				p := e.start("nc", []string{"-N", "-s", src, "127.0.0.1", strconv.Itoa(port)}, procOpts{stdin: strings.NewReader("hello from " + src + "\n")})
+				p.mustExit(clientTimeout)
+				return p
+			}
+			if p := ncFrom("127.0.0.2", lb); !bytes.Equal(p.Stdout.Bytes(), []byte("hello from 127.0.0.2\n")) {
+				t.Errorf("nc from 127.0.0.2 through haproxy: got %q, want its line echoed", p.Stdout.Bytes())
+			}
+			if p := ncFrom("127.0.0.4", lb); len(p.Stdout.Bytes()) != 0 {
+				t.Errorf("nc from 127.0.0.4, denied, through haproxy: got %q, want nothing", p.Stdout.Bytes())
+			}
+			// Straight to the relay from an untrusted address, with a forged
+			// header claiming an allowed source: the header is data, and the
+			// real source is denied.
+			forged := "PROXY TCP4 127.0.0.2 127.0.0.1 5555 " + strconv.Itoa(pub) + "\r\n"
+			p := e.start("nc", []string{"-N", "-s", "127.0.0.4", "127.0.0.1", strconv.Itoa(pub)}, procOpts{stdin: strings.NewReader(forged)})
+			p.mustExit(clientTimeout)
+			if len(p.Stdout.Bytes()) != 0 {
+				t.Errorf("a forged PROXY header from an untrusted 127.0.0.4: got %q, want it closed", p.Stdout.Bytes())
+			}
+			r.stop()
+			clients := map[string]string{}
+			for _, rec := range readAccessLog(t, accessLog) {
+				if rec["event"] == "connection" {
+					clients[strings.Split(rec["client"].(string), ":")[0]] += rec["reason"].(string) + ";"
+				}
+			}
+			if clients["127.0.0.2"] != "client closed;" || clients["127.0.0.4"] != "denied;denied;" {
+				t.Errorf("the access log's clients: %v, want 127.0.0.2 relayed and 127.0.0.4 denied twice (through haproxy, and forged)", clients)
+			}
+		})
 	}
 }

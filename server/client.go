@@ -24,6 +24,28 @@ import (
 func (ep *endpoint) serveClient(c net.Conn) func() {
 	s := ep.s
 	s.count.clients.Add(1)
+	if tc, ok := c.(*net.TCPConn); ok && s.viaTrustedProxy(c) {
+		// Its PROXY header first, in the goroutine: a slow proxy must not
+		// hold up the accept loop.
+		return func() {
+			accepted := time.Now()
+			pc, err := readProxyHeader(tc, s.set.handshakeTimeout)
+			if err != nil {
+				s.count.refused.Add(1)
+				s.closeConn(c)
+				s.quiet.Warn("closed outside client: a bad PROXY header from a trusted proxy", "port", ep.port, "proxy", c.RemoteAddr().String(), "err", err)
+				s.logUnrelayed(ep, nil, c, accepted, "refused: bad PROXY header")
+				return
+			}
+			s.mu.Lock()
+			delete(s.conns, c)
+			s.conns[pc] = struct{}{}
+			s.mu.Unlock()
+			if m := ep.admit(pc); m != nil && !s.bindPooled(m, pc, accepted) {
+				s.announce(m, pc, accepted)
+			}
+		}
+	}
 	m := ep.admit(c)
 	if m == nil {
 		return nil
@@ -34,6 +56,18 @@ func (ep *endpoint) serveClient(c net.Conn) func() {
 			s.announce(m, c, accepted)
 		}
 	}
+}
+
+// viaTrustedProxy reports whether c comes from a peer of
+// Config.ProxyProtocolFrom, which starts it with a PROXY header.
+func (s *Server) viaTrustedProxy(c net.Conn) bool {
+	ip := clientIP(c)
+	for _, p := range s.cfg.ProxyProtocolFrom {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	return false
 }
 
 // admit counts c against the endpoint's limits and the relay's budget, and

@@ -3,6 +3,7 @@ package server
 import (
 	"io"
 	"log/slog"
+	"net/netip"
 	"math"
 	"time"
 
@@ -133,6 +134,15 @@ type Config struct {
 
 	// Logger receives the relay's logs. If nil, slog.Default().
 	Logger *slog.Logger
+
+	// ProxyProtocolFrom lists the peers (load balancers such as haproxy)
+	// whose connections to the public ports start with a PROXY protocol
+	// header, v1 or v2: the relay reads it and takes the client it names
+	// as the connection's source, for access lists, per-source limits, the
+	// access log and the agent. A connection from such a peer without a
+	// valid header is closed; anyone else's header is just data. If empty,
+	// none.
+	ProxyProtocolFrom []netip.Prefix
 
 	// AccessLog, if set, receives one JSON line per outside connection
 	// and per agent session when it ends (see ConnRecord and

@@ -1,7 +1,6 @@
 package server
 
 import (
-	"crypto/tls"
 	"net"
 	"os"
 	"strconv"
@@ -16,9 +15,7 @@ import (
 // queued is the bytes waiting in c's socket: received and not yet read,
 // and written and not yet acknowledged by the peer.
 func queued(c net.Conn) int64 {
-	if tc, ok := c.(*tls.Conn); ok {
-		c = tc.NetConn()
-	}
+	c = socketOf(c)
 	sc, ok := c.(syscall.Conn)
 	if !ok {
 		return 0
@@ -105,9 +102,7 @@ func readProcInt(path string, i int) int64 {
 // received reports what c's peer has sent: the bytes in all, and how long
 // ago the last of them came. ok is false where the kernel does not say.
 func received(c net.Conn) (bytes uint64, idle time.Duration, ok bool) {
-	if tc, isTLS := c.(*tls.Conn); isTLS {
-		c = tc.NetConn()
-	}
+	c = socketOf(c)
 	sc, isSys := c.(syscall.Conn)
 	if !isSys {
 		return 0, 0, false

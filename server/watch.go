@@ -1,7 +1,6 @@
 package server
 
 import (
-	"crypto/tls"
 	"net"
 	"sort"
 	"time"
@@ -33,9 +32,7 @@ const (
 
 // tune sets a relayed socket's buffers (see above).
 func (s *Server) tune(c net.Conn) {
-	if tc, ok := c.(*tls.Conn); ok {
-		c = tc.NetConn()
-	}
+	c = socketOf(c)
 	tcp, ok := c.(*net.TCPConn)
 	if !ok {
 		return

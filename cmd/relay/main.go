@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"tcprelay/internal/cli"
+	"tcprelay/internal/proto"
 	"tcprelay/server"
 )
 
@@ -50,6 +51,7 @@ func main() {
 	c.Size(&cfg.MaxStalledMemory, "max-stalled-memory", 0, "kernel `memory` the stalled relayed connections (a reader that took nothing for 2s) may hold; past it those stalled longest are closed (0: half the kernel's TCP pressure level, tcp_mem; off: no bound)")
 	c.DurationOff(&cfg.StallTimeout, "stall-timeout", 0, "close a relayed connection whose reader has taken nothing for this `duration` while bytes wait for it (0 or off: never)")
 	c.DurationOff(&cfg.IdleTimeout, "idle-timeout", 0, "close a relayed connection on which nothing has moved, either way, for this `duration` (0 or off: never)")
+	proxyFrom := fs.String("proxy-protocol-from", "", "`CIDRs` (comma-separated) of load balancers, such as haproxy with send-proxy or send-proxy-v2, whose connections to the public ports start with a PROXY protocol header (v1 or v2): the client it names is the connection's source for access lists, per-source limits, the access log and the agent; their connections without one are closed (default: none, every header is data)")
 	accessLog := fs.String("access-log", "", "append one JSON line per outside connection and per agent session, when it ends, to this `file`; SIGUSR1 reopens it (for logrotate); the fields are in docs/OPERATING.md (default: none)")
 	metricsAddr := fs.String("metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics, a status page at / and a text status view at /status, e.g. 127.0.0.1:9090 (default: off)")
 	agentsFile := fs.String("agents", "", "`file` of the agents admitted by key, one per line: NAME KEY [ports=LO-HI,...] [tunnels=N] [sessions=N] [parked=N] [pools=NAME,...|*] [allow=CIDR,...] [deny=CIDR,...], and at most one NAME secret [options] line for the agents that come with -secret and no key; SIGHUP re-reads it and applies it at once (a removed key's sessions and connections end), and keeps the agents in force if it has an error or is empty (as a file caught mid-write is): to remove every agent, leave only a comment in it, e.g. '# none' (default: none; admit by -secret, or any agent)")
@@ -168,6 +170,9 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
+	if cfg.ProxyProtocolFrom, err = proto.ParsePrefixes(*proxyFrom); err != nil {
+		c.Usagef("-proxy-protocol-from: %v", err)
+	}
 	if *accessLog != "" {
 		af, err := openAccessFile(*accessLog)
 		if err != nil {
