@@ -3,8 +3,8 @@ package server
 import (
 	"io"
 	"log/slog"
-	"net/netip"
 	"math"
+	"net/netip"
 	"time"
 
 	"tcprelay/internal/proto"
