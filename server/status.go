@@ -484,3 +484,25 @@ code { font-family: ui-monospace, monospace; }
 </body>
 </html>
 `
+
+// EndpointReady reports whether the endpoint on a public port takes new
+// clients: it is open and has a ready member. It also returns how many of
+// its members are ready, of how many. An endpoint that is reserved, or no
+// endpoint, is not ready. A load balancer's HTTP check asks this (GET
+// /ready/PORT on the relay's metrics address): the port itself still
+// accepts a client while no member is ready, and closes it, which a TCP
+// check takes for up.
+func (s *Server) EndpointReady(port int) (ok bool, ready, members int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ep := s.endpoints[port]
+	if ep == nil || ep.ln == nil || ep.closed {
+		return false, 0, 0
+	}
+	for _, m := range ep.members {
+		if m.ready && !m.cut {
+			ready++
+		}
+	}
+	return ready > 0, ready, len(ep.members)
+}

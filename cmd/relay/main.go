@@ -53,7 +53,7 @@ func main() {
 	c.DurationOff(&cfg.IdleTimeout, "idle-timeout", 0, "close a relayed connection on which nothing has moved, either way, for this `duration` (0 or off: never)")
 	proxyFrom := fs.String("proxy-protocol-from", "", "`CIDRs` (comma-separated) of load balancers, such as haproxy with send-proxy or send-proxy-v2, whose connections to the public ports start with a PROXY protocol header (v1 or v2): the client it names is the connection's source for access lists, per-source limits, the access log and the agent; their connections without one are closed (default: none, every header is data)")
 	accessLog := fs.String("access-log", "", "append one JSON line per outside connection and per agent session, when it ends, to this `file`; SIGUSR1 reopens it (for logrotate); the fields are in docs/OPERATING.md (default: none)")
-	metricsAddr := fs.String("metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics, a status page at / and a text status view at /status, e.g. 127.0.0.1:9090 (default: off)")
+	metricsAddr := fs.String("metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics, a status page at /, a text status view at /status, and a load balancer's check of each public port at /ready/PORT (200 while it has a ready agent, else 503), e.g. 127.0.0.1:9090 (default: off)")
 	agentsFile := fs.String("agents", "", "`file` of the agents admitted by key, one per line: NAME KEY [ports=LO-HI,...] [tunnels=N] [sessions=N] [parked=N] [pools=NAME,...|*] [allow=CIDR,...] [deny=CIDR,...], and at most one NAME secret [options] line for the agents that come with -secret and no key; SIGHUP re-reads it and applies it at once (a removed key's sessions and connections end), and keeps the agents in force if it has an error or is empty (as a file caught mid-write is): to remove every agent, leave only a comment in it, e.g. '# none' (default: none; admit by -secret, or any agent)")
 	stateDir := fs.String("state-dir", "", "`directory` for the port reservations file, so that they survive a restart; off: keep them in memory (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/tcprelay, else ~/.local/state/tcprelay)")
 	c.DurationOff(&cfg.PortGrace, "port-grace", cfg.PortGrace, "how long a public port stays reserved for its owner after its agent left without releasing it, a `duration` or off")
@@ -244,6 +244,28 @@ func opsHandler(srv *server.Server) http.Handler {
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		srv.WriteStatus(w)
+	})
+	// A load balancer's health check of a public port (deploy/haproxy.cfg):
+	// 200 while its endpoint has a ready member, else 503.
+	mux.HandleFunc("GET /ready/{port}", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.Header().Set("Cache-Control", "no-store")
+		port, err := cli.Port(r.PathValue("port"))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		ok, ready, members := srv.EndpointReady(port)
+		switch {
+		case ok:
+			fmt.Fprintf(w, "port %d: ready (%d of %d members)\n", port, ready, members)
+		case members > 0:
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintf(w, "port %d: no ready member (%d registered)\n", port, members)
+		default:
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintf(w, "port %d: no endpoint open\n", port)
+		}
 	})
 	// The status page for a browser, at / exactly: any other path is a 404.
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
