@@ -27,7 +27,7 @@ func main() {
 	agent := c.Agent()
 	dialTimeout := c.FS.Duration("dial-timeout", 5e9, "time to connect to TARGET before the outside client is closed")
 	proxyProto := c.FS.String("proxy-protocol", "", "send a PROXY protocol header (v1 or v2) with the client's real address to TARGET (default: none)")
-	c.DurationOff(&agent.HealthEvery, "health-check", 3*time.Second, "how often to check that TARGET accepts connections (and at once after a failed dial of it), a `duration` or off; while it does not, the relays send no new clients to this agent")
+	agent.HealthFlag("TARGET")
 	args, log := c.Parse(os.Args[1:], 3)
 	relays, rest := agent.Relays(args, 3)
 	target := rest[0]
@@ -49,15 +49,10 @@ func main() {
 	default:
 		c.Usagef("bad -proxy-protocol %q: want v1 or v2", *proxyProto)
 	}
-	if agent.HealthEvery > 0 {
-		agent.Health = func() bool {
-			c, err := net.DialTimeout("tcp", target, min(agent.HealthEvery, 2*time.Second))
-			if err == nil {
-				c.Close()
-			}
-			return err == nil
-		}
-		fw.OnDialError = agent.Recheck
+	if !agent.HealthOff() {
+		agent.HealthTarget = target
+		agent.Health = func() error { return fw.Probe(min(max(agent.HealthEvery, 100*time.Millisecond), 2*time.Second)) }
+		fw.OnDialError = agent.Down
 	}
 	agent.Run(relays, log, fw.Start)
 }

@@ -394,22 +394,82 @@ type Agent struct {
 	deny     *string
 	tls      func() (*tls.Config, error)
 
-	// Health, if set, says whether what the agent serves is up; Run asks
-	// it every HealthEvery, and at once after Recheck, and tells the relays
-	// (tunnel.Listener.SetReady).
-	Health      func() bool
-	HealthEvery time.Duration
-	recheck     chan struct{}
+	// Health, if set, checks that what the agent serves is up: nil, or why
+	// not (the error names it). Run tells the relays what it finds
+	// (tunnel.Listener.SetReady). HealthTarget names what it checks, for
+	// the log.
+	Health       func() error
+	HealthTarget string
+	// HealthEvery is how often Health is asked: always if HealthActive,
+	// else (passive, the default) only while what the agent serves is down,
+	// until it is up again. In both modes a failed dial (Down) makes the
+	// agent unready at once. Zero or negative: Health is asked at start
+	// only.
+	HealthEvery  time.Duration
+	HealthActive bool
+	down         chan error
 }
 
-// Recheck asks Health again now rather than at the next interval: the
-// agent just failed to reach what it serves. It does not block.
-func (a *Agent) Recheck() {
+// Down says that the agent just failed to reach what it serves, with the
+// error: the relays are told at once that it takes no new clients (in
+// active mode, after Health agrees), and Health is asked every HealthEvery
+// until it answers. It does not block.
+func (a *Agent) Down(err error) {
 	select {
-	case a.recheck <- struct{}{}:
+	case a.down <- err:
 	default:
 	}
 }
+
+// HealthFlag registers -health-check: passive (the default), active, off,
+// or a duration (active at that interval, as it used to be); and
+// -health-interval. what names what is checked, in the help.
+func (a *Agent) HealthFlag(what string) {
+	a.HealthEvery = 3 * time.Second
+	a.c.FS.Var(healthMode{a}, "health-check", "how the agent learns that "+what+" is down, so that the relays send new clients\n"+
+		"to other members of its pool, or refuse them, while it is (`mode`): passive (a failed dial of\n"+
+		what+" for a client makes the agent unready at once; "+what+" is then dialled every\n"+
+		"-health-interval until it answers, and the agent is ready again), active (also dial it\n"+
+		"every -health-interval while it is up: two lines in sshd's log each time), or off\n"+
+		"(ready always). A duration means active at that interval")
+	a.c.FS.DurationVar(&a.HealthEvery, "health-interval", a.HealthEvery, "how often "+what+" is dialled by the health check: while it is down, or always with -health-check active")
+}
+
+// healthMode is the value of -health-check.
+type healthMode struct{ a *Agent }
+
+func (h healthMode) String() string {
+	switch {
+	case h.a == nil:
+		return ""
+	case h.a.HealthEvery < 0:
+		return "off"
+	case h.a.HealthActive:
+		return "active"
+	}
+	return "passive"
+}
+
+func (h healthMode) Set(s string) error {
+	switch s {
+	case "passive":
+		h.a.HealthActive = false
+	case "active":
+		h.a.HealthActive = true
+	case "off":
+		h.a.HealthEvery = -1
+	default:
+		d, err := time.ParseDuration(s)
+		if err != nil || d <= 0 {
+			return errors.New("want passive, active, off, or a positive duration (active at that interval)")
+		}
+		h.a.HealthActive, h.a.HealthEvery = true, d
+	}
+	return nil
+}
+
+// HealthOff reports whether -health-check is off.
+func (a *Agent) HealthOff() bool { return a.HealthEvery < 0 }
 
 // Agent registers the agent flags; call it before Parse.
 func (c *Common) Agent() *Agent {
@@ -427,7 +487,7 @@ func (c *Common) Agent() *Agent {
 		allow:   c.FS.String("allow", "", "only outside clients from these `CIDRs` (comma-separated, e.g. 192.0.2.0/24,2001:db8::/32) may reach this agent: the relay closes the others when they connect; it narrows the relay's agents file (allow=), never widens it (default: anyone the relay lets in)"),
 		deny:    c.FS.String("deny", "", "outside clients from these `CIDRs` (comma-separated) may not reach this agent: the relay closes them when they connect (default: none)"),
 		tls:     c.AgentTLS(),
-		recheck: make(chan struct{}, 1),
+		down:    make(chan error, 1),
 	}
 }
 
@@ -446,27 +506,55 @@ func (a *Agent) Relays(args []string, nargs int) (relays, rest []string) {
 	return relays, rest
 }
 
-// watchHealth asks Health every HealthEvery and tells the relays when the
-// answer changes, until ctx ends.
-func (a *Agent) watchHealth(ctx context.Context, ln *tunnel.Listener, ready bool, log *slog.Logger) {
-	tick := time.NewTicker(a.HealthEvery)
-	defer tick.Stop()
+// stillDownEvery bounds the "target still down" lines while it stays down.
+const stillDownEvery = time.Minute
+
+// watchHealth tells the relays when what the agent serves goes down and
+// comes back, until ctx ends. Passive: it waits for Down, marks the agent
+// unready at once, then asks Health every HealthEvery until it answers.
+// Active: it asks Health every HealthEvery too, and after Down. While down
+// it logs the error at most once per stillDownEvery.
+func (a *Agent) watchHealth(ctx context.Context, ln *tunnel.Listener, downErr error, log *slog.Logger) {
+	timer := time.NewTimer(a.HealthEvery)
+	defer timer.Stop()
+	var since, logged time.Time
+	if downErr != nil {
+		since, logged = time.Now(), time.Now()
+	}
 	for {
+		if downErr == nil && !a.HealthActive {
+			timer.Stop() // passive and up: nothing is dialled
+		} else {
+			timer.Reset(a.HealthEvery)
+		}
+		var err error
 		select {
 		case <-ctx.Done():
 			return
-		case <-tick.C:
-		case <-a.recheck:
-		}
-		if now := a.Health(); now != ready {
-			ready = now
-			if ready {
-				log.Info("target up: taking clients again")
-			} else {
-				log.Warn("target down: the relays send new clients to other members of the pool, or refuse them")
+		case <-timer.C:
+			err = a.Health()
+		case err = <-a.down:
+			if downErr != nil {
+				continue // known; the timer probes
 			}
-			ln.SetReady(ready)
+			if a.HealthActive {
+				err = a.Health() // the check decides, as it always did
+			}
 		}
+		switch {
+		case err != nil && downErr == nil:
+			since, logged = time.Now(), time.Now()
+			log.Warn("target down: the relays send new clients to other members of the pool, or refuse them, until it answers",
+				"target", a.HealthTarget, "err", err)
+			ln.SetReady(false)
+		case err != nil && time.Since(logged) >= stillDownEvery:
+			logged = time.Now()
+			log.Warn("target still down", "target", a.HealthTarget, "for", time.Since(since).Round(time.Second), "err", err)
+		case err == nil && downErr != nil:
+			log.Info("target up: taking clients again", "target", a.HealthTarget, "was_down_for", time.Since(since).Round(time.Second))
+			ln.SetReady(true)
+		}
+		downErr = err
 	}
 }
 
@@ -523,7 +611,14 @@ func (a *Agent) Run(relays []string, log *slog.Logger, handle Handler) {
 		Logger:       log,
 		OnAddr:       func(addr net.Addr) { Announce(os.Stdout, addr) },
 	}
-	ready := a.Health == nil || a.Health()
+	var downErr error
+	if a.Health != nil {
+		if downErr = a.Health(); downErr != nil {
+			log.Warn("target down at start: registering unready; the relays send it no clients until it answers",
+				"target", a.HealthTarget, "err", downErr)
+		}
+	}
+	ready := downErr == nil
 	cfg.StartUnready = !ready
 	ln, err := cfg.Listen(ctx, relays...)
 	if err != nil {
@@ -540,7 +635,7 @@ func (a *Agent) Run(relays []string, log *slog.Logger, handle Handler) {
 	}
 	log.Info("accepting relayed connections", "ready", ready, "relays", len(relays), "registered", registered)
 	if a.Health != nil && a.HealthEvery > 0 {
-		go a.watchHealth(ctx, ln, ready, log)
+		go a.watchHealth(ctx, ln, downErr, log)
 	}
 	context.AfterFunc(ctx, func() { ln.Close() })
 	if err := Serve(ln, handle, *a.drain, log); err != nil {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"sync"
 	"time"
 
 	"tcprelay/internal/copier"
@@ -28,10 +29,51 @@ type Forwarder struct {
 	// Logger receives one line per failed connection. If nil, slog.Default().
 	Logger *slog.Logger
 
-	// OnDialError, if set, is called when Target could not be reached, so
-	// that the agent can stop taking clients at once instead of at its next
-	// health check. It must not block.
-	OnDialError func()
+	// OnDialError, if set, is called with the error when Target could not
+	// be reached, so that the agent can stop taking clients at once instead
+	// of at its next health check. It must not block.
+	OnDialError func(err error)
+
+	// The clients closed because Target was unreachable are logged at most
+	// once per unreachableEvery, with the count since the last line.
+	mu              sync.Mutex
+	unreachableLast time.Time
+	unreachableMore int
+}
+
+// unreachableEvery bounds the "target unreachable" lines: one line per
+// client while a target is down would flood the log.
+const unreachableEvery = 10 * time.Second
+
+// Probe dials Target once, within timeout, and closes the connection: nil
+// if Target accepts connections, else the dial error, which names Target.
+func (f *Forwarder) Probe(timeout time.Duration) error {
+	c, err := net.DialTimeout("tcp", f.Target, timeout)
+	if err != nil {
+		return err
+	}
+	return c.Close()
+}
+
+// logUnreachable logs a client closed because Target could not be reached,
+// rate-limited: the first one, then at most one line per unreachableEvery,
+// which counts the others.
+func (f *Forwarder) logUnreachable(log *slog.Logger, c net.Conn, err error) {
+	f.mu.Lock()
+	now := time.Now()
+	more := f.unreachableMore
+	if !f.unreachableLast.IsZero() && now.Sub(f.unreachableLast) < unreachableEvery {
+		f.unreachableMore++
+		f.mu.Unlock()
+		return
+	}
+	f.unreachableLast, f.unreachableMore = now, 0
+	f.mu.Unlock()
+	args := []any{"client", c.RemoteAddr().String(), "target", f.Target, "err", err}
+	if more > 0 {
+		args = append(args, "also_closed_since_last_line", more)
+	}
+	log.Warn("closed client: target unreachable", args...)
 }
 
 // Handle forwards one relayed connection to Target and returns when both
@@ -58,9 +100,9 @@ func (f *Forwarder) Start(c net.Conn, done func()) {
 	}
 	target, err := net.DialTimeout("tcp", f.Target, timeout)
 	if err != nil {
-		log.Warn("closed client: target unreachable", "client", c.RemoteAddr().String(), "target", f.Target, "err", err)
+		f.logUnreachable(log, c, err)
 		if f.OnDialError != nil {
-			f.OnDialError()
+			f.OnDialError(err)
 		}
 		c.Close()
 		done()
@@ -76,7 +118,11 @@ func (f *Forwarder) Start(c net.Conn, done func()) {
 		}
 	}
 	copier.Start(c, target, func(_ *copier.Link, res copier.Result) {
-		log.Debug("connection closed", "client", c.RemoteAddr().String(), "bytes_in", res.AToB, "bytes_out", res.BToA, "err", res.Err)
+		args := []any{"client", c.RemoteAddr().String(), "bytes_in", res.AToB, "bytes_out", res.BToA}
+		if res.Err != nil {
+			args = append(args, "err", res.Err)
+		}
+		log.Debug("connection closed", args...)
 		done()
 	})
 }

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -66,7 +67,10 @@ func TestForwardHalfClose(t *testing.T) {
 }
 
 // TestTargetDownThenBack: while the target refuses connections each client
-// is closed promptly with a log line; once it is back, clients are served.
+// is closed promptly, and OnDialError hears of each; the log gets one line
+// naming the target and the error, not one per client (the others are
+// counted in the next line, at most one per unreachableEvery); once it is
+// back, clients are served.
 func TestTargetDownThenBack(t *testing.T) {
 	check.Leaks(t)
 	probe := listenLocal(t, "127.0.0.1:0")
@@ -74,15 +78,27 @@ func TestTargetDownThenBack(t *testing.T) {
 	probe.Close() // nothing listens there now
 
 	var logs testutil.LockedBuffer
-	fw := &Forwarder{Target: targetAddr, Logger: slog.New(slog.NewTextHandler(&logs, nil))}
+	var dialErrs atomic.Int32
+	fw := &Forwarder{Target: targetAddr, Logger: slog.New(slog.NewTextHandler(&logs, nil)),
+		OnDialError: func(err error) {
+			if strings.Contains(err.Error(), "connection refused") {
+				dialErrs.Add(1)
+			}
+		}}
 	pub := setup(t, fw)
 	for range 3 {
 		if got := roundTrip(t, pub, "anyone?"); got != "" {
 			t.Fatalf("got %q from a target that is down", got)
 		}
 	}
-	if n := strings.Count(logs.String(), "target unreachable"); n != 3 {
-		t.Fatalf("%d 'target unreachable' log lines for 3 refused clients:\n%s", n, logs.String())
+	if n := strings.Count(logs.String(), "target unreachable"); n != 1 {
+		t.Fatalf("%d 'target unreachable' log lines for 3 refused clients within %v, want 1:\n%s", n, unreachableEvery, logs.String())
+	}
+	if !strings.Contains(logs.String(), "target="+targetAddr) || !strings.Contains(logs.String(), "connection refused") {
+		t.Errorf("the log line does not name the target %s and the error:\n%s", targetAddr, logs.String())
+	}
+	if n := dialErrs.Load(); n != 3 {
+		t.Errorf("OnDialError heard of %d refused dials, want 3", n)
 	}
 
 	target := listenLocal(t, targetAddr)
