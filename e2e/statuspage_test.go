@@ -87,10 +87,19 @@ func TestStatusPageInBrowser(t *testing.T) {
 		"Port " + strconv.Itoa(pub) + ":",
 		"<code>" + client + "</code>",
 		`<span class="ok">ready</span>`,
+		// The agents table names the session's port; the member row, the
+		// session's remote address.
+		fmt.Sprintf(`<td class="ports"><a href="#port-%d">%d</a></td>`, pub, pub),
 	} {
 		if !strings.Contains(dom, want) {
 			t.Errorf("the page chromium loaded lacks %q", want)
 		}
+	}
+	if !regexp.MustCompile(`<tr><td>[^<]*</td><td><code>127\.0\.0\.1:\d+</code></td><td class="num">\d+</td>`).MatchString(dom) {
+		t.Errorf("the page's member row has no remote address")
+	}
+	if strings.Contains(dom, "<nil>") {
+		t.Errorf("the page says <nil>")
 	}
 	// The client's row: its bytes to the agent are the ones it sent,
 	// counted while the connection is open.

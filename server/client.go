@@ -422,8 +422,8 @@ func (s *Server) linkDone(m *member, client net.Conn, l *copier.Link, res copier
 	m.clients--
 	s.wakeLocked()
 	s.mu.Unlock()
-	s.log.Debug("connection closed", "port", m.ep.port, "client", client.RemoteAddr().String(),
-		"bytes_in", res.AToB, "bytes_out", res.BToA, "err", res.Err)
+	s.log.Debug("connection closed", withoutNil([]any{"port", m.ep.port, "client", client.RemoteAddr().String(),
+		"bytes_in", res.AToB, "bytes_out", res.BToA, "err", res.Err})...)
 	if s.access != nil {
 		reason := info.reason
 		switch {

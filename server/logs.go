@@ -86,7 +86,7 @@ func (q *quietLog) write(msg string, k *quietKind) {
 		n, args := k.n, k.args
 		k.n, k.last = 0, time.Now()
 		q.mu.Unlock()
-		q.log.Log(context.Background(), k.level, msg, append(args[:len(args):len(args)], "count", n)...)
+		q.log.Log(context.Background(), k.level, msg, append(withoutNil(args), "count", n)...)
 		q.mu.Lock()
 		if !q.done {
 			break
@@ -117,4 +117,24 @@ func (q *quietLog) flush() {
 	for _, msg := range left {
 		q.write(msg, q.kinds[msg])
 	}
+}
+
+// withoutNil is a log line's key-value pairs without those whose value is
+// nil, such as an "err" that no error filled: a line never says
+// err=<nil>. It returns a new slice.
+func withoutNil(args []any) []any {
+	out := make([]any, 0, len(args)+2)
+	for i := 0; i < len(args); i++ {
+		if _, isKey := args[i].(string); isKey && i+1 < len(args) {
+			if args[i+1] == nil {
+				i++
+				continue
+			}
+			out = append(out, args[i], args[i+1])
+			i++
+			continue
+		}
+		out = append(out, args[i])
+	}
+	return out
 }

@@ -74,7 +74,7 @@ func TestMetricsCount(t *testing.T) {
 	var status bytes.Buffer
 	relay.WriteStatus(&status)
 	port := strconv.Itoa(ln.Addr().(*tunnel.Addr).Port)
-	if !strings.Contains(status.String(), "1 agents") || !strings.Contains(status.String(), "on port "+port) {
+	if !strings.Contains(status.String(), "1 agent, ") || !strings.Contains(status.String(), "on port "+port) {
 		t.Errorf("status view lacks the agent or its tunnel on port %s:\n%s", port, status.String())
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"math"
 	"sort"
 	"strconv"
+	"strings"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -54,6 +55,13 @@ type agentStatus struct {
 	Name, Remote, Software string
 	Since                  time.Time
 	Tunnels, Parked        int
+	Ports                  []portStatus // the endpoints its session serves, by port
+}
+
+// portStatus is one endpoint a session serves: its port, and its pool.
+type portStatus struct {
+	Port int
+	Pool string
 }
 
 type endpointStatus struct {
@@ -73,6 +81,7 @@ type endpointStatus struct {
 
 type memberStatus struct {
 	Agent   string
+	Remote  string // its session's address: two sessions of one agent differ by it
 	Tunnel  uint32
 	Ready   bool
 	Clients int
@@ -123,8 +132,12 @@ func (s *Server) takeStatus(clients bool) *status {
 	st.Stats, st.Endpoints = s.statsLocked(), len(s.endpoints)
 	st.Agents = make([]agentStatus, 0, len(s.sessions))
 	for ss := range s.sessions {
-		st.Agents = append(st.Agents, agentStatus{Name: ss.name(), Remote: ss.remote, Software: peerText(ss.software),
-			Since: ss.since, Tunnels: len(ss.members), Parked: len(ss.pool)})
+		a := agentStatus{Name: ss.name(), Remote: ss.remote, Software: peerText(ss.software),
+			Since: ss.since, Tunnels: len(ss.members), Parked: len(ss.pool)}
+		for _, m := range ss.members {
+			a.Ports = append(a.Ports, portStatus{m.ep.port, peerText(m.ep.pool)})
+		}
+		st.Agents = append(st.Agents, a)
 	}
 	byEP := make(map[*endpoint]*endpointStatus, len(s.endpoints))
 	for _, ep := range s.endpoints {
@@ -136,7 +149,7 @@ func (s *Server) takeStatus(clients bool) *status {
 			st.Open = append(st.Open, e)
 		}
 		for _, m := range ep.members {
-			e.Members = append(e.Members, memberStatus{Agent: m.sess.name(), Tunnel: m.id, Ready: m.ready, Clients: m.clients})
+			e.Members = append(e.Members, memberStatus{Agent: m.sess.name(), Remote: m.sess.remote, Tunnel: m.id, Ready: m.ready, Clients: m.clients})
 		}
 		byEP[ep] = e
 	}
@@ -170,6 +183,9 @@ func (s *Server) takeStatus(clients bool) *status {
 func (st *status) bound() {
 	st.NAgents, st.NOpen, st.NReserved = len(st.Agents), len(st.Open), len(st.Reserved)
 	sort.Slice(st.Agents, func(i, j int) bool { return st.Agents[i].Since.Before(st.Agents[j].Since) })
+	for _, a := range st.Agents {
+		sort.Slice(a.Ports, func(i, j int) bool { return a.Ports[i].Port < a.Ports[j].Port })
+	}
 	for _, eps := range []*[]*endpointStatus{&st.Open, &st.Reserved} {
 		sort.Slice(*eps, func(i, j int) bool { return (*eps)[i].Port < (*eps)[j].Port })
 	}
@@ -293,6 +309,42 @@ func humanBytes(n int64) string {
 	return strconv.FormatFloat(v, 'f', 1, 64) + " " + suffix
 }
 
+// plural is n and the noun one, in the plural unless n is 1: "1 client",
+// "2 clients".
+func plural(n int, one string) string {
+	if n == 1 {
+		return "1 " + one
+	}
+	return strconv.Itoa(n) + " " + one + "s"
+}
+
+// pluralBytes is plural for a byte count.
+func pluralBytes(n int64) string {
+	if n == 1 {
+		return "1 byte"
+	}
+	return strconv.FormatInt(n, 10) + " bytes"
+}
+
+// portList is an agent's ports as the text view writes them: 8081, 8082
+// (pool "web").
+func portList(ports []portStatus) string {
+	if len(ports) == 0 {
+		return "no ports"
+	}
+	var b strings.Builder
+	for i, p := range ports {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString(strconv.Itoa(p.Port))
+		if p.Pool != "" {
+			fmt.Fprintf(&b, " (pool %q)", p.Pool)
+		}
+	}
+	return b.String()
+}
+
 // age is how long ago t was at now, to the second.
 func age(now, t time.Time) string {
 	return now.Sub(t).Round(time.Second).String()
@@ -306,7 +358,7 @@ func (s *Server) WriteStatus(w io.Writer) error {
 	st.bound()
 	now := st.Time
 	var b bytes.Buffer
-	fmt.Fprintf(&b, "%d agents, %d endpoints\n", st.NAgents, st.Endpoints)
+	fmt.Fprintf(&b, "%s, %s\n", plural(st.NAgents, "agent"), plural(st.Endpoints, "endpoint"))
 	tls := "plain TCP"
 	if st.TLS {
 		tls = "TLS"
@@ -317,36 +369,40 @@ func (s *Server) WriteStatus(w io.Writer) error {
 	// What a peer chose (an agent's software, a pool's name) is quoted: it
 	// cannot break a line, nor pass for one of the relay's.
 	for _, a := range st.Agents {
-		fmt.Fprintf(&b, "agent %s from %s (software %q), connected %s ago, %d parked data connections\n",
-			a.Name, a.Remote, a.Software, age(now, a.Since), a.Parked)
+		fmt.Fprintf(&b, "agent %s from %s (software %q), connected %s ago, ports %s, %s\n",
+			a.Name, a.Remote, a.Software, age(now, a.Since), portList(a.Ports), plural(a.Parked, "parked data connection"))
 	}
 	if n := st.MoreAgents; n > 0 {
-		fmt.Fprintf(&b, "... and %d more agents\n", n)
+		fmt.Fprintf(&b, "... and %s\n", plural(n, "more agent"))
 	}
 	for _, e := range st.Open {
 		pool := ""
 		if e.Pool != "" {
 			pool = fmt.Sprintf(" (pool %q)", e.Pool)
 		}
-		fmt.Fprintf(&b, "endpoint on port %d%s: %d connections, %d waiting\n", e.Port, pool, e.Conns, e.Pending)
+		fmt.Fprintf(&b, "endpoint on port %d%s: %s, %d waiting\n", e.Port, pool, plural(e.Conns, "connection"), e.Pending)
 		for _, m := range e.Members {
 			ready := ""
 			if !m.Ready {
 				ready = " (not ready)"
 			}
-			fmt.Fprintf(&b, "  member: agent %s tunnel %d, %d clients%s\n", m.Agent, m.Tunnel, m.Clients, ready)
+			fmt.Fprintf(&b, "  member: agent %s from %s tunnel %d, %s%s\n", m.Agent, m.Remote, m.Tunnel, plural(m.Clients, "client"), ready)
 		}
 		writeClients(&b, now, e)
 	}
 	if n := st.MoreOpen; n > 0 {
-		fmt.Fprintf(&b, "... and %d more endpoints\n", n)
+		fmt.Fprintf(&b, "... and %s\n", plural(n, "more endpoint"))
 	}
 	for _, e := range st.Reserved {
-		fmt.Fprintf(&b, "endpoint on port %d: reserved for its owner for another %s\n", e.Port, e.Until.Sub(now).Round(time.Second))
+		pool := ""
+		if e.Pool != "" {
+			pool = fmt.Sprintf(" (pool %q)", e.Pool)
+		}
+		fmt.Fprintf(&b, "endpoint on port %d%s: reserved for its owner for another %s\n", e.Port, pool, e.Until.Sub(now).Round(time.Second))
 		writeClients(&b, now, e) // links that outlived their member
 	}
 	if n := st.MoreReserved; n > 0 {
-		fmt.Fprintf(&b, "... and %d more reserved ports\n", n)
+		fmt.Fprintf(&b, "... and %s\n", plural(n, "more reserved port"))
 	}
 	_, err := w.Write(b.Bytes())
 	return err
@@ -354,11 +410,11 @@ func (s *Server) WriteStatus(w io.Writer) error {
 
 func writeClients(b *bytes.Buffer, now time.Time, e *endpointStatus) {
 	for _, c := range e.Clients {
-		fmt.Fprintf(b, "  client %s via agent %s tunnel %d, relayed for %s: %d bytes to the agent, %d from it\n",
-			c.Remote, c.Agent, c.Tunnel, age(now, c.Since), c.Bytes.ToAgents, c.Bytes.FromAgents)
+		fmt.Fprintf(b, "  client %s via agent %s tunnel %d, relayed for %s: %s to the agent, %d from it\n",
+			c.Remote, c.Agent, c.Tunnel, age(now, c.Since), pluralBytes(c.Bytes.ToAgents), c.Bytes.FromAgents)
 	}
 	if e.MoreClients > 0 {
-		fmt.Fprintf(b, "  ... and %d more clients\n", e.MoreClients)
+		fmt.Fprintf(b, "  ... and %s\n", plural(e.MoreClients, "more client"))
 	}
 	for _, c := range e.Waiting {
 		fmt.Fprintf(b, "  waiting: client %s for agent %s tunnel %d, for %s\n", c.Remote, c.Agent, c.Tunnel, age(now, c.Since))
@@ -384,11 +440,12 @@ func (s *Server) WriteStatusHTML(w io.Writer) error {
 }
 
 var statusPage = template.Must(template.New("status").Funcs(template.FuncMap{
-	"age":   age,
-	"bytes": humanBytes,
-	"left":  func(now, t time.Time) string { return t.Sub(now).Round(time.Second).String() },
-	"when":  func(t time.Time) string { return t.UTC().Format("2006-01-02 15:04:05 UTC") },
-	"peer":  printable,
+	"age":    age,
+	"bytes":  humanBytes,
+	"left":   func(now, t time.Time) string { return t.Sub(now).Round(time.Second).String() },
+	"when":   func(t time.Time) string { return t.UTC().Format("2006-01-02 15:04:05 UTC") },
+	"peer":   printable,
+	"plural": plural,
 }).Parse(statusHTML))
 
 // printable is s if every character of it prints, else s quoted (a line
@@ -409,7 +466,7 @@ const statusHTML = `<!DOCTYPE html>
 <meta charset="utf-8">
 <meta http-equiv="refresh" content="5">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>tcprelay {{.Version}}: {{.NAgents}} agents, {{.NOpen}} endpoints</title>
+<title>tcprelay {{.Version}}: {{plural .NAgents "agent"}}, {{plural .NOpen "endpoint"}}</title>
 <style>
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; background: #fff; }
 h1 { font-size: 1.4em; margin: 0 0 .2em; }
@@ -441,24 +498,24 @@ code { font-family: ui-monospace, monospace; }
 
 <h2>Agents ({{.NAgents}})</h2>
 {{if .Agents}}<table>
-<tr><th>agent</th><th>remote address</th><th>software</th><th>connected since</th><th class="num">tunnels</th><th class="num">parked data connections</th></tr>
-{{range .Agents}}<tr><td>{{.Name}}</td><td><code>{{.Remote}}</code></td><td>{{peer .Software}}</td><td>{{when .Since}} <span class="muted">({{age $.Time .Since}} ago)</span></td><td class="num">{{.Tunnels}}</td><td class="num">{{.Parked}}</td></tr>
+<tr><th>agent</th><th>remote address</th><th>software</th><th>connected since</th><th>ports</th><th class="num">parked data connections</th></tr>
+{{range .Agents}}<tr><td>{{.Name}}</td><td><code>{{.Remote}}</code></td><td>{{peer .Software}}</td><td>{{when .Since}} <span class="muted">({{age $.Time .Since}} ago)</span></td><td class="ports">{{range $i, $p := .Ports}}{{if $i}}, {{end}}<a href="#port-{{$p.Port}}">{{$p.Port}}</a>{{with $p.Pool}} <span class="muted">pool {{peer .}}</span>{{end}}{{else}}<span class="muted">none</span>{{end}}</td><td class="num">{{.Parked}}</td></tr>
 {{end}}</table>
-{{with .MoreAgents}}<p class="more">and {{.}} more agents</p>{{end}}
+{{with .MoreAgents}}<p class="more">and {{plural . "more agent"}}</p>{{end}}
 {{else}}<p class="muted">No agent is connected.</p>{{end}}
 
 <h2>Endpoints ({{.NOpen}})</h2>
 {{range .Open}}<section class="endpoint" id="port-{{.Port}}">
 <h3>Port {{.Port}}{{with .Pool}} <span class="muted">pool {{peer .}}</span>{{end}}: clients {{.Conns}}, waiting {{.Pending}}; to agents <data value="{{.Bytes.ToAgents}}">{{bytes .Bytes.ToAgents}}</data>, from agents <data value="{{.Bytes.FromAgents}}">{{bytes .Bytes.FromAgents}}</data></h3>
 <table>
-<tr><th>member: agent</th><th class="num">tunnel</th><th>state</th><th class="num">clients</th></tr>
-{{range .Members}}<tr><td>{{.Agent}}</td><td class="num">{{.Tunnel}}</td><td>{{if .Ready}}<span class="ok">ready</span>{{else}}<span class="warn">not ready</span>{{end}}</td><td class="num">{{.Clients}}</td></tr>
+<tr><th>member: agent</th><th>remote address</th><th class="num">tunnel</th><th>state</th><th class="num">clients</th></tr>
+{{range .Members}}<tr><td>{{.Agent}}</td><td><code>{{.Remote}}</code></td><td class="num">{{.Tunnel}}</td><td>{{if .Ready}}<span class="ok">ready</span>{{else}}<span class="warn">not ready</span>{{end}}</td><td class="num">{{.Clients}}</td></tr>
 {{end}}</table>
 {{if .Clients}}<table class="clients">
 <tr><th>client</th><th>served by</th><th>relayed since</th><th class="num">bytes to agent</th><th class="num">bytes from agent</th></tr>
 {{range .Clients}}<tr><td><code>{{.Remote}}</code></td><td>{{.Agent}} tunnel {{.Tunnel}}</td><td>{{when .Since}} <span class="muted">({{age $.Time .Since}})</span></td><td class="num"><data value="{{.Bytes.ToAgents}}">{{bytes .Bytes.ToAgents}}</data></td><td class="num"><data value="{{.Bytes.FromAgents}}">{{bytes .Bytes.FromAgents}}</data></td></tr>
 {{end}}</table>
-{{with .MoreClients}}<p class="more">and {{.}} more clients</p>{{end}}
+{{with .MoreClients}}<p class="more">and {{plural . "more client"}}</p>{{end}}
 {{else}}<p class="muted">No client is relayed.</p>{{end}}
 {{if .Waiting}}<table class="waiting">
 <tr><th>waiting client</th><th>for</th><th>waiting since</th></tr>
@@ -467,14 +524,14 @@ code { font-family: ui-monospace, monospace; }
 {{with .MoreWaiting}}<p class="more">and {{.}} more waiting</p>{{end}}
 {{end}}</section>
 {{else}}<p class="muted">No endpoint is open.</p>
-{{end}}{{with .MoreOpen}}<p class="more">and {{.}} more endpoints</p>{{end}}
+{{end}}{{with .MoreOpen}}<p class="more">and {{plural . "more endpoint"}}</p>{{end}}
 
 <h2>Reserved ports ({{.NReserved}})</h2>
 {{if .Reserved}}<table>
 <tr><th class="num">port</th><th>pool</th><th>reserved until</th><th class="num">clients still relayed</th></tr>
 {{range .Reserved}}<tr><td class="num">{{.Port}}</td><td>{{peer .Pool}}</td><td>{{when .Until}} <span class="muted">(another {{left $.Time .Until}})</span></td><td class="num">{{.Conns}}</td></tr>
 {{end}}</table>
-{{with .MoreReserved}}<p class="more">and {{.}} more reserved ports</p>{{end}}
+{{with .MoreReserved}}<p class="more">and {{plural . "more reserved port"}}</p>{{end}}
 {{else}}<p class="muted">No port is reserved.</p>{{end}}
 
 <h2>Limits and timeouts</h2>

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"regexp"
 	"strconv"
@@ -112,8 +113,8 @@ func TestStatusShowsLiveClients(t *testing.T) {
 			t.Errorf("status page has a script or an unescaped value:\n%s", page)
 		}
 		text := statusText(t, relay.Server)
-		for _, want := range []string{"1 agents, 1 endpoints\n", "endpoint on port " + port + ": 1 connections, 0 waiting\n",
-			fmt.Sprintf("  client %s via agent ", client), fmt.Sprintf(": %d bytes to the agent, %d from it\n", sent, sent)} {
+		for _, want := range []string{"1 agent, 1 endpoint\n", "endpoint on port " + port + ": 1 connection, 0 waiting\n",
+			fmt.Sprintf("  client %s via agent ", client), fmt.Sprintf(": %d bytes to the agent, %d from it\n", sent, sent), ", 1 client\n"} {
 			if !strings.Contains(text, want) {
 				t.Errorf("status text lacks %q:\n%s", want, text)
 			}
@@ -179,5 +180,105 @@ func TestStatusWaitingAndBounded(t *testing.T) {
 	}
 	if m := scrape(t, relay.Server); m[`tcprelay_endpoint_clients_waiting{port="`+port+`"}`] != 200+more {
 		t.Errorf("tcprelay_endpoint_clients_waiting for port %s = %d, want %d", port, m[`tcprelay_endpoint_clients_waiting{port="`+port+`"}`], 200+more)
+	}
+}
+
+// TestStatusTellsSessionsApart: two sessions of one agent (the same
+// secret, so the same name) are told apart in both views by their remote
+// addresses: each pool member shows its own, and each agent row shows the
+// ports its session serves, with the pool's name in the text view too.
+// Counts are in the singular for one ("1 client") and the plural
+// otherwise, and neither view, nor the relay's log, says <nil>.
+func TestStatusTellsSessionsApart(t *testing.T) {
+	check.Leaks(t)
+	var logs testutil.LockedBuffer
+	relay := testutil.StartRelay(t, server.Config{Secret: "s", Logger: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	listen := func(pool string) *tunnel.Listener {
+		cfg := tunnel.Config{Secret: "s", Pool: pool, Logger: testutil.Logger(t)}
+		ln, err := cfg.Listen(testutil.Context(t), relay.Addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		testutil.Serve(t, ln, testutil.Echo)
+		return ln
+	}
+	a, b, own := listen("web"), listen("web"), listen("")
+	pool := strconv.Itoa(a.Addr().(*tunnel.Addr).Port)
+	ownPort := strconv.Itoa(own.Addr().(*tunnel.Addr).Port)
+	// Two clients of the pool, one of the other port.
+	for _, addr := range []string{a.Addr().String(), b.Addr().String(), own.Addr().String()} {
+		c := testutil.Dial(t, addr)
+		defer c.Close()
+		echoRound(t, c, []byte("hello"))
+	}
+
+	// The remote addresses of the three sessions, from the agents table.
+	page := statusPage(t, relay.Server)
+	text := statusText(t, relay.Server)
+	rows := regexp.MustCompile(`(?m)^agent (\S+) from (\S+) \(software .*\), connected \S+ ago, ports (.*), (\d+ parked data connections?)$`).FindAllStringSubmatch(text, -1)
+	if len(rows) != 3 {
+		t.Fatalf("status text: %d agent lines, want 3:\n%s", len(rows), text)
+	}
+	remotes := map[string]string{} // remote address: its ports
+	for _, r := range rows {
+		remotes[r[2]] = r[3]
+	}
+	if len(remotes) != 3 {
+		t.Errorf("the three sessions do not have three remote addresses: %v", remotes)
+	}
+	var inPool, ownRemote []string
+	for remote, ports := range remotes {
+		switch ports {
+		case pool + ` (pool "web")`:
+			inPool = append(inPool, remote)
+		case ownPort:
+			ownRemote = append(ownRemote, remote)
+		default:
+			t.Errorf("agent from %s: ports %q, want %s (pool \"web\") or %s", remote, ports, pool, ownPort)
+		}
+	}
+	if len(inPool) != 2 || len(ownRemote) != 1 {
+		t.Fatalf("sessions by ports: %v in the pool, %v on port %s; text:\n%s", inPool, ownRemote, ownPort, text)
+	}
+	for _, remote := range inPool {
+		if !regexp.MustCompile(`(?m)^  member: agent \S+ from ` + regexp.QuoteMeta(remote) + ` tunnel \d+, (1 client|2 clients|0 clients)$`).MatchString(text) {
+			t.Errorf("status text has no member line from %s:\n%s", remote, text)
+		}
+		// The page: the member's row and the agent's ports.
+		if !regexp.MustCompile(`<tr><td>[^<]*</td><td><code>` + regexp.QuoteMeta(remote) + `</code></td><td class="num">\d+</td>`).MatchString(page) {
+			t.Errorf("status page has no member row with remote address %s", remote)
+		}
+		if !regexp.MustCompile(`<code>` + regexp.QuoteMeta(remote) + `</code></td>.*<td class="ports"><a href="#port-` + pool + `">` + pool + `</a> <span class="muted">pool web</span></td>`).MatchString(page) {
+			t.Errorf("status page's agent row from %s does not show port %s of pool web", remote, pool)
+		}
+	}
+	for _, want := range []string{"3 agents, 2 endpoints\n", `endpoint on port ` + pool + ` (pool "web"): 2 connections, 0 waiting`,
+		`endpoint on port ` + ownPort + `: 1 connection, 0 waiting`} {
+		if !strings.Contains(text, want) {
+			t.Errorf("status text lacks %q:\n%s", want, text)
+		}
+	}
+	if !strings.Contains(page, "<title>tcprelay unknown: 3 agents, 2 endpoints</title>") {
+		t.Errorf("status page title is not in the plural for 3 agents and 2 endpoints")
+	}
+	for _, re := range []string{`\b1 (agents|endpoints|connections|clients|bytes)\b`, `\b([02-9]|\d\d+) (agent|endpoint|connection|client)\b[^s]`} {
+		if m := regexp.MustCompile(re).FindString(text); m != "" {
+			t.Errorf("status text: %q is not in the right number:\n%s", m, text)
+		}
+	}
+	// A client closed: its line in the log has no err=<nil>.
+	c := testutil.Dial(t, own.Addr().String())
+	echoRound(t, c, []byte("bye"))
+	c.Close()
+	check.Eventually(t, 5*time.Second, func() error {
+		if !strings.Contains(logs.String(), "connection closed") {
+			return fmt.Errorf("no \"connection closed\" line in the relay's log")
+		}
+		return nil
+	})
+	for name, s := range map[string]string{"status page": page, "status text": text, "relay log": logs.String()} {
+		if strings.Contains(s, "<nil>") {
+			t.Errorf("%s says <nil>:\n%s", name, s)
+		}
 	}
 }
