@@ -115,6 +115,53 @@ func TestStatusPageInBrowser(t *testing.T) {
 		t.Errorf("the client's row shows %d bytes from the agent, want %d: %q", fromAgent, sent, row)
 	}
 
+	// The charts: clients and bytes per second over the last hour, drawn
+	// by the relay as SVG, sampled every 10 s. The client keeps moving
+	// bytes until the endpoint has a complete sample (within 10 s and the
+	// watch's second), so the charts have something to show.
+	chartRe := regexp.MustCompile(`(?s)<section class="endpoint" id="port-` + strconv.Itoa(pub) + `">.*?</section>`)
+	samples := regexp.MustCompile(`<svg [^>]*data-samples="(\d+)" data-peak="(\d+)"`)
+	var section string
+	if !child.WaitFor(15*time.Second, func() bool {
+		echoRounds(t, c, 4096)
+		resp, err := http.Get(url)
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		section = chartRe.FindString(string(b))
+		m := samples.FindAllStringSubmatch(section, -1)
+		return len(m) == 2 && m[0][1] != "1" && m[1][2] != "0"
+	}) {
+		t.Fatalf("no charts with a complete sample for port %d within 15 s:\n%s", pub, section)
+	}
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if csp := resp.Header.Get("Content-Security-Policy"); csp != "default-src 'none'; style-src 'unsafe-inline'" {
+		t.Errorf("the page's Content-Security-Policy is %q", csp)
+	}
+	dom = runChromium(t, chromium, "--dump-dom", url)
+	section = chartRe.FindString(dom)
+	m = samples.FindAllStringSubmatch(section, -1)
+	if len(m) != 2 || strings.Contains(dom, "<script") {
+		t.Fatalf("chromium's DOM of port %d's section has %d charts, want 2, and no script:\n%s", pub, len(m), section)
+	}
+	if m[0][2] != "1" {
+		t.Errorf("the clients chart's peak is %s, want 1 (one client)", m[0][2])
+	}
+	if peak, _ := strconv.Atoi(m[1][2]); peak <= 0 {
+		t.Errorf("the bytes chart's peak is %d B/s, want more than 0", peak)
+	}
+	for _, want := range []string{"<figcaption>clients, peak 1 client</figcaption>", "<figcaption>bytes per second, peak "} {
+		if !strings.Contains(section, want) {
+			t.Errorf("port %d's section lacks %q", pub, want)
+		}
+	}
+
 	dir := os.Getenv("TEST_ARTIFACTS")
 	if dir == "" {
 		dir = t.TempDir()
@@ -217,4 +264,16 @@ func groupGone(pgid int) bool {
 		}
 	}
 	return true
+}
+
+// echoRounds sends n random bytes on c and reads their echo.
+func echoRounds(t *testing.T, c net.Conn, n int) {
+	t.Helper()
+	msg := randomBytes(n)
+	if _, err := c.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := io.ReadAll(io.LimitReader(c, int64(n))); err != nil || !bytes.Equal(got, msg) {
+		t.Fatalf("echo through the relay: %v (%d of %d bytes)", err, len(got), n)
+	}
 }

@@ -156,6 +156,7 @@ func (ep *endpoint) addClientLocked(src netip.Addr, delta int) {
 	s := ep.s
 	before := ep.conns
 	ep.conns += delta
+	ep.peak = max(ep.peak, ep.conns)
 	s.clientsTotal += delta
 	switch {
 	case before == 0 && ep.conns > 0:

@@ -47,6 +47,10 @@ type endpoint struct {
 	// bytesDone is what the endpoint's links that ended relayed (the live
 	// ones' bytes are in their Progress).
 	bytesDone byteCount
+	// For the status page's charts (history.go): the most clients at once
+	// since the last sample, and the samples.
+	peak int
+	hist *history
 }
 
 // member is one session's registration serving an endpoint. It owns its

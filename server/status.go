@@ -77,6 +77,7 @@ type endpointStatus struct {
 	MoreWaiting    int             // waiting clients left out of Waiting
 	Bytes          byteCount       // relayed by its links, finished and live
 	Denied         int             // outside clients closed by its access lists
+	Charts         template.HTML   // its clients and bytes per second over the last hour (history.go)
 }
 
 type memberStatus struct {
@@ -431,6 +432,14 @@ func writeClients(b *bytes.Buffer, now time.Time, e *endpointStatus) {
 func (s *Server) WriteStatusHTML(w io.Writer) error {
 	st := s.takeStatus(true)
 	st.bound()
+	ports := make([]int, len(st.Open))
+	for i, e := range st.Open {
+		ports[i] = e.Port
+	}
+	charts := s.chartsFor(st.Time, ports)
+	for _, e := range st.Open {
+		e.Charts = chartsHTML(charts[e.Port])
+	}
 	var b bytes.Buffer
 	if err := statusPage.Execute(&b, st); err != nil {
 		return fmt.Errorf("status page: %w", err)
@@ -481,6 +490,9 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .warn { color: #a34a00; }
 code { font-family: ui-monospace, monospace; }
 .more { font-style: italic; color: #555; }
+.charts { display: flex; flex-wrap: wrap; gap: .5em 1.5em; margin: .3em 0; }
+.charts figure { margin: 0; }
+.charts figcaption { font-size: .85em; color: #555; }
 </style>
 </head>
 <body>
@@ -507,7 +519,8 @@ code { font-family: ui-monospace, monospace; }
 <h2>Endpoints ({{.NOpen}})</h2>
 {{range .Open}}<section class="endpoint" id="port-{{.Port}}">
 <h3>Port {{.Port}}{{with .Pool}} <span class="muted">pool {{peer .}}</span>{{end}}: clients {{.Conns}}, waiting {{.Pending}}; to agents <data value="{{.Bytes.ToAgents}}">{{bytes .Bytes.ToAgents}}</data>, from agents <data value="{{.Bytes.FromAgents}}">{{bytes .Bytes.FromAgents}}</data></h3>
-<table>
+{{with .Charts}}<div class="charts">{{.}}</div>
+{{end}}<table>
 <tr><th>member: agent</th><th>remote address</th><th class="num">tunnel</th><th>state</th><th class="num">clients</th></tr>
 {{range .Members}}<tr><td>{{.Agent}}</td><td><code>{{.Remote}}</code></td><td class="num">{{.Tunnel}}</td><td>{{if .Ready}}<span class="ok">ready</span>{{else}}<span class="warn">not ready</span>{{end}}</td><td class="num">{{.Clients}}</td></tr>
 {{end}}</table>

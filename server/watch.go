@@ -54,6 +54,7 @@ func (s *Server) watch(stop <-chan struct{}) {
 			return
 		case now := <-tick.C:
 			s.watchOnce(now)
+			s.sampleHistory(now)
 		}
 	}
 }
