@@ -524,8 +524,6 @@ func (a *Agent) watchHealth(ctx context.Context, ln *tunnel.Listener, downErr er
 	for {
 		if downErr == nil && !a.HealthActive {
 			timer.Stop() // passive and up: nothing is dialled
-		} else {
-			timer.Reset(a.HealthEvery)
 		}
 		var err error
 		select {
@@ -535,7 +533,7 @@ func (a *Agent) watchHealth(ctx context.Context, ln *tunnel.Listener, downErr er
 			err = a.Health()
 		case err = <-a.down:
 			if downErr != nil {
-				continue // known; the timer probes
+				continue // known; the timer, still running, probes
 			}
 			if a.HealthActive {
 				err = a.Health() // the check decides, as it always did
@@ -555,6 +553,9 @@ func (a *Agent) watchHealth(ctx context.Context, ln *tunnel.Listener, downErr er
 			ln.SetReady(true)
 		}
 		downErr = err
+		if downErr != nil || a.HealthActive {
+			timer.Reset(a.HealthEvery)
+		}
 	}
 }
 
