@@ -484,10 +484,10 @@ func (c *Common) Agent() *Agent {
 		proxy: c.FS.String("proxy", "", "reach the relays through this proxy `URL`: http://HOST:PORT or https://HOST:PORT (HTTP CONNECT; https: TLS to the proxy), socks5://HOST:PORT or socks5h://HOST:PORT (SOCKS5), each with optional USER:PASSWORD@; every connection to a relay goes through it, and -tls runs end to end on top. "+
 			"Default: the environment, as Go programs read it for https: HTTPS_PROXY, else ALL_PROXY, unless NO_PROXY lists the relay (never for localhost or a loopback address). "+
 			"\"direct\": no proxy, whatever the environment says. A proxy that refuses the credentials (407, SOCKS5 auth) ends the agent like a refused secret; its other refusals are retried"),
-		allow:   c.FS.String("allow", "", "only outside clients from these `CIDRs` (comma-separated, e.g. 192.0.2.0/24,2001:db8::/32) may reach this agent: the relay closes the others when they connect; it narrows the relay's agents file (allow=), never widens it (default: anyone the relay lets in)"),
-		deny:    c.FS.String("deny", "", "outside clients from these `CIDRs` (comma-separated) may not reach this agent: the relay closes them when they connect (default: none)"),
-		tls:     c.AgentTLS(),
-		down:    make(chan error, 1),
+		allow: c.FS.String("allow", "", "only outside clients from these `CIDRs` (comma-separated, e.g. 192.0.2.0/24,2001:db8::/32) may reach this agent: the relay closes the others when they connect; it narrows the relay's agents file (allow=), never widens it (default: anyone the relay lets in)"),
+		deny:  c.FS.String("deny", "", "outside clients from these `CIDRs` (comma-separated) may not reach this agent: the relay closes them when they connect (default: none)"),
+		tls:   c.AgentTLS(),
+		down:  make(chan error, 1),
 	}
 }
 
