@@ -50,6 +50,11 @@ func sourceOf(c net.Conn) netip.Addr {
 		return netip.Addr{}
 	}
 	ip, _ := netip.AddrFromSlice(a.IP)
+	return sourceIP(ip)
+}
+
+// sourceIP is the source that per-source limits count ip as.
+func sourceIP(ip netip.Addr) netip.Addr {
 	if ip = ip.Unmap(); ip.Is6() {
 		p, _ := ip.Prefix(64)
 		return p.Addr()

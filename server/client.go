@@ -81,6 +81,8 @@ func (ep *endpoint) admit(c net.Conn) *member {
 	switch {
 	case ep.closed:
 		why = "tunnel closed"
+	case ep.draining:
+		why = "tunnel draining"
 	case !ep.admitsLocked(ip):
 		ep.denied++
 		s.mu.Unlock()

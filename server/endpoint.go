@@ -44,6 +44,7 @@ type endpoint struct {
 	bySource map[netip.Addr]int // the same, by source address (with a limit on it)
 	pending  int                // outside clients waiting
 	denied   int                // outside clients closed by the access lists
+	draining bool               // the operator stopped its new clients (DrainEndpoint)
 	// bytesDone is what the endpoint's links that ended relayed (the live
 	// ones' bytes are in their Progress).
 	bytesDone byteCount

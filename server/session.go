@@ -10,6 +10,7 @@ import (
 	"math"
 	"net"
 	"net/netip"
+	"strconv"
 	"time"
 
 	"tcprelay/internal/proto"
@@ -27,6 +28,7 @@ type session struct {
 	tenant   *identity      // whose scope and bounds apply: id, or the keyless tenant
 	key      [proto.MACLen]byte
 
+	sid      string     // its id for the operator (AgentInfo.ID), set by join
 	remote   string     // the agent's address
 	src      netip.Addr // its source, for per-source limits (see sourceOf)
 	software string     // what the agent says it is (Hello)
@@ -264,7 +266,7 @@ func (ss *session) join() error {
 	}
 	t.sessions[ss] = struct{}{}
 	// From here the session, not the conn set, owns its connection.
-	s.count.agents.Add(1)
+	ss.sid = "s" + strconv.FormatInt(s.count.agents.Add(1), 10)
 	ss.since = time.Now()
 	delete(s.conns, ss.ctl.NetConn())
 	s.sessions[ss] = struct{}{}

@@ -556,7 +556,7 @@ code { font-family: ui-monospace, monospace; }
 `
 
 // EndpointReady reports whether the endpoint on a public port takes new
-// clients: it is open and has a ready member. It also returns how many of
+// clients: it is open, not draining, and has a ready member. It also returns how many of
 // its members are ready, of how many. An endpoint that is reserved, or no
 // endpoint, is not ready. A load balancer's HTTP check asks this (GET
 // /ready/PORT on the relay's metrics address): the port itself still
@@ -574,5 +574,5 @@ func (s *Server) EndpointReady(port int) (ok bool, ready, members int) {
 			ready++
 		}
 	}
-	return ready > 0, ready, len(ep.members)
+	return ready > 0 && !ep.draining, ready, len(ep.members)
 }

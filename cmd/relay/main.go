@@ -24,10 +24,14 @@ import (
 )
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "ctl" {
+		os.Exit(ctl(os.Args[2:]))
+	}
 	c := cli.New("relay", "PORT",
 		"Listens for agents on PORT. Each agent gets a public port (by default PORT+1\n"+
 			"upward) and every connection to it is relayed to the agent, byte for byte.\n"+
-			"A zero duration or limit means the default shown.")
+			"A zero duration or limit means the default shown.\n"+
+			"relay ctl COMMAND talks to a running relay's admin API (relay ctl -h).")
 	// Every default comes from server.DefaultConfig, so a flag's zero and
 	// a Config field's zero mean the same.
 	cfg := server.DefaultConfig()
@@ -52,6 +56,8 @@ func main() {
 	c.DurationOff(&cfg.StallTimeout, "stall-timeout", 0, "close a relayed connection whose reader has taken nothing for this `duration` while bytes wait for it (0 or off: never)")
 	c.DurationOff(&cfg.IdleTimeout, "idle-timeout", 0, "close a relayed connection on which nothing has moved, either way, for this `duration` (0 or off: never)")
 	proxyFrom := fs.String("proxy-protocol-from", "", "`CIDRs` (comma-separated) of load balancers, such as haproxy with send-proxy or send-proxy-v2, whose connections to the public ports start with a PROXY protocol header (v1 or v2): the client it names is the connection's source for access lists, per-source limits, the access log and the agent; their connections without one are closed (default: none, every header is data)")
+	adminAddr := fs.String("admin-addr", "", "serve the admin API (list agents, endpoints and clients; close a client; drain a port; disconnect an agent; reload the agents file) at http://ADDR/v1/, for `relay ctl`; requests need the token of -admin-token-file; bind it to a private address; the same address as -metrics-addr serves both (default: off)")
+	adminTokenFile := fs.String("admin-token-file", "", "`file` whose first line is the admin API's bearer token, at least 16 characters (required with -admin-addr)")
 	accessLog := fs.String("access-log", "", "append one JSON line per outside connection and per agent session, when it ends, to this `file`; SIGUSR1 reopens it (for logrotate); the fields are in docs/OPERATING.md (default: none)")
 	metricsAddr := fs.String("metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics, a status page at /, a text status view at /status, and a load balancer's check of each public port at /ready/PORT (200 while it has a ready agent, else 503), e.g. 127.0.0.1:9090 (default: off)")
 	agentsFile := fs.String("agents", "", "`file` of the agents admitted by key, one per line: NAME KEY [ports=LO-HI,...] [tunnels=N] [sessions=N] [parked=N] [pools=NAME,...|*] [allow=CIDR,...] [deny=CIDR,...], and at most one NAME secret [options] line for the agents that come with -secret and no key; SIGHUP re-reads it and applies it at once (a removed key's sessions and connections end), and keeps the agents in force if it has an error or is empty (as a file caught mid-write is): to remove every agent, leave only a comment in it, e.g. '# none' (default: none; admit by -secret, or any agent)")
@@ -170,6 +176,18 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
+	var adminToken string
+	var closers []func() error
+	switch {
+	case *adminAddr != "" && *adminTokenFile == "":
+		c.Usagef("-admin-addr needs -admin-token-file: the API is never open without a token")
+	case *adminAddr == "" && *adminTokenFile != "":
+		c.Usagef("-admin-token-file without -admin-addr: give the API an address")
+	case *adminTokenFile != "":
+		if adminToken, err = readToken(*adminTokenFile); err != nil {
+			c.Fatal(fmt.Errorf("-admin-token-file: %w", err))
+		}
+	}
 	if cfg.ProxyProtocolFrom, err = proto.ParsePrefixes(*proxyFrom); err != nil {
 		c.Usagef("-proxy-protocol-from: %v", err)
 	}
@@ -200,18 +218,40 @@ func main() {
 		ln.Close()
 		c.Fatal(err)
 	}
-	if *metricsAddr != "" {
-		mln, err := net.Listen("tcp", *metricsAddr)
+	reload := func() (int, error) { return reloadAgents(srv, *agentsFile, log) }
+	serveHTTP := func(what, addr string, h http.Handler) string {
+		hln, err := net.Listen("tcp", addr)
 		if err != nil {
 			ln.Close()
-			c.Fatal(fmt.Errorf("metrics: %w", err))
+			c.Fatal(fmt.Errorf("%s: %w", what, err))
 		}
-		hs := &http.Server{Handler: opsHandler(srv), ReadHeaderTimeout: 5 * time.Second}
-		go hs.Serve(mln)
-		defer hs.Close()
-		log.Info("serving metrics and status", "metrics", "http://"+mln.Addr().String()+"/metrics",
-			"status", "http://"+mln.Addr().String()+"/")
+		hs := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+		go hs.Serve(hln)
+		closers = append(closers, hs.Close)
+		return hln.Addr().String()
 	}
+	switch {
+	case *adminAddr != "" && *adminAddr == *metricsAddr:
+		mux := http.NewServeMux()
+		mux.Handle("/v1/", adminHandler(srv, adminToken, reload, log))
+		mux.Handle("/", opsHandler(srv))
+		a := serveHTTP("metrics and admin API", *metricsAddr, mux)
+		log.Info("serving metrics, status and the admin API", "metrics", "http://"+a+"/metrics", "status", "http://"+a+"/", "admin", "http://"+a+"/v1/")
+	default:
+		if *metricsAddr != "" {
+			a := serveHTTP("metrics", *metricsAddr, opsHandler(srv))
+			log.Info("serving metrics and status", "metrics", "http://"+a+"/metrics", "status", "http://"+a+"/")
+		}
+		if *adminAddr != "" {
+			a := serveHTTP("admin API", *adminAddr, adminHandler(srv, adminToken, reload, log))
+			log.Info("serving the admin API", "admin", "http://"+a+"/v1/")
+		}
+	}
+	defer func() {
+		for _, f := range closers {
+			f()
+		}
+	}()
 	log.Info("relay listening", "addr", ln.Addr().String(), "public_ports", strconv.Itoa(cfg.PortMin)+"-"+strconv.Itoa(cfg.PortMax),
 		"state_file", cfg.StateFile, "version", cli.Version)
 	go reloadOnHUP(hup, srv, *agentsFile, log)
@@ -303,26 +343,35 @@ func stateFile(dir, bind string, port int) (string, error) {
 	return filepath.Join(dir, name), nil
 }
 
-// reloadOnHUP re-reads the agents file on every SIGHUP. A file with an
-// error, or empty, leaves the agents in force as they were.
+// reloadOnHUP re-reads the agents file on every SIGHUP (see
+// reloadAgents).
 func reloadOnHUP(hup <-chan os.Signal, srv *server.Server, path string, log *slog.Logger) {
 	for range hup {
-		if path == "" {
-			log.Info("SIGHUP: no agents file to reload")
-			continue
-		}
-		agents, err := loadAgents(path)
-		if errors.Is(err, errEmptyAgents) {
-			log.Warn("agents file is empty: not reloaded, keeping the agents in force (it may have been caught mid-write; to remove every agent, leave only a comment in it)", "file", path)
-			continue
-		}
-		if err != nil {
-			log.Error("agents file not reloaded: keeping the agents in force", "err", err)
-			continue
-		}
-		srv.SetAgents(agents)
-		log.Info("agents file reloaded", "file", path, "agents", len(agents))
+		reloadAgents(srv, path, log)
 	}
+}
+
+// reloadAgents re-reads the agents file at path and applies it, and
+// returns how many agents it admits by key. A file with an error, or an
+// empty one (caught mid-write, say), leaves the agents in force as they
+// were, and the error says why.
+func reloadAgents(srv *server.Server, path string, log *slog.Logger) (int, error) {
+	if path == "" {
+		log.Info("reload: no agents file to reload")
+		return 0, errors.New("the relay has no agents file (-agents)")
+	}
+	agents, err := loadAgents(path)
+	if errors.Is(err, errEmptyAgents) {
+		log.Warn("agents file is empty: not reloaded, keeping the agents in force (it may have been caught mid-write; to remove every agent, leave only a comment in it)", "file", path)
+		return 0, fmt.Errorf("not reloaded, the agents in force are kept: %w", err)
+	}
+	if err != nil {
+		log.Error("agents file not reloaded: keeping the agents in force", "err", err)
+		return 0, fmt.Errorf("not reloaded, the agents in force are kept: %w", err)
+	}
+	srv.SetAgents(agents)
+	log.Info("agents file reloaded", "file", path, "agents", len(agents))
+	return len(agents), nil
 }
 
 // errEmptyAgents: the agents file holds nothing, not even a comment.
