@@ -109,15 +109,13 @@ func TestHAProxyRoutesAroundUnreadyRelay(t *testing.T) {
 	e := newEnv(t)
 	ctlPort := freePort(t)
 	ips := []string{"127.0.0.1", "127.0.0.2"}
-	var relays []*relay
 	var maddrs []string
 	for _, ip := range ips {
 		maddr := net.JoinHostPort(ip, fmt.Sprint(freePort(t)))
-		r := e.tryRelay(ip, ctlPort, nil, []string{"-metrics-addr", maddr})
-		if r == nil {
+		if e.tryRelay(ip, ctlPort, nil, []string{"-metrics-addr", maddr}) == nil {
 			t.Skipf("control port %d is taken on %s", ctlPort, ip)
 		}
-		relays, maddrs = append(relays, r), append(maddrs, maddr)
+		maddrs = append(maddrs, maddr)
 	}
 	targetA, targetB := newCountingTarget(t, 'A'), newCountingTarget(t, 'B')
 	_, pub := e.startExpose(ips[0], ctlPort, targetA.addr)
