@@ -24,25 +24,15 @@ import (
 func (ep *endpoint) serveClient(c net.Conn) func() {
 	s := ep.s
 	s.count.clients.Add(1)
+	accepted := time.Now()
 	if tc, ok := c.(*net.TCPConn); ok && s.viaTrustedProxy(c) {
 		// Its PROXY header first, in the goroutine: a slow proxy must not
 		// hold up the accept loop.
 		return func() {
-			accepted := time.Now()
-			pc, err := readProxyHeader(tc, s.set.handshakeTimeout)
-			if err != nil {
-				s.count.refused.Add(1)
-				s.closeConn(c)
-				s.quiet.Warn("closed outside client: a bad PROXY header from a trusted proxy", "port", ep.port, "proxy", c.RemoteAddr().String(), "err", err)
-				s.logUnrelayed(ep, nil, c, accepted, "refused: bad PROXY header")
-				return
-			}
-			s.mu.Lock()
-			delete(s.conns, c)
-			s.conns[pc] = struct{}{}
-			s.mu.Unlock()
-			if m := ep.admit(pc); m != nil && !s.bindPooled(m, pc, accepted) {
-				s.announce(m, pc, accepted)
+			if c := ep.readProxied(tc, accepted); c != nil {
+				if m := ep.admit(c); m != nil {
+					s.relay(m, c, accepted)
+				}
 			}
 		}
 	}
@@ -50,12 +40,35 @@ func (ep *endpoint) serveClient(c net.Conn) func() {
 	if m == nil {
 		return nil
 	}
-	accepted := time.Now()
-	return func() {
-		if !s.bindPooled(m, c, accepted) {
-			s.announce(m, c, accepted)
-		}
+	return func() { s.relay(m, c, accepted) }
+}
+
+// relay joins client, accepted at since, to m's agent: through a parked
+// data connection if it has one, else announced.
+func (s *Server) relay(m *member, client net.Conn, since time.Time) {
+	if !s.bindPooled(m, client, since) {
+		s.announce(m, client, since)
 	}
+}
+
+// readProxied reads the PROXY header of a client that came through a
+// trusted proxy and returns the client with its true address, or closes it
+// and returns nil.
+func (ep *endpoint) readProxied(c *net.TCPConn, accepted time.Time) net.Conn {
+	s := ep.s
+	pc, err := readProxyHeader(c, s.set.handshakeTimeout)
+	if err != nil {
+		s.count.refused.Add(1)
+		s.closeConn(c)
+		s.quiet.Warn("closed outside client: a bad PROXY header from a trusted proxy", "port", ep.port, "proxy", c.RemoteAddr().String(), "err", err)
+		s.logUnrelayed(ep, nil, c, accepted, "refused: bad PROXY header")
+		return nil
+	}
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.conns[pc] = struct{}{}
+	s.mu.Unlock()
+	return pc
 }
 
 // viaTrustedProxy reports whether c comes from a peer of
@@ -345,9 +358,7 @@ func (s *Server) redispatch(moved []*pending) {
 		}
 		m.clients++
 		s.mu.Unlock()
-		if !s.bindPooled(m, p.client, p.since) {
-			s.announce(m, p.client, p.since)
-		}
+		s.relay(m, p.client, p.since)
 	}
 }
 
