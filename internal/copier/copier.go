@@ -49,12 +49,17 @@ type closeWriter interface {
 // a pipe. Other conns (TLS) are copied through a buffer by one goroutine
 // each way.
 //
+// A direction given a Bucket (NewLimited) moves its bytes through a buffer
+// of Chunk bytes, taking each chunk's tokens before it writes it: it never
+// splices, and it parks like any other when its source has nothing to read.
+//
 // Once a conn is in a Link, close it only with Link.Close: a conn closed
 // behind the Link's back may leave a waiting direction unwoken.
 type Link struct {
 	a, b   net.Conn
 	dirs   [2]dir // a→b, b→a
 	done   func(*Link, Result)
+	stop   chan struct{} // closed by fail; nil when no direction is limited
 	mu     sync.Mutex
 	res    Result
 	left   int  // directions not yet ended
@@ -88,9 +93,10 @@ type dir struct {
 	progress
 	l        *Link
 	dst, src net.Conn
-	n        *int64 // the Result field this direction counts into
-	spliced  bool   // sp is set up: both conns are sockets
-	parked   bool   // waiting in the poller, with no goroutine (under l.mu)
+	n        *int64  // the Result field this direction counts into
+	spliced  bool    // sp is set up: both conns are sockets
+	lim      *Bucket // nil: unlimited
+	parked   bool    // waiting in the poller, with no goroutine (under l.mu)
 	sp       splicer
 }
 
@@ -107,16 +113,39 @@ func Start(a, b net.Conn, done func(*Link, Result)) *Link {
 // when both directions have ended and both conns are closed; it must not
 // block. A Link closed before it starts still calls done once started.
 func New(a, b net.Conn, done func(*Link, Result)) *Link {
+	return NewLimited(a, b, nil, nil, done)
+}
+
+// NewLimited is New with a rate limit on each direction: aToB bounds the
+// bytes per second moved from a to b, bToA those from b to a, each shared
+// with every other direction given the same Bucket. A nil Bucket leaves
+// its direction unlimited, on the same path as New's (splice).
+func NewLimited(a, b net.Conn, aToB, bToA *Bucket, done func(*Link, Result)) *Link {
 	l := &Link{a: a, b: b, done: done, left: 2}
-	l.dirs[0] = dir{l: l, dst: b, src: a, n: &l.res.AToB}
-	l.dirs[1] = dir{l: l, dst: a, src: b, n: &l.res.BToA}
+	l.dirs[0] = dir{l: l, dst: b, src: a, n: &l.res.AToB, lim: aToB}
+	l.dirs[1] = dir{l: l, dst: a, src: b, n: &l.res.BToA, lim: bToA}
+	if aToB != nil || bToA != nil {
+		l.stop = make(chan struct{})
+	}
 	// Both set up before either runs: a direction that fails at once
 	// reads the other's state.
 	for i := range l.dirs {
 		d := &l.dirs[i]
 		d.spliced = d.sp.init(d.dst, d.src, &d.progress)
+		if d.spliced && d.lim != nil {
+			d.sp.limit(d.lim, l.stop)
+		}
 	}
 	return l
+}
+
+// Spliced reports, for each direction, whether it moves its bytes with
+// splice(2): both conns are sockets, on Linux, and the direction has no
+// Bucket. (A burst that finds the process out of fds for a pipe goes
+// through a buffer all the same.)
+func (l *Link) Spliced() (aToB, bToA bool) {
+	d := &l.dirs
+	return d[0].spliced && d[0].lim == nil, d[1].spliced && d[1].lim == nil
 }
 
 // Progress returns the bytes each direction has delivered so far, live.
@@ -164,7 +193,11 @@ func (d *dir) run() {
 	var n int64
 	var err error
 	if !d.spliced {
-		n, err = io.Copy(progressWriter{d.dst, &d.progress}, d.src)
+		var w io.Writer = progressWriter{d.dst, &d.progress}
+		if d.lim != nil {
+			w = limitedWriter{w, d.lim, d.l.stop}
+		}
+		n, err = io.CopyBuffer(w, d.src, make([]byte, Chunk))
 	} else {
 		for {
 			var again bool
@@ -197,6 +230,30 @@ func (w progressWriter) Write(b []byte) (int, error) {
 	n, err := w.w.Write(b)
 	w.p.delivered(w.p.moved.Load() + int64(n))
 	return n, err
+}
+
+// limitedWriter is a limited direction's dst when it is copied through a
+// buffer (TLS): it takes each chunk's tokens before writing it.
+type limitedWriter struct {
+	w    io.Writer
+	lim  *Bucket
+	stop <-chan struct{}
+}
+
+func (w limitedWriter) Write(b []byte) (int, error) {
+	var done int
+	for done < len(b) {
+		chunk := b[done:min(len(b), done+Chunk)]
+		if err := w.lim.wait(int64(len(chunk)), w.stop); err != nil {
+			return done, err
+		}
+		n, err := w.w.Write(chunk)
+		done += n
+		if err != nil {
+			return done, err
+		}
+	}
+	return done, nil
 }
 
 // Copy copies src to dst until EOF on src or an error, like io.Copy. When
@@ -264,6 +321,9 @@ func (l *Link) fail(err error) {
 		return
 	}
 	l.closed = true
+	if l.stop != nil {
+		close(l.stop) // ends a wait for tokens
+	}
 	if err != errNoHalfClose {
 		l.res.Err = err
 	}

@@ -70,6 +70,11 @@ type splicer struct {
 	// prog, for a Link's direction, is where the direction's progress is
 	// kept, live; nil for Copy.
 	prog *progress
+	// lim, if set, is the direction's rate limit: every burst goes
+	// through buf, and each chunk read waits for its tokens before it is
+	// written; stop ends that wait.
+	lim  *Bucket
+	stop <-chan struct{}
 	// canPark makes loop return when src has nothing to read (see
 	// firstQuiet) instead of waiting in the runtime's poller.
 	canPark bool
@@ -120,6 +125,11 @@ func (s *splicer) init(dst, src net.Conn, prog *progress) bool {
 	return true
 }
 
+// limit makes s copy through a buffer, at most lim's rate.
+func (s *splicer) limit(lim *Bucket, stop <-chan struct{}) {
+	s.lim, s.stop = lim, stop
+}
+
 // loop moves bytes until EOF on src (nil), an error, or, if canPark, src
 // has nothing to read (again is true; see firstQuiet).
 func (s *splicer) loop() (again bool, err error) {
@@ -163,6 +173,9 @@ func (s *splicer) loop() (again bool, err error) {
 		// Drain the pipe (or buffer) into dst, waiting for dst to be
 		// writable.
 		s.pending = s.n
+		if err := s.lim.wait(s.n, s.stop); err != nil {
+			return false, err
+		}
 		for s.pending > 0 {
 			if err := s.dst.Write(s.drain); err != nil {
 				return false, err
@@ -247,6 +260,10 @@ func (s *splicer) doDrain(fd uintptr) bool {
 // process or the system is out of descriptors or pipe memory), a buffer.
 // Any pipe2 error means the same: it says nothing about the connection.
 func (s *splicer) take() {
+	if s.lim != nil {
+		s.buf = bufs.Get().(*buffer)
+		return
+	}
 	var err error
 	if s.p, err = pipes.get(); err != nil {
 		s.buf = bufs.Get().(*buffer)
@@ -269,7 +286,7 @@ func (s *splicer) release() {
 // read and write are doFill's and doDrain's splice for a burst through
 // buf, with splice's results.
 func (s *splicer) read(fd int) {
-	n, err := syscall.Read(fd, s.buf.b[:])
+	n, err := syscall.Read(fd, s.buf.b[:min(len(s.buf.b), Chunk)])
 	if err != nil {
 		n = 0
 	}

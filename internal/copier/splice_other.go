@@ -11,6 +11,7 @@ type splicer struct{ written int64 }
 func (s *splicer) init(dst, src net.Conn, prog *progress) bool { return false }
 func (s *splicer) loop() (again bool, err error)               { return false, nil }
 func (s *splicer) noPark()                                     {}
+func (s *splicer) limit(*Bucket, <-chan struct{})              {}
 
 type poller struct{}
 
