@@ -399,15 +399,17 @@ func (info *linkInfo) endedBy(reason string) {
 
 // link copies between an outside client and the data connection joined to
 // it, in the background, until both directions end. An idle link holds no
-// goroutine.
+// goroutine. A link of a tenant with a Rate goes through its buckets (and
+// a buffer); any other splices.
 func (s *Server) link(m *member, client, data net.Conn, accepted time.Time) {
 	s.tune(client)
 	s.tune(data)
-	l := copier.New(client, data, func(l *copier.Link, res copier.Result) {
-		s.linkDone(m, client, l, res)
-	})
 	now := time.Now()
 	s.mu.Lock()
+	in, out := m.sess.tenant.buckets()
+	l := copier.NewLimited(client, data, in, out, func(l *copier.Link, res copier.Result) {
+		s.linkDone(m, client, l, res)
+	})
 	// From now on the link owns both conns, and Close reaches them through
 	// it.
 	delete(s.conns, client)

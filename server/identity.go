@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 
+	"tcprelay/internal/copier"
 	"tcprelay/internal/proto"
 )
 
@@ -40,6 +41,14 @@ type Agent struct {
 	// further for its own tunnels (Listen.Allow, Listen.Deny), never widen
 	// them. If empty, anyone.
 	Allow, Deny []netip.Prefix
+
+	// Rate bounds, in bytes per second, what its tunnels' clients send
+	// through the relay, and, separately, what they receive: each
+	// direction over all its connections at once. A change by SetAgents
+	// applies to its limited connections at once, and to its unlimited
+	// ones from their next client. If zero, unlimited (and its connections
+	// are spliced).
+	Rate int64
 
 	// Secret marks the line of the shared secret's tenant (its KEY is the
 	// word "secret"; Key is nil): its scope applies to the agents that
@@ -74,12 +83,13 @@ func LoadAgents(path string) ([]Agent, error) {
 // ParseAgents reads an agents file: one agent per line,
 //
 //	NAME KEY [ports=LO-HI[,LO-HI...]] [tunnels=N] [sessions=N] [parked=N] [pools=NAME[,NAME...]|*]
-//	         [allow=CIDR[,CIDR...]] [deny=CIDR[,CIDR...]]
+//	         [allow=CIDR[,CIDR...]] [deny=CIDR[,CIDR...]] [rate=N[UNIT]]
 //
 // with KEY as agents print it (ed25519:BASE64), or, on at most one line,
 // the word secret: the scope of the shared secret's tenant (see
 // Agent.Secret). Blank lines and text after '#' are ignored. Names and
-// keys are unique. The result is never nil, so an empty file admits no
+// keys are unique. A rate is bytes per second, each direction (see
+// ParseRate). The result is never nil, so an empty file admits no
 // agent by key.
 func ParseAgents(r io.Reader) ([]Agent, error) {
 	agents := []Agent{}
@@ -152,11 +162,40 @@ func parseAgent(f []string) (Agent, error) {
 				return Agent{}, fmt.Errorf("%s=%s: %w", k, v, err)
 			}
 			*map[string]*[]netip.Prefix{"allow": &a.Allow, "deny": &a.Deny}[k] = ps
+		case "rate":
+			if a.Rate, err = ParseRate(v); err != nil {
+				return Agent{}, err
+			}
 		default:
-			return Agent{}, fmt.Errorf("unknown option %q: want ports, tunnels, sessions, parked, pools, allow or deny", k)
+			return Agent{}, fmt.Errorf("unknown option %q: want ports, tunnels, sessions, parked, pools, allow, deny or rate", k)
 		}
 	}
 	return a, nil
+}
+
+// rateUnits are the units of ParseRate, in bytes (bits: an eighth).
+var rateUnits = map[string]float64{
+	"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9,
+	"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30,
+	"Kbit": 1e3 / 8, "Mbit": 1e6 / 8, "Gbit": 1e9 / 8,
+}
+
+// ParseRate reads a bandwidth, N[UNIT], as bytes per second: N is a
+// positive number (a decimal fraction too: 1.5MB), UNIT one of B (the
+// default), KB, MB, GB (powers of 1000 bytes), KiB, MiB, GiB (of 1024
+// bytes), or Kbit, Mbit, Gbit (powers of 1000 bits). 80Mbit is 10MB.
+func ParseRate(s string) (int64, error) {
+	i := strings.IndexFunc(s, func(r rune) bool { return (r < '0' || r > '9') && r != '.' })
+	if i < 0 {
+		i = len(s)
+	}
+	num, unit := s[:i], s[i:]
+	mult, ok := rateUnits[unit]
+	n, err := strconv.ParseFloat(num, 64)
+	if !ok || err != nil || n <= 0 || n*mult < 1 || n*mult > 1e15 {
+		return 0, fmt.Errorf("rate=%s: want a positive number and a unit, B, KB, MB, GB, KiB, MiB, GiB, Kbit, Mbit or Gbit (rate=10MB, rate=80Mbit)", s)
+	}
+	return int64(n * mult), nil
 }
 
 // parseRange reads LO-HI, or a single port.
@@ -184,17 +223,41 @@ type identity struct {
 	owner string // the owner of its ports: "key:" and the key in base64; "" for the keyless tenant
 	named bool   // from the agents file
 
+	// in and out bound, when Rate is set, what its clients send and what
+	// they receive: each shared by all its links, and kept across
+	// SetAgents with the identity, so a new rate= reaches live links.
+	in, out *copier.Bucket
+
 	// Guarded by s.mu.
 	sessions map[*session]struct{}
 	revoked  bool
 }
 
 func newIdentity(a Agent, named bool) *identity {
-	id := &identity{Agent: a, named: named, sessions: make(map[*session]struct{})}
+	id := &identity{Agent: a, named: named, sessions: make(map[*session]struct{}),
+		in: copier.NewBucket(a.Rate), out: copier.NewBucket(a.Rate)}
 	if !a.Secret {
 		id.owner = ownerKey(a.Key)
 	}
 	return id
+}
+
+// setAgent gives the identity a new scope (SetAgents), its rate included.
+// s.mu must be held.
+func (id *identity) setAgent(a Agent) {
+	id.Agent = a
+	id.in.SetRate(a.Rate)
+	id.out.SetRate(a.Rate)
+}
+
+// buckets returns the rate limits of a new link of the identity's, client
+// to agent and agent to client: nil, nil when it has no Rate, so that the
+// link splices. s.mu must be held.
+func (id *identity) buckets() (in, out *copier.Bucket) {
+	if id.Rate <= 0 {
+		return nil, nil
+	}
+	return id.in, id.out
 }
 
 // keylessScope is the scope of the agents without a key: the agents

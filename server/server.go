@@ -640,7 +640,7 @@ func (s *Server) statsLocked() Stats {
 func (s *Server) SetAgents(agents []Agent) {
 	s.mu.Lock()
 	s.cfg.Agents = agents
-	s.keyless.Agent = keylessScope(agents)
+	s.keyless.setAgent(keylessScope(agents))
 	old := s.ids
 	s.ids = make(map[string]*identity, len(agents))
 	for _, a := range agents {
@@ -649,7 +649,7 @@ func (s *Server) SetAgents(agents []Agent) {
 		}
 		id := old[string(a.Key)]
 		if id != nil && id.named {
-			id.Agent = a
+			id.setAgent(a)
 		} else {
 			id = newIdentity(a, true)
 		}
