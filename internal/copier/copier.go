@@ -197,7 +197,7 @@ func (d *dir) run() {
 		if d.lim != nil {
 			w = limitedWriter{w, d.lim, d.l.stop}
 		}
-		n, err = io.CopyBuffer(w, d.src, make([]byte, Chunk))
+		n, err = io.Copy(w, d.src)
 	} else {
 		for {
 			var again bool

@@ -148,6 +148,33 @@ func TestLimitedDirectionMovesAtRate(t *testing.T) {
 	})
 }
 
+// notSocket hides a TCP conn's descriptor, as a TLS conn would: the
+// Link copies it through a buffer, not the splicer.
+type notSocket struct{ net.Conn }
+
+func (c notSocket) CloseWrite() error { return c.Conn.(*net.TCPConn).CloseWrite() }
+
+// TestLimitedWithoutSockets: a limited direction between conns that are not
+// sockets (TLS) keeps its rate too.
+func TestLimitedWithoutSockets(t *testing.T) {
+	check.Leaks(t)
+	const n = limitRate // a second's worth
+	r := &relay{res: make(chan Result, 1)}
+	r.clientA, r.a = tcpPair(t)
+	r.b, r.clientB = tcpPair(t)
+	l := NewLimited(notSocket{r.a}, notSocket{r.b}, NewBucket(limitRate), nil, func(_ *Link, res Result) { r.res <- res })
+	if ab, ba := l.Spliced(); ab || ba {
+		t.Errorf("Spliced() = %v, %v between conns that are not sockets; want false, false", ab, ba)
+	}
+	l.Start()
+	t.Cleanup(func() { l.Close(); <-r.res })
+	s := <-send(r.clientA, r.clientB, n, 8)
+	if s.err != nil {
+		t.Fatal(s.err)
+	}
+	wantRate(t, "a→b limited, through a buffer", n, limitRate, s.took)
+}
+
 // TestLinksShareTheirBucket: two links given the same Bucket move, together,
 // at its rate: each at about half of it.
 func TestLinksShareTheirBucket(t *testing.T) {
