@@ -201,22 +201,6 @@ func TestLinksShareTheirBucket(t *testing.T) {
 	wantRate(t, "both links together", 2*n, limitRate, time.Since(start))
 }
 
-// TestIdleLimitedLinkHoldsNoGoroutine: a limited link parks like any other
-// when it has nothing to read: no goroutine, no buffer; and it wakes for
-// new bytes.
-func TestIdleLimitedLinkHoldsNoGoroutine(t *testing.T) {
-	if runtime.GOOS != "linux" {
-		t.Skip("the idle poller is Linux only")
-	}
-	check.Leaks(t)
-	r, l := startLimited(t, NewBucket(limitRate), NewBucket(limitRate))
-	for round := range 2 {
-		exchange1(t, r.clientA, r.clientB, []byte{'a', byte(round)})
-		exchange1(t, r.clientB, r.clientA, []byte{'b', byte(round)})
-		check.Eventually(t, 5*time.Second, func() error { return idleAndEmpty(l) })
-	}
-}
-
 // TestSetRateAppliesToLiveLinks: a rate changed while a link runs applies
 // to it at once.
 func TestSetRateAppliesToLiveLinks(t *testing.T) {
