@@ -1,10 +1,12 @@
 package e2e
 
 import (
+	"bytes"
 	"io"
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -118,4 +120,24 @@ func httpStatus(t *testing.T, url string) int {
 	io.Copy(io.Discard, resp.Body)
 	resp.Body.Close()
 	return resp.StatusCode
+}
+
+// TestOperatingDocumentsEveryFlag: docs/OPERATING.md's table names every
+// flag `relay -h` lists, so an operator never has to read code for one.
+func TestOperatingDocumentsEveryFlag(t *testing.T) {
+	e := newEnv(t)
+	help := e.run(relayBin, []string{"-h"}, nil)
+	doc, err := os.ReadFile(filepath.Join("..", "docs", "OPERATING.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	flags := regexp.MustCompile(`(?m)^  -([a-z0-9-]+)`).FindAllStringSubmatch(help.Stdout.String()+help.Stderr.String(), -1)
+	if len(flags) < 20 {
+		t.Fatalf("relay -h listed %d flags:\n%s%s", len(flags), help.Stdout, help.Stderr)
+	}
+	for _, f := range flags {
+		if !bytes.Contains(doc, []byte("`-"+f[1])) {
+			t.Errorf("docs/OPERATING.md does not name -%s", f[1])
+		}
+	}
 }
