@@ -89,6 +89,16 @@ func TestAdminAPIWithCtl(t *testing.T) {
 	if code := httpStatus(t, "http://"+maddr+"/v1/agents"); code != 404 {
 		t.Errorf("/v1/agents on the metrics address: %d, want 404", code)
 	}
+	// With curl, as an operator would: the token works, and without it is
+	// a 401.
+	curl := requireProgram(t, "curl", "curl")
+	tok, _ := os.ReadFile(token)
+	if p := e.runOK(curl, []string{"-sS", "-H", "Authorization: Bearer " + strings.TrimSpace(string(tok)), "http://" + aaddr + "/v1/endpoints"}, nil); !strings.Contains(p.Out(), `"port":`+strconv.Itoa(pub)) {
+		t.Errorf("curl /v1/endpoints with the token: %s", p.Out())
+	}
+	if p := e.runOK(curl, []string{"-s", "-o", "/dev/null", "-w", "%{http_code}", "http://" + aaddr + "/v1/agents"}, nil); p.Out() != "401" {
+		t.Errorf("curl /v1/agents without a token: %q, want 401", p.Out())
+	}
 	// Wrong tokens: 401, then 429 once the address's budget is spent.
 	codes := map[int]int{}
 	for range 8 {
