@@ -3,7 +3,6 @@ package e2e
 import (
 	"bytes"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -68,30 +67,14 @@ func TestAccessListsWithNC(t *testing.T) {
 // A peer that is not trusted cannot forge a source: its header is data.
 func TestAccessListsBehindHAProxy(t *testing.T) {
 	requireNC(t)
-	haproxy := requireProgram(t, "haproxy", "haproxy")
+	requireProgram(t, "haproxy", "haproxy")
 	for _, send := range []string{"send-proxy-v2", "send-proxy"} {
 		t.Run(send, func(t *testing.T) {
 			e := newEnv(t)
 			accessLog := filepath.Join(t.TempDir(), "access.log")
 			r := e.startRelayWith(nil, nil, "-proxy-protocol-from", "127.0.0.1/32", "-access-log", accessLog)
 			_, pub := e.startEchoWith("127.0.0.1", r.port, nil, "-deny", "127.0.0.4")
-			cfg := filepath.Join(t.TempDir(), "haproxy.cfg")
-			_, lb := e.startService(haproxy, func(port int) []string {
-				os.WriteFile(cfg, []byte(fmt.Sprintf(`global
-  maxconn 200
-defaults
-  mode tcp
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-frontend relay
-  bind 127.0.0.1:%d
-  default_backend relay
-backend relay
-  server relay1 127.0.0.1:%d %s
-`, port, pub, send)), 0o644)
-				return []string{"-db", "-f", cfg}
-			}, nil)
+			lb := e.startHAProxy("", fmt.Sprintf("  server relay1 127.0.0.1:%d %s\n", pub, send))
 
 			ncFrom := func(src string, port int) *proc {
 				p := e.start("nc", []string{"-N", "-s", src, "127.0.0.1", strconv.Itoa(port)}, procOpts{stdin: strings.NewReader("hello from " + src + "\n")})

@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
-	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -144,7 +142,7 @@ func phase(as []attempt, from, to time.Time) (n, failed int, gap time.Duration, 
 // see a relay gone is served intact, and streams on paths that did not
 // fail lose nothing.
 func TestFleetBehindHAProxy(t *testing.T) {
-	haproxy := requireProgram(t, "haproxy", "haproxy")
+	requireProgram(t, "haproxy", "haproxy")
 	e := newEnv(t)
 	ctlPort := freePort(t)
 	ips := []string{"127.0.0.1", "127.0.0.2", "127.0.0.3"}
@@ -190,29 +188,11 @@ func TestFleetBehindHAProxy(t *testing.T) {
 	}
 
 	// haproxy in front, checking each relay's public port.
-	cfg := filepath.Join(t.TempDir(), "haproxy.cfg")
-	var servers strings.Builder
+	servers := "  balance roundrobin\n"
 	for i, ip := range ips {
-		fmt.Fprintf(&servers, "  server relay%d %s:%d check inter 250ms fall 2 rise 2\n", i+1, ip, pub)
+		servers += fmt.Sprintf("  server relay%d %s:%d check inter 250ms fall 2 rise 2\n", i+1, ip, pub)
 	}
-	_, lbPort := e.startService(haproxy, func(port int) []string {
-		os.WriteFile(cfg, []byte(fmt.Sprintf(`global
-  maxconn 2000
-defaults
-  mode tcp
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  retries 3
-  option redispatch 1
-frontend web
-  bind 127.0.0.1:%d
-  default_backend relays
-backend relays
-  balance roundrobin
-%s`, port, servers.String())), 0o644)
-		return []string{"-db", "-f", cfg}
-	}, nil)
+	lbPort := e.startHAProxy("", servers)
 	lbAddr := child.Addr(lbPort)
 	const detect = time.Second // haproxy: 2 failed checks 250 ms apart, and slack
 

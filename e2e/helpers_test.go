@@ -573,3 +573,32 @@ func (e *env) ncEcho(host string, port int, input []byte) {
 		t.Errorf("%s: echoed %q, want %q", p, got, input)
 	}
 }
+
+// startHAProxy starts haproxy in TCP mode in front of the servers of
+// backend (the lines of its "backend back" section), with extra lines for
+// its global section, and returns the port of its frontend.
+func (e *env) startHAProxy(global, backend string) int {
+	t := e.t
+	t.Helper()
+	haproxy := requireProgram(t, "haproxy", "haproxy")
+	cfg := filepath.Join(t.TempDir(), "haproxy.cfg")
+	_, port := e.startService(haproxy, func(port int) []string {
+		os.WriteFile(cfg, []byte(fmt.Sprintf(`global
+  maxconn 2000
+%s
+defaults
+  mode tcp
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  retries 3
+  option redispatch 1
+frontend front
+  bind 127.0.0.1:%d
+  default_backend back
+backend back
+%s`, global, port, backend)), 0o644)
+		return []string{"-db", "-f", cfg}
+	}, nil)
+	return port
+}

@@ -5,10 +5,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os"
 	"path/filepath"
 	"regexp"
-	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -99,7 +97,7 @@ func haproxyOpState(sock, backend, server string) (string, error) {
 // the public port would pass throughout: relay 1 still accepts on it and
 // closes each client, which through haproxy is a client that fails.)
 func TestHAProxyRoutesAroundUnreadyRelay(t *testing.T) {
-	haproxy := requireProgram(t, "haproxy", "haproxy")
+	requireProgram(t, "haproxy", "haproxy")
 	deployCfg := readDeploy(t, "haproxy.cfg")
 	checkLine := regexp.MustCompile(`(?m)^\s*option httpchk GET /ready/8081$`)
 	if !checkLine.MatchString(deployCfg) || !regexp.MustCompile(`(?m)^\s*server relay1 \S+:8081 check port 9090 `).MatchString(deployCfg) {
@@ -129,36 +127,16 @@ func TestHAProxyRoutesAroundUnreadyRelay(t *testing.T) {
 
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "admin.sock")
-	cfg := filepath.Join(dir, "haproxy.cfg")
-	var servers strings.Builder
+	servers := fmt.Sprintf("  balance roundrobin\n  option httpchk GET /ready/%d\n", pub)
 	for i, ip := range ips {
 		_, mport, _ := net.SplitHostPort(maddrs[i])
-		fmt.Fprintf(&servers, "  server relay%d %s:%d check port %s inter 250ms fall 2 rise 2\n", i+1, ip, pub, mport)
+		servers += fmt.Sprintf("  server relay%d %s:%d check port %s inter 250ms fall 2 rise 2\n", i+1, ip, pub, mport)
 	}
-	_, lbPort := e.startService(haproxy, func(port int) []string {
-		os.WriteFile(cfg, []byte(fmt.Sprintf(`global
-  maxconn 2000
-  stats socket %s level admin
-defaults
-  mode tcp
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  retries 3
-  option redispatch 1
-frontend web
-  bind 127.0.0.1:%d
-  default_backend web
-backend web
-  balance roundrobin
-  option httpchk GET /ready/%d
-%s`, sock, port, pub, servers.String())), 0o644)
-		return []string{"-db", "-f", cfg}
-	}, nil)
+	lbPort := e.startHAProxy("  stats socket "+sock+" level admin", servers)
 	lb := child.Addr(lbPort)
 	state := func(server, want string) func() error {
 		return func() error {
-			got, err := haproxyOpState(sock, "web", server)
+			got, err := haproxyOpState(sock, "back", server)
 			if err == nil && got != want {
 				err = fmt.Errorf("haproxy: %s's srv_op_state %s, want %s", server, got, want)
 			}
