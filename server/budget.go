@@ -23,13 +23,17 @@ import (
 //	            is in force: the agents it lists keep the other half;
 //	clients:    outside clients, waiting or relayed, shared by max-min
 //	            fairness between the endpoints;
-//	reserve:    the rest, for pipes, the state file, metrics.
+//	reserve:    the rest: splice pipes, a fortieth (a pipe is two
+//	            descriptors, borrowed by a link only while it moves bytes;
+//	            past the bound a burst goes through a buffer), and the state
+//	            file, metrics and logs.
 type budget struct {
 	fds        int // the process's limit
 	handshakes int
 	perSource  int // handshakes per source address
 	agents     int
 	clients    int
+	pipes      int // splice pipes alive at once (see copier.SetMaxPipes)
 }
 
 func newBudget(fds int) budget {
@@ -37,7 +41,8 @@ func newBudget(fds int) budget {
 	b.handshakes = max(fds/10, 16)
 	b.perSource = max(b.handshakes/32, 8)
 	b.agents = max(fds/8, 16)
-	reserve := 64 + fds/40
+	b.pipes = max(fds/80, 8)
+	reserve := 64 + 2*b.pipes
 	b.clients = max((fds-b.handshakes-b.agents-reserve)/2, 16)
 	return b
 }

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"tcprelay/internal/copier"
 	"time"
 )
 
@@ -74,6 +75,8 @@ func (s *Server) WriteMetrics(w io.Writer) error {
 		{"tcprelay_budget_agents", "gauge", "Control connections, pre-opened data connections and public listeners the budget allows.", int64(s.budget.agents)},
 		{"tcprelay_identities", "gauge", "Agent identities the relay holds: those of the agents file, and keys seen without one that still have a session or a port.", int64(st.Identities)},
 		{"tcprelay_budget_clients", "gauge", "Outside clients the budget allows.", int64(s.budget.clients)},
+		{"tcprelay_budget_splice_pipes", "gauge", "Splice pipes (two file descriptors each) the budget allows alive at once; past it, bursts go through a buffer.", int64(s.budget.pipes)},
+		{"tcprelay_splice_pipes", "gauge", "Splice pipes alive now, moving bytes or kept for reuse.", int64(copier.PipesAlive())},
 		{"tcprelay_handshakes", "gauge", "Connections in handshake now.", int64(st.Handshaking)},
 		{"tcprelay_clients", "gauge", "Outside clients now, waiting or relayed.", int64(st.Clients)},
 		{"tcprelay_stalled_memory_bytes", "gauge", "Kernel memory held by relayed connections whose reader has taken nothing for 2s.", s.stalledMemory.Load()},

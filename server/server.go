@@ -155,6 +155,7 @@ func New(cfg Config) (*Server, error) {
 		started:   time.Now(),
 	}
 	s.quiet = &quietLog{log: log, wg: &s.wg}
+	copier.SetMaxPipes(s.budget.pipes) // the process's: the last relay made sets it
 	if cfg.AccessLog != nil {
 		s.access = newAccessLog(cfg.AccessLog)
 	}
@@ -183,7 +184,8 @@ func New(cfg Config) (*Server, error) {
 		s.watch(s.stopWatch)
 	}()
 	log.Info("budget of file descriptors", "fds", fds, "handshakes", s.budget.handshakes,
-		"per_source", s.budget.perSource, "agents", s.budget.agents, "clients", s.budget.clients, "clients_per_tunnel", s.set.maxConns)
+		"per_source", s.budget.perSource, "agents", s.budget.agents, "clients", s.budget.clients, "clients_per_tunnel", s.set.maxConns,
+		"splice_pipes", s.budget.pipes)
 	return s, nil
 }
 

@@ -50,36 +50,11 @@ func TestLinksOutliveFDLimit(t *testing.T) {
 	})
 	exhaustFDs(t)
 
-	var wg sync.WaitGroup
-	errs := make(chan error, 4*nLinks)
+	relays := make([]*relay, nLinks)
 	for i, k := range links {
-		for j, ends := range [][2]*net.TCPConn{{k.clientA, k.clientB}, {k.clientB, k.clientA}} {
-			data := randomBytes(size, uint64(2*i+j))
-			wg.Add(2)
-			go func() {
-				defer wg.Done()
-				ends[0].SetWriteDeadline(time.Now().Add(timeout))
-				if _, err := ends[0].Write(data); err != nil {
-					errs <- fmt.Errorf("link %d, way %d: write: %w", i, j, err)
-				}
-			}()
-			go func() {
-				defer wg.Done()
-				got := make([]byte, size)
-				ends[1].SetReadDeadline(time.Now().Add(timeout))
-				if n, err := io.ReadFull(ends[1], got); err != nil {
-					errs <- fmt.Errorf("link %d, way %d: read %d bytes, then %w", i, j, n, err)
-				} else if !bytes.Equal(got, data) {
-					errs <- fmt.Errorf("link %d, way %d: bytes differ from those sent", i, j)
-				}
-			}()
-		}
+		relays[i] = k.relay
 	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
-	}
+	bulkBothWays(t, relays, size)
 	if t.Failed() {
 		for i, k := range links {
 			k.l.Close() // for its Result, if it has not failed
@@ -284,4 +259,84 @@ func exhaustFDs(t *testing.T) {
 		t.Fatalf("pipe2 at the fd limit: %v, want EMFILE", err)
 	}
 	t.Logf("soft RLIMIT_NOFILE %d, %d fds taken to reach it", lim.Cur, len(held))
+}
+
+// bulkBothWays sends size random bytes each way on every relay's link at
+// once, and checks that exactly those bytes arrive.
+func bulkBothWays(t *testing.T, relays []*relay, size int) {
+	t.Helper()
+	var wg sync.WaitGroup
+	errs := make(chan error, 4*len(relays))
+	for i, k := range relays {
+		for j, ends := range [][2]*net.TCPConn{{k.clientA, k.clientB}, {k.clientB, k.clientA}} {
+			data := randomBytes(size, uint64(2*i+j))
+			wg.Add(2)
+			go func() {
+				defer wg.Done()
+				ends[0].SetWriteDeadline(time.Now().Add(timeout))
+				if _, err := ends[0].Write(data); err != nil {
+					errs <- fmt.Errorf("link %d, way %d: write: %w", i, j, err)
+				}
+			}()
+			go func() {
+				defer wg.Done()
+				got := make([]byte, size)
+				ends[1].SetReadDeadline(time.Now().Add(timeout))
+				if n, err := io.ReadFull(ends[1], got); err != nil {
+					errs <- fmt.Errorf("link %d, way %d: read %d bytes, then %w", i, j, n, err)
+				} else if !bytes.Equal(got, data) {
+					errs <- fmt.Errorf("link %d, way %d: bytes differ from those sent", i, j)
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+// TestLinksBeyondPipeBound: with the splice pipes bounded to one (as a
+// relay bounds them from its budget of descriptors), four links moving
+// bulk both ways at once carry every byte, those without a pipe through a
+// buffer, and the pipes alive never pass the bound.
+func TestLinksBeyondPipeBound(t *testing.T) {
+	check.Leaks(t)
+	// The pipes pooled by earlier tests are closed by the collector.
+	check.Eventually(t, timeout, func() error {
+		runtime.GC()
+		if n := PipesAlive(); n != 0 {
+			return fmt.Errorf("%d pipes alive", n)
+		}
+		return nil
+	})
+	SetMaxPipes(1)
+	t.Cleanup(func() { SetMaxPipes(0) })
+	const nLinks, size = 4, 2 << 20
+	relays := make([]*relay, nLinks)
+	for i := range relays {
+		relays[i], _ = startLink(t)
+	}
+	most := 0
+	stop := make(chan struct{})
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		for {
+			most = max(most, PipesAlive())
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Millisecond):
+			}
+		}
+	}()
+	bulkBothWays(t, relays, size)
+	close(stop)
+	<-watched
+	if most > 1 {
+		t.Errorf("%d pipes alive at once, past the bound of 1", most)
+	}
+	t.Logf("at most %d pipe alive while %d links moved %d MiB each way", most, nLinks, size>>20)
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -256,8 +257,9 @@ func (s *splicer) doDrain(fd uintptr) bool {
 }
 
 // take gets what a new burst moves its bytes through: a pipe, or, when
-// none can be had (pipe2 failing with EMFILE, ENFILE or ENOMEM: the
-// process or the system is out of descriptors or pipe memory), a buffer.
+// none can be had (the pipes at their bound, see SetMaxPipes, or pipe2
+// failing with EMFILE, ENFILE or ENOMEM: the process or the system is out
+// of descriptors or pipe memory), a buffer.
 // Any pipe2 error means the same: it says nothing about the connection.
 func (s *splicer) take() {
 	if s.lim != nil {
@@ -332,17 +334,40 @@ type pipe struct {
 // pipePool keeps empty pipes for reuse, so a busy relay does not create two
 // file descriptors per burst. Pipes left in the pool are dropped by the
 // garbage collector, whose finalizer closes them: an idle process keeps no
-// pipes for long.
-type pipePool struct{ pool sync.Pool }
+// pipes for long. The pipes alive (in use or pooled) are bounded by
+// SetMaxPipes: past it a burst goes through a buffer.
+type pipePool struct {
+	pool  sync.Pool
+	alive atomic.Int64
+	max   atomic.Int64 // 0: no bound
+}
 
 var pipes pipePool
+
+// errNoPipe: the pipes alive are at their bound.
+var errNoPipe = errors.New("splice pipes at their bound")
+
+// SetMaxPipes bounds the splice pipes the process keeps alive, in use or
+// pooled for reuse, to n (two file descriptors each): a burst that finds
+// none free moves through a small buffer with read(2) and write(2) instead.
+// A relay sets it from its budget of file descriptors. Zero or negative:
+// no bound, as by default.
+func SetMaxPipes(n int) { pipes.max.Store(int64(max(n, 0))) }
+
+// PipesAlive is the number of splice pipes the process holds now.
+func PipesAlive() int { return int(pipes.alive.Load()) }
 
 func (pp *pipePool) get() (*pipe, error) {
 	if p, ok := pp.pool.Get().(*pipe); ok {
 		return p, nil
 	}
+	if n, m := pp.alive.Add(1), pp.max.Load(); m > 0 && n > m {
+		pp.alive.Add(-1)
+		return nil, errNoPipe
+	}
 	var fds [2]int
 	if err := syscall.Pipe2(fds[:], syscall.O_CLOEXEC|syscall.O_NONBLOCK); err != nil {
+		pp.alive.Add(-1)
 		return nil, os.NewSyscallError("pipe2", err)
 	}
 	p := &pipe{r: fds[0], w: fds[1]}
@@ -372,6 +397,7 @@ func (pp *pipePool) put(p *pipe, empty bool) {
 func (p *pipe) close() {
 	syscall.Close(p.r)
 	syscall.Close(p.w)
+	pipes.alive.Add(-1)
 }
 
 func fcntl(fd, cmd, arg int) (int, error) {
