@@ -41,8 +41,8 @@ func newBudget(fds int) budget {
 	b.handshakes = max(fds/10, 16)
 	b.perSource = max(b.handshakes/32, 8)
 	b.agents = max(fds/8, 16)
-	b.pipes = max(fds/80, 8)
-	reserve := 64 + 2*b.pipes
+	b.pipes = max(fds/80, 4) // fds/40 descriptors, the reserve's part for them
+	reserve := 64 + fds/40
 	b.clients = max((fds-b.handshakes-b.agents-reserve)/2, 16)
 	return b
 }
