@@ -30,6 +30,8 @@ type counters struct {
 	handshakeFails atomic.Int64 // agent handshakes that failed, wrong secret included
 	authFails      atomic.Int64 // agents refused for their secret
 	authThrottled  atomic.Int64 // connections and Auths refused unchecked by the failed-authentication throttle
+	tlsHandshakes  atomic.Int64 // TLS handshakes completed on the control port
+	tlsResumed     atomic.Int64 // of those, the resumed sessions
 	dropped        atomic.Int64 // connections dropped on the control port
 	clients        atomic.Int64 // outside clients accepted on public ports
 	refused        atomic.Int64 // outside clients closed at a limit
@@ -89,6 +91,8 @@ func (s *Server) WriteMetrics(w io.Writer) error {
 		{"tcprelay_auth_failures_total", "counter", "Agents refused for a wrong or missing secret.", c.authFails.Load()},
 		{"tcprelay_auth_throttled_total", "counter", "Connections and authentications refused unchecked, their address having spent its failed-authentication budget.", c.authThrottled.Load()},
 		{"tcprelay_access_log_dropped_total", "counter", "Access log lines dropped because its writer fell too far behind.", s.access.droppedRecords()},
+		{"tcprelay_tls_handshakes_total", "counter", "TLS handshakes completed on the control port.", c.tlsHandshakes.Load()},
+		{"tcprelay_tls_resumed_total", "counter", "TLS handshakes on the control port that resumed a session (cheaper than a full one).", c.tlsResumed.Load()},
 		{"tcprelay_control_dropped_total", "counter", "Connections dropped on the control port (garbage, bad tokens, bad pool keys).", c.dropped.Load()},
 		{"tcprelay_clients_total", "counter", "Outside clients accepted on public ports.", c.clients.Load()},
 		{"tcprelay_clients_refused_total", "counter", "Outside clients closed at a tunnel limit.", c.refused.Load()},

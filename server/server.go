@@ -346,6 +346,12 @@ func (s *Server) handleConn(c net.Conn, bindIP net.IP, release func()) {
 		}
 		return
 	}
+	if tc, ok := c.(*tls.Conn); ok {
+		s.count.tlsHandshakes.Add(1)
+		if tc.ConnectionState().DidResume {
+			s.count.tlsResumed.Add(1)
+		}
+	}
 	if err := proto.CheckPreamble(pre[:]); err != nil {
 		if pre[0] == 0x16 && pre[1] == 0x03 {
 			s.dropConn(c, "a TLS handshake on the plain control port (an agent with -tls, at a relay without -tls-cert?)", nil)

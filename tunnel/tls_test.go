@@ -97,3 +97,30 @@ func TestTLSRefusals(t *testing.T) {
 		}
 	}
 }
+
+// TestTLSResumesSessions: after the control connection's full handshake,
+// the agent's other connections to the relay (the pool's pre-opened data
+// connections, and their refills) resume its TLS session, pinned or
+// not, instead of a full handshake each.
+func TestTLSResumesSessions(t *testing.T) {
+	check.Leaks(t)
+	cert, _ := testutil.SelfSignedCert(t)
+	relay := testutil.StartTLSRelay(t, server.Config{}, cert)
+	pin, err := tunnel.PinnedTLS(tunnel.Fingerprint(cert.Certificate[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := listen(t, relay.Addr, tunnel.Config{TLS: pin})
+	testutil.Serve(t, ln, testutil.Echo)
+	for i := range 40 { // more than the pool holds: it refills
+		if err := echoRoundTrip(ln.Addr().String(), int64(i), 1024); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m := testutil.Metrics(t, relay.Server)
+	full, resumed := m["tcprelay_tls_handshakes_total"]-m["tcprelay_tls_resumed_total"], m["tcprelay_tls_resumed_total"]
+	t.Logf("%d TLS handshakes: %d full, %d resumed", full+resumed, full, resumed)
+	if resumed < 32 || full > 2 {
+		t.Errorf("%d full handshakes and %d resumed; want the control connection's full one (or two) and the data connections' resumed", full, resumed)
+	}
+}

@@ -269,6 +269,14 @@ func (c *Config) Listen(ctx context.Context, relayAddrs ...string) (*Listener, e
 		conns:  make(chan net.Conn),
 		failed: make(chan struct{}),
 	}
+	if c.TLS != nil && c.TLS.ClientSessionCache == nil {
+		// Every connection to a relay after the first resumes a TLS
+		// session instead of a full handshake: the pool's refills above
+		// all. The session came from a verified handshake (pinning
+		// included), and only that relay's keys can resume it.
+		l.cfg.TLS = c.TLS.Clone()
+		l.cfg.TLS.ClientSessionCache = tls.NewLRUClientSessionCache(64)
+	}
 	if l.log == nil {
 		l.log = slog.Default()
 	}
