@@ -56,14 +56,15 @@ type closeWriter interface {
 // Once a conn is in a Link, close it only with Link.Close: a conn closed
 // behind the Link's back may leave a waiting direction unwoken.
 type Link struct {
-	a, b   net.Conn
-	dirs   [2]dir // a→b, b→a
-	done   func(*Link, Result)
-	stop   chan struct{} // closed by fail; nil when no direction is limited
-	mu     sync.Mutex
-	res    Result
-	left   int  // directions not yet ended
-	closed bool // fail ran, or both directions ended
+	a, b     net.Conn
+	dirs     [2]dir // a→b, b→a
+	done     func(*Link, Result)
+	stop     chan struct{} // closed by fail; nil when no direction is limited
+	mu       sync.Mutex
+	res      Result
+	left     int  // directions not yet ended
+	oneEnded bool // a direction has ended, or reached its end (see endedFirst)
+	closed   bool // fail ran, or both directions ended
 }
 
 // progress is what a direction has done, read live by Link.Progress and
@@ -212,10 +213,24 @@ func (d *dir) run() {
 		}
 		n = d.sp.written
 	}
+	// Before the half-close, which lets the other side end in turn: the
+	// order of the ends is then that of their causes.
+	d.l.endedFirst(d)
 	if err == nil {
 		err = halfClose(d.dst)
 	}
 	d.end(n, err)
+}
+
+// endedFirst records d as the direction that ended first (Result.BFirst),
+// unless one did before.
+func (l *Link) endedFirst(d *dir) {
+	l.mu.Lock()
+	if !l.oneEnded {
+		l.oneEnded = true
+		l.res.BFirst = d == &l.dirs[1]
+	}
+	l.mu.Unlock()
 }
 
 // progressWriter is a direction's dst when it is copied through a buffer
@@ -294,7 +309,8 @@ func (d *dir) end(n int64, err error) {
 	}
 	l.mu.Lock()
 	*d.n = n
-	if l.left == len(l.dirs) {
+	if !l.oneEnded { // ended without running to its end (Close, a failure)
+		l.oneEnded = true
 		l.res.BFirst = d == &l.dirs[1]
 	}
 	l.left--
