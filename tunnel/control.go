@@ -51,7 +51,7 @@ func dialControl(ctx context.Context, r *registration, req *proto.Listen) (*cont
 	l := r.l
 	ctx, cancel := context.WithTimeout(ctx, l.cfg.dialTimeout())
 	defer cancel()
-	conn, err := r.dialRelay(ctx, r.relayAddr)
+	conn, err := r.dialRelay(ctx, r.dialAddr)
 	if err != nil {
 		return nil, err
 	}
@@ -81,7 +81,7 @@ func dialControl(ctx context.Context, r *registration, req *proto.Listen) (*cont
 // address the control connection reached (see transport.Dialer), and
 // verify the same name.
 func (r *registration) dialRelay(ctx context.Context, addr string) (net.Conn, error) {
-	l, host := r.l, r.dialedHost
+	host := r.dialedHost
 	conn, err := r.dialer(ctx, addr)
 	if err != nil {
 		if final(err) {
@@ -89,10 +89,10 @@ func (r *registration) dialRelay(ctx context.Context, addr string) (net.Conn, er
 		}
 		return nil, fmt.Errorf("%w: %w", errDial, err)
 	}
-	if l.cfg.TLS == nil {
+	if r.tls == nil {
 		return conn, nil
 	}
-	cfg := l.cfg.TLS
+	cfg := r.tls
 	if cfg.ServerName == "" {
 		cfg = cfg.Clone()
 		cfg.ServerName = host

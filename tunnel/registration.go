@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -16,9 +17,11 @@ import (
 // relay gave. Its fields are guarded by the Listener's mu.
 type registration struct {
 	l          *Listener
-	relayAddr  string
+	relayAddr  string // as given: host:port, or a ws:// or wss:// URL
+	dialAddr   string // the host:port the control connection dials
 	dialedHost string
 	dialer     transport.Dialer // every connection to this relay: control and data
+	tls        *tls.Config      // TLS on the dialer's stream; nil: none, or the dialer's own (wss://)
 
 	addr   *Addr    // the public address; nil until first registered
 	ctl    *control // the control connection; nil while reconnecting

@@ -208,8 +208,12 @@ func (c *Config) writeTimeout() time.Duration {
 	return c.WriteTimeout
 }
 
-// Listen registers with the relays at relayAddrs (host:port of each one's
-// control port) with the zero Config.
+// Listen registers with the relays at relayAddrs with the zero Config.
+// Each address is the host:port of a relay's control port, for the native
+// protocol, or a ws:// or wss:// URL, for WebSocket (through a reverse
+// proxy in front of the relay, say): wss://relay.example.com/ dials port
+// 443, runs TLS (verified as Config.TLS says, or against the system's
+// roots), then the HTTP upgrade with the URL's host and path.
 func Listen(ctx context.Context, relayAddrs ...string) (*Listener, error) {
 	var c Config
 	return c.Listen(ctx, relayAddrs...)
@@ -281,21 +285,30 @@ func (c *Config) Listen(ctx context.Context, relayAddrs ...string) (*Listener, e
 		l.log = slog.Default()
 	}
 	for _, a := range relayAddrs {
-		host, _, err := net.SplitHostPort(a)
+		addr, ws, err := transport.ParseRelay(a)
 		if err != nil {
-			return nil, fmt.Errorf("relay address %q: %w", a, err)
+			return nil, err
 		}
-		dial, via, err := transport.ForRelay(c.Proxy, a)
+		host, _, _ := net.SplitHostPort(addr)
+		dial, via, err := transport.ForRelay(c.Proxy, addr)
 		if err != nil {
 			return nil, fmt.Errorf("relay %s: %w", a, err)
 		}
 		if c.dial != nil {
 			dial = c.dial
 		}
+		tlsCfg := c.TLS
+		if ws != nil {
+			// TLS, for wss://, is the WebSocket's, under it.
+			if dial, err = transport.WebSocket(ws, c.TLS, dial); err != nil {
+				return nil, err
+			}
+			tlsCfg = nil
+		}
 		if via != "" {
 			l.log.Info("reaching the relay through a proxy", "relay", a, "proxy", via)
 		}
-		l.regs = append(l.regs, &registration{l: l, relayAddr: a, dialedHost: host, dialer: dial})
+		l.regs = append(l.regs, &registration{l: l, relayAddr: a, dialAddr: addr, dialedHost: host, dialer: dial, tls: tlsCfg})
 	}
 	l.ctx, l.cancel = context.WithCancel(context.Background())
 	l.done = l.ctx.Done()

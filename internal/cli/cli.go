@@ -56,7 +56,11 @@ func New(name, args, about string) *Common {
 	c.version = c.FS.Bool("version", false, "print the version and exit")
 	c.FS.Usage = func() {
 		out := c.FS.Output()
-		fmt.Fprintf(out, "usage: %s [flags] %s\n\n%s\n\nflags:\n", name, args, about)
+		fmt.Fprintf(out, "usage: %s [flags] %s\n\n%s\n\n", name, args, about)
+		if c.agent {
+			fmt.Fprint(out, relayURLHelp)
+		}
+		fmt.Fprint(out, "flags:\n")
 		c.FS.PrintDefaults()
 	}
 	return c
@@ -112,10 +116,27 @@ func (c *Common) Parse(argv []string, nargs int) ([]string, *slog.Logger) {
 	return args, log
 }
 
+// relayURLHelp is the agents' help on relay URLs.
+const relayURLHelp = `A relay may also be given as a ws:// or wss:// URL, to reach it over
+WebSocket where only HTTP gets through (a reverse proxy such as nginx in
+front of the relay, a firewall that lets out only HTTPS); its port is the
+URL's, else 80 (ws) or 443 (wss), and RELAYPORT may be left out:
+  wss://relay.example.com/            TLS verified as -tls, -tls-ca or
+                                      -tls-fingerprint say (default: the
+                                      system's roots)
+  ws://127.0.0.1:8080/                plain
+WebSocket does not keep half-close: a client's half-close ends its
+connection.
+
+`
+
 // hasPort reports whether every relay in a RELAYHOST argument names its
-// port, so that RELAYPORT may be left out.
+// port (a URL always does), so that RELAYPORT may be left out.
 func hasPort(hosts string) bool {
 	for _, h := range strings.Split(hosts, ",") {
+		if strings.Contains(h, "://") {
+			continue
+		}
 		if _, _, err := net.SplitHostPort(strings.TrimSpace(h)); err != nil {
 			return false
 		}
@@ -290,15 +311,22 @@ func Port(s string) (int, error) {
 }
 
 // RelayAddrs reads RELAYHOST and RELAYPORT: one relay or several,
-// comma-separated, each a host (an IPv6 address with or without brackets)
-// or host:port, with port the port of those without one ("" if each has
-// its own).
+// comma-separated, each a host (an IPv6 address with or without brackets),
+// host:port, or a ws:// or wss:// URL (see tunnel.Listen), with port the
+// port of hosts without one ("" if each has its own).
 func RelayAddrs(hosts, port string) ([]string, error) {
 	var addrs []string
 	for _, h := range strings.Split(hosts, ",") {
 		h = strings.TrimSpace(h)
 		if h == "" {
 			return nil, fmt.Errorf("empty relay host in %q", hosts)
+		}
+		if strings.Contains(h, "://") {
+			if _, _, err := transport.ParseRelay(h); err != nil {
+				return nil, err
+			}
+			addrs = append(addrs, h)
+			continue
 		}
 		host, p, err := net.SplitHostPort(h)
 		if err != nil { // no port of its own
