@@ -1,7 +1,6 @@
 package server
 
 import (
-	"crypto/tls"
 	"errors"
 	"net"
 	"syscall"
@@ -17,9 +16,7 @@ var errBytes = errors.New("bytes before bind")
 // a FIN) is as dead as a plain one. Where peeking is not possible, the
 // connection is assumed to be idle.
 func idle(c net.Conn) bool {
-	if tc, ok := c.(*tls.Conn); ok {
-		c = tc.NetConn()
-	}
+	c = socketOf(c)
 	sc, ok := c.(syscall.Conn)
 	if !ok {
 		return true

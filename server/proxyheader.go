@@ -92,10 +92,15 @@ func readProxyHeader(c *net.TCPConn, d time.Duration) (net.Conn, error) {
 	return &proxied{TCPConn: c, remote: src}, nil
 }
 
-// socketOf is the socket under c: a TLS conn's, a proxied one's, or c.
+// socketOf is the socket under c: a TLS conn's, a proxied one's, a
+// transport's (see transport.Listen), or c. It unwraps every layer that
+// says what is under it (NetConn), as a transport's conn over TLS has two.
 func socketOf(c net.Conn) net.Conn {
-	if u, ok := c.(interface{ NetConn() net.Conn }); ok {
-		return u.NetConn()
+	for {
+		u, ok := c.(interface{ NetConn() net.Conn })
+		if !ok {
+			return c
+		}
+		c = u.NetConn()
 	}
-	return c
 }

@@ -286,7 +286,7 @@ func (s *Server) refuseConn(c net.Conn, why string) {
 	s.count.dropped.Add(1)
 	s.quiet.Warn("refused connection on control port", "why", why, "remote", c.RemoteAddr().String())
 	frame := proto.Append(nil, &proto.Error{Code: proto.CodeLimit, Message: why})
-	if _, isTLS := c.(*tls.Conn); !isTLS {
+	if _, isTLS := c.(tlsConn); !isTLS {
 		c.SetWriteDeadline(time.Now().Add(time.Second))
 		c.Write(frame)
 		s.closeConn(c)
@@ -305,6 +305,15 @@ func (s *Server) refuseConn(c net.Conn, why string) {
 		c.Write(frame)
 		s.closeConn(c)
 	}()
+}
+
+// tlsConn is a connection to the control port that runs TLS: a *tls.Conn
+// (from tls.NewListener), or a transport's conn over TLS (see
+// transport.Listen). That is all the relay knows of its transports: what
+// it reads and writes is the native protocol, whichever carries it.
+type tlsConn interface {
+	net.Conn
+	ConnectionState() tls.ConnectionState
 }
 
 // maxRefusing bounds the TLS handshakes run at once only to tell an agent
@@ -336,7 +345,7 @@ func (s *Server) handleConn(c net.Conn, bindIP net.IP, release func()) {
 			s.dropConn(c, "a plain agent at the TLS control port", nil)
 			return
 		}
-		tc, isTLS := c.(*tls.Conn)
+		tc, isTLS := c.(tlsConn)
 		switch {
 		case errors.Is(err, net.ErrClosed): // closed by the relay: counted then
 		case isTLS && !tc.ConnectionState().HandshakeComplete:

@@ -20,6 +20,7 @@ import (
 
 	"tcprelay/internal/cli"
 	"tcprelay/internal/proto"
+	"tcprelay/internal/transport"
 	"tcprelay/server"
 )
 
@@ -209,9 +210,9 @@ func main() {
 	if err != nil {
 		c.Fatal(err)
 	}
-	if tlsCfg != nil {
-		ln = tls.NewListener(ln, tlsCfg)
-	}
+	// Agents speak the native protocol or WebSocket, over TLS if
+	// configured; the server reads the native protocol from either.
+	ln = transport.Listen(ln, tlsCfg)
 	cfg.Version, cfg.ControlTLS = cli.Version, tlsCfg != nil // for the status views
 	srv, err := server.New(cfg)
 	if err != nil {

@@ -37,12 +37,17 @@ func IdentityMessage(nonce [NonceLen]byte, agentEph, relayEph [KeyLen]byte, bind
 
 // TLSBinding returns 32 bytes exported from c's TLS session (RFC 5705 /
 // RFC 8446 exporter), which both ends compute alike, or nil if c is not TLS.
+// c is TLS if it has a ConnectionState (a *tls.Conn, or a transport's conn
+// over one) whose handshake is complete.
 func TLSBinding(c net.Conn) []byte {
-	tc, ok := c.(*tls.Conn)
+	tc, ok := c.(interface{ ConnectionState() tls.ConnectionState })
 	if !ok {
 		return nil
 	}
 	cs := tc.ConnectionState()
+	if !cs.HandshakeComplete {
+		return nil // not TLS after all: a transport's conn over WebSocket
+	}
 	b, err := cs.ExportKeyingMaterial(exporterLabel, nil, 32)
 	if err != nil {
 		return nil
