@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -242,4 +243,46 @@ func TestKeysOverEveryTransport(t *testing.T) {
 		}
 		ln.Close()
 	}
+}
+
+// TestNativeLinksStillSpliceBehindTheRelayListener: behind the listener
+// that tells WebSocket from native, a plain native link is still copied
+// by splice(2), which parks an idle link without a goroutine; a buffered
+// copy would hold two goroutines per link.
+func TestNativeLinksStillSpliceBehindTheRelayListener(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the copier parks idle links on Linux only")
+	}
+	check.Leaks(t)
+	relay := startRelayAs(t, "127.0.0.1:0", server.Config{}, nil)
+	ln := listen(t, relay.Addr, tunnel.Config{})
+	const n = 20
+	exchangeOn := func(a, b net.Conn, msg string) {
+		t.Helper()
+		echoOnce := func(w, r net.Conn) {
+			if _, err := w.Write([]byte(msg)); err != nil {
+				t.Fatal(err)
+			}
+			buf := make([]byte, len(msg))
+			r.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(r, buf); err != nil {
+				t.Fatal(err)
+			}
+		}
+		echoOnce(a, b)
+		echoOnce(b, a)
+	}
+	first, c0 := acceptPair(t, ln)
+	exchangeOn(first, c0, "x") // the first link starts the copier's poller
+	g0 := runtime.NumGoroutine()
+	for range n {
+		client, c := acceptPair(t, ln)
+		exchangeOn(client, c, "x")
+	}
+	check.Eventually(t, 5*time.Second, func() error {
+		if g := runtime.NumGoroutine(); g-g0 >= n {
+			return fmt.Errorf("%d idle native links hold %d goroutines: the relay copies them through a buffer, not by splice", n, g-g0)
+		}
+		return nil
+	})
 }
