@@ -4,7 +4,10 @@
 // by side in one run, on loopback: iperf3 throughput, CPU per GB in the
 // relay and the agent, redis-benchmark request rates, the latency of a new
 // connection's first echo, the cost of idle relayed connections, and how
-// many relayed connections one relay holds under its fd limit.
+// many relayed connections one relay holds under its fd limit; and, for
+// each transport an agent may use (native TLS, ws://, wss://), the same
+// path's throughput, CPU per GB, new-connection latency and idle memory
+// against native plain TCP.
 //
 // It prints a table (figure, direct, relay, ratio) and writes it to
 // OUT/results.json and OUT/results.tsv, from which bench/chart.gp draws
@@ -102,14 +105,14 @@ func eachRun(paths []string, measure func(i int) (string, error)) error {
 // noted, but not a failure.
 var errSkipped = errors.New("skipped")
 
-const allSections = "iperf,redis,latency,idle,capacity"
+const allSections = "iperf,redis,latency,idle,capacity,transport"
 
 var sections = []struct {
 	name string
 	run  func() ([]*row, error)
 }{
 	{"iperf", benchIperf}, {"redis", benchRedis}, {"latency", benchLatency},
-	{"idle", benchIdle}, {"capacity", benchCapacity},
+	{"idle", benchIdle}, {"capacity", benchCapacity}, {"transport", benchTransports},
 }
 
 func main() {
