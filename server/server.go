@@ -355,10 +355,12 @@ func (s *Server) handleConn(c net.Conn, bindIP net.IP, release func()) {
 		}
 		return
 	}
-	if tc, ok := c.(*tls.Conn); ok {
-		s.count.tlsHandshakes.Add(1)
-		if tc.ConnectionState().DidResume {
-			s.count.tlsResumed.Add(1)
+	if tc, ok := c.(tlsConn); ok {
+		if cs := tc.ConnectionState(); cs.HandshakeComplete {
+			s.count.tlsHandshakes.Add(1)
+			if cs.DidResume {
+				s.count.tlsResumed.Add(1)
+			}
 		}
 	}
 	if err := proto.CheckPreamble(pre[:]); err != nil {

@@ -297,10 +297,10 @@ func (c *Config) Listen(ctx context.Context, relayAddrs ...string) (*Listener, e
 		if c.dial != nil {
 			dial = c.dial
 		}
-		tlsCfg := c.TLS
+		tlsCfg := l.cfg.TLS
 		if ws != nil {
 			// TLS, for wss://, is the WebSocket's, under it.
-			if dial, err = transport.WebSocket(ws, c.TLS, dial); err != nil {
+			if dial, err = transport.WebSocket(ws, tlsCfg, dial); err != nil {
 				return nil, err
 			}
 			tlsCfg = nil
