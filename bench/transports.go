@@ -3,8 +3,8 @@
 package main
 
 // The same relay path over each transport an agent may use: native plain
-// TCP (the default), native TLS, WebSocket (ws://) and WebSocket over TLS
-// (wss://). Native plain is the baseline: it is the "direct" column of
+// TCP (the default), native TLS, WebSocket (ws://), WebSocket over TLS
+// (wss://), and through an HTTP CONNECT and a SOCKS5 proxy. Native plain is the baseline: it is the "direct" column of
 // these rows, and the ratio is what the transport costs against it.
 
 import (
@@ -54,6 +54,34 @@ func benchTransports() ([]*row, error) {
 		{"native TLS", tls, []string{"-tls-ca", cert, "127.0.0.1", "RELAYPORT"}},
 		{"ws://", nil, []string{"ws://127.0.0.1:RELAYPORT/"}},
 		{"wss://", tls, []string{"-tls-ca", cert, "wss://127.0.0.1:RELAYPORT/"}},
+	}
+	// Through the proxies of Debian, if installed: tinyproxy (HTTP CONNECT;
+	// with no ConnectPort line it lets every port through) and microsocks
+	// (SOCKS5).
+	for _, px := range []struct {
+		name, bin, scheme string
+		args              func(conf string, port int) []string
+	}{
+		{"HTTP CONNECT (tinyproxy)", "tinyproxy", "http", func(conf string, port int) []string {
+			os.WriteFile(conf, []byte(fmt.Sprintf("Port %d\nListen 127.0.0.1\nMaxClients 8000\nTimeout 600\nLogLevel Warning\n", port)), 0o600)
+			return []string{"-d", "-c", conf}
+		}},
+		{"SOCKS5 (microsocks)", "microsocks", "socks5", func(_ string, port int) []string {
+			return []string{"-i", "127.0.0.1", "-p", strconv.Itoa(port)}
+		}},
+	} {
+		bin, err := exec.LookPath(px.bin)
+		if err != nil {
+			fmt.Printf("   %s not in PATH: no %s rows\n", px.bin, px.name)
+			continue
+		}
+		conf := filepath.Join(dir, px.bin+".conf")
+		p, port, err := serve(px.bin, bin, func(port int) []string { return px.args(conf, port) }, nil)
+		if err != nil {
+			return nil, err
+		}
+		defer p.Kill()
+		trs = append(trs, transport{px.name, nil, []string{"-proxy", px.scheme + "://" + child.Addr(port), "127.0.0.1", "RELAYPORT"}})
 	}
 	var rows []*row
 	figure := func(name, unit string) []*row { // one row per transport but the baseline

@@ -285,7 +285,7 @@ func TestAttackSecretHolderTakesAgentsBudget(t *testing.T) {
 	for _, mode := range []string{"agents file and secret", "secret only"} {
 		t.Run(mode, func(t *testing.T) {
 			e := newEnv(t)
-			lo := 20000 + int(randInt(20000))
+			lo := publicRange()
 			flags := []string{"-max-fds", "800", "-ports", fmt.Sprintf("%d-%d", lo, lo+39)}
 			aliceFile, aliceKey := e.agentKey("alice")
 			if mode == "agents file and secret" {
@@ -309,6 +309,11 @@ func TestAttackSecretHolderTakesAgentsBudget(t *testing.T) {
 		})
 	}
 }
+
+// publicRange picks the first of 40 public ports for a relay's -ports:
+// below the ephemeral range (32768 and up here), so that no relay's
+// control port, picked by freePort among the ephemeral ones, falls in it.
+func publicRange() int { return 20000 + int(randInt(12000)) }
 
 func randInt(n int64) int64 {
 	v, _ := rand.Int(rand.Reader, big.NewInt(n))
@@ -410,7 +415,7 @@ func TestAttackRevokedTenantKeepsConnections(t *testing.T) {
 // given back.
 func TestAttackNarrowedTenantKeepsPort(t *testing.T) {
 	e := newEnv(t)
-	lo := 20000 + int(randInt(20000))
+	lo := publicRange()
 	rng := fmt.Sprintf("%d-%d", lo, lo+9)
 	aliceFile, aliceKey := e.agentKey("alice")
 	agents := writeAgents(t, "", "alice "+aliceKey+" ports="+rng+"\n")

@@ -293,13 +293,19 @@ func TestGarbageOnControlPort(t *testing.T) {
 		if _, err := p.Stdin.Write(in); err != nil {
 			t.Fatalf("write to %s: %v", p, err)
 		}
+		// nc -N then sends its FIN and reads on: it exits only once the
+		// relay closes the connection too.
+		p.Stdin.Close()
 		garbage = append(garbage, p)
 	}
-	// stdin stays open, so nc exits only if the relay closes the connection.
 	for _, p := range garbage {
 		p.mustExit(5 * time.Second)
-		p.Stdin.Close()
 		t.Logf("%s: %s; stdout %q, stderr %q", p, p.Status(), p.Stdout, p.Stderr)
+	}
+	// The HTTP request is told, in HTTP, that this port wants a WebSocket
+	// upgrade (or the native protocol).
+	if out := garbage[0].Stdout.String(); !strings.HasPrefix(out, "HTTP/1.1 426 ") {
+		t.Errorf("an HTTP GET on the control port got %q, want a 426 answer", out)
 	}
 
 	drops := func() []string {
