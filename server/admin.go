@@ -99,16 +99,14 @@ func (s *Server) Endpoints() []EndpointInfo {
 		}
 		out = append(out, e)
 	}
-	for l, info := range s.links {
-		for i := range out {
-			if out[i].Port == info.member.ep.port {
-				a, b := l.Progress()
-				out[i].BytesIn += a
-				out[i].BytesOut += b
-			}
+	slices.SortFunc(out, func(a, b EndpointInfo) int { return a.Port - b.Port })
+	for l, info := range s.links { // the live links' bytes too
+		if i, ok := slices.BinarySearchFunc(out, info.member.ep.port, func(e EndpointInfo, port int) int { return e.Port - port }); ok {
+			a, b := l.Progress()
+			out[i].BytesIn += a
+			out[i].BytesOut += b
 		}
 	}
-	slices.SortFunc(out, func(a, b EndpointInfo) int { return a.Port - b.Port })
 	return out
 }
 
