@@ -443,6 +443,20 @@ func (p *proc) expectLines(n int) {
 	p.mu.Unlock()
 }
 
+// reannounced waits up to d for a line-scanned agent's second
+// announcement (after a reconnection, on 127.0.0.1) and returns its port;
+// the test fails if none comes.
+func (p *proc) reannounced(d time.Duration) int {
+	p.t.Helper()
+	p.expectLines(2)
+	line, ok := p.waitLine(2, d)
+	port, isAddr := child.AnnouncedPort(line, "127.0.0.1")
+	if !ok || !isAddr {
+		p.t.Fatalf("%s: no second announcement within %v (got %q); stderr:\n%s", p, d, line, p.Stderr)
+	}
+	return port
+}
+
 // waitLine waits up to d for the n-th stdout line (1-based) of a
 // line-scanned process and returns it.
 func (p *proc) waitLine(n int, d time.Duration) (string, bool) {

@@ -157,13 +157,8 @@ func TestTakeoverAfterRelayKill9(t *testing.T) {
 			t.Logf("thief: %s: %s", thief.Status(), lastLine(thief.Stderr.String()))
 
 			owner.signal(syscall.SIGCONT)
-			owner.expectLines(2)
-			line, ok := owner.waitLine(2, 15*time.Second)
-			if !ok {
-				t.Fatalf("owner did not register again; stderr:\n%s", owner.Stderr)
-			}
-			if got, _ := child.AnnouncedPort(line, "127.0.0.1"); got != pub {
-				t.Fatalf("owner came back on %q, want port %d", line, pub)
+			if got := owner.reannounced(15 * time.Second); got != pub {
+				t.Fatalf("owner came back on port %d, want port %d", got, pub)
 			}
 			e.ncEcho("127.0.0.1", pub, []byte("the owner's, after the restart\n"))
 		})

@@ -141,13 +141,8 @@ func TestAgentsThroughNginx(t *testing.T) {
 		p    *proc
 		port int
 	}{{es, pub}, {ex, pubEx}} {
-		a.p.expectLines(2)
-		line, ok := a.p.waitLine(2, 15*time.Second)
-		if !ok {
-			t.Fatalf("%s printed no second announcement within 15s of the relay's restart; stderr:\n%s\nrelay:\n%s", a.p, a.p.Stderr, r2.Stderr)
-		}
-		if port, ok := child.AnnouncedPort(line, "127.0.0.1"); !ok || port != a.port {
-			t.Fatalf("%s after the relay's restart: %q, want its port %d back", a.p, line, a.port)
+		if port := a.p.reannounced(15 * time.Second); port != a.port {
+			t.Fatalf("%s after the relay's restart: port %d, want its port %d back; relay:\n%s", a.p, port, a.port, r2.Stderr)
 		}
 	}
 	roundTrip(t, "echoserver through nginx after the relay's restart", pub, randomBytes(64<<10))

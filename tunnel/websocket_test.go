@@ -4,7 +4,6 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/tls"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -34,24 +33,7 @@ func startRelayAs(t *testing.T, addr string, cfg server.Config, cert *tls.Certif
 	if cert != nil {
 		tlsCfg = &tls.Config{Certificates: []tls.Certificate{*cert}}
 	}
-	ln := transport.Listen(inner, tlsCfg)
-	if cfg.Logger == nil {
-		cfg.Logger = testutil.Logger(t)
-	}
-	srv, err := server.New(cfg)
-	if err != nil {
-		ln.Close()
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ln) }()
-	t.Cleanup(func() {
-		srv.Close()
-		if err := <-done; !errors.Is(err, server.ErrServerClosed) {
-			t.Errorf("Serve returned %v, want ErrServerClosed", err)
-		}
-	})
-	return &testutil.Relay{Server: srv, Addr: inner.Addr().String()}
+	return testutil.ServeRelay(t, transport.Listen(inner, tlsCfg), cfg)
 }
 
 // echoBack writes size bytes and reads them back on a new connection to

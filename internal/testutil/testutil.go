@@ -39,11 +39,12 @@ func StartRelayAt(t testing.TB, addr string, cfg server.Config) *Relay {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return serve(t, ln, cfg)
+	return ServeRelay(t, ln, cfg)
 }
 
-// serve runs a relay on ln until the test ends.
-func serve(t testing.TB, ln net.Listener, cfg server.Config) *Relay {
+// ServeRelay runs a relay with cfg on ln (logging to the test) until the
+// test ends.
+func ServeRelay(t testing.TB, ln net.Listener, cfg server.Config) *Relay {
 	t.Helper()
 	if cfg.Logger == nil {
 		cfg.Logger = Logger(t)

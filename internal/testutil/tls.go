@@ -55,5 +55,5 @@ func StartTLSRelay(t testing.TB, cfg server.Config, cert tls.Certificate) *Relay
 	if err != nil {
 		t.Fatal(err)
 	}
-	return serve(t, tls.NewListener(inner, &tls.Config{Certificates: []tls.Certificate{cert}}), cfg)
+	return ServeRelay(t, tls.NewListener(inner, &tls.Config{Certificates: []tls.Certificate{cert}}), cfg)
 }
