@@ -14,6 +14,7 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
 
 	"tcprelay/server"
 )
@@ -285,7 +286,7 @@ func printHuman(command string, b []byte) {
 				}
 				ms = append(ms, m.Agent+" "+m.Name+r)
 			}
-			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\n", e.Port, e.Pool, state, strings.Join(ms, ", "), e.Clients, e.Waiting, e.Denied, e.BytesIn, e.BytesOut)
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\n", e.Port, shown(e.Pool), state, strings.Join(ms, ", "), e.Clients, e.Waiting, e.Denied, e.BytesIn, e.BytesOut)
 		}
 	case "clients":
 		var cs []server.ClientInfo
@@ -314,6 +315,16 @@ func printHuman(command string, b []byte) {
 			fmt.Fprintf(tw, "agents file reloaded: %s admitted by key\n", plural(m["agents"], "agent"))
 		}
 	}
+}
+
+// shown is what an agent chose (a pool's name), fit for a table: quoted
+// if it holds a space or anything that does not print, so it can neither
+// shift the columns nor forge a line.
+func shown(s string) string {
+	if strings.ContainsFunc(s, func(r rune) bool { return !unicode.IsPrint(r) || unicode.IsSpace(r) }) {
+		return strconv.Quote(s)
+	}
+	return s
 }
 
 // plural writes n, a JSON number, and what it counts.
