@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"io"
 	"fmt"
 	"net"
 	"net/http"
@@ -167,7 +168,14 @@ func (c *wsConn) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	return c.Conn.Read(p)
+	n, err := c.Conn.Read(p)
+	if err != nil && errors.Is(err, io.EOF) {
+		// The peer's stream ended without a close frame (its Close raced
+		// a read of its own): every byte it sent came before that, so the
+		// stream ends as after a close frame.
+		err = io.EOF
+	}
+	return n, err
 }
 
 func (c *wsConn) LocalAddr() net.Addr  { return c.raw.LocalAddr() }
