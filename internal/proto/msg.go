@@ -88,6 +88,11 @@ type Listen struct {
 	// comma-separated CIDR prefixes (see ParsePrefixes). A client from a
 	// Deny prefix, or from none of a non-empty Allow, is not relayed to it.
 	Allow, Deny string
+	// Hostname, if not empty, asks for a name on the relay's shared TLS
+	// port rather than a port of its own (feature hostname): a label or
+	// labels under the relay's domain ("db", "api.team-a"), or the whole
+	// name. Port is then 0.
+	Hostname string
 }
 
 // ListenOK answers a Listen.
@@ -232,15 +237,18 @@ func (m *Listen) AppendPayload(b []byte) []byte {
 	b = binary.BigEndian.AppendUint32(b, m.Flags)
 	// Optional fields are written up to the last one set: an earlier one
 	// that is not set goes as zero.
-	if m.Resume != ([TokenLen]byte{}) || m.Pool != "" || m.Allow != "" || m.Deny != "" {
+	if m.Resume != ([TokenLen]byte{}) || m.Pool != "" || m.Allow != "" || m.Deny != "" || m.Hostname != "" {
 		b = append(b, m.Resume[:]...)
 	}
-	if m.Pool != "" || m.Allow != "" || m.Deny != "" {
+	if m.Pool != "" || m.Allow != "" || m.Deny != "" || m.Hostname != "" {
 		b = appendString(b, m.Pool)
 	}
-	if m.Allow != "" || m.Deny != "" {
+	if m.Allow != "" || m.Deny != "" || m.Hostname != "" {
 		b = appendString(b, m.Allow)
 		b = appendString(b, m.Deny)
+	}
+	if m.Hostname != "" {
+		b = appendString(b, m.Hostname)
 	}
 	return b
 }
@@ -367,6 +375,9 @@ func Parse(t Type, payload []byte) (Message, error) {
 		}
 		if d.more() {
 			v.Allow, v.Deny = d.string(), d.string()
+		}
+		if d.more() {
+			v.Hostname = d.string()
 		}
 		m = v
 	case TypeListenOK:

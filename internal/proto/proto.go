@@ -100,6 +100,10 @@ const (
 	// FeatureACL: a member narrows who may reach it (Listen.Allow and
 	// Listen.Deny).
 	FeatureACL Features = 1 << 5
+	// FeatureHostname: an endpoint may be a name on the relay's shared TLS
+	// port, routed by the server name of each client's ClientHello
+	// (Listen.Hostname).
+	FeatureHostname Features = 1 << 6
 )
 
 // featureNames names each feature, in bit order, for messages and docs.
@@ -113,6 +117,7 @@ var featureNames = []struct {
 	{FeaturePools, "pools"},
 	{FeatureReady, "ready"},
 	{FeatureACL, "acl"},
+	{FeatureHostname, "hostname"},
 }
 
 // String names the features in f, comma-separated; unknown bits are shown

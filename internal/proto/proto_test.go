@@ -137,6 +137,8 @@ func samples() []sample {
 		{"listen/pool-resume", &Listen{ID: 1, Resume: seqToken(), Pool: maxString}},
 		{"listen/acl", &Listen{ID: 2, Port: 80, Allow: "10.0.0.0/8,2001:db8::/32", Deny: "10.1.0.0/16"}},
 		{"listen/allow-only", &Listen{ID: 2, Allow: "192.0.2.7/32"}},
+		{"listen/hostname", &Listen{ID: 3, Hostname: "db.team-a"}},
+		{"listen/pool-hostname", &Listen{ID: 3, Pool: "web", Hostname: "web"}},
 	}
 }
 
@@ -423,7 +425,7 @@ func bare(m Message) Message {
 		return &Auth{MAC: m.MAC}
 	case *Listen:
 		v := *m
-		v.Resume, v.Pool, v.Allow, v.Deny = [TokenLen]byte{}, "", "", ""
+		v.Resume, v.Pool, v.Allow, v.Deny, v.Hostname = [TokenLen]byte{}, "", "", "", ""
 		return &v
 	case *ListenOK:
 		v := *m
@@ -462,6 +464,9 @@ func full(m Message) Message {
 		}
 		if v.Allow == "" && v.Deny == "" {
 			v.Deny = "192.0.2.0/24"
+		}
+		if v.Hostname == "" {
+			v.Hostname = "h"
 		}
 		return &v
 	case *ListenOK:
