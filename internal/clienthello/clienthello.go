@@ -45,6 +45,23 @@
 // And more lenient in one: a host_name with one trailing dot is taken without
 // it, where crypto/tls refuses the hello. Other extensions than server_name
 // and ALPN are checked only for their framing, not their content.
+//
+// # Why not crypto/tls
+//
+// crypto/tls can read the hello too: a tls.Server over a conn that records
+// what it reads and swallows what it writes, stopped with an error from
+// GetConfigForClient. The tests keep that variant, as the oracle that FuzzRead
+// checks Read against, and measure both on the same real hellos (Go's own
+// client to "db.tunnels.example.com" offering h2 and http/1.1) on the 2-core
+// development machine, median of 5 runs:
+//
+//	hello                           Read                       crypto/tls
+//	X25519MLKEM768, 1532 B   1.3 µs, 1613 B, 5 allocs   9.0 µs, 10496 B, 42 allocs
+//	X25519 only, 300 B       0.42 µs, 397 B, 5 allocs   4.5 µs, 4120 B, 37 allocs
+//
+// Read is about 7 to 10 times cheaper in time and memory, and the crypto/tls
+// variant also reads ahead past the hello (its record layer reads 512 bytes
+// or more at a time) and takes up to 64 KiB of it; hence this parser.
 package clienthello
 
 import (

@@ -114,6 +114,11 @@ func fuzzSeeds(tb testing.TB) [][]byte {
 // reads the same a byte at a time, and agrees with crypto/tls on every hello
 // both take; a hello crypto/tls takes and Read refuses must be refused for
 // one of the documented strictnesses.
+//
+// An exec costs tens of microseconds (crypto/tls and three Reads), and the
+// seeds are real hellos of 1.5 KB, so the fuzzer's default minimizing of each
+// new input (up to 60 s) takes most of a short run; -fuzzminimizetime 200x
+// keeps it fuzzing.
 func FuzzRead(f *testing.F) {
 	for _, s := range fuzzSeeds(f) {
 		f.Add(s)
