@@ -18,7 +18,8 @@ type ConnRecord struct {
 	Event     string    `json:"event"` // "connection"
 	Start     time.Time `json:"start"` // when the relay accepted it
 	End       time.Time `json:"end"`
-	Port      int       `json:"port"`                 // its endpoint's public port
+	Port      int       `json:"port"`                 // its endpoint's public port (for a name, the shared port)
+	Host      string    `json:"host,omitempty"`       // the name it asked for on the shared port
 	Pool      string    `json:"pool,omitempty"`       // the endpoint's pool, if it is one's
 	Agent     string    `json:"agent,omitempty"`      // the name of the agent that served it (its remote address without a key)
 	AgentAddr string    `json:"agent_addr,omitempty"` // that agent's control connection's remote address
@@ -39,8 +40,9 @@ type SessionRecord struct {
 	End    time.Time `json:"end"`
 	Agent  string    `json:"agent"` // its name (its remote address without a key)
 	Key    string    `json:"key,omitempty"`
-	Addr   string    `json:"addr"`  // its control connection's remote address
-	Ports  []int     `json:"ports"` // the public ports it served, in the order it got them
+	Addr   string    `json:"addr"`            // its control connection's remote address
+	Ports  []int     `json:"ports"`           // the public ports it served, in the order it got them
+	Hosts  []string  `json:"hosts,omitempty"` // the names it served on the shared port
 	Reason string    `json:"reason"`
 }
 

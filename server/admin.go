@@ -1,10 +1,13 @@
 package server
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"tcprelay/internal/copier"
@@ -23,13 +26,16 @@ type AgentInfo struct {
 	Addr     string    `json:"addr"`     // its control connection's address
 	Software string    `json:"software"` // what it says it is
 	Since    time.Time `json:"since"`
-	Ports    []int     `json:"ports"`  // the public ports it serves
-	Parked   int       `json:"parked"` // pre-opened data connections
+	Ports    []int     `json:"ports"`           // the public ports it serves
+	Hosts    []string  `json:"hosts,omitempty"` // the names it serves on the shared port
+	Parked   int       `json:"parked"`          // pre-opened data connections
 }
 
-// EndpointInfo is one public port, open or reserved.
+// EndpointInfo is one public port, or name on the shared port, open or
+// reserved.
 type EndpointInfo struct {
-	Port     int          `json:"port"`
+	Port     int          `json:"port"`           // for a name, the shared port
+	Host     string       `json:"host,omitempty"` // its name on the shared port
 	Pool     string       `json:"pool,omitempty"`
 	Reserved bool         `json:"reserved"` // kept for an owner that left
 	Until    time.Time    `json:"until,omitzero"`
@@ -53,6 +59,7 @@ type MemberInfo struct {
 // ClientInfo is one outside client, relayed or waiting for its agent.
 type ClientInfo struct {
 	Port     int       `json:"port"`
+	Host     string    `json:"host,omitempty"` // the name it asked for on the shared port
 	Client   string    `json:"client"`
 	Agent    string    `json:"agent"` // the serving session's id
 	Since    time.Time `json:"since"` // when the relay accepted it
@@ -76,7 +83,11 @@ func (s *Server) Agents() []AgentInfo {
 			a.Key = proto.FormatKey(ss.id.Key)
 		}
 		for _, m := range ss.members {
-			a.Ports = append(a.Ports, m.ep.port)
+			if m.ep.host != "" {
+				a.Hosts = append(a.Hosts, m.ep.host)
+			} else {
+				a.Ports = append(a.Ports, m.ep.port)
+			}
 		}
 		slices.Sort(a.Ports)
 		out = append(out, a)
@@ -90,8 +101,8 @@ func (s *Server) Endpoints() []EndpointInfo {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := []EndpointInfo{}
-	for _, ep := range s.endpoints {
-		e := EndpointInfo{Port: ep.port, Pool: ep.pool, Reserved: ep.ln == nil, Until: ep.until, Draining: ep.draining,
+	for ep := range s.allEndpointsLocked() {
+		e := EndpointInfo{Port: ep.port, Host: ep.host, Pool: ep.pool, Reserved: ep.ln == nil, Until: ep.until, Draining: ep.draining,
 			Members: []MemberInfo{}, Clients: ep.conns, Waiting: ep.pending, Denied: ep.denied,
 			BytesIn: ep.bytesDone.ToAgents, BytesOut: ep.bytesDone.FromAgents}
 		for _, m := range ep.members {
@@ -99,9 +110,12 @@ func (s *Server) Endpoints() []EndpointInfo {
 		}
 		out = append(out, e)
 	}
-	slices.SortFunc(out, func(a, b EndpointInfo) int { return a.Port - b.Port })
+	slices.SortFunc(out, func(a, b EndpointInfo) int { return cmp.Or(a.Port-b.Port, strings.Compare(a.Host, b.Host)) })
 	for l, info := range s.links { // the live links' bytes too
-		if i, ok := slices.BinarySearchFunc(out, info.member.ep.port, func(e EndpointInfo, port int) int { return e.Port - port }); ok {
+		ep := info.member.ep
+		if i, ok := slices.BinarySearchFunc(out, ep, func(e EndpointInfo, ep *endpoint) int {
+			return cmp.Or(e.Port-ep.port, strings.Compare(e.Host, ep.host))
+		}); ok {
 			a, b := l.Progress()
 			out[i].BytesIn += a
 			out[i].BytesOut += b
@@ -118,36 +132,34 @@ func (s *Server) Clients() []ClientInfo {
 	out := []ClientInfo{}
 	for l, info := range s.links {
 		a, b := l.Progress()
-		out = append(out, ClientInfo{Port: info.member.ep.port, Client: info.client.RemoteAddr().String(),
+		out = append(out, ClientInfo{Port: info.member.ep.port, Host: info.member.ep.host, Client: info.client.RemoteAddr().String(),
 			Agent: info.member.sess.sid, Since: info.accepted, BytesIn: a, BytesOut: b})
 	}
 	for _, p := range s.pending {
-		out = append(out, ClientInfo{Port: p.member.ep.port, Client: p.client.RemoteAddr().String(),
+		out = append(out, ClientInfo{Port: p.member.ep.port, Host: p.member.ep.host, Client: p.client.RemoteAddr().String(),
 			Agent: p.member.sess.sid, Since: p.since, Waiting: true})
 	}
 	slices.SortFunc(out, func(a, b ClientInfo) int {
-		if a.Port != b.Port {
-			return a.Port - b.Port
-		}
-		return a.Since.Compare(b.Since)
+		return cmp.Or(a.Port-b.Port, strings.Compare(a.Host, b.Host), a.Since.Compare(b.Since))
 	})
 	return out
 }
 
-// CloseClient closes the outside client from address client on port,
-// relayed or waiting.
-func (s *Server) CloseClient(port int, client string) error {
+// CloseClient closes the outside client from address client on endpoint
+// (a port, or a name on the shared port), relayed or waiting.
+func (s *Server) CloseClient(endpoint, client string) error {
 	s.mu.Lock()
+	ep := s.endpointLocked(endpoint)
 	var link *copier.Link
 	var waiting *pending
 	for l, info := range s.links {
-		if info.member.ep.port == port && info.client.RemoteAddr().String() == client {
+		if ep != nil && info.member.ep == ep && info.client.RemoteAddr().String() == client {
 			link = l
 			info.endedBy("closed by the operator")
 		}
 	}
 	for _, p := range s.pending {
-		if p.member.ep.port == port && p.client.RemoteAddr().String() == client {
+		if ep != nil && p.member.ep == ep && p.client.RemoteAddr().String() == client {
 			waiting = p
 		}
 	}
@@ -158,28 +170,46 @@ func (s *Server) CloseClient(port int, client string) error {
 	case waiting != nil && s.takePending(waiting.token, nil) != nil:
 		s.dropClient(waiting, "closed by the operator")
 	default:
-		return fmt.Errorf("client %s on port %d: %w", client, port, ErrNotFound)
+		return fmt.Errorf("client %s on %s: %w", client, endpoint, ErrNotFound)
 	}
-	s.log.Info("outside client closed by the operator", "port", port, "client", client)
+	s.log.Info("outside client closed by the operator", "endpoint", endpoint, "client", client)
 	return nil
 }
 
 // DrainEndpoint stops (drain set) or resumes (drain not set) the taking of
-// new clients on port: while it drains, its clients finish and new ones
-// are refused, and a load balancer's check (ReadyPort) says it is not
-// ready, so it routes around this relay.
-func (s *Server) DrainEndpoint(port int, drain bool) error {
+// new clients on endpoint, a port or a name on the shared port: while it
+// drains, its clients finish and new ones are refused, and a load
+// balancer's check (EndpointReady) says it is not ready, so it routes
+// around this relay.
+func (s *Server) DrainEndpoint(endpoint string, drain bool) error {
 	s.mu.Lock()
-	ep := s.endpoints[port]
+	ep := s.endpointLocked(endpoint)
 	if ep != nil {
 		ep.draining = drain
 	}
 	s.mu.Unlock()
 	if ep == nil {
-		return fmt.Errorf("port %d: %w", port, ErrNotFound)
+		return fmt.Errorf("%s: %w", endpoint, ErrNotFound)
 	}
-	s.log.Info("endpoint drain set by the operator", "port", port, "draining", drain)
+	s.log.Info("endpoint drain set by the operator", "endpoint", ep.what(), "draining", drain)
 	return nil
+}
+
+// endpointLocked returns the endpoint that key names: a port number, or a
+// name on the shared port, whole or under Config.NamesDomain ("db"); nil
+// if there is none. s.mu must be held.
+func (s *Server) endpointLocked(key string) *endpoint {
+	if port, err := strconv.Atoi(key); err == nil {
+		return s.endpoints[port]
+	}
+	if s.cfg.NamesDomain == "" {
+		return nil
+	}
+	name, err := proto.FullHostname(key, s.cfg.NamesDomain)
+	if err != nil {
+		return nil
+	}
+	return s.names[name]
 }
 
 // DisconnectAgent ends the agent sessions that id names: a session's id

@@ -157,7 +157,7 @@ func (s *Server) logUnrelayed(ep *endpoint, m *member, c net.Conn, since time.Ti
 	if s.access == nil {
 		return
 	}
-	rec := ConnRecord{Event: "connection", Start: since, End: time.Now(), Port: ep.port, Pool: ep.pool,
+	rec := ConnRecord{Event: "connection", Start: since, End: time.Now(), Port: ep.port, Host: ep.host, Pool: ep.pool,
 		Client: c.RemoteAddr().String(), Reason: reason}
 	if m != nil {
 		rec.Agent, rec.AgentAddr = m.sess.name(), m.sess.remote
@@ -202,6 +202,7 @@ func (s *Server) bindPooled(m *member, client net.Conn, since time.Time) bool {
 		}
 		frame := proto.Append(nil, &proto.Bind{Tunnel: m.id,
 			Client: client.RemoteAddr().String(), Local: client.LocalAddr().String()})
+		frame = append(frame, clientHead(client)...) // in the same segment
 		data.SetWriteDeadline(time.Now().Add(s.set.writeTimeout))
 		if _, err := data.Write(frame); err != nil {
 			s.closeConn(data)
@@ -272,6 +273,14 @@ func (s *Server) attach(c net.Conn, a *proto.Attach) bool {
 		return false
 	}
 	p.timer.Stop()
+	if head := clientHead(p.client); len(head) > 0 {
+		c.SetWriteDeadline(time.Now().Add(s.set.writeTimeout))
+		if _, err := c.Write(head); err != nil {
+			s.dropConn(c, "data connection failed before its client's first bytes", err)
+			s.dropClient(p, "agent failed")
+			return false
+		}
+	}
 	c.SetDeadline(time.Time{})
 	s.link(p.member, p.client, c, p.since)
 	return true
@@ -429,6 +438,7 @@ func (s *Server) linkDone(m *member, client net.Conn, l *copier.Link, res copier
 	if res.Err != nil {
 		s.count.relayErrors.Add(1)
 	}
+	res.AToB += int64(len(clientHead(client))) // sent before the link began
 	s.mu.Lock()
 	info := s.links[l]
 	s.bytesDone.add(res.AToB, res.BToA)
@@ -449,9 +459,18 @@ func (s *Server) linkDone(m *member, client net.Conn, l *copier.Link, res copier
 		default:
 			reason = "client closed"
 		}
-		s.access.add(ConnRecord{Event: "connection", Start: info.accepted, End: time.Now(), Port: m.ep.port, Pool: m.ep.pool,
+		s.access.add(ConnRecord{Event: "connection", Start: info.accepted, End: time.Now(), Port: m.ep.port, Host: m.ep.host, Pool: m.ep.pool,
 			Agent: m.sess.name(), AgentAddr: m.sess.remote, Client: client.RemoteAddr().String(),
 			BytesIn: res.AToB, BytesOut: res.BToA, Reason: reason})
 	}
 	s.wg.Done()
+}
+
+// clientHead is what the relay read of client to route it, which its
+// agent gets before the rest (see withHead).
+func clientHead(client net.Conn) []byte {
+	if p, ok := client.(*proxied); ok {
+		return p.head
+	}
+	return nil
 }

@@ -42,6 +42,16 @@ type Config struct {
 	// If empty, each agent announces the host it dialed.
 	PublicHost string
 
+	// NamesDomain, if set, is the domain under which agents may ask for a
+	// name on the shared TLS port (see ServeNames): "db" is then
+	// db.NamesDomain. The name NamesDomain itself is the relay's own.
+	NamesDomain string
+
+	// NamesPort is the shared port's number that agents are told (a load
+	// balancer in front may listen on another than the relay). If zero,
+	// that of the listener ServeNames serves, once it does.
+	NamesPort int
+
 	// PortMin and PortMax bound the public ports handed out (inclusive).
 	// If both are zero, the operating system picks a free ephemeral port for
 	// each tunnel and any requested port is tried as is.

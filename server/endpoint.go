@@ -6,10 +6,12 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"iter"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -24,7 +26,8 @@ import (
 // can claim it back.
 type endpoint struct {
 	s     *Server
-	port  int
+	port  int    // its public port: the shared port's for a name
+	host  string // its name on the shared port (see ServeNames), or empty
 	owner string // who may claim it back: "key:..." for an identity, "resume:..." for a token, "pool:..." or "secret-pool:..."
 	pool  string // the pool it serves; empty: one agent's own
 	// secret: it was opened by an agent the secret admitted (see
@@ -110,10 +113,19 @@ func (ss *session) register(req *proto.Listen) (m *member, ln net.Listener, resu
 	if ss.closed || s.draining {
 		return nil, nil, resume, refusal(proto.CodeShuttingDown, "relay shutting down")
 	}
+	var name string
+	if req.Hostname != "" {
+		if name, err = ss.checkNameLocked(req); err != nil {
+			return nil, nil, resume, err
+		}
+	}
 	var ep *endpoint
-	if req.Pool != "" {
-		ep, err = ss.poolLocked(req)
-	} else {
+	switch {
+	case req.Pool != "":
+		ep, err = ss.poolLocked(req, name)
+	case name != "":
+		ep, err = ss.claimNameLocked(req, name)
+	default:
 		ep, err = ss.claimLocked(req)
 	}
 	if err != nil {
@@ -138,11 +150,15 @@ func (ss *session) register(req *proto.Listen) (m *member, ln net.Listener, resu
 			return nil, nil, resume, refusal(proto.CodeLimit, "relay busy: at its budget for agents (%d descriptors), or your share of it; retry later", s.budget.agents)
 		}
 	}
-	if ep != nil {
+	switch {
+	case ep != nil:
 		if err := ep.reopenLocked(ss.bindIP); err != nil {
 			return nil, nil, resume, err
 		}
-	} else {
+	case name != "":
+		ep = &endpoint{s: s, ln: nameListener{name}, port: s.namesPort, host: name, pool: req.Pool, secret: ss.secretClass()}
+		s.names[name] = ep
+	default:
 		var allowed func(int) bool
 		if len(ss.tenant.Ports) > 0 {
 			allowed = ss.tenant.allowsPort
@@ -171,9 +187,9 @@ func (ss *session) register(req *proto.Listen) (m *member, ln net.Listener, resu
 
 // poolLocked returns the endpoint of the pool a Listen asks to join,
 // reopened if it was reserved; nil if the pool has none yet. The pool's
-// port is the one its first member got: a request for another port is
-// refused, never silently moved.
-func (ss *session) poolLocked(req *proto.Listen) (*endpoint, error) {
+// port, or name, is the one its first member got: a request for another is
+// refused, never silently moved. name is the request's full name, if any.
+func (ss *session) poolLocked(req *proto.Listen, name string) (*endpoint, error) {
 	s := ss.s
 	if !ss.tenant.allowsPool(req.Pool) {
 		return nil, refusal(proto.CodePortUnavailable, "pool %q is not allowed for this agent (its pools=%s)", req.Pool, strings.Join(ss.tenant.Pools, ","))
@@ -182,17 +198,23 @@ func (ss *session) poolLocked(req *proto.Listen) (*endpoint, error) {
 	// their own: one name on each side is two pools, so neither side can
 	// join, nor take first, a pool of the other.
 	var ep *endpoint
-	for _, e := range s.endpoints {
+	for e := range s.allEndpointsLocked() {
 		if e.pool == req.Pool && e.secret == ss.secretClass() {
 			ep = e
 		}
 	}
 	switch {
-	case ep == nil && req.Port != 0 && s.endpoints[int(req.Port)] != nil:
+	case ep == nil && name != "" && s.names[name] != nil:
+		return nil, ss.heldElsewhereLocked(s.names[name])
+	case ep == nil && name == "" && req.Port != 0 && s.endpoints[int(req.Port)] != nil:
 		return nil, ss.heldElsewhereLocked(s.endpoints[int(req.Port)])
 	case ep == nil:
 		return nil, nil
-	case req.Port != 0 && int(req.Port) != ep.port:
+	case name != "" && name != ep.host:
+		return nil, refusal(proto.CodePortUnavailable, "pool %q is on %s, not name %s", req.Pool, ep.what(), name)
+	case name == "" && ep.host != "" && req.Port != 0:
+		return nil, refusal(proto.CodePortUnavailable, "pool %q is on %s, not port %d", req.Pool, ep.what(), req.Port)
+	case name == "" && req.Port != 0 && int(req.Port) != ep.port:
 		return nil, refusal(proto.CodePortUnavailable, "pool %q is on port %d, not %d", req.Pool, ep.port, req.Port)
 	}
 	for _, m := range ep.members {
@@ -210,14 +232,75 @@ func (ss *session) poolLocked(req *proto.Listen) (*endpoint, error) {
 func (ss *session) heldElsewhereLocked(ep *endpoint) error {
 	switch {
 	case ep.pool != "" && ss.mayJoinLocked(ep):
-		return refusal(proto.CodePortUnavailable, "port %d serves pool %q: join it with that pool name", ep.port, ep.pool)
+		return refusal(proto.CodePortUnavailable, "%s serves pool %q: join it with that pool name", ep.what(), ep.pool)
 	case ep.pool != "" || !ss.tenantHolds(ep):
-		return refusal(proto.CodePortUnavailable, "port %d is not allowed for this agent", ep.port)
+		return refusal(proto.CodePortUnavailable, "%s is not allowed for this agent", ep.what())
 	case ep.ln != nil:
-		return refusal(proto.CodePortUnavailable, "port %d is in use", ep.port)
+		return refusal(proto.CodePortUnavailable, "%s is in use", ep.what())
 	}
-	return refusal(proto.CodePortReserved, "port %d is reserved for its previous owner for another %v",
-		ep.port, time.Until(ep.until).Round(time.Second))
+	return refusal(proto.CodePortReserved, "%s is reserved for its previous owner for another %v",
+		ep.what(), time.Until(ep.until).Round(time.Second))
+}
+
+// what names ep in messages: "port 40000", or "name db.example.com".
+func (ep *endpoint) what() string {
+	if ep.host != "" {
+		return "name " + ep.host
+	}
+	return "port " + strconv.Itoa(ep.port)
+}
+
+// checkNameLocked returns the full name a Listen asks for, or why it may
+// not have it: the relay has no shared port, the name is malformed, or the
+// agent's scope (hosts=) leaves it out. A name another tenant holds is
+// refused in the same words as one outside the scope (heldElsewhereLocked).
+func (ss *session) checkNameLocked(req *proto.Listen) (string, error) {
+	s := ss.s
+	if s.cfg.NamesDomain == "" || s.namesPort == 0 {
+		return "", refusal(proto.CodeUnsupported, "this relay routes no names: it has no shared TLS port (-sni-addr)")
+	}
+	if req.Port != 0 {
+		return "", refusal(proto.CodeBadRequest, "a name and a port exclude each other: the name's port is the shared one, %d", s.namesPort)
+	}
+	name, err := proto.FullHostname(req.Hostname, s.cfg.NamesDomain)
+	if err != nil {
+		return "", refusal(proto.CodeBadRequest, "hostname %q: %v", req.Hostname, err)
+	}
+	if !ss.tenant.allowsHost(name, s.cfg.NamesDomain) {
+		return "", refusal(proto.CodePortUnavailable, "name %s is not allowed for this agent", name)
+	}
+	return name, nil
+}
+
+// claimNameLocked returns the endpoint of name, not a pool's, if the
+// session may have it back (reserved for it); nil if no endpoint has the
+// name. A name is never swapped for another: any other case is refused.
+func (ss *session) claimNameLocked(req *proto.Listen, name string) (*endpoint, error) {
+	ep := ss.s.names[name]
+	switch {
+	case ep == nil:
+		return nil, nil
+	case ep.pool != "" || !ss.tenantHolds(ep) || ep.ln != nil || !ss.owns(ep, req.Resume):
+		return nil, ss.heldElsewhereLocked(ep)
+	}
+	return ep, nil
+}
+
+// allEndpointsLocked yields every endpoint, those of ports and those of
+// names. s.mu must be held.
+func (s *Server) allEndpointsLocked() iter.Seq[*endpoint] {
+	return func(yield func(*endpoint) bool) {
+		for _, ep := range s.endpoints {
+			if !yield(ep) {
+				return
+			}
+		}
+		for _, ep := range s.names {
+			if !yield(ep) {
+				return
+			}
+		}
+	}
 }
 
 // mayJoinLocked reports whether ss may join pool endpoint ep: its tenant's
@@ -278,9 +361,12 @@ func (ep *endpoint) reopenLocked(ip net.IP) error {
 	if ep.ln != nil {
 		return nil
 	}
-	ln, err := ep.s.ports.rebind(ip, ep.port)
-	if err != nil {
-		return refusal(proto.CodePortUnavailable, "%v", err)
+	var ln net.Listener = nameListener{ep.host}
+	if ep.host == "" {
+		var err error
+		if ln, err = ep.s.ports.rebind(ip, ep.port); err != nil {
+			return refusal(proto.CodePortUnavailable, "%v", err)
+		}
 	}
 	ep.ln, ep.until = ln, time.Time{}
 	if ep.expiry != nil {
@@ -309,7 +395,7 @@ func (ss *session) owns(ep *endpoint, resume [proto.TokenLen]byte) bool {
 func (ss *session) checkTunnelLimitLocked() error {
 	s, t := ss.s, ss.tenant
 	all := 0
-	for _, ep := range s.endpoints {
+	for ep := range s.allEndpointsLocked() {
 		if ep.pool == "" && ss.tenantHolds(ep) {
 			all++
 		}
@@ -333,7 +419,7 @@ func (ss *session) checkTunnelLimitLocked() error {
 		return nil
 	}
 	fromSrc := 0
-	for _, ep := range s.endpoints {
+	for ep := range s.allEndpointsLocked() {
 		if ep.pool == "" && ep.secret && ep.src == ss.src {
 			fromSrc++
 		}
@@ -357,6 +443,9 @@ func (ss *session) checkTunnelLimitLocked() error {
 // listener closes.
 func (ep *endpoint) start(ln net.Listener) {
 	s := ep.s
+	if ep.host != "" {
+		return // ServeNames routes its clients
+	}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -420,7 +509,7 @@ func (ep *endpoint) expire() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if ep.ln == nil && !ep.closed && !ep.until.After(time.Now()) {
-		s.log.Info("port reservation ended", "port", ep.port)
+		s.log.Info("reservation ended", "endpoint", ep.what())
 		ep.releaseLocked()
 	}
 }
@@ -432,10 +521,17 @@ func (ep *endpoint) releaseLocked() {
 	if ep.expiry != nil {
 		ep.expiry.Stop()
 	}
-	if s.endpoints[ep.port] == ep {
+	switch {
+	case ep.host != "":
+		if s.names[ep.host] == ep {
+			delete(s.names, ep.host)
+		}
+	case s.endpoints[ep.port] == ep:
 		delete(s.endpoints, ep.port)
+		s.ports.release(ep.port, nil)
+	default:
+		s.ports.release(ep.port, nil)
 	}
-	s.ports.release(ep.port, nil)
 	s.saveStateSoonLocked()
 	if k, ok := strings.CutPrefix(ep.owner, "key:"); ok {
 		if key, err := proto.ParseKey(k); err == nil {

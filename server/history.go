@@ -58,7 +58,7 @@ func (s *Server) sampleHistory(now time.Time) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var due map[*endpoint]int64
-	for _, ep := range s.endpoints {
+	for ep := range s.allEndpointsLocked() {
 		switch {
 		case ep.hist == nil: // new: its first slot is the current one
 			ep.hist = &history{first: slot + 1, last: slot}

@@ -34,6 +34,10 @@ type Agent struct {
 	Parked int
 	// Pools names the pools it may join; "*" is any. If empty, none.
 	Pools []string
+	// Hosts are the names it may hold on the shared TLS port, under
+	// Config.NamesDomain: a name ("db"), "*." and a name ("*.team-a": any
+	// name under team-a), or "*" (any). If empty, any.
+	Hosts []string
 
 	// Allow and Deny bound who may reach its tunnels: an outside client
 	// from a Deny prefix, or from none of a non-empty Allow, is closed at
@@ -83,7 +87,7 @@ func LoadAgents(path string) ([]Agent, error) {
 // ParseAgents reads an agents file: one agent per line,
 //
 //	NAME KEY [ports=LO-HI[,LO-HI...]] [tunnels=N] [sessions=N] [parked=N] [pools=NAME[,NAME...]|*]
-//	         [allow=CIDR[,CIDR...]] [deny=CIDR[,CIDR...]] [rate=N[UNIT]]
+//	         [hosts=NAME[,NAME...]] [allow=CIDR[,CIDR...]] [deny=CIDR[,CIDR...]] [rate=N[UNIT]]
 //
 // with KEY as agents print it (ed25519:BASE64), or, on at most one line,
 // the word secret: the scope of the shared secret's tenant (see
@@ -156,6 +160,16 @@ func parseAgent(f []string) (Agent, error) {
 			if slices.Contains(a.Pools, "") {
 				return Agent{}, fmt.Errorf("pools=%s: an empty pool name", v)
 			}
+		case "hosts":
+			for h := range strings.SplitSeq(v, ",") {
+				name := strings.TrimPrefix(strings.ToLower(h), "*.")
+				if h != "*" {
+					if err := proto.CheckHostname(name); err != nil {
+						return Agent{}, fmt.Errorf("hosts=%s: %v (want NAME, *.NAME or *)", v, err)
+					}
+				}
+				a.Hosts = append(a.Hosts, strings.ToLower(h))
+			}
 		case "allow", "deny":
 			ps, err := proto.ParsePrefixes(v)
 			if err != nil {
@@ -167,7 +181,7 @@ func parseAgent(f []string) (Agent, error) {
 				return Agent{}, err
 			}
 		default:
-			return Agent{}, fmt.Errorf("unknown option %q: want ports, tunnels, sessions, parked, pools, allow, deny or rate", k)
+			return Agent{}, fmt.Errorf("unknown option %q: want ports, tunnels, sessions, parked, pools, hosts, allow, deny or rate", k)
 		}
 	}
 	return a, nil
@@ -292,6 +306,35 @@ func (id *identity) allowsPort(port int) bool {
 	return false
 }
 
+// allowsHost reports whether the identity may hold name, a full name
+// under domain (the relay's Config.NamesDomain): its Hosts match name
+// relative to domain, or name whole.
+func (id *identity) allowsHost(name, domain string) bool {
+	if len(id.Hosts) == 0 {
+		return true
+	}
+	rel := strings.TrimSuffix(name, "."+strings.ToLower(domain))
+	for _, h := range id.Hosts {
+		sub, wild := strings.CutPrefix(h, "*.")
+		switch {
+		case h == "*", h == rel, h == name:
+			return true
+		case wild && (strings.HasSuffix(rel, "."+sub) || strings.HasSuffix(name, "."+sub)):
+			return true
+		}
+	}
+	return false
+}
+
+// allowsEndpoint reports whether the identity's scope covers ep: its port,
+// or its name.
+func (id *identity) allowsEndpoint(ep *endpoint) bool {
+	if ep.host != "" {
+		return id.allowsHost(ep.host, ep.s.cfg.NamesDomain)
+	}
+	return id.allowsPort(ep.port)
+}
+
 // allowsPool reports whether the identity may join pool name.
 func (id *identity) allowsPool(name string) bool {
 	return slices.Contains(id.Pools, name) || slices.Contains(id.Pools, "*")
@@ -304,7 +347,7 @@ func (s *Server) forgetLocked(id *identity) {
 	if id == nil || id.named || len(id.sessions) > 0 || s.ids[string(id.Key)] != id {
 		return
 	}
-	for _, ep := range s.endpoints {
+	for ep := range s.allEndpointsLocked() {
 		if ep.owner == id.owner {
 			return
 		}

@@ -45,6 +45,9 @@ type counters struct {
 	stallTimeouts atomic.Int64 // relayed connections closed at the stall timeout
 	idleTimeouts  atomic.Int64 // relayed connections closed at the idle timeout
 	stalledShed   atomic.Int64 // stalled connections closed to keep their memory under the limit
+
+	namesUnknown  atomic.Int64 // connections to the shared port for a name no tunnel has
+	namesRejected atomic.Int64 // connections to the shared port closed before their ClientHello was read
 }
 
 // maxEndpointSeries bounds the endpoints with series of their own (labelled
@@ -94,6 +97,8 @@ func (s *Server) WriteMetrics(w io.Writer) error {
 		{"tcprelay_tls_handshakes_total", "counter", "TLS handshakes completed on the control port.", c.tlsHandshakes.Load()},
 		{"tcprelay_tls_resumed_total", "counter", "TLS handshakes on the control port that resumed a session (cheaper than a full one).", c.tlsResumed.Load()},
 		{"tcprelay_control_dropped_total", "counter", "Connections dropped on the control port (garbage, bad tokens, bad pool keys).", c.dropped.Load()},
+		{"tcprelay_sni_unknown_total", "counter", "Connections to the shared TLS port closed for a name no tunnel has.", c.namesUnknown.Load()},
+		{"tcprelay_sni_rejected_total", "counter", "Connections to the shared TLS port closed without a ClientHello: not TLS, malformed, too slow, or over the handshake budget.", c.namesRejected.Load()},
 		{"tcprelay_clients_total", "counter", "Outside clients accepted on public ports.", c.clients.Load()},
 		{"tcprelay_clients_refused_total", "counter", "Outside clients closed at a tunnel limit.", c.refused.Load()},
 		{"tcprelay_clients_denied_total", "counter", "Outside clients closed by a tunnel's access lists (allow=, deny=).", c.denied.Load()},
@@ -148,21 +153,29 @@ func writeEndpointMetrics(e *expo, snap *status) {
 	} {
 		e.family(f.name, "gauge", f.help+which)
 		for _, ep := range eps {
-			e.sample(f.name, []string{"port", strconv.Itoa(ep.Port)}, float64(f.value(ep)))
+			e.sample(f.name, ep.labels(), float64(f.value(ep)))
 		}
 	}
 	const deniedName = "tcprelay_endpoint_clients_denied_total"
 	e.family(deniedName, "counter", "Outside clients of the endpoint on this port closed by its access lists, since it opened."+which)
 	for _, ep := range eps {
-		e.sample(deniedName, []string{"port", strconv.Itoa(ep.Port)}, float64(ep.Denied))
+		e.sample(deniedName, ep.labels(), float64(ep.Denied))
 	}
 	const bytesName = "tcprelay_endpoint_bytes_total"
 	e.family(bytesName, "counter", "Bytes relayed through the endpoint on this port since it opened, by direction (to_agents, from_agents), connections still open included."+which)
 	for _, ep := range eps {
-		port := strconv.Itoa(ep.Port)
-		e.sample(bytesName, []string{"port", port, "direction", "to_agents"}, float64(ep.Bytes.ToAgents))
-		e.sample(bytesName, []string{"port", port, "direction", "from_agents"}, float64(ep.Bytes.FromAgents))
+		e.sample(bytesName, append(ep.labels(), "direction", "to_agents"), float64(ep.Bytes.ToAgents))
+		e.sample(bytesName, append(ep.labels(), "direction", "from_agents"), float64(ep.Bytes.FromAgents))
 	}
+}
+
+// labels are the labels of ep's series: its port, and its name if it has
+// one (on the shared port).
+func (ep *endpointStatus) labels() []string {
+	if ep.Host != "" {
+		return []string{"port", strconv.Itoa(ep.Port), "host", ep.Host}
+	}
+	return []string{"port", strconv.Itoa(ep.Port)}
 }
 
 // processStart stands for the process's start time where the system does

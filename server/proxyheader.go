@@ -24,6 +24,10 @@ import (
 type proxied struct {
 	*net.TCPConn // embedded, so the copier still splices and parks it
 	remote       net.Addr
+	// head is what the relay read of the client past the header to route
+	// it (a ClientHello on the shared port): link sends it to the agent
+	// first.
+	head []byte
 }
 
 func (c *proxied) RemoteAddr() net.Addr { return c.remote }

@@ -90,6 +90,9 @@ type Server struct {
 	ids       map[string]*identity      // by key: the agents file's, and anonymous ones
 	keyless   *identity                 // the tenant of the agents without a key
 	endpoints map[int]*endpoint         // by port: open, or reserved for their owner
+	names     map[string]*endpoint      // by name, those of the shared port (ServeNames)
+	namesPort int                       // the shared port, once ServeNames has it
+	namesCtl  *handoff                  // the agents that came to the shared port (NamesControl)
 	conns     map[net.Conn]struct{}     // every other open conn: handshaking, parked, waiting (relayed ones belong to links)
 	pending   map[[proto.TokenLen]byte]*pending
 	poolKeys  map[[proto.TokenLen]byte]*session // sessions that accept pre-opened data connections
@@ -145,6 +148,8 @@ func New(cfg Config) (*Server, error) {
 		sessions:  make(map[*session]struct{}),
 		ids:       make(map[string]*identity),
 		endpoints: make(map[int]*endpoint),
+		names:     make(map[string]*endpoint),
+		namesPort: cfg.NamesPort,
 		conns:     make(map[net.Conn]struct{}),
 		links:     make(map[*copier.Link]*linkInfo),
 		pending:   make(map[[proto.TokenLen]byte]*pending),
@@ -191,7 +196,7 @@ func New(cfg Config) (*Server, error) {
 
 // features is what this relay speaks.
 func (s *Server) features() proto.Features {
-	f := proto.FeatureIdentity | proto.FeatureProof | proto.FeaturePools | proto.FeatureReady | proto.FeatureACL
+	f := proto.FeatureIdentity | proto.FeatureProof | proto.FeaturePools | proto.FeatureReady | proto.FeatureACL | proto.FeatureHostname
 	if s.set.maxPool > 0 {
 		f |= proto.FeaturePool
 	}
@@ -539,7 +544,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.draining = true
 	var lns []net.Listener
-	for _, ep := range s.endpoints {
+	for ep := range s.allEndpointsLocked() {
 		if ep.ln != nil {
 			lns = append(lns, ep.ln)
 		}
@@ -576,7 +581,7 @@ func (s *Server) Close() error {
 		delete(s.pending, tok)
 		p.timer.Stop()
 	}
-	for _, ep := range s.endpoints {
+	for ep := range s.allEndpointsLocked() {
 		if ep.expiry != nil {
 			ep.expiry.Stop()
 		}
@@ -622,7 +627,7 @@ func (s *Server) Stats() Stats {
 func (s *Server) statsLocked() Stats {
 	st := Stats{Agents: len(s.sessions), Waiting: len(s.pending), Relayed: len(s.links),
 		Handshaking: s.handshakes.all.Len(), Clients: s.clientsTotal, Identities: len(s.ids)}
-	for _, ep := range s.endpoints {
+	for ep := range s.allEndpointsLocked() {
 		if ep.ln == nil {
 			st.Reserved++
 		} else {
@@ -747,10 +752,10 @@ func (s *Server) narrowLocked(t *identity, drop map[*member]bool) {
 			drop[m] = true
 		}
 	}
-	for _, ep := range s.endpoints {
+	for ep := range s.allEndpointsLocked() {
 		switch {
 		case ep.pool != "" || !holds(ep):
-		case t.revoked || !t.allowsPort(ep.port):
+		case t.revoked || !t.allowsEndpoint(ep):
 			cut(ep)
 		case ep.ln == nil:
 			reserved = append(reserved, ep)
@@ -795,17 +800,17 @@ func (s *Server) narrowLocked(t *identity, drop map[*member]bool) {
 }
 
 // scopeAllowsLocked reports whether the owner of a reservation in the
-// state file may still hold port: a key of the agents file within its
-// ports=, an agent without a key within the secret's scope. s.mu must be
-// held.
-func (s *Server) scopeAllowsLocked(owner string, port int) bool {
+// state file may still hold ep: a key of the agents file within its
+// ports= (or hosts=), an agent without a key within the secret's scope.
+// s.mu must be held.
+func (s *Server) scopeAllowsLocked(owner string, ep *endpoint) bool {
 	switch {
 	case strings.HasPrefix(owner, "resume:"):
-		return s.keyless.allowsPort(port)
+		return s.keyless.allowsEndpoint(ep)
 	case strings.HasPrefix(owner, "key:") && s.cfg.Agents != nil:
 		for _, id := range s.ids {
 			if id.owner == owner {
-				return id.allowsPort(port)
+				return id.allowsEndpoint(ep)
 			}
 		}
 		return false

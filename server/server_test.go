@@ -599,7 +599,10 @@ func TestProtocolGrowth(t *testing.T) {
 		!strings.Contains(e.Message, "upgrade the relay") {
 		t.Fatalf("Listen with an unknown flag: got %v, %v; want Error{1, CodeUnsupported}", m, err)
 	}
-	listen := append((&proto.Listen{ID: 2, Pool: "growth", Deny: "192.0.2.0/24"}).AppendPayload(nil), "appended"...)
+	// Every field this version knows (an empty hostname last), then one it
+	// does not.
+	listen := append((&proto.Listen{ID: 2, Pool: "growth", Deny: "192.0.2.0/24"}).AppendPayload(nil), 0, 0)
+	listen = append(listen, "appended"...)
 	c.Write(proto.AppendFrame(nil, proto.TypeListen, listen))
 	m, err = ctl.Read()
 	if ok, isOK := m.(*proto.ListenOK); err != nil || !isOK || ok.ID != 2 {

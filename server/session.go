@@ -35,7 +35,8 @@ type session struct {
 	since    time.Time  // when the session was established
 	quiet    *quietLog  // the log lines of its requests (see serve)
 
-	ports []int // the public ports it got, in order (its own goroutine's)
+	ports []int    // the public ports it got, in order (its own goroutine's)
+	hosts []string // the names it got on the shared port, in order (the same)
 
 	// Guarded by s.mu.
 	ended   string // why the relay ended it, if it did for a reason of its own (the access log's)
@@ -115,7 +116,7 @@ func (s *Server) runSession(c net.Conn, hello *proto.Hello, bindIP net.IP, relea
 	ss.log.Info("agent disconnected", "reason", err)
 	if s.access != nil {
 		rec := SessionRecord{Event: "session", Start: ss.since, End: time.Now(), Agent: ss.name(), Addr: ss.remote,
-			Ports: ss.ports, Reason: ss.endReason(err)}
+			Ports: ss.ports, Hosts: ss.hosts, Reason: ss.endReason(err)}
 		if ss.id != nil {
 			rec.Key = proto.FormatKey(ss.id.Key)
 		}
@@ -298,7 +299,7 @@ func (ss *session) handle(m proto.Message) error {
 func (ss *session) listen(req *proto.Listen) {
 	s := ss.s
 	refuse := func(code uint16, err error) {
-		ss.quiet.Warn("listen request refused", "port", req.Port, "err", err)
+		ss.quiet.Warn("listen request refused", "port", req.Port, "name", req.Hostname, "err", err)
 		ss.ctl.Send(&proto.Error{ID: req.ID, Code: code, Message: err.Error()})
 	}
 	if unknown := req.Flags &^ proto.ListenKnownFlags; unknown != 0 {
@@ -318,12 +319,21 @@ func (ss *session) listen(req *proto.Listen) {
 	// On disk before the agent (and its clients) rely on the port: a relay
 	// killed right after still knows whose port it is.
 	s.saveState(false)
-	if err := ss.ctl.Send(&proto.ListenOK{ID: req.ID, Tunnel: m.id, Host: s.cfg.PublicHost, Port: uint16(m.ep.port), Resume: resume}); err != nil {
+	host := s.cfg.PublicHost
+	if m.ep.host != "" {
+		host = m.ep.host
+	}
+	if err := ss.ctl.Send(&proto.ListenOK{ID: req.ID, Tunnel: m.id, Host: host, Port: uint16(m.ep.port), Resume: resume}); err != nil {
 		ss.close()
 		return
 	}
-	ss.quiet.Info("tunnel opened", "port", m.ep.port, "pool", m.ep.pool)
-	ss.ports = append(ss.ports, m.ep.port)
+	if m.ep.host != "" {
+		ss.quiet.Info("tunnel opened", "name", m.ep.host, "pool", m.ep.pool)
+		ss.hosts = append(ss.hosts, m.ep.host)
+	} else {
+		ss.quiet.Info("tunnel opened", "port", m.ep.port, "pool", m.ep.pool)
+		ss.ports = append(ss.ports, m.ep.port)
+	}
 	m.ep.start(ln)
 }
 

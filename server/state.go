@@ -1,6 +1,7 @@
 package server
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -8,12 +9,13 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
 	"tcprelay/internal/atomicfile"
+	"tcprelay/internal/proto"
 )
 
 // The state file keeps who owns which public port, so that a relay
@@ -24,7 +26,8 @@ import (
 // keys or hashes of resume tokens.
 
 type stateEntry struct {
-	Port  int       `json:"port"`
+	Port  int       `json:"port"`           // 0 for a name
+	Host  string    `json:"host,omitempty"` // a name on the shared port (see ServeNames)
 	Owner string    `json:"owner"`
 	Until time.Time `json:"until,omitzero"` // zero: the port was open
 }
@@ -78,25 +81,40 @@ func (s *Server) loadState() error {
 		if until.IsZero() || until.After(latest) {
 			until = latest // open when the relay stopped, or a clock gone wrong
 		}
-		if e.Port < 1 || e.Port > 65535 || e.Owner == "" || !until.After(now) || s.endpoints[e.Port] != nil ||
-			!s.scopeAllowsLocked(e.Owner, e.Port) {
+		ep := &endpoint{s: s, port: e.Port, host: e.Host, owner: e.Owner}
+		if e.Owner == "" || !until.After(now) || !s.validEntryLocked(e) || !s.scopeAllowsLocked(e.Owner, ep) {
 			continue
 		}
-		ep := &endpoint{s: s, port: e.Port, owner: e.Owner}
 		if pool, ok := strings.CutPrefix(e.Owner, "pool:"); ok {
 			// Without an agents file, every agent is the secret's.
 			ep.pool, ep.secret = pool, s.cfg.Agents == nil
 		} else if pool, ok := strings.CutPrefix(e.Owner, "secret-pool:"); ok {
 			ep.pool, ep.secret = pool, true
 		}
-		s.endpoints[e.Port] = ep
-		s.ports.hold(e.Port)
+		if ep.host != "" {
+			ep.port = s.namesPort // zero until ServeNames, without Config.NamesPort
+			s.names[ep.host] = ep
+		} else {
+			s.endpoints[e.Port] = ep
+			s.ports.hold(e.Port)
+		}
 		ep.reserveLocked(until)
 	}
-	if n := len(s.endpoints); n > 0 {
-		s.log.Info("ports reserved for their owners from the state file", "ports", n, "file", path, "grace", s.set.portGrace)
+	if n := len(s.endpoints) + len(s.names); n > 0 {
+		s.log.Info("ports and names reserved for their owners from the state file", "ports", len(s.endpoints), "names", len(s.names),
+			"file", path, "grace", s.set.portGrace)
 	}
 	return nil
+}
+
+// validEntryLocked reports whether e is a port, or a name under the relay's
+// Config.NamesDomain, that no endpoint has yet. s.mu must be held.
+func (s *Server) validEntryLocked(e stateEntry) bool {
+	if e.Host == "" {
+		return e.Port >= 1 && e.Port <= 65535 && s.endpoints[e.Port] == nil
+	}
+	full, err := proto.FullHostname(e.Host, s.cfg.NamesDomain)
+	return e.Port == 0 && s.cfg.NamesDomain != "" && err == nil && full == e.Host && s.names[e.Host] == nil
 }
 
 // setStateAside renames the state file, which the relay cannot use for
@@ -164,11 +182,15 @@ func (s *Server) saveState(final bool) {
 		return
 	}
 	st := stateFile{Version: stateVersion, Endpoints: []stateEntry{}}
-	for _, ep := range s.endpoints {
-		st.Endpoints = append(st.Endpoints, stateEntry{Port: ep.port, Owner: ep.owner, Until: ep.until})
+	for ep := range s.allEndpointsLocked() {
+		e := stateEntry{Port: ep.port, Host: ep.host, Owner: ep.owner, Until: ep.until}
+		if e.Host != "" {
+			e.Port = 0 // the shared port is the command line's
+		}
+		st.Endpoints = append(st.Endpoints, e)
 	}
 	s.mu.Unlock()
-	sort.Slice(st.Endpoints, func(i, j int) bool { return st.Endpoints[i].Port < st.Endpoints[j].Port })
+	slices.SortFunc(st.Endpoints, func(a, b stateEntry) int { return cmp.Or(a.Port-b.Port, strings.Compare(a.Host, b.Host)) })
 	if err := writeFileAtomic(s.cfg.StateFile, st); err != nil {
 		s.log.Error("could not save port reservations", "file", s.cfg.StateFile, "err", err)
 	}

@@ -2,10 +2,12 @@ package server
 
 import (
 	"bytes"
+	"cmp"
 	"fmt"
 	"html/template"
 	"io"
 	"math"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -61,11 +63,21 @@ type agentStatus struct {
 // portStatus is one endpoint a session serves: its port, and its pool.
 type portStatus struct {
 	Port int
+	Host string // its name on the shared port, if it has one
 	Pool string
+}
+
+// Label is how the views name the endpoint: its port, or its name.
+func (p portStatus) Label() string {
+	if p.Host != "" {
+		return p.Host
+	}
+	return strconv.Itoa(p.Port)
 }
 
 type endpointStatus struct {
 	Port  int
+	Host  string    // its name on the shared port, if it has one (Port is then that port)
 	Pool  string    // the pool it serves, if any
 	Until time.Time // reserved until; zero: open
 
@@ -136,13 +148,13 @@ func (s *Server) takeStatus(clients bool) *status {
 		a := agentStatus{Name: ss.name(), Remote: ss.remote, Software: peerText(ss.software),
 			Since: ss.since, Tunnels: len(ss.members), Parked: len(ss.pool)}
 		for _, m := range ss.members {
-			a.Ports = append(a.Ports, portStatus{m.ep.port, peerText(m.ep.pool)})
+			a.Ports = append(a.Ports, portStatus{m.ep.port, m.ep.host, peerText(m.ep.pool)})
 		}
 		st.Agents = append(st.Agents, a)
 	}
 	byEP := make(map[*endpoint]*endpointStatus, len(s.endpoints))
-	for _, ep := range s.endpoints {
-		e := &endpointStatus{Port: ep.port, Pool: peerText(ep.pool), Conns: ep.conns, Pending: ep.pending, Bytes: ep.bytesDone, Denied: ep.denied}
+	for ep := range s.allEndpointsLocked() {
+		e := &endpointStatus{Port: ep.port, Host: ep.host, Pool: peerText(ep.pool), Conns: ep.conns, Pending: ep.pending, Bytes: ep.bytesDone, Denied: ep.denied}
 		if ep.ln == nil {
 			e.Until = ep.until
 			st.Reserved = append(st.Reserved, e)
@@ -185,10 +197,10 @@ func (st *status) bound() {
 	st.NAgents, st.NOpen, st.NReserved = len(st.Agents), len(st.Open), len(st.Reserved)
 	sort.Slice(st.Agents, func(i, j int) bool { return st.Agents[i].Since.Before(st.Agents[j].Since) })
 	for _, a := range st.Agents {
-		sort.Slice(a.Ports, func(i, j int) bool { return a.Ports[i].Port < a.Ports[j].Port })
+		slices.SortFunc(a.Ports, func(x, y portStatus) int { return cmp.Or(x.Port-y.Port, strings.Compare(x.Host, y.Host)) })
 	}
 	for _, eps := range []*[]*endpointStatus{&st.Open, &st.Reserved} {
-		sort.Slice(*eps, func(i, j int) bool { return (*eps)[i].Port < (*eps)[j].Port })
+		slices.SortFunc(*eps, func(x, y *endpointStatus) int { return cmp.Or(x.Port-y.Port, strings.Compare(x.Host, y.Host)) })
 	}
 	if n := len(st.Agents); n > statusRows {
 		st.Agents, st.MoreAgents = st.Agents[:statusRows], n-statusRows
@@ -338,7 +350,7 @@ func portList(ports []portStatus) string {
 		if i > 0 {
 			b.WriteString(", ")
 		}
-		b.WriteString(strconv.Itoa(p.Port))
+		b.WriteString(p.Label())
 		if p.Pool != "" {
 			fmt.Fprintf(&b, " (pool %q)", p.Pool)
 		}
@@ -381,7 +393,7 @@ func (s *Server) WriteStatus(w io.Writer) error {
 		if e.Pool != "" {
 			pool = fmt.Sprintf(" (pool %q)", e.Pool)
 		}
-		fmt.Fprintf(&b, "endpoint on port %d%s: %s, %d waiting\n", e.Port, pool, plural(e.Conns, "connection"), e.Pending)
+		fmt.Fprintf(&b, "endpoint on %s%s: %s, %d waiting\n", e.what(), pool, plural(e.Conns, "connection"), e.Pending)
 		for _, m := range e.Members {
 			ready := ""
 			if !m.Ready {
@@ -399,7 +411,7 @@ func (s *Server) WriteStatus(w io.Writer) error {
 		if e.Pool != "" {
 			pool = fmt.Sprintf(" (pool %q)", e.Pool)
 		}
-		fmt.Fprintf(&b, "endpoint on port %d%s: reserved for its owner for another %s\n", e.Port, pool, e.Until.Sub(now).Round(time.Second))
+		fmt.Fprintf(&b, "endpoint on %s%s: reserved for its owner for another %s\n", e.what(), pool, e.Until.Sub(now).Round(time.Second))
 		writeClients(&b, now, e) // links that outlived their member
 	}
 	if n := st.MoreReserved; n > 0 {
@@ -432,13 +444,17 @@ func writeClients(b *bytes.Buffer, now time.Time, e *endpointStatus) {
 func (s *Server) WriteStatusHTML(w io.Writer) error {
 	st := s.takeStatus(true)
 	st.bound()
-	ports := make([]int, len(st.Open))
-	for i, e := range st.Open {
-		ports[i] = e.Port
-	}
-	charts := s.chartsFor(st.Time, ports)
+	ports := make([]int, 0, len(st.Open))
 	for _, e := range st.Open {
-		e.Charts = chartsHTML(charts[e.Port])
+		if e.Host == "" {
+			ports = append(ports, e.Port)
+		}
+	}
+	charts := s.chartsFor(st.Time, ports) // a name has no chart yet
+	for _, e := range st.Open {
+		if e.Host == "" {
+			e.Charts = chartsHTML(charts[e.Port])
+		}
 	}
 	var b bytes.Buffer
 	if err := statusPage.Execute(&b, st); err != nil {
@@ -511,14 +527,14 @@ code { font-family: ui-monospace, monospace; }
 <h2>Agents ({{.NAgents}})</h2>
 {{if .Agents}}<table>
 <tr><th>agent</th><th>remote address</th><th>software</th><th>connected since</th><th>ports</th><th class="num">parked data connections</th></tr>
-{{range .Agents}}<tr><td>{{.Name}}</td><td><code>{{.Remote}}</code></td><td>{{peer .Software}}</td><td>{{when .Since}} <span class="muted">({{age $.Time .Since}} ago)</span></td><td class="ports">{{range $i, $p := .Ports}}{{if $i}}, {{end}}<a href="#port-{{$p.Port}}">{{$p.Port}}</a>{{with $p.Pool}} <span class="muted">pool {{peer .}}</span>{{end}}{{else}}<span class="muted">none</span>{{end}}</td><td class="num">{{.Parked}}</td></tr>
+{{range .Agents}}<tr><td>{{.Name}}</td><td><code>{{.Remote}}</code></td><td>{{peer .Software}}</td><td>{{when .Since}} <span class="muted">({{age $.Time .Since}} ago)</span></td><td class="ports">{{range $i, $p := .Ports}}{{if $i}}, {{end}}<a href="#{{if $p.Host}}name-{{$p.Host}}{{else}}port-{{$p.Port}}{{end}}">{{$p.Label}}</a>{{with $p.Pool}} <span class="muted">pool {{peer .}}</span>{{end}}{{else}}<span class="muted">none</span>{{end}}</td><td class="num">{{.Parked}}</td></tr>
 {{end}}</table>
 {{with .MoreAgents}}<p class="more">and {{plural . "more agent"}}</p>{{end}}
 {{else}}<p class="muted">No agent is connected.</p>{{end}}
 
 <h2>Endpoints ({{.NOpen}})</h2>
-{{range .Open}}<section class="endpoint" id="port-{{.Port}}">
-<h3>Port {{.Port}}{{with .Pool}} <span class="muted">pool {{peer .}}</span>{{end}}: clients {{.Conns}}, waiting {{.Pending}}; to agents <data value="{{.Bytes.ToAgents}}">{{bytes .Bytes.ToAgents}}</data>, from agents <data value="{{.Bytes.FromAgents}}">{{bytes .Bytes.FromAgents}}</data></h3>
+{{range .Open}}<section class="endpoint" id="{{if .Host}}name-{{.Host}}{{else}}port-{{.Port}}{{end}}">
+<h3>{{if .Host}}Name {{.Host}} <span class="muted">on port {{.Port}}</span>{{else}}Port {{.Port}}{{end}}{{with .Pool}} <span class="muted">pool {{peer .}}</span>{{end}}: clients {{.Conns}}, waiting {{.Pending}}; to agents <data value="{{.Bytes.ToAgents}}">{{bytes .Bytes.ToAgents}}</data>, from agents <data value="{{.Bytes.FromAgents}}">{{bytes .Bytes.FromAgents}}</data></h3>
 {{with .Charts}}<div class="charts">{{.}}</div>
 {{end}}<table>
 <tr><th>member: agent</th><th>remote address</th><th class="num">tunnel</th><th>state</th><th class="num">clients</th></tr>
@@ -542,7 +558,7 @@ code { font-family: ui-monospace, monospace; }
 <h2>Reserved ports ({{.NReserved}})</h2>
 {{if .Reserved}}<table>
 <tr><th class="num">port</th><th>pool</th><th>reserved until</th><th class="num">clients still relayed</th></tr>
-{{range .Reserved}}<tr><td class="num">{{.Port}}</td><td>{{peer .Pool}}</td><td>{{when .Until}} <span class="muted">(another {{left $.Time .Until}})</span></td><td class="num">{{.Conns}}</td></tr>
+{{range .Reserved}}<tr><td class="num">{{with .Host}}{{.}}{{else}}{{.Port}}{{end}}</td><td>{{peer .Pool}}</td><td>{{when .Until}} <span class="muted">(another {{left $.Time .Until}})</span></td><td class="num">{{.Conns}}</td></tr>
 {{end}}</table>
 {{with .MoreReserved}}<p class="more">and {{plural . "more reserved port"}}</p>{{end}}
 {{else}}<p class="muted">No port is reserved.</p>{{end}}
@@ -555,17 +571,17 @@ code { font-family: ui-monospace, monospace; }
 </html>
 `
 
-// EndpointReady reports whether the endpoint on a public port takes new
-// clients: it is open, not draining, and has a ready member. It also returns how many of
+// EndpointReady reports whether the endpoint that key names (a public
+// port, or a name on the shared port) takes new clients: it is open, not draining, and has a ready member. It also returns how many of
 // its members are ready, of how many. An endpoint that is reserved, or no
 // endpoint, is not ready. A load balancer's HTTP check asks this (GET
 // /ready/PORT on the relay's metrics address): the port itself still
 // accepts a client while no member is ready, and closes it, which a TCP
 // check takes for up.
-func (s *Server) EndpointReady(port int) (ok bool, ready, members int) {
+func (s *Server) EndpointReady(key string) (ok bool, ready, members int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	ep := s.endpoints[port]
+	ep := s.endpointLocked(key)
 	if ep == nil || ep.ln == nil || ep.closed {
 		return false, 0, 0
 	}
@@ -575,4 +591,12 @@ func (s *Server) EndpointReady(port int) (ok bool, ready, members int) {
 		}
 	}
 	return ready > 0 && !ep.draining, ready, len(ep.members)
+}
+
+// what names e in the text view: "port 40000", or "name db.example.com".
+func (e *endpointStatus) what() string {
+	if e.Host != "" {
+		return "name " + e.Host
+	}
+	return "port " + strconv.Itoa(e.Port)
 }

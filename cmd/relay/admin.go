@@ -27,8 +27,8 @@ import (
 //	GET  /v1/agents                     the agent sessions
 //	GET  /v1/endpoints                  the public ports, open and reserved
 //	GET  /v1/clients                    the outside clients, relayed and waiting
-//	POST /v1/clients/close              {"port": P, "client": "IP:PORT"}: close one client
-//	POST /v1/endpoints/{port}/drain     no new clients on the port; existing ones finish
+//	POST /v1/clients/close              {"port": P, "client": "IP:PORT"}, or {"host": NAME, ...}: close one client
+//	POST /v1/endpoints/{port}/drain     no new clients on the port (or name); existing ones finish
 //	POST /v1/endpoints/{port}/resume    new clients again
 //	POST /v1/agents/{id}/disconnect     end a session (its id), or every session of an agent (its name)
 //	POST /v1/reload                     reload the agents file, or say why not
@@ -64,13 +64,17 @@ func adminHandler(srv *server.Server, token string, reload func() (int, error), 
 		}
 		reply(w, code, map[string]string{"error": err.Error()})
 	}
-	port := func(w http.ResponseWriter, r *http.Request) (int, bool) {
-		p, err := strconv.Atoi(r.PathValue("port"))
-		if err != nil || p < 1 || p > 65535 {
-			fail(w, fmt.Errorf("port %q: want 1-65535", r.PathValue("port")))
-			return 0, false
+	// endpoint reads a port, or a name on the shared port, and the key of
+	// the answer that names it.
+	endpoint := func(w http.ResponseWriter, s string) (key string, v any, ok bool) {
+		if p, err := strconv.Atoi(s); err == nil && p >= 1 && p <= 65535 {
+			return "port", p, true
 		}
-		return p, true
+		if s == "" || strings.Trim(s, "0123456789") == "" {
+			fail(w, fmt.Errorf("port %q: want 1-65535, or a name", s))
+			return "", nil, false
+		}
+		return "host", s, true
 	}
 	mux.HandleFunc("GET /v1/agents", func(w http.ResponseWriter, r *http.Request) { reply(w, 200, srv.Agents()) })
 	mux.HandleFunc("GET /v1/endpoints", func(w http.ResponseWriter, r *http.Request) { reply(w, 200, srv.Endpoints()) })
@@ -78,32 +82,37 @@ func adminHandler(srv *server.Server, token string, reload func() (int, error), 
 	mux.HandleFunc("POST /v1/clients/close", func(w http.ResponseWriter, r *http.Request) {
 		var req struct {
 			Port   int    `json:"port"`
+			Host   string `json:"host"`
 			Client string `json:"client"`
 		}
 		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096)).Decode(&req); err != nil {
-			fail(w, fmt.Errorf("want {\"port\": P, \"client\": \"IP:PORT\"}: %w", err))
+			fail(w, fmt.Errorf("want {\"port\": P, \"client\": \"IP:PORT\"} or {\"host\": NAME, \"client\": \"IP:PORT\"}: %w", err))
 			return
 		}
-		if err := srv.CloseClient(req.Port, req.Client); err != nil {
+		ep, key, v := req.Host, "host", any(req.Host)
+		if req.Host == "" {
+			ep, key, v = strconv.Itoa(req.Port), "port", req.Port
+		}
+		if err := srv.CloseClient(ep, req.Client); err != nil {
 			fail(w, err)
 			return
 		}
-		reply(w, 200, map[string]any{"closed": req.Client, "port": req.Port})
+		reply(w, 200, map[string]any{"closed": req.Client, key: v})
 	})
 	for _, a := range []struct {
 		verb  string
 		drain bool
 	}{{"drain", true}, {"resume", false}} {
 		mux.HandleFunc("POST /v1/endpoints/{port}/"+a.verb, func(w http.ResponseWriter, r *http.Request) {
-			p, ok := port(w, r)
+			key, v, ok := endpoint(w, r.PathValue("port"))
 			if !ok {
 				return
 			}
-			if err := srv.DrainEndpoint(p, a.drain); err != nil {
+			if err := srv.DrainEndpoint(r.PathValue("port"), a.drain); err != nil {
 				fail(w, err)
 				return
 			}
-			reply(w, 200, map[string]any{"port": p, "draining": a.drain})
+			reply(w, 200, map[string]any{key: v, "draining": a.drain})
 		})
 	}
 	mux.HandleFunc("POST /v1/agents/{id}/disconnect", func(w http.ResponseWriter, r *http.Request) {
@@ -153,11 +162,12 @@ Talks to a running relay's admin API (relay -admin-addr, -admin-token-file).
 
 commands:
   agents                  list the agent sessions
-  endpoints               list the public ports, open and reserved
+  endpoints               list the public ports and names, open and reserved
   clients                 list the outside clients, relayed and waiting
   close PORT CLIENT       close the outside client CLIENT (IP:PORT) on PORT
-  drain PORT              take no new clients on PORT; the others finish
-  resume PORT             take new clients on PORT again
+                          (PORT: a public port, or a name on the shared TLS port)
+  drain PORT              take no new clients on PORT (or name); the others finish
+  resume PORT             take new clients on PORT (or name) again
   disconnect AGENT        end an agent's session (its id), or all of an agent's (its name)
   reload                  reload the agents file; prints why not if it has an error
 
@@ -211,15 +221,14 @@ flags:
 	method, path, body := "GET", "/v1/"+args[0], []byte(nil)
 	switch args[0] {
 	case "close":
-		p, err := strconv.Atoi(args[1])
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "relay ctl close: port %q: want a number\n", args[1])
-			return 2
+		req := map[string]any{"host": args[1], "client": args[2]}
+		if p, err := strconv.Atoi(args[1]); err == nil {
+			req = map[string]any{"port": p, "client": args[2]}
 		}
 		method, path = "POST", "/v1/clients/close"
-		body, _ = json.Marshal(map[string]any{"port": p, "client": args[2]})
+		body, _ = json.Marshal(req)
 	case "drain", "resume":
-		method, path = "POST", "/v1/endpoints/"+args[1]+"/"+args[0]
+		method, path = "POST", "/v1/endpoints/"+url.PathEscape(args[1])+"/"+args[0]
 	case "disconnect":
 		method, path = "POST", "/v1/agents/"+url.PathEscape(args[1])+"/disconnect"
 	case "reload":
@@ -286,7 +295,7 @@ func printHuman(command string, b []byte) {
 				}
 				ms = append(ms, m.Agent+" "+m.Name+r)
 			}
-			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\n", e.Port, shown(e.Pool), state, strings.Join(ms, ", "), e.Clients, e.Waiting, e.Denied, e.BytesIn, e.BytesOut)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\n", endpointName(e.Port, e.Host), shown(e.Pool), state, strings.Join(ms, ", "), e.Clients, e.Waiting, e.Denied, e.BytesIn, e.BytesOut)
 		}
 	case "clients":
 		var cs []server.ClientInfo
@@ -297,18 +306,22 @@ func printHuman(command string, b []byte) {
 			if c.Waiting {
 				state = "waiting"
 			}
-			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%d\t%d\n", c.Port, c.Client, c.Agent, state, ago(c.Since), c.BytesIn, c.BytesOut)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\n", endpointName(c.Port, c.Host), c.Client, c.Agent, state, ago(c.Since), c.BytesIn, c.BytesOut)
 		}
 	default:
 		var m map[string]any
 		json.Unmarshal(b, &m)
+		what := fmt.Sprintf("port %v", m["port"])
+		if h, ok := m["host"].(string); ok {
+			what = "name " + h
+		}
 		switch command {
 		case "close":
-			fmt.Fprintf(tw, "closed %v on port %v\n", m["closed"], m["port"])
+			fmt.Fprintf(tw, "closed %v on %s\n", m["closed"], what)
 		case "drain":
-			fmt.Fprintf(tw, "port %v drains: no new clients; the others finish\n", m["port"])
+			fmt.Fprintf(tw, "%s drains: no new clients; the others finish\n", what)
 		case "resume":
-			fmt.Fprintf(tw, "port %v takes new clients again\n", m["port"])
+			fmt.Fprintf(tw, "%s takes new clients again\n", what)
 		case "disconnect":
 			fmt.Fprintf(tw, "disconnected %s\n", plural(m["disconnected"], "session"))
 		case "reload":
@@ -342,4 +355,13 @@ func ints(ns []int) string {
 		s[i] = strconv.Itoa(n)
 	}
 	return strings.Join(s, ",")
+}
+
+// endpointName is what the tables show of an endpoint: its port, or its
+// name, quoted if it could shift the columns (a name comes from an agent).
+func endpointName(port int, host string) string {
+	if host != "" {
+		return shown(host)
+	}
+	return strconv.Itoa(port)
 }

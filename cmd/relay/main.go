@@ -66,6 +66,8 @@ func main() {
 	c.DurationOff(&cfg.PortGrace, "port-grace", cfg.PortGrace, "how long a public port stays reserved for its owner after its agent left without releasing it, a `duration` or off")
 	tlsCert := fs.String("tls-cert", "", "PEM certificate file: serve agents over TLS (with -tls-key)")
 	tlsKey := fs.String("tls-key", "", "PEM private key file for -tls-cert")
+	sniAddr := fs.String("sni-addr", "", "serve a shared TLS port at `ADDR` (host:port, e.g. :443) that routes each outside client by the server name (SNI) of its TLS ClientHello to the agent that registered that name with -hostname, passing its TLS through untouched; an agent whose ClientHello names the relay itself (-sni-domain, or -public-host) or offers the ALPN protocol tcprelay is served as on PORT, over the relay's own TLS (-tls-cert or -tls-self-signed), so agents and clients can share the one port (needs -sni-domain; default: off)")
+	sniDomain := fs.String("sni-domain", "", "the `DOMAIN` of the names on -sni-addr: an agent's -hostname db is db.DOMAIN; point a wildcard DNS record *.DOMAIN at the relay (DOMAIN itself names the relay)")
 	tlsSelf := fs.Bool("tls-self-signed", false, "serve agents over TLS with a self-signed certificate, made once and kept in -state-dir; agents pin it with -tls-fingerprint, which the relay logs")
 	args, log := c.Parse(os.Args[1:], 1)
 
@@ -117,6 +119,21 @@ func main() {
 	}
 	if *drain == 0 {
 		*drain = 10 * time.Second
+	}
+	switch {
+	case (*sniAddr == "") != (*sniDomain == ""):
+		c.Usagef("-sni-addr and -sni-domain go together")
+	case *sniAddr != "":
+		d := strings.TrimSuffix(strings.ToLower(*sniDomain), ".")
+		if err := proto.CheckHostname(d); err != nil {
+			c.Usagef("-sni-domain: %v", err)
+		}
+		if _, p, err := net.SplitHostPort(*sniAddr); err != nil {
+			c.Usagef("-sni-addr %q: want HOST:PORT or :PORT: %v", *sniAddr, err)
+		} else if _, err := cli.Port(p); err != nil && p != "0" {
+			c.Usagef("-sni-addr %q: %v", *sniAddr, err)
+		}
+		cfg.NamesDomain = d
 	}
 	if *agentsFile != "" {
 		if cfg.Agents, err = loadAgents(*agentsFile); err != nil {
@@ -210,6 +227,21 @@ func main() {
 	if err != nil {
 		c.Fatal(err)
 	}
+	var namesLn net.Listener
+	if *sniAddr != "" {
+		if host, p, _ := net.SplitHostPort(*sniAddr); p != "0" {
+			n, _ := strconv.Atoi(p)
+			if err := privilegedRange(host, n, n); err != nil {
+				ln.Close()
+				c.Fatal(fmt.Errorf("-sni-addr %s: permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE (setcap cap_net_bind_service=+ep relay, or AmbientCapabilities= in relay.service)", *sniAddr))
+			}
+		}
+		if namesLn, err = net.Listen("tcp", *sniAddr); err != nil {
+			ln.Close()
+			c.Fatal(fmt.Errorf("-sni-addr: %w", err))
+		}
+		cfg.NamesPort = namesLn.Addr().(*net.TCPAddr).Port
+	}
 	// Agents speak the native protocol or WebSocket, over TLS if
 	// configured; the server reads the native protocol from either.
 	ln = transport.Listen(ln, tlsCfg)
@@ -257,8 +289,15 @@ func main() {
 		"state_file", cfg.StateFile, "version", cli.Version)
 	go reloadOnHUP(hup, srv, *agentsFile, log)
 
-	errc := make(chan error, 1)
+	errc := make(chan error, 3)
 	go func() { errc <- srv.Serve(ln) }()
+	if namesLn != nil {
+		go func() { errc <- srv.ServeNames(namesLn) }()
+		if tlsCfg != nil {
+			go func() { errc <- srv.Serve(transport.Listen(srv.NamesControl(), tlsCfg)) }()
+		}
+		log.Info("serving tunnels by name", "addr", namesLn.Addr().String(), "domain", cfg.NamesDomain, "agents_too", tlsCfg != nil)
+	}
 	select {
 	case err := <-errc:
 		srv.Close()
@@ -286,26 +325,32 @@ func opsHandler(srv *server.Server) http.Handler {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		srv.WriteStatus(w)
 	})
-	// A load balancer's health check of a public port (deploy/haproxy.cfg):
-	// 200 while its endpoint has a ready member, else 503.
+	// A load balancer's health check of a public port, or of a name on the
+	// shared port (deploy/haproxy.cfg): 200 while its endpoint has a ready
+	// member, else 503.
 	mux.HandleFunc("GET /ready/{port}", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.Header().Set("Cache-Control", "no-store")
-		port, err := cli.Port(r.PathValue("port"))
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusBadRequest)
-			return
+		key := r.PathValue("port")
+		what := "name " + key
+		if strings.Trim(key, "0123456789") == "" {
+			port, err := cli.Port(key)
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			key, what = strconv.Itoa(port), "port "+strconv.Itoa(port)
 		}
-		ok, ready, members := srv.EndpointReady(port)
+		ok, ready, members := srv.EndpointReady(key)
 		switch {
 		case ok:
-			fmt.Fprintf(w, "port %d: ready (%d of %d members)\n", port, ready, members)
+			fmt.Fprintf(w, "%s: ready (%d of %d members)\n", what, ready, members)
 		case members > 0:
 			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintf(w, "port %d: no ready member (%d registered)\n", port, members)
+			fmt.Fprintf(w, "%s: no ready member (%d registered)\n", what, members)
 		default:
 			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintf(w, "port %d: no endpoint open\n", port)
+			fmt.Fprintf(w, "%s: no endpoint open\n", what)
 		}
 	})
 	// The status page for a browser, at / exactly: any other path is a 404.

@@ -134,3 +134,25 @@ func WaitRefused(t testing.TB, addr string) {
 		return fmt.Errorf("public port %s still accepts connections", addr)
 	})
 }
+
+// StartNamesRelay is StartRelay with a shared TLS port for names under
+// "names.test" (server.ServeNames) on 127.0.0.1:0, whose address it
+// returns too.
+func StartNamesRelay(t testing.TB, cfg server.Config) (*Relay, string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.NamesDomain, cfg.NamesPort = "names.test", ln.Addr().(*net.TCPAddr).Port
+	r := StartRelay(t, cfg)
+	done := make(chan error, 1)
+	go func() { done <- r.ServeNames(ln) }()
+	t.Cleanup(func() {
+		r.Close()
+		if err := <-done; !errors.Is(err, server.ErrServerClosed) {
+			t.Errorf("ServeNames returned %v, want ErrServerClosed", err)
+		}
+	})
+	return r, ln.Addr().String()
+}

@@ -19,6 +19,13 @@ import (
 // pool that trusts it.
 func SelfSignedCert(t testing.TB) (tls.Certificate, *x509.CertPool) {
 	t.Helper()
+	return CertFor(t, "localhost")
+}
+
+// CertFor makes a self-signed certificate for 127.0.0.1 and the DNS names
+// given, and a pool that trusts it.
+func CertFor(t testing.TB, names ...string) (tls.Certificate, *x509.CertPool) {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -29,7 +36,7 @@ func SelfSignedCert(t testing.TB) (tls.Certificate, *x509.CertPool) {
 		NotBefore:             time.Now().Add(-time.Hour),
 		NotAfter:              time.Now().Add(time.Hour),
 		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
-		DNSNames:              []string{"localhost"},
+		DNSNames:              names,
 		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		IsCA:                  true,
