@@ -43,7 +43,7 @@ type control struct {
 }
 
 // features is what this library speaks.
-const features = proto.FeaturePool | proto.FeatureIdentity | proto.FeatureProof | proto.FeaturePools | proto.FeatureReady | proto.FeatureACL
+const features = proto.FeaturePool | proto.FeatureIdentity | proto.FeatureProof | proto.FeaturePools | proto.FeatureReady | proto.FeatureACL | proto.FeatureHostname
 
 // dialControl connects to r's relay, authenticates, and sends req to open
 // the tunnel. The handshake is bounded by the dial timeout and by ctx.

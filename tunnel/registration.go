@@ -189,13 +189,13 @@ func jitter(d time.Duration) time.Duration {
 func (r *registration) dial(ctx context.Context) (*control, error) {
 	l := r.l
 	port, required := l.wantPort()
-	req := &proto.Listen{ID: 1, Port: uint16(port), Pool: l.cfg.Pool,
+	req := &proto.Listen{ID: 1, Port: uint16(port), Pool: l.cfg.Pool, Hostname: l.cfg.Hostname,
 		Allow: proto.FormatPrefixes(l.cfg.Allow), Deny: proto.FormatPrefixes(l.cfg.Deny)}
 	if required {
 		req.Flags |= proto.ListenPortRequired
 	}
 	l.mu.Lock()
-	if r.addr != nil && r.addr.Port == port {
+	if r.addr != nil && (r.addr.Port == port || l.cfg.Hostname != "") {
 		req.Resume = r.resume
 	}
 	if !l.ready {

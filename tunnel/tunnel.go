@@ -27,6 +27,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -82,6 +83,17 @@ type Config struct {
 	// The pool's first member fixes its port. If empty, the port is this
 	// agent's alone.
 	Pool string
+
+	// Hostname, if set, asks for a name on the relay's shared TLS port
+	// instead of a port of its own: "db" is db.DOMAIN on a relay started
+	// with -sni-domain DOMAIN (a name that already ends with DOMAIN is
+	// taken whole). Each outside client then reaches this agent by
+	// connecting to the shared port with TLS and that server name (SNI);
+	// the relay passes its TLS through untouched, so the server behind the
+	// Listener does the TLS, with a certificate for the name. Addr is
+	// NAME:SHAREDPORT. It excludes Port. A relay without the feature
+	// (hostname) is an ErrUnsupported.
+	Hostname string
 
 	// Allow and Deny narrow who may reach this agent's tunnels: an outside
 	// client from a Deny prefix, or from none of a non-empty Allow, is
@@ -178,6 +190,9 @@ func (c *Config) needs() proto.Features {
 	if len(c.Allow)+len(c.Deny) > 0 {
 		need |= proto.FeatureACL
 	}
+	if c.Hostname != "" {
+		need |= proto.FeatureHostname
+	}
 	return need
 }
 
@@ -263,6 +278,14 @@ func (c *Config) Listen(ctx context.Context, relayAddrs ...string) (*Listener, e
 	if c.Port < 0 || c.Port > 65535 {
 		return nil, fmt.Errorf("Config.Port %d: want 0 (any) or 1-65535", c.Port)
 	}
+	if c.Hostname != "" {
+		if c.Port != 0 {
+			return nil, errors.New("Config.Hostname and Config.Port exclude each other: a name's port is the relay's shared one")
+		}
+		if err := proto.CheckHostname(strings.TrimSuffix(strings.ToLower(c.Hostname), ".")); err != nil {
+			return nil, fmt.Errorf("Config.Hostname: %w", err)
+		}
+	}
 	l := &Listener{
 		cfg:    *c,
 		log:    c.Logger,
@@ -281,6 +304,15 @@ func (c *Config) Listen(ctx context.Context, relayAddrs ...string) (*Listener, e
 		l.cfg.TLS = c.TLS.Clone()
 		l.cfg.TLS.ClientSessionCache = tls.NewLRUClientSessionCache(64)
 	}
+	native := l.cfg.TLS
+	if native != nil && len(native.NextProtos) == 0 {
+		// The relay's own protocol, so that a relay that serves its agents
+		// on its shared TLS port tells them from the clients of its names,
+		// whatever server name they sent. Not under a WebSocket, whose TLS
+		// may end at a web server that would refuse an unknown protocol.
+		native = native.Clone()
+		native.NextProtos = []string{proto.ALPN}
+	}
 	if l.log == nil {
 		l.log = slog.Default()
 	}
@@ -297,10 +329,10 @@ func (c *Config) Listen(ctx context.Context, relayAddrs ...string) (*Listener, e
 		if c.dial != nil {
 			dial = c.dial
 		}
-		tlsCfg := l.cfg.TLS
+		tlsCfg := native
 		if ws != nil {
 			// TLS, for wss://, is the WebSocket's, under it.
-			if dial, err = transport.WebSocket(ws, tlsCfg, dial); err != nil {
+			if dial, err = transport.WebSocket(ws, l.cfg.TLS, dial); err != nil {
 				return nil, err
 			}
 			tlsCfg = nil
@@ -425,6 +457,9 @@ func lost(err error) bool {
 func (l *Listener) wantPort() (int, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.cfg.Hostname != "" {
+		return 0, false // a name's port is the relay's shared one
+	}
 	return l.port, l.fixed || l.cfg.PortRequired
 }
 
@@ -433,6 +468,9 @@ func (l *Listener) wantPort() (int, bool) {
 func (l *Listener) granted(port int) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.cfg.Hostname != "" {
+		return
+	}
 	if len(l.regs) > 1 && !l.fixed {
 		l.port, l.fixed = port, true
 	} else if len(l.regs) == 1 {

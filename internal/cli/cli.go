@@ -414,6 +414,7 @@ type Agent struct {
 	c        *Common
 	port     *int
 	pool     *string
+	hostname *string
 	key      *string
 	drain    *time.Duration
 	failFast *bool
@@ -506,6 +507,7 @@ func (c *Common) Agent() *Agent {
 		c:        c,
 		port:     c.FS.Int("port", 0, "public port to ask every relay for (0: any, the same on every relay); the agent exits if no relay can give it; a relay that cannot while another can is logged at ERROR in its own words and asked again with backoff"),
 		pool:     c.FS.String("pool", "", "join the pool `NAME`: every agent with the same pool name serves one public port, each client going to one of them (default: the port is this agent's alone)"),
+		hostname: c.FS.String("hostname", "", "ask every relay for the `NAME` on its shared TLS port (relay -sni-addr, -sni-domain DOMAIN) instead of a port: NAME.DOMAIN, or NAME whole if it ends with DOMAIN; outside clients reach it with TLS and that server name on the shared port, and the relay passes their TLS through untouched, so the server behind the agent must speak TLS with a certificate for the name (excludes -port; default: a port)"),
 		key:      c.FS.String("key", "", "Ed25519 private key `file` that identifies this agent to relays with an agents file (created, mode 0600, if missing)"),
 		drain:    c.FS.Duration("drain-timeout", 5*time.Second, "on SIGINT/SIGTERM, how long open connections may finish"),
 		failFast: c.FS.Bool("fail-fast", false, "exit at once if no relay can be reached at start, or the connection dies during the handshake, instead of retrying with backoff"),
@@ -595,6 +597,14 @@ func (a *Agent) Run(relays []string, log *slog.Logger, handle Handler) {
 	if *a.port < 0 || *a.port > 65535 {
 		a.c.Usagef("-port %d: want 0 (any) or 1-65535", *a.port)
 	}
+	if h := *a.hostname; h != "" {
+		if *a.port != 0 {
+			a.c.Usagef("-hostname and -port exclude each other: a name's port is the relay's shared one")
+		}
+		if err := proto.CheckHostname(strings.TrimSuffix(strings.ToLower(h), ".")); err != nil {
+			a.c.Usagef("-hostname: %v", err)
+		}
+	}
 	tlsCfg, err := a.tls()
 	if err != nil {
 		a.c.Usagef("%v", err)
@@ -633,6 +643,7 @@ func (a *Agent) Run(relays []string, log *slog.Logger, handle Handler) {
 		Port:         *a.port,
 		PortRequired: *a.port != 0, // a port asked for is never silently replaced
 		Pool:         *a.pool,
+		Hostname:     *a.hostname,
 		TLS:          tlsCfg,
 		Proxy:        *a.proxy,
 		WaitForRelay: !*a.failFast,
