@@ -7,7 +7,8 @@
 // many relayed connections one relay holds under its fd limit; and, for
 // each transport an agent may use (native TLS, ws://, wss://), the same
 // path's throughput, CPU per GB, new-connection latency and idle memory
-// against native plain TCP.
+// against native plain TCP; and a TLS service reached by its name on the
+// shared TLS port against the same reached by its port.
 //
 // It prints a table (figure, direct, relay, ratio) and writes it to
 // OUT/results.json and OUT/results.tsv, from which bench/chart.gp draws
@@ -105,7 +106,7 @@ func eachRun(paths []string, measure func(i int) (string, error)) error {
 // noted, but not a failure.
 var errSkipped = errors.New("skipped")
 
-const allSections = "iperf,redis,latency,idle,capacity,transport"
+const allSections = "iperf,redis,latency,idle,capacity,transport,names"
 
 var sections = []struct {
 	name string
@@ -113,6 +114,7 @@ var sections = []struct {
 }{
 	{"iperf", benchIperf}, {"redis", benchRedis}, {"latency", benchLatency},
 	{"idle", benchIdle}, {"capacity", benchCapacity}, {"transport", benchTransports},
+	{"names", benchNames},
 }
 
 func main() {
