@@ -1064,3 +1064,141 @@ func TestSNIBadInputs(t *testing.T) {
 		}
 	}
 }
+
+// scalingHAProxy returns the haproxy configuration of docs/SCALING.md's
+// section "A fleet behind one 443": its code block that starts "global".
+func scalingHAProxy(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("..", "docs", "SCALING.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, sec, ok := strings.Cut(string(b), "\n## A fleet behind one 443\n")
+	if !ok {
+		t.Fatal(`docs/SCALING.md has no section "## A fleet behind one 443"`)
+	}
+	sec, _, _ = strings.Cut(sec, "\n## ")
+	_, cfg, ok := strings.Cut(sec, "```\nglobal\n")
+	if !ok {
+		t.Fatal(`docs/SCALING.md, "A fleet behind one 443": no code block starting "global"`)
+	}
+	cfg, _, _ = strings.Cut(cfg, "```\n")
+	return "global\n" + cfg
+}
+
+// TestSNIFleetDocHAProxy: the haproxy configuration of docs/SCALING.md's
+// fleet behind one 443 is valid (haproxy -c), and works as written, with
+// only its addresses and ports changed: three relays on 127.0.0.1-3, each
+// with its shared port and -proxy-protocol-from, and agents for db and web
+// registered with all three. TLS clients of db (its own backend, checked
+// by /ready/db...) and of web (the default backend) are served through
+// haproxy; once relay 2 is killed, haproxy's checks take it out and every
+// client is served again.
+func TestSNIFleetDocHAProxy(t *testing.T) {
+	haproxy := requireProgram(t, "haproxy", "haproxy")
+	const domain = "tunnels.example.com"
+	doc := scalingHAProxy(t)
+	dir := t.TempDir()
+	orig := filepath.Join(dir, "as-documented.cfg")
+	if err := os.WriteFile(orig, []byte(doc), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e := newEnv(t)
+	if p := e.run(haproxy, []string{"-c", "-f", orig}, nil); p.ExitCode() != 0 {
+		t.Fatalf("haproxy -c -f (docs/SCALING.md's configuration): %s\n%s%s", p.Status(), p.Out(), p.Stderr)
+	}
+
+	ca := newPKI(t)
+	db, web := ca.leaf("db."+domain), ca.leaf("web."+domain)
+	dbTarget, _ := tlsEchoServer(t, db.cert)
+	webTarget, _ := tlsEchoServer(t, web.cert)
+
+	// Three relays, on the same ports of three loopback addresses, as
+	// three machines would be.
+	ctl, sni, mport := freePort(t), freePort(t), freePort(t)
+	var relays []*relay
+	var hosts []string
+	for i := 1; i <= 3; i++ {
+		ip := fmt.Sprintf("127.0.0.%d", i)
+		addr := func(port int) string { return net.JoinHostPort(ip, strconv.Itoa(port)) }
+		r := e.tryRelay(ip, ctl, nil, []string{"-sni-addr", addr(sni), "-sni-domain", domain,
+			"-metrics-addr", addr(mport), "-proxy-protocol-from", "127.0.0.0/8"})
+		if r == nil {
+			t.Fatalf("relay %d: a port got taken", i)
+		}
+		if !child.WaitFor(readyTimeout, func() bool {
+			c, err := net.DialTimeout("tcp", addr(sni), 200*time.Millisecond)
+			if err == nil {
+				c.Close()
+			}
+			return err == nil
+		}) {
+			t.Fatalf("relay %d: its shared port %s does not accept", i, addr(sni))
+		}
+		relays = append(relays, r)
+		hosts = append(hosts, addr(ctl))
+	}
+	for _, a := range []struct {
+		name, target string
+	}{{"db", dbTarget}, {"web", webTarget}} {
+		host := a.name + "." + domain
+		p, port := e.startAgentWith(exposeBin, []string{"-hostname", a.name, strings.Join(hosts, ","), strconv.Itoa(ctl), a.target}, host, nil)
+		p.expectLines(3)
+		last, ok := p.waitLine(3, announceTimeout)
+		if n, isAddr := child.AnnouncedPort(last, host); port != sni || !ok || !isAddr || n != sni {
+			t.Fatalf("%s: announced port %d, then %q; want %s:%d from each of the three relays", p, port, last, host, sni)
+		}
+	}
+
+	cfg := filepath.Join(dir, "haproxy.cfg")
+	_, lb := e.startService(haproxy, func(port int) []string {
+		c := doc
+		for old, new := range map[string]string{
+			"bind :443":       "bind " + child.Addr(port),
+			"192.0.2.1:443":   net.JoinHostPort("127.0.0.1", strconv.Itoa(sni)),
+			"192.0.2.2:443":   net.JoinHostPort("127.0.0.2", strconv.Itoa(sni)),
+			"192.0.2.3:443":   net.JoinHostPort("127.0.0.3", strconv.Itoa(sni)),
+			"check port 9090": "check port " + strconv.Itoa(mport),
+		} {
+			if !strings.Contains(c, old) {
+				t.Fatalf("docs/SCALING.md's haproxy configuration no longer has %q, which this test replaces", old)
+			}
+			c = strings.ReplaceAll(c, old, new)
+		}
+		if err := os.WriteFile(cfg, []byte(c), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return []string{"-db", "-f", cfg}
+	}, nil)
+
+	clients := func(what string, n int) error {
+		for i := range n {
+			for _, leaf := range []sniLeaf{db, web} {
+				if err := tlsEcho(child.Addr(lb), "", leaf.name, ca.pool, randomBytes(16<<10), 10*time.Second); err != nil {
+					return fmt.Errorf("%s: client %d of %s through haproxy: %w", what, i, leaf.name, err)
+				}
+			}
+		}
+		return nil
+	}
+	// haproxy's first checks may still be running: wait for one round
+	// to pass, then every client must be served.
+	var err error
+	child.WaitFor(10*time.Second, func() bool { err = clients("at start", 3); return err == nil })
+	if err == nil {
+		err = clients("three relays", 30)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	relays[1].kill()
+	start := time.Now()
+	if !child.WaitFor(15*time.Second, func() bool { err = clients("relay 2 killed", 6); return err == nil }) {
+		t.Fatalf("15 s after relay 2 was killed, clients still fail: %v", err)
+	}
+	t.Logf("relay 2 killed: clients all served again after %v", time.Since(start).Round(time.Millisecond))
+	if err := clients("relay 2 out", 30); err != nil {
+		t.Fatal(err)
+	}
+}
