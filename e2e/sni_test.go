@@ -305,8 +305,9 @@ type tlsEchoResult struct {
 // tlsEchoServer serves TLS with cert on a loopback port and echoes: it
 // reads to the client's close_notify, echoing every byte, then checks the
 // TCP stream ends there too (the client's half-close came through), sends
-// its own close_notify and half-closes. Each connection's result goes to
-// the returned channel (buffered; the oldest are dropped when it is full).
+// its own close_notify and half-closes. The result of each connection
+// that completed a handshake goes to the returned channel (buffered; a
+// result that finds it full is dropped).
 func tlsEchoServer(t *testing.T, cert tls.Certificate) (string, <-chan tlsEchoResult) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -317,7 +318,11 @@ func tlsEchoServer(t *testing.T, cert tls.Certificate) (string, <-chan tlsEchoRe
 	cfg := &tls.Config{Certificates: []tls.Certificate{cert}}
 	testutil.Serve(t, ln, func(c net.Conn) {
 		var res tlsEchoResult
+		reported := true
 		defer func() {
+			if !reported {
+				return
+			}
 			select {
 			case results <- res:
 			default:
@@ -325,7 +330,8 @@ func tlsEchoServer(t *testing.T, cert tls.Certificate) (string, <-chan tlsEchoRe
 		}()
 		c.SetDeadline(time.Now().Add(2 * time.Minute))
 		tc := tls.Server(c, cfg)
-		if res.err = tc.Handshake(); res.err != nil {
+		if err := tc.Handshake(); err != nil {
+			reported = false // not a client: expose's check of its target, say
 			return
 		}
 		h := sha256.New()
@@ -759,15 +765,35 @@ func TestSNIHalfCloseAndLargeTransfer(t *testing.T) {
 // loopback addresses open the shared port and send nothing, held open,
 // while 20 TLS clients of db.tunnels.test each complete a handshake and
 // an echo within a bounded time: the silent ones take handshake budget,
-// not the port.
+// not the port. With the relay's budget for a limit of 20,000
+// descriptors (2,000 handshakes, 62 a source), the flood fills it; with
+// -max-fds 10000 (1,000 handshakes, 31 a source), it is twice the budget
+// and past every source's cap, so the relay must close silent ones to
+// make room for the clients.
 func TestSNISilentFloodNamedClientsServed(t *testing.T) {
 	const flood, clients = 2000, 20
 	fdHeadroom(t, flood+500)
+	for _, c := range []struct {
+		name  string
+		flags []string
+	}{
+		{"default budget", nil},
+		{"budget half the flood", []string{"-max-fds", "10000"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			silentFlood(t, flood, clients, c.flags...)
+		})
+	}
+}
+
+// silentFlood is TestSNISilentFloodNamedClientsServed on a relay with
+// flags.
+func silentFlood(t *testing.T, flood, clients int, flags ...string) {
 	e := newEnv(t)
 	ca := newPKI(t)
 	db := ca.leaf(fqdn("db"))
 	target, _ := tlsEchoServer(t, db.cert)
-	r := e.startSNIRelay(nil, "-handshake-timeout", "1m")
+	r := e.startSNIRelay(nil, append([]string{"-handshake-timeout", "1m"}, flags...)...)
 	e.startNamed(exposeBin, r, db.name, nil, "-hostname", "db", "127.0.0.1", strconv.Itoa(r.port), target)
 
 	start := time.Now()
