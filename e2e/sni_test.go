@@ -1228,3 +1228,63 @@ func TestSNIFleetDocHAProxy(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// docCommands returns the command lines in the code blocks of a section of
+// a doc (from its heading to the next of the same level) that start with
+// one of prefixes, backslash continuations joined, split into words.
+func docCommands(t *testing.T, doc, heading string, prefixes ...string) [][]string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("..", "docs", doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, sec, ok := strings.Cut(string(b), "\n"+heading+"\n")
+	if !ok {
+		t.Fatalf("docs/%s has no section %q", doc, heading)
+	}
+	level := heading[:strings.Index(heading, " ")+1]
+	sec, _, _ = strings.Cut(sec, "\n"+level)
+	sec = strings.ReplaceAll(sec, "\\\n", " ")
+	var cmds [][]string
+	for _, line := range strings.Split(sec, "\n") {
+		for _, p := range prefixes {
+			if strings.HasPrefix(line, p) {
+				cmds = append(cmds, strings.Fields(line))
+			}
+		}
+	}
+	return cmds
+}
+
+// TestSNIDocsUseRealFlags: the relay and agent command lines of the docs'
+// sections on names (INTEGRATING.md, SCALING.md) use flags the programs
+// accept, with values they parse: each runs with its positional
+// arguments replaced by -version.
+func TestSNIDocsUseRealFlags(t *testing.T) {
+	e := newEnv(t)
+	var n int
+	for _, d := range []struct {
+		doc, heading string
+		prefixes     []string
+	}{
+		{"INTEGRATING.md", "## One port for every tunnel: names on 443", []string{"./relay ", "./expose "}},
+		{"SCALING.md", "## A fleet behind one 443", []string{"relay ", "expose "}},
+	} {
+		for _, words := range docCommands(t, d.doc, d.heading, d.prefixes...) {
+			bin, positional := relayBin, 1
+			if strings.HasSuffix(words[0], "expose") {
+				bin, positional = exposeBin, 3
+			}
+			args := append(words[1:len(words)-positional:len(words)-positional], "-version")
+			p := e.run(bin, args, nil)
+			if p.ExitCode() != 0 {
+				t.Errorf("docs/%s: %s: %s with -version for its positional arguments: %s; stderr:\n%s",
+					d.doc, strings.Join(words, " "), filepath.Base(bin), p.Status(), p.Stderr)
+			}
+			n++
+		}
+	}
+	if n < 4 {
+		t.Errorf("found %d relay and expose command lines in the docs' sections on names, want at least 4", n)
+	}
+}
