@@ -1288,3 +1288,48 @@ func TestSNIDocsUseRealFlags(t *testing.T) {
 		t.Errorf("found %d relay and expose command lines in the docs' sections on names, want at least 4", n)
 	}
 }
+
+// TestSNIUnknownNamesLogQuietly: 200 ClientHellos for names nobody holds
+// and 200 connections that are not TLS, one after the other, are each
+// closed without a byte and counted one by one in /metrics, while the
+// relay's log, rate-limited, gains only a few lines: a scan of names
+// cannot flood it.
+func TestSNIUnknownNamesLogQuietly(t *testing.T) {
+	const n = 200
+	e := newEnv(t)
+	maddr := child.Addr(freePort(t))
+	r := e.startSNIRelay(nil, "-metrics-addr", maddr)
+	e.startNamed(exposeBin, r, fqdn("db"), nil, "-hostname", "db", "127.0.0.1", strconv.Itoa(r.port), taggedEcho(t, 'D'))
+	unknown0 := metric(t, maddr, "tcprelay_sni_unknown_total")
+	rejected0 := metric(t, maddr, "tcprelay_sni_rejected_total")
+	lines0 := strings.Count(r.Stderr.String(), "\n")
+
+	for i := range n {
+		noBytesBack(t, r.sni, helloFor(t, fqdn(fmt.Sprintf("scan%d", i))), 5*time.Second)
+		noBytesBack(t, r.sni, []byte(fmt.Sprintf("GET /%d HTTP/1.0\r\n\r\n", i)), 5*time.Second)
+	}
+	if t.Failed() {
+		return
+	}
+	if got := metric(t, maddr, "tcprelay_sni_unknown_total") - unknown0; got != n {
+		t.Errorf("tcprelay_sni_unknown_total went up by %d, want %d", got, n)
+	}
+	if got := metric(t, maddr, "tcprelay_sni_rejected_total") - rejected0; got != n {
+		t.Errorf("tcprelay_sni_rejected_total went up by %d, want %d", got, n)
+	}
+	// The limiter writes at most a line a second for each kind of event,
+	// with the count of those since (count=N): wait for its last lines,
+	// until the counts add up to every connection.
+	var lines string
+	child.WaitFor(3*time.Second, func() bool {
+		lines = strings.Join(strings.Split(r.Stderr.String(), "\n")[lines0:], "\n")
+		return counted(lines) >= 2*n
+	})
+	if got := strings.Count(lines, "\n"); got == 0 || got > 12 {
+		t.Errorf("the relay logged %d lines for %d unknown names and %d connections that were not TLS, want a few (1 to 12):\n%s", got, n, n, clip(lines))
+	}
+	t.Logf("the relay's log for %d unknown names and %d not TLS:\n%s", n, n, lines)
+	if tag, err := helloRoute(t, r.sni, fqdn("db")); err != nil || tag != 'D' {
+		t.Errorf("db after the scan: tag %q, %v", tag, err)
+	}
+}
