@@ -1333,3 +1333,51 @@ func TestSNIUnknownNamesLogQuietly(t *testing.T) {
 		t.Errorf("db after the scan: tag %q, %v", tag, err)
 	}
 }
+
+// TestSNINameGrace: a name whose agent died (SIGKILL) stays its owner's
+// for -port-grace, as a port does: another tenant is refused it until
+// then, and gets it after.
+func TestSNINameGrace(t *testing.T) {
+	const grace = 2 * time.Second
+	e := newEnv(t)
+	aliceFile, aliceKey := e.agentKey("alice")
+	bobFile, bobKey := e.agentKey("bob")
+	r := e.startSNIRelay(nil, "-agents", writeAgents(t, "", "alice "+aliceKey+"\nbob "+bobKey+"\n"), "-port-grace", grace.String())
+	rp := strconv.Itoa(r.port)
+	db := fqdn("db")
+	alice := e.startNamed(exposeBin, r, db, nil, "-key", aliceFile, "-hostname", "db", "127.0.0.1", rp, taggedEcho(t, 'A'))
+	alice.kill()
+	died := time.Now()
+	bob := e.refusedAgent(echoBin, nil, "-key", bobFile, "-fail-fast", "-hostname", "db", "127.0.0.1", rp)
+	if time.Since(died) < grace {
+		notAllowed(t, bob, "db", "alice")
+	} else {
+		t.Fatalf("bob's refusal took longer than the grace (%v): the test proves nothing", grace)
+	}
+	if tag, err := helloRoute(t, r.sni, db); err == nil {
+		t.Errorf("a ClientHello for %s while it is reserved reached an agent (tag %q), want it closed", db, tag)
+	}
+	// After the grace: bob's.
+	var p *proc
+	var port int
+	if !child.WaitFor(grace+5*time.Second, func() bool {
+		if time.Since(died) < grace {
+			return false
+		}
+		p = e.start(exposeBin, []string{"-key", bobFile, "-hostname", "db", "127.0.0.1", rp, taggedEcho(t, 'B')},
+			procOpts{scanStdout: true, daemon: true})
+		line, err := p.FirstLine(announceTimeout)
+		if err != nil {
+			p.ended()
+			return false
+		}
+		port, _ = child.AnnouncedPort(line, db)
+		return true
+	}) || port != r.sni {
+		t.Fatalf("bob did not get %s within 5s of the end of the grace (port %d); relay:\n%s", db, port, lastLines(r.Stderr.String(), 10))
+	}
+	t.Logf("bob got %s %v after alice died", db, time.Since(died).Round(time.Millisecond))
+	if tag, err := helloRoute(t, r.sni, db); err != nil || tag != 'B' {
+		t.Errorf("a ClientHello for %s after the grace: tag %q, %v; want bob's agent", db, tag, err)
+	}
+}
