@@ -1381,3 +1381,39 @@ func TestSNINameGrace(t *testing.T) {
 		t.Errorf("a ClientHello for %s after the grace: tag %q, %v; want bob's agent", db, tag, err)
 	}
 }
+
+// TestSNIPoolWithName: two ./expose on the same pool and name serve the
+// name together, as a pool serves a port: ClientHellos for the name reach
+// both, and once one is killed, every one reaches the other.
+func TestSNIPoolWithName(t *testing.T) {
+	e := newEnv(t)
+	r := e.startSNIRelay(nil)
+	rp := strconv.Itoa(r.port)
+	web := fqdn("web")
+	a := e.startNamed(exposeBin, r, web, nil, "-pool", "web", "-hostname", "web", "127.0.0.1", rp, taggedEcho(t, 'A'))
+	e.startNamed(exposeBin, r, web, nil, "-pool", "web", "-hostname", "web", "127.0.0.1", rp, taggedEcho(t, 'B'))
+	seen := map[string]int{}
+	for range 40 {
+		tag, err := helloRoute(t, r.sni, web)
+		if err != nil {
+			t.Fatalf("a ClientHello for %s: %v", web, err)
+		}
+		seen[string(tag)]++
+	}
+	if seen["A"] == 0 || seen["B"] == 0 || len(seen) != 2 {
+		t.Errorf("40 ClientHellos for %s reached %v, want both members", web, seen)
+	}
+	a.kill()
+	// The relay drops the dead member when its connection ends.
+	var tag byte
+	var err error
+	if !child.WaitFor(5*time.Second, func() bool { tag, err = helloRoute(t, r.sni, web); return err == nil && tag == 'B' }) {
+		t.Fatalf("after A was killed: tag %q, %v; want B", tag, err)
+	}
+	for i := range 20 {
+		if tag, err := helloRoute(t, r.sni, web); err != nil || tag != 'B' {
+			t.Errorf("ClientHello %d for %s after A was killed: tag %q, %v; want B", i, web, tag, err)
+		}
+	}
+	t.Logf("both members served %s (%v); after A's death, B alone", web, seen)
+}
