@@ -1055,7 +1055,8 @@ func TestSNINameInStatusAndReady(t *testing.T) {
 // TestSNIBadInputs: the relay's -sni-addr and -sni-domain go together and
 // the domain must be a domain name (else a usage error, exit 2, saying
 // which); an agent asking for a name that is not a host name is refused,
-// with a message that names it.
+// with a message that names it, and so is one that asks for a name and a
+// port, and one that asks a relay without a shared port for a name.
 func TestSNIBadInputs(t *testing.T) {
 	e := newEnv(t)
 	addr := child.Addr(freePort(t))
@@ -1088,6 +1089,19 @@ func TestSNIBadInputs(t *testing.T) {
 		if !strings.Contains(p.Stderr.String(), "bad name!") {
 			t.Errorf("%s: stderr does not name the bad name:\n%s", p, p.Stderr)
 		}
+		// A name's port is the shared one: -port with it is a usage error.
+		args = append([]string{"-hostname", "db", "-port", strconv.Itoa(r.port + 1)}, args[2:]...)
+		p = e.refusedAgent(bin, nil, args...)
+		if first := strings.SplitN(p.Stderr.String(), "\n", 2)[0]; p.ExitCode() != 2 || !strings.Contains(first, "-hostname") || !strings.Contains(first, "-port") {
+			t.Errorf("%s: %s, stderr:\n%s\nwant exit status 2 and a first line naming -hostname and -port", p, p.Status(), p.Stderr)
+		}
+	}
+
+	// A relay without a shared port has no names to give, and says why.
+	plain := e.startRelay(nil)
+	p := e.refusedAgent(echoBin, nil, "-hostname", "db", "127.0.0.1", strconv.Itoa(plain.port))
+	if !strings.Contains(p.Stderr.String(), "-sni-addr") {
+		t.Errorf("%s against a relay without -sni-addr: stderr does not say what it lacks:\n%s", p, p.Stderr)
 	}
 }
 
