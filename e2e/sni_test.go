@@ -1014,8 +1014,10 @@ func TestSNIBehindHAProxy(t *testing.T) {
 
 // TestSNINameInStatusAndReady: a name-routed endpoint shows its name in
 // /status and `relay ctl endpoints`, and /ready/NAME on the metrics
-// address answers 200 while its agent is there, 503 once it has left (the
-// name is then only reserved), and 503 for a name nobody holds.
+// address answers 200 while its agent is there, 503 while `relay ctl
+// drain NAME` holds its clients off (200 again after resume), 503 once
+// its agent has left (the name is then only reserved), and 503 for a name
+// nobody holds.
 func TestSNINameInStatusAndReady(t *testing.T) {
 	e := newEnv(t)
 	dir := t.TempDir()
@@ -1044,6 +1046,29 @@ func TestSNINameInStatusAndReady(t *testing.T) {
 	}
 	if code := ready(fqdn("nope")); code != 503 {
 		t.Errorf("/ready/%s, a name nobody holds: %d, want 503", fqdn("nope"), code)
+	}
+	// Drained by name: its clients are closed, its check says 503; resumed,
+	// both come back.
+	ctlOK := func(args ...string) {
+		t.Helper()
+		p := e.run(relayBin, append([]string{"ctl", "-addr", aaddr, "-token-file", token}, args...), nil)
+		if p.ExitCode() != 0 {
+			t.Errorf("relay ctl %s: %s; stderr:\n%s", strings.Join(args, " "), p.Status(), p.Stderr)
+		}
+	}
+	ctlOK("drain", db)
+	if tag, err := helloRoute(t, r.sni, db); err == nil {
+		t.Errorf("a ClientHello for %s while it drains reached its agent (tag %q)", db, tag)
+	}
+	if code := ready(db); code != 503 {
+		t.Errorf("/ready/%s while it drains: %d, want 503", db, code)
+	}
+	ctlOK("resume", "db")
+	if tag, err := helloRoute(t, r.sni, db); err != nil || tag != 'D' {
+		t.Errorf("a ClientHello for %s after resume: tag %q, %v", db, tag, err)
+	}
+	if code := ready(db); code != 200 {
+		t.Errorf("/ready/%s after resume: %d, want 200", db, code)
 	}
 	agent.stop()
 	var code int
