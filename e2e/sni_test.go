@@ -1456,3 +1456,78 @@ func TestSNIPoolWithName(t *testing.T) {
 	}
 	t.Logf("both members served %s (%v); after A's death, B alone", web, seen)
 }
+
+// sendHello sends chunks to the shared port from the local address from,
+// 100ms apart, half-closes, and returns what came back.
+func sendHello(t *testing.T, sni int, from string, chunks ...[]byte) []byte {
+	t.Helper()
+	d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}}
+	c, err := d.Dial("tcp", child.Addr(sni))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	for i, ch := range chunks {
+		if i > 0 {
+			time.Sleep(100 * time.Millisecond) // the pieces arrive apart: what is tested
+		}
+		if _, err := c.Write(ch); err != nil {
+			t.Fatalf("write piece %d: %v", i, err)
+		}
+	}
+	c.(*net.TCPConn).CloseWrite()
+	got, err := io.ReadAll(c)
+	if err != nil && !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("read after %d bytes: %v", len(got), err)
+	}
+	return got
+}
+
+// TestSNIHelloInPieces: a ClientHello that arrives in pieces, as real
+// clients' larger ones do (its record header alone, then the rest in two
+// writes), or fragmented into two TLS records, as the standard allows, is
+// routed, and reaches the agent as it was sent.
+func TestSNIHelloInPieces(t *testing.T) {
+	e := newEnv(t)
+	r := e.startSNIRelay(nil)
+	e.startNamed(exposeBin, r, fqdn("db"), nil, "-hostname", "db", "127.0.0.1", strconv.Itoa(r.port), taggedEcho(t, 'D'))
+	hello := helloFor(t, fqdn("db"))
+	body := hello[5:]
+	record := func(b []byte) []byte { return append([]byte{0x16, 0x03, 0x01, byte(len(b) >> 8), byte(len(b))}, b...) }
+	twoRecords := append(record(body[:len(body)/2]), record(body[len(body)/2:])...)
+	for _, c := range []struct {
+		what   string
+		chunks [][]byte
+	}{
+		{"header, then two pieces", [][]byte{hello[:5], hello[5:40], hello[40:]}},
+		{"two TLS records", [][]byte{twoRecords}},
+		{"two TLS records, in three writes", [][]byte{twoRecords[:7], twoRecords[7 : len(twoRecords)-3], twoRecords[len(twoRecords)-3:]}},
+	} {
+		sent := bytes.Join(c.chunks, nil)
+		if got := sendHello(t, r.sni, "127.0.0.1", c.chunks...); len(got) == 0 || got[0] != 'D' || !bytes.Equal(got[1:], sent) {
+			t.Errorf("a ClientHello for %s, %s: %d bytes back, want the tag and the %d bytes sent", fqdn("db"), c.what, len(got), len(sent))
+		}
+	}
+}
+
+// TestSNIAccessLists: an agent's -allow and -deny hold for the clients of
+// its name as of its port: a client from a denied address is closed
+// without a byte, before the agent hears of it; one from an allowed
+// address is served.
+func TestSNIAccessLists(t *testing.T) {
+	e := newEnv(t)
+	maddr := child.Addr(freePort(t))
+	r := e.startSNIRelay(nil, "-metrics-addr", maddr)
+	e.startNamed(exposeBin, r, fqdn("db"), nil, "-deny", "127.0.0.3", "-hostname", "db", "127.0.0.1", strconv.Itoa(r.port), taggedEcho(t, 'D'))
+	hello := helloFor(t, fqdn("db"))
+	if got := sendHello(t, r.sni, "127.0.0.3", hello); len(got) != 0 {
+		t.Errorf("a client of %s from the denied 127.0.0.3 got %d bytes, want none", fqdn("db"), len(got))
+	}
+	if got := sendHello(t, r.sni, "127.0.0.2", hello); len(got) == 0 || got[0] != 'D' || !bytes.Equal(got[1:], hello) {
+		t.Errorf("a client of %s from 127.0.0.2: %d bytes back, want the tag and the hello", fqdn("db"), len(got))
+	}
+	if n := metric(t, maddr, "tcprelay_clients_denied_total"); n != 1 {
+		t.Errorf("tcprelay_clients_denied_total %d, want 1", n)
+	}
+}
