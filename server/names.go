@@ -102,6 +102,7 @@ func (s *Server) routeByName(c net.Conn, release func()) {
 		s.conns[pc] = struct{}{}
 		s.mu.Unlock()
 		c = pc
+		c.SetDeadline(accepted.Add(s.set.handshakeTimeout)) // readProxyHeader cleared it
 	}
 	hello, head, err := clienthello.Read(c)
 	if err != nil {

@@ -11,6 +11,7 @@ import (
 	"io"
 	"math/rand"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -269,4 +270,47 @@ func parseAgents(t *testing.T, file string) []server.Agent {
 		t.Fatal(err)
 	}
 	return agents
+}
+
+// TestNamesProxiedHelloTimesOut: behind a trusted proxy, a client whose
+// PROXY header came but whose ClientHello does not is closed at the
+// handshake timeout, like any other.
+func TestNamesProxiedHelloTimesOut(t *testing.T) {
+	check.Leaks(t)
+	lb := []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}
+	_, names := testutil.StartNamesRelay(t, server.Config{ProxyProtocolFrom: lb, HandshakeTimeout: 300 * time.Millisecond})
+	c := testutil.Dial(t, names)
+	c.Write([]byte("PROXY TCP4 192.0.2.7 127.0.0.1 40000 443\r\n"))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); n != 0 || err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read %d, %v; want the relay to close it at its handshake timeout", n, err)
+	}
+}
+
+// TestNamesNarrowedScope: a name its owner's new scope leaves out is
+// taken from it at once: its clients are closed, and the agent cannot
+// have it back.
+func TestNamesNarrowedScope(t *testing.T) {
+	check.Leaks(t)
+	alice := newKey(t)
+	relay, names := testutil.StartNamesRelay(t, server.Config{Agents: parseAgents(t, "alice "+tunnel.PublicKey(alice)+" hosts=db\n")})
+	ln := listen(t, relay.Addr, tunnel.Config{Key: alice, Hostname: "db"})
+	pool := serveTLS(t, ln, "db.names.test")
+	c, err := dialName(names, "db.names.test", pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	relay.SetAgents(parseAgents(t, "alice "+tunnel.PublicKey(alice)+" hosts=web\n"))
+	if n, err := c.Read(make([]byte, 1)); n != 0 || err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("the narrowed name's client: read %d, %v; want it closed", n, err)
+	}
+	check.Eventually(t, 5*time.Second, func() error {
+		c, err := dialName(names, "db.names.test", pool)
+		if err == nil {
+			c.Close()
+			return errors.New("db.names.test still reachable after alice's scope left it out")
+		}
+		return nil
+	})
 }
