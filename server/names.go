@@ -3,7 +3,6 @@ package server
 import (
 	"errors"
 	"net"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -75,12 +74,17 @@ func (s *Server) ServeNames(ln net.Listener) error {
 // NamesControl returns the listener of the agents that come to the shared
 // port (see ServeNames): serve it as a control listener, over TLS (the
 // relay's own certificate), e.g. srv.Serve(transport.Listen(l, tlsCfg)).
-// Until it is called, such connections are closed.
-func (s *Server) NamesControl() net.Listener {
+// Its Addr is addr: as with any listener given to Serve, the public ports
+// of the agents that come this way bind to its IP (nil or unspecified:
+// every interface). Until it is called, such connections are closed.
+func (s *Server) NamesControl(addr *net.TCPAddr) net.Listener {
+	if addr == nil {
+		addr = &net.TCPAddr{}
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.namesCtl == nil {
-		s.namesCtl = &handoff{conns: make(chan net.Conn), done: make(chan struct{}), addr: namesAddr{s}}
+		s.namesCtl = &handoff{conns: make(chan net.Conn), done: make(chan struct{}), addr: addr}
 	}
 	return s.namesCtl
 }
@@ -238,14 +242,6 @@ func (h *handoff) Close() error {
 }
 
 func (h *handoff) Addr() net.Addr { return h.addr }
-
-// namesAddr is the shared port's address, once ServeNames has it.
-type namesAddr struct{ s *Server }
-
-func (a namesAddr) Network() string { return "tcp" }
-func (a namesAddr) String() string {
-	return net.JoinHostPort(a.s.cfg.NamesDomain, strconv.Itoa(a.s.namesPortNow()))
-}
 
 // nameListener stands for a name endpoint's listener: the shared port's
 // routing is its accept loop, so it only marks the endpoint open.

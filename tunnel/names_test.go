@@ -231,7 +231,8 @@ func TestAgentsOnTheNamesPort(t *testing.T) {
 	cert, _ := testutil.SelfSignedCert(t)
 	done := make(chan error, 1)
 	go func() {
-		done <- relay.Serve(transport.Listen(relay.NamesControl(), &tls.Config{Certificates: []tls.Certificate{cert}}))
+		ctl := relay.NamesControl(&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		done <- relay.Serve(transport.Listen(ctl, &tls.Config{Certificates: []tls.Certificate{cert}}))
 	}()
 	t.Cleanup(func() { relay.Close(); <-done })
 	pin, err := tunnel.PinnedTLS(tunnel.Fingerprint(cert.Certificate[0]))
@@ -251,6 +252,19 @@ func TestAgentsOnTheNamesPort(t *testing.T) {
 			t.Fatalf("echo: %q, %v", b, err)
 		}
 		c.Close()
+	}
+
+	// A port asked for this way binds where the control listener says,
+	// here 127.0.0.1 alone, as a port asked for on the control port does.
+	byPort := listen(t, names, tunnel.Config{TLS: pin})
+	testutil.Serve(t, byPort, testutil.Echo)
+	_, port, _ := net.SplitHostPort(byPort.Addr().String())
+	if err := testutil.EchoCheck("127.0.0.1:"+port, []byte("x"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := net.DialTimeout("tcp", "127.0.0.2:"+port, time.Second); err == nil {
+		c.Close()
+		t.Fatalf("port %s took a client on 127.0.0.2: bound to every interface", port)
 	}
 }
 

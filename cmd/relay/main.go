@@ -294,7 +294,10 @@ func main() {
 	if namesLn != nil {
 		go func() { errc <- srv.ServeNames(namesLn) }()
 		if tlsCfg != nil {
-			go func() { errc <- srv.Serve(transport.Listen(srv.NamesControl(), tlsCfg)) }()
+			// The public ports of the agents that come this way bind where
+			// those of PORT's do.
+			ctl := srv.NamesControl(&net.TCPAddr{IP: net.ParseIP(*bind), Port: cfg.NamesPort})
+			go func() { errc <- srv.Serve(transport.Listen(ctl, tlsCfg)) }()
 		}
 		log.Info("serving tunnels by name", "addr", namesLn.Addr().String(), "domain", cfg.NamesDomain, "agents_too", tlsCfg != nil)
 	}
