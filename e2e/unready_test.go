@@ -168,9 +168,14 @@ func TestHAProxyRoutesAroundUnreadyRelay(t *testing.T) {
 	if a := tryClient(child.Addr(pub)); a.err == nil {
 		t.Fatalf("a client of relay 1 was served (by %c) with A's target down", a.tag)
 	}
-	if got := readyCheck(maddrs[0], pub); got != http.StatusServiceUnavailable {
-		t.Errorf("relay 1's GET /ready/%d with its only agent unready: %d, want 503", pub, got)
-	}
+	// The agent's Ready frame reaches relay 1 a moment after the failed
+	// client's end.
+	check.Eventually(t, 5*time.Second, func() error {
+		if got := readyCheck(maddrs[0], pub); got != http.StatusServiceUnavailable {
+			return fmt.Errorf("relay 1's GET /ready/%d with its only agent unready: %d, want 503", pub, got)
+		}
+		return nil
+	})
 	check.Eventually(t, 5*time.Second, state("relay1", "0"))
 	if seen := served(40); seen['B'] != 40 {
 		t.Errorf("40 clients through haproxy with relay 1's agent unready were served by %v: want all by B, none failing", seen)
