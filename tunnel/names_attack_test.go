@@ -227,3 +227,123 @@ func TestNamesControlStatusDeadlock(t *testing.T) {
 		t.Fatalf("WriteMetrics on a relay serving NamesControl: %s: %v\nwhere: %s", why, err, strings.Join(stack, " <- "))
 	}
 }
+
+// TestNamesPoolJoinWithoutNameSkipsHosts: hosts= bounds the names a key
+// may hold. bob (hosts=other, pools=web) asking for pool web with its
+// name, web, is refused ("not allowed"); asking for pool web with no name
+// at all, he is let in, and serves web.names.test's clients: a TLS client
+// of that name reaches bob's server. OPERATING.md: "A pool may have a
+// name: its members all ask for the pool and the name". FAILS on main.
+func TestNamesPoolJoinWithoutNameSkipsHosts(t *testing.T) {
+	check.Leaks(t)
+	alice, bob := newKey(t), newKey(t)
+	relay, names := testutil.StartNamesRelay(t, server.Config{Agents: parseAgents(t,
+		"alice "+tunnel.PublicKey(alice)+" hosts=web pools=web\n"+
+			"bob "+tunnel.PublicKey(bob)+" hosts=other pools=web\n")})
+	a := listen(t, relay.Addr, tunnel.Config{Key: alice, Pool: "web", Hostname: "web"})
+	cert, roots := testutil.CertFor(t, "web.names.test")
+	served := make(chan string, 64)
+	serve := func(ln net.Listener, who string) {
+		testutil.Serve(t, tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{cert}}), func(c net.Conn) {
+			served <- who
+			c.Write([]byte(who[:1]))
+		})
+	}
+	serve(a, "alice")
+
+	_, err := (&tunnel.Config{Key: bob, Pool: "web", Hostname: "web", Logger: testutil.Logger(t)}).Listen(testutil.Context(t), relay.Addr)
+	if err == nil || !strings.Contains(err.Error(), "not allowed") {
+		t.Fatalf("bob asking for pool web and name web, outside his hosts=: %v, want a refusal", err)
+	}
+	b, err := (&tunnel.Config{Key: bob, Pool: "web", Logger: testutil.Logger(t)}).Listen(testutil.Context(t), relay.Addr)
+	if err != nil {
+		return // refused: what hosts= is for
+	}
+	defer b.Close()
+	serve(b, "bob")
+	for range 40 {
+		c, err := dialName(names, "web.names.test", roots)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.ReadAll(c)
+		c.Close()
+		if who := <-served; who == "bob" {
+			t.Fatalf("bob (hosts=other) joined pool web without naming it (his Addr() is %s) and serves web.names.test's clients", b.Addr())
+		}
+	}
+	t.Fatalf("bob (hosts=other) joined pool web on web.names.test without naming it: Addr() %s", b.Addr())
+}
+
+// TestNamesNarrowedHostsCutsPoolMember: TestNamesNarrowedScope for a name
+// served by a pool. alice (hosts=web pools=web) serves pool web on name
+// web; her hosts= narrows to api, so web.names.test is outside her scope
+// (a new registration of it is refused) and her member serving it should
+// be ended, its clients closed, as for a name of her own. On main
+// narrowLocked looks at pools= only for pool members, and she keeps
+// serving the name. FAILS on main.
+func TestNamesNarrowedHostsCutsPoolMember(t *testing.T) {
+	check.Leaks(t)
+	alice := newKey(t)
+	relay, names := testutil.StartNamesRelay(t, server.Config{Agents: parseAgents(t, "alice "+tunnel.PublicKey(alice)+" hosts=web pools=web\n")})
+	ln := listen(t, relay.Addr, tunnel.Config{Key: alice, Pool: "web", Hostname: "web", DisableReconnect: true})
+	roots := serveTLS(t, ln, "web.names.test")
+	c, err := dialName(names, "web.names.test", roots)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	relay.SetAgents(parseAgents(t, "alice "+tunnel.PublicKey(alice)+" hosts=api pools=web\n"))
+	if _, err := (&tunnel.Config{Key: alice, Hostname: "web", Logger: testutil.Logger(t)}).Listen(testutil.Context(t), relay.Addr); err == nil {
+		t.Fatal("web is still in alice's scope after hosts=api")
+	}
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); n != 0 || err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("a client of web.names.test, served by alice's pool member, 3s after her hosts= left web out: read %d, %v; want it closed", n, err)
+	}
+	if c, err := dialName(names, "web.names.test", roots); err == nil {
+		c.Close()
+		t.Errorf("web.names.test still served by alice's pool member after her hosts= left it out")
+	}
+}
+
+// TestNamesRelayPublicHostNotRegistrable: the relay's own names, DOMAIN and
+// -public-host, route to its control listener. DOMAIN itself is refused
+// to agents ("the relay's own"); -public-host, when it lies under DOMAIN,
+// is not: an agent gets it, its Addr() says clients reach it there, yet
+// every ClientHello for it goes to the relay, and the name shows as the
+// tenant's in the operator's views. FAILS on main (hardening).
+func TestNamesRelayPublicHostNotRegistrable(t *testing.T) {
+	check.Leaks(t)
+	relay, _ := testutil.StartNamesRelay(t, server.Config{PublicHost: "relay.names.test"})
+	ln, err := (&tunnel.Config{Hostname: "relay", Logger: testutil.Logger(t)}).Listen(testutil.Context(t), relay.Addr)
+	if err == nil {
+		ln.Close()
+		t.Fatalf("an agent registered relay.names.test, the relay's -public-host, whose clients the relay keeps: Addr() %s", ln.Addr())
+	}
+}
+
+// TestNamesAllDigitShortName: OPERATING.md says `relay ctl drain NAME`,
+// /ready/NAME and the admin API take a name as `db` or
+// `db.tunnels.example.com`. A name whose first label is all digits
+// (-hostname 8080, which the relay accepts) cannot be given short: "8080"
+// is read as a port, so the operator reaches nothing, or another
+// tenant's port 8080. FAILS on main (doc mismatch).
+func TestNamesAllDigitShortName(t *testing.T) {
+	check.Leaks(t)
+	relay, _ := testutil.StartNamesRelay(t, server.Config{})
+	ln := listen(t, relay.Addr, tunnel.Config{Hostname: "8080"})
+	if got := ln.Addr().String(); !strings.HasPrefix(got, "8080.names.test:") {
+		t.Fatalf("Addr() = %s", got)
+	}
+	if err := relay.DrainEndpoint("8080.names.test", true); err != nil {
+		t.Fatalf("drain by full name: %v", err)
+	}
+	relay.DrainEndpoint("8080.names.test", false)
+	if ok, _, _ := relay.EndpointReady("8080"); !ok {
+		t.Errorf("EndpointReady(\"8080\") (/ready/8080): not ready, though name 8080 has a ready agent")
+	}
+	if err := relay.DrainEndpoint("8080", true); err != nil {
+		t.Errorf("drain by short name, as OPERATING.md says: %v", err)
+	}
+}
