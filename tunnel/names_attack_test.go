@@ -200,31 +200,20 @@ func TestNamesPortDeadParkedConns(t *testing.T) {
 // -test.timeout, since a deadlocked relay cannot be closed. FAILS on main.
 func TestNamesControlStatusDeadlock(t *testing.T) {
 	if os.Getenv("TCPRELAY_NAMES_DEADLOCK_CHILD") == "1" {
-		relay, _ := testutil.StartNamesRelay(t, server.Config{})
-		serveNamesControl(t, relay)
+		relay, names := testutil.StartNamesRelay(t, server.Config{})
+		pin := serveNamesControl(t, relay)
+		// An agent on the shared port: its control listener is served.
+		listen(t, names, tunnel.Config{TLS: pin, Hostname: "db"})
 		if err := relay.WriteMetrics(io.Discard); err != nil {
 			t.Fatal(err)
 		}
 		fmt.Println("METRICS WRITTEN")
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestNamesControlStatusDeadlock$", "-test.timeout=10s", "-test.v")
-	cmd.Env = append(os.Environ(), "TCPRELAY_NAMES_DEADLOCK_CHILD=1")
-	out, err := cmd.CombinedOutput()
+	out, err := runChild(t, "TestNamesControlStatusDeadlock", "TCPRELAY_NAMES_DEADLOCK_CHILD")
 	if err != nil || !bytes.Contains(out, []byte("METRICS WRITTEN")) {
-		why := "it failed"
-		if bytes.Contains(out, []byte("test timed out")) {
-			why = "it hung (deadlock)"
-		}
-		var stack []string
-		for _, l := range strings.Split(string(out), "\n") {
-			if strings.Contains(l, "namesPortNow") || strings.Contains(l, "takeStatus") || strings.Contains(l, "namesAddr") {
-				stack = append(stack, strings.TrimSpace(l))
-			}
-		}
-		t.Fatalf("WriteMetrics on a relay serving NamesControl: %s: %v\nwhere: %s", why, err, strings.Join(stack, " <- "))
+		t.Fatalf("WriteMetrics on a relay serving NamesControl: %s: %v\nwhere: %s", childFailure(out), err,
+			stackWith(out, "namesPortNow", "takeStatus", "namesAddr"))
 	}
 }
 
@@ -345,5 +334,76 @@ func TestNamesAllDigitShortName(t *testing.T) {
 	}
 	if err := relay.DrainEndpoint("8080", true); err != nil {
 		t.Errorf("drain by short name, as OPERATING.md says: %v", err)
+	}
+}
+
+// runChild runs the test named test again in a child process, with env
+// set to 1, bounded by a 10s -test.timeout: for a relay that may
+// deadlock, which a test cannot close.
+func runChild(t *testing.T, test, env string) ([]byte, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^"+test+"$", "-test.timeout=10s", "-test.v")
+	cmd.Env = append(os.Environ(), env+"=1")
+	return cmd.CombinedOutput()
+}
+
+func childFailure(out []byte) string {
+	if bytes.Contains(out, []byte("test timed out")) {
+		return "it hung (deadlock)"
+	}
+	return "it failed"
+}
+
+// stackWith is the lines of a goroutine dump that mention any of funcs.
+func stackWith(out []byte, funcs ...string) string {
+	var stack []string
+	for _, l := range strings.Split(string(out), "\n") {
+		for _, f := range funcs {
+			if strings.Contains(l, f) {
+				stack = append(stack, strings.TrimSpace(l))
+				break
+			}
+		}
+	}
+	return strings.Join(stack, " <- ")
+}
+
+// TestNamesControlUnservedBlocksClose: NamesControl's doc says that until
+// it is called, agents' connections on the shared port are closed. Once
+// it is called, a connection handed to it waits in handoff.deliver, with
+// no deadline and outside the handshake budget, until something Accepts
+// it. A program that calls NamesControl and serves it later, or never
+// (its Serve failed to start, say), holds a goroutine and a descriptor
+// per ClientHello offering ALPN tcprelay, which any stranger can send;
+// and Close, which does not close a handoff nobody serves, waits for
+// those goroutines forever. FAILS on main (hardening: an embedding API
+// hazard; ./relay calls NamesControl only to serve it).
+func TestNamesControlUnservedBlocksClose(t *testing.T) {
+	if os.Getenv("TCPRELAY_NAMES_UNSERVED_CHILD") == "1" {
+		relay, names := testutil.StartNamesRelay(t, server.Config{HandshakeTimeout: 500 * time.Millisecond})
+		relay.NamesControl() // and never served
+		c := testutil.Dial(t, names)
+		go tls.Client(c, &tls.Config{NextProtos: []string{"tcprelay"}, InsecureSkipVerify: true}).Handshake()
+		time.Sleep(time.Second) // past the handshake timeout
+		closed := make(chan struct{})
+		go func() { relay.Close(); close(closed) }()
+		select {
+		case <-closed:
+			fmt.Println("CLOSED OK")
+		case <-time.After(5 * time.Second):
+			fmt.Println("CLOSE HUNG")
+			os.Exit(1)
+		}
+		return
+	}
+	out, err := runChild(t, "TestNamesControlUnservedBlocksClose", "TCPRELAY_NAMES_UNSERVED_CHILD")
+	if err != nil || !bytes.Contains(out, []byte("CLOSED OK")) {
+		why := childFailure(out)
+		if bytes.Contains(out, []byte("CLOSE HUNG")) {
+			why = "Close did not return within 5s"
+		}
+		t.Fatalf("Close of a relay whose NamesControl is not served, after one agent-like ClientHello: %s: %v", why, err)
 	}
 }
