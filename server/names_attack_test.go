@@ -29,7 +29,7 @@ func TestNamesControlHandoffForgetsConns(t *testing.T) {
 	cert, _ := testutil.SelfSignedCert(t)
 	done := make(chan error, 1)
 	go func() {
-		done <- relay.Serve(transport.Listen(relay.NamesControl(), &tls.Config{Certificates: []tls.Certificate{cert}}))
+		done <- relay.Serve(transport.Listen(relay.NamesControl(&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}), &tls.Config{Certificates: []tls.Certificate{cert}}))
 	}()
 	t.Cleanup(func() { relay.Close(); <-done })
 
@@ -66,7 +66,7 @@ func TestNamesPortAgentKeepsBindAddress(t *testing.T) {
 	cert, _ := testutil.SelfSignedCert(t)
 	done := make(chan error, 1)
 	go func() {
-		done <- relay.Serve(transport.Listen(relay.NamesControl(), &tls.Config{Certificates: []tls.Certificate{cert}}))
+		done <- relay.Serve(transport.Listen(relay.NamesControl(&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}), &tls.Config{Certificates: []tls.Certificate{cert}}))
 	}()
 	t.Cleanup(func() { relay.Close(); <-done })
 

@@ -34,7 +34,7 @@ func serveNamesControl(t *testing.T, relay *testutil.Relay) *tls.Config {
 	cert, _ := testutil.SelfSignedCert(t)
 	done := make(chan error, 1)
 	go func() {
-		done <- relay.Serve(transport.Listen(relay.NamesControl(), &tls.Config{Certificates: []tls.Certificate{cert}}))
+		done <- relay.Serve(transport.Listen(relay.NamesControl(&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}), &tls.Config{Certificates: []tls.Certificate{cert}}))
 	}()
 	t.Cleanup(func() { relay.Close(); <-done })
 	pin, err := tunnel.PinnedTLS(tunnel.Fingerprint(cert.Certificate[0]))
@@ -312,27 +312,26 @@ func TestNamesRelayPublicHostNotRegistrable(t *testing.T) {
 	}
 }
 
-// TestNamesAllDigitShortName: OPERATING.md says `relay ctl drain NAME`,
-// /ready/NAME and the admin API take a name as `db` or
-// `db.tunnels.example.com`. A name whose first label is all digits
-// (-hostname 8080, which the relay accepts) cannot be given short: "8080"
-// is read as a port, so the operator reaches nothing, or another
-// tenant's port 8080. FAILS on main (doc mismatch).
+// TestNamesAllDigitShortName: a name of digits alone would read as a port
+// in relay ctl, /ready/ and the admin API (relay ctl drain 8080), so it is
+// refused, with the reason; digits with a letter are a name.
 func TestNamesAllDigitShortName(t *testing.T) {
 	check.Leaks(t)
 	relay, _ := testutil.StartNamesRelay(t, server.Config{})
-	ln := listen(t, relay.Addr, tunnel.Config{Hostname: "8080"})
-	if got := ln.Addr().String(); !strings.HasPrefix(got, "8080.names.test:") {
+	for _, h := range []string{"8080", "8080.names.test"} {
+		_, err := (&tunnel.Config{Hostname: h, Logger: testutil.Logger(t)}).Listen(testutil.Context(t), relay.Addr)
+		if err == nil || !strings.Contains(err.Error(), "reads as a port") {
+			t.Errorf("hostname %q: got %v, want a refusal that says why", h, err)
+		}
+	}
+	ln := listen(t, relay.Addr, tunnel.Config{Hostname: "8080a"})
+	if got := ln.Addr().String(); !strings.HasPrefix(got, "8080a.names.test:") {
 		t.Fatalf("Addr() = %s", got)
 	}
-	if err := relay.DrainEndpoint("8080.names.test", true); err != nil {
-		t.Fatalf("drain by full name: %v", err)
+	if ok, _, _ := relay.EndpointReady("8080a"); !ok {
+		t.Errorf("EndpointReady(\"8080a\"): not ready, though it has a ready agent")
 	}
-	relay.DrainEndpoint("8080.names.test", false)
-	if ok, _, _ := relay.EndpointReady("8080"); !ok {
-		t.Errorf("EndpointReady(\"8080\") (/ready/8080): not ready, though name 8080 has a ready agent")
-	}
-	if err := relay.DrainEndpoint("8080", true); err != nil {
+	if err := relay.DrainEndpoint("8080a", true); err != nil {
 		t.Errorf("drain by short name, as OPERATING.md says: %v", err)
 	}
 }
@@ -383,7 +382,7 @@ func stackWith(out []byte, funcs ...string) string {
 func TestNamesControlUnservedBlocksClose(t *testing.T) {
 	if os.Getenv("TCPRELAY_NAMES_UNSERVED_CHILD") == "1" {
 		relay, names := testutil.StartNamesRelay(t, server.Config{HandshakeTimeout: 500 * time.Millisecond})
-		relay.NamesControl() // and never served
+		relay.NamesControl(&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}) // and never served
 		c := testutil.Dial(t, names)
 		go tls.Client(c, &tls.Config{NextProtos: []string{"tcprelay"}, InsecureSkipVerify: true}).Handshake()
 		time.Sleep(time.Second) // past the handshake timeout
