@@ -210,6 +210,8 @@ func (ss *session) poolLocked(req *proto.Listen, name string) (*endpoint, error)
 		return nil, ss.heldElsewhereLocked(s.endpoints[int(req.Port)])
 	case ep == nil:
 		return nil, nil
+	case ep.host != "" && !ss.tenant.allowsHost(ep.host, s.cfg.NamesDomain):
+		return nil, refusal(proto.CodePortUnavailable, "%s is not allowed for this agent", ep.what())
 	case name != "" && name != ep.host:
 		return nil, refusal(proto.CodePortUnavailable, "pool %q is on %s, not name %s", req.Pool, ep.what(), name)
 	case name == "" && ep.host != "" && req.Port != 0:
@@ -265,6 +267,13 @@ func (ss *session) checkNameLocked(req *proto.Listen) (string, error) {
 	name, err := proto.FullHostname(req.Hostname, s.cfg.NamesDomain)
 	if err != nil {
 		return "", refusal(proto.CodeBadRequest, "hostname %q: %v", req.Hostname, err)
+	}
+	switch short := strings.TrimSuffix(name, "."+strings.ToLower(s.cfg.NamesDomain)); {
+	case strings.Trim(short, "0123456789") == "":
+		// The operator's commands and /ready/ would read it as a port.
+		return "", refusal(proto.CodeBadRequest, "hostname %q: a name of digits alone reads as a port; add a letter", req.Hostname)
+	case s.isRelayName(name):
+		return "", refusal(proto.CodePortUnavailable, "name %s is the relay's own", name)
 	}
 	if !ss.tenant.allowsHost(name, s.cfg.NamesDomain) {
 		return "", refusal(proto.CodePortUnavailable, "name %s is not allowed for this agent", name)

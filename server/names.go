@@ -123,9 +123,20 @@ func (s *Server) routeByName(c net.Conn, release func()) {
 		s.mu.Lock()
 		h := s.namesCtl
 		s.mu.Unlock()
-		release() // Serve counts it again, as a handshake of the control port
-		if h == nil || !h.deliver(&replayed{Conn: c, head: head}) {
+		if h == nil {
 			s.rejectNamed(c, "an agent, but this relay serves no agents on its names port", nil)
+			return
+		}
+		// Serve tracks it from now on, and counts it again as a handshake
+		// of the control port, under the deadline it has.
+		release()
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+		if !h.deliver(&replayed{Conn: c, head: head}, accepted.Add(s.set.handshakeTimeout)) {
+			s.count.namesRejected.Add(1)
+			c.Close()
+			s.quiet.Warn("closed connection on the names port: an agent, but nothing took it before its handshake timeout", "remote", c.RemoteAddr().String())
 		}
 		return
 	}
@@ -196,6 +207,10 @@ type replayed struct {
 	head []byte
 }
 
+// NetConn returns the socket, for what the relay asks the kernel of it
+// (see socketOf).
+func (c *replayed) NetConn() net.Conn { return c.Conn }
+
 func (c *replayed) Read(p []byte) (int, error) {
 	c.mu.Lock()
 	if len(c.head) > 0 {
@@ -216,15 +231,18 @@ type handoff struct {
 	addr  net.Addr
 }
 
-// deliver hands c to Accept, and reports whether it did (false: the
-// listener is closed).
-func (h *handoff) deliver(c net.Conn) bool {
+// deliver hands c to Accept by deadline, and reports whether it did
+// (false: the listener is closed, or nothing accepted it in time).
+func (h *handoff) deliver(c net.Conn, deadline time.Time) bool {
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
 	select {
 	case h.conns <- c:
 		return true
 	case <-h.done:
-		return false
+	case <-t.C:
 	}
+	return false
 }
 
 func (h *handoff) Accept() (net.Conn, error) {

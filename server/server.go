@@ -475,6 +475,9 @@ func (s *Server) stopAccepting(reason string, retry time.Duration) {
 	for ln := range s.listeners {
 		lns = append(lns, ln)
 	}
+	if s.namesCtl != nil { // served or not: its waiting handoffs give up
+		lns = append(lns, s.namesCtl)
+	}
 	sessions := make([]*session, 0, len(s.sessions))
 	for sess := range s.sessions {
 		sessions = append(sessions, sess)
@@ -768,7 +771,7 @@ func (s *Server) narrowLocked(t *identity, drop map[*member]bool) {
 		for _, m := range ss.members {
 			switch {
 			case m.ep.pool == "":
-			case t.revoked || !t.allowsPool(m.ep.pool):
+			case t.revoked || !t.allowsPool(m.ep.pool) || m.ep.host != "" && !t.allowsEndpoint(m.ep):
 				drop[m] = true
 			default:
 				pooled = append(pooled, m)
