@@ -1,6 +1,14 @@
 // Package copier joins two connections: the one bidirectional copy loop of
 // the project, used by the relay between an outside client and an agent's
 // data connection, and by ./expose between a relayed conn and its target.
+//
+// A direction waits for its source without a goroutine or a buffer (it
+// parks on the source's socket) only when the socket's readability says
+// everything: nothing the direction has yet to move may sit in user space.
+// A plain socket holds nothing. A TLS conn does (crypto/tls reads ahead of
+// the record it returns), unless it reads its socket through Records and
+// is read a whole record at a time: then after each Read it holds nothing
+// and its socket is at a record boundary (see Records and loopTLS).
 package copier
 
 import (
@@ -46,8 +54,11 @@ type closeWriter interface {
 // epoll set (see firstQuiet for when): an idle link costs its two sockets and
 // one small allocation. A burst that finds the process out of fds for a
 // pipe goes through a small buffer instead: a link never fails for want of
-// a pipe. Other conns (TLS) are copied through a buffer by one goroutine
-// each way.
+// a pipe. A direction from a plain socket to another conn (TLS), or from a
+// TLS conn over Records (see TLSRecords on the relay's and the agent's
+// conns) to any conn, parks the same way and moves each burst through a
+// pooled buffer held only for the burst. Other conns are copied through a
+// buffer by one goroutine each way.
 //
 // A direction given a Bucket (NewLimited) moves its bytes through a buffer
 // of Chunk bytes, taking each chunk's tokens before it writes it: it never
@@ -95,7 +106,7 @@ type dir struct {
 	l        *Link
 	dst, src net.Conn
 	n        *int64  // the Result field this direction counts into
-	spliced  bool    // sp is set up: both conns are sockets
+	polled   bool    // sp runs d: src is a socket, or TLS over one (Records)
 	lim      *Bucket // nil: unlimited
 	parked   bool    // waiting in the poller, with no goroutine (under l.mu)
 	sp       splicer
@@ -132,8 +143,8 @@ func NewLimited(a, b net.Conn, aToB, bToA *Bucket, done func(*Link, Result)) *Li
 	// reads the other's state.
 	for i := range l.dirs {
 		d := &l.dirs[i]
-		d.spliced = d.sp.init(d.dst, d.src, &d.progress)
-		if d.spliced && d.lim != nil {
+		d.polled = d.sp.init(d.dst, d.src, &d.progress)
+		if d.polled && d.lim != nil {
 			d.sp.limit(d.lim, l.stop)
 		}
 	}
@@ -146,7 +157,7 @@ func NewLimited(a, b net.Conn, aToB, bToA *Bucket, done func(*Link, Result)) *Li
 // through a buffer all the same.)
 func (l *Link) Spliced() (aToB, bToA bool) {
 	d := &l.dirs
-	return d[0].spliced && d[0].lim == nil, d[1].spliced && d[1].lim == nil
+	return d[0].polled && d[0].sp.spliced(), d[1].polled && d[1].sp.spliced()
 }
 
 // Progress returns the bytes each direction has delivered so far, live.
@@ -193,7 +204,7 @@ func (l *Link) Close() { l.fail(net.ErrClosed) }
 func (d *dir) run() {
 	var n int64
 	var err error
-	if !d.spliced {
+	if !d.polled {
 		var w io.Writer = progressWriter{d.dst, &d.progress}
 		if d.lim != nil {
 			w = limitedWriter{w, d.lim, d.l.stop}
@@ -277,8 +288,10 @@ func (w limitedWriter) Write(b []byte) (int, error) {
 // splice(2) on Linux, through a pipe held only while bytes are in flight:
 // a connection waiting for data holds no pipe. When no pipe can be had
 // (the process is at its fd limit), the bytes go through a small buffer
-// until src next has nothing to read. Anything else (TLS) is copied
-// through a buffer.
+// until src next has nothing to read. A TLS src over Records, or a plain
+// src to another dst, goes through a buffer held only while bytes are in
+// flight: waiting, Copy holds its goroutine and nothing more. Anything
+// else is copied through a buffer.
 func Copy(dst, src net.Conn) (int64, error) {
 	var sp splicer
 	if !sp.init(dst, src, nil) {

@@ -68,6 +68,14 @@ type splicer struct {
 	drain    func(uintptr) bool
 	srcConn  net.Conn // for its read deadline: the quiet window's timer
 	srcFD    int32    // src's descriptor, for the poller
+	// w, when dst is not a socket (TLS), is dst: bursts go through buf and
+	// are written to it.
+	w io.Writer
+	// tls, when src is a TLS conn over Records (rec), is src: loopTLS
+	// reads it. src, srcConn and srcFD are then the socket's under it.
+	tls      net.Conn
+	rec      *Records
+	readable func(uintptr) bool
 	// prog, for a Link's direction, is where the direction's progress is
 	// kept, live; nil for Copy.
 	prog *progress
@@ -101,30 +109,43 @@ type splicer struct {
 // socket descriptor (not TLS). prog is a Link's direction's progress (nil
 // for Copy): a Link's directions may park.
 func (s *splicer) init(dst, src net.Conn, prog *progress) bool {
-	sc, ok := src.(syscall.Conn)
-	if !ok {
+	*s = splicer{prog: prog, canPark: prog != nil, srcFD: -1}
+	if rec := recordsOf(src); rec != nil {
+		s.tls, s.rec, s.src, s.srcConn = src, rec, rec.raw, rec.Conn
+		rec.nonblock.Store(true) // s reads it from now on
+	} else if s.src = rawConn(src); s.src != nil {
+		s.srcConn = src
+	} else {
 		return false
 	}
-	dc, ok := dst.(syscall.Conn)
-	if !ok {
-		return false
+	if s.dst = rawConn(dst); s.dst == nil || s.tls != nil {
+		s.dst, s.w = nil, dst
 	}
-	srcRaw, err := sc.SyscallConn()
-	if err != nil {
-		return false
-	}
-	dstRaw, err := dc.SyscallConn()
-	if err != nil {
-		return false
-	}
-	*s = splicer{dst: dstRaw, src: srcRaw, srcConn: src, prog: prog, canPark: prog != nil, srcFD: -1}
-	srcRaw.Control(func(fd uintptr) { s.srcFD = int32(fd) })
-	s.fill, s.drain = s.doFill, s.doDrain
+	s.src.Control(func(fd uintptr) { s.srcFD = int32(fd) })
+	s.fill, s.drain, s.readable = s.doFill, s.doDrain, s.doReadable
 	if s.canPark {
 		s.quiet = firstQuiet
 	}
 	return true
 }
+
+// rawConn is c's socket, if c is one whose descriptor carries its bytes
+// as they are; else nil.
+func rawConn(c net.Conn) syscall.RawConn {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return raw
+}
+
+// spliced reports whether s moves its bytes with splice(2): both conns
+// are sockets.
+func (s *splicer) spliced() bool { return s.w == nil && s.lim == nil }
 
 // limit makes s copy through a buffer, at most lim's rate.
 func (s *splicer) limit(lim *Bucket, stop <-chan struct{}) {
@@ -134,14 +155,11 @@ func (s *splicer) limit(lim *Bucket, stop <-chan struct{}) {
 // loop moves bytes until EOF on src (nil), an error, or, if canPark, src
 // has nothing to read (again is true; see firstQuiet).
 func (s *splicer) loop() (again bool, err error) {
+	if s.tls != nil {
+		return s.loopTLS()
+	}
 	defer s.release() // EOF or an error
-	if s.canPark && s.parkedAt != 0 && nanotime()-s.parkedAt < int64(hotFor) {
-		s.quiet = hotFor
-	}
-	if s.quiet > 0 {
-		s.mark = s.written
-		s.srcConn.SetReadDeadline(time.Now().Add(s.quiet))
-	}
+	s.startWindow()
 	for {
 		// Fill the pipe from src; fill gives the pipe back while src has
 		// nothing to read.
@@ -149,16 +167,9 @@ func (s *splicer) loop() (again bool, err error) {
 			if s.quiet == 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
 				return false, err
 			}
-			// The deadline ends the quiet window: no bytes since it was set
-			// means park, otherwise wait a longer window.
-			if s.written == s.mark {
-				s.quiet = 0
-				s.srcConn.SetReadDeadline(time.Time{})
+			if !s.nextWindow() {
 				return s.parked(), nil
 			}
-			s.quiet = min(2*s.quiet, hotFor)
-			s.mark = s.written
-			s.srcConn.SetReadDeadline(time.Now().Add(s.quiet))
 			continue
 		}
 		if s.err == syscall.EAGAIN { // nothing to read, no quiet window
@@ -177,6 +188,12 @@ func (s *splicer) loop() (again bool, err error) {
 		if err := s.lim.wait(s.n, s.stop); err != nil {
 			return false, err
 		}
+		if s.w != nil {
+			if err := s.writeOut(s.buf.out); err != nil {
+				return false, err
+			}
+			continue
+		}
 		for s.pending > 0 {
 			if err := s.dst.Write(s.drain); err != nil {
 				return false, err
@@ -194,6 +211,33 @@ func (s *splicer) loop() (again bool, err error) {
 			}
 		}
 	}
+}
+
+// startWindow starts the quiet window loop waits before it parks (see
+// firstQuiet), if it has one.
+func (s *splicer) startWindow() {
+	if s.canPark && s.parkedAt != 0 && nanotime()-s.parkedAt < int64(hotFor) {
+		s.quiet = hotFor
+	}
+	if s.quiet > 0 {
+		s.mark = s.written
+		s.srcConn.SetReadDeadline(time.Now().Add(s.quiet))
+	}
+}
+
+// nextWindow runs when the quiet window's deadline has passed: if bytes
+// moved during it, it starts a longer one and reports true; else the
+// direction parks, with no window, and it reports false.
+func (s *splicer) nextWindow() bool {
+	if s.written == s.mark {
+		s.quiet = 0
+		s.srcConn.SetReadDeadline(time.Time{})
+		return false
+	}
+	s.quiet = min(2*s.quiet, hotFor)
+	s.mark = s.written
+	s.srcConn.SetReadDeadline(time.Now().Add(s.quiet))
+	return true
 }
 
 // doFill moves what the socket fd has into the pipe (or buffer). On EAGAIN
@@ -262,7 +306,7 @@ func (s *splicer) doDrain(fd uintptr) bool {
 // of descriptors or pipe memory), a buffer.
 // Any pipe2 error means the same: it says nothing about the connection.
 func (s *splicer) take() {
-	if s.lim != nil {
+	if s.lim != nil || s.w != nil {
 		s.buf = bufs.Get().(*buffer)
 		return
 	}

@@ -9,6 +9,7 @@ import "net"
 type splicer struct{ written int64 }
 
 func (s *splicer) init(dst, src net.Conn, prog *progress) bool { return false }
+func (s *splicer) spliced() bool                               { return false }
 func (s *splicer) loop() (again bool, err error)               { return false, nil }
 func (s *splicer) noPark()                                     {}
 func (s *splicer) limit(*Bucket, <-chan struct{})              {}
@@ -25,3 +26,8 @@ func SetMaxPipes(n int) {}
 
 // PipesAlive: there are no splice pipes here.
 func PipesAlive() int { return 0 }
+
+// canPoll: Records never parks here.
+const canPoll = false
+
+func readNow(r *Records, p []byte) (int, error) { return r.Conn.Read(p) }

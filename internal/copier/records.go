@@ -1,0 +1,124 @@
+package copier
+
+import (
+	"net"
+	"sync/atomic"
+	"syscall"
+)
+
+// recordHeaderLen is the length of a TLS record's header: type (1),
+// version (2), length of the body (2).
+const recordHeaderLen = 5
+
+// Records is the socket under a TLS conn: give it to tls.Client or
+// tls.Server in place of the socket, and a Link can park a direction that
+// reads that TLS conn as it parks one that reads a plain socket.
+//
+// crypto/tls reads its socket through a bytes.Buffer that takes whatever
+// the socket has, so after a Read the TLS conn may hold a whole record
+// while the socket has nothing left to read: waiting for the socket to be
+// readable would then wait for bytes that have already come. Records
+// never returns bytes past the end of the current record: each Read
+// returns at most the rest of the current record's header, or of its body.
+// So once tls.Conn.Read has returned the plaintext of a record into a
+// buffer large enough for any record, the TLS conn holds nothing it has
+// not returned, and the socket is at a record boundary: the next byte to
+// come is the socket's, and its readability is the TLS conn's.
+//
+// In a Link, Records also never waits at a record boundary: a read there
+// that finds nothing to read ends at once with an error that the Link
+// takes as "park" (crypto/tls leaves no state behind for an error that
+// says it is temporary). Inside a record it waits, as a socket does.
+type Records struct {
+	net.Conn
+	raw      syscall.RawConn // the socket's, if it has one (and Links may park here)
+	hdr      [recordHeaderLen]byte
+	hn       int         // bytes of the current record's header read so far
+	left     int         // bytes of the current record's body not yet read
+	nonblock atomic.Bool // set by the Link that reads the TLS conn
+}
+
+// NewRecords wraps the socket c, to go under a TLS conn.
+func NewRecords(c net.Conn) *Records {
+	r := &Records{Conn: c}
+	if sc, ok := c.(syscall.Conn); ok && canPoll {
+		if raw, err := sc.SyscallConn(); err == nil {
+			r.raw = raw
+		}
+	}
+	return r
+}
+
+// NetConn is the socket.
+func (r *Records) NetConn() net.Conn { return r.Conn }
+
+// Read reads at most up to the end of the current record's header or
+// body. At a record boundary, in a Link, it does not wait.
+func (r *Records) Read(p []byte) (int, error) {
+	want := recordHeaderLen - r.hn
+	if r.hn == recordHeaderLen {
+		want = r.left
+	}
+	p = p[:min(len(p), want)]
+	if len(p) == 0 {
+		return 0, nil
+	}
+	var n int
+	var err error
+	if r.hn == 0 && r.raw != nil && r.nonblock.Load() {
+		n, err = readNow(r, p)
+	} else {
+		n, err = r.Conn.Read(p)
+	}
+	r.advance(p[:n])
+	return n, err
+}
+
+// advance moves the record position past b, which was just read.
+func (r *Records) advance(b []byte) {
+	if r.hn < recordHeaderLen {
+		r.hn += copy(r.hdr[r.hn:], b)
+		if r.hn < recordHeaderLen {
+			return
+		}
+		r.left = int(r.hdr[3])<<8 | int(r.hdr[4])
+	} else {
+		r.left -= len(b)
+	}
+	if r.left == 0 {
+		r.hn = 0 // the record is whole: a boundary
+	}
+}
+
+// errNothingYet is Records.Read's answer, in a Link, at a record boundary
+// when the socket has nothing to read. It is temporary (net.Error), so
+// crypto/tls returns it from Read and keeps the conn usable.
+var errNothingYet error = nothingYet{}
+
+type nothingYet struct{}
+
+func (nothingYet) Error() string   { return "copier: nothing to read yet at a TLS record boundary" }
+func (nothingYet) Timeout() bool   { return false }
+func (nothingYet) Temporary() bool { return true }
+
+// tlsRecords is implemented by a conn that reads a TLS conn over Records
+// with nothing buffered on the way (*transport.Conn, *tunnel.Conn): it
+// returns the Records, or nil if it is not such a conn now. It must be nil
+// until the TLS handshake is done: a Link's reads never wait at a record
+// boundary, and the handshake's must.
+type tlsRecords interface {
+	TLSRecords() *Records
+}
+
+// recordsOf is the Records under a TLS conn src that a direction may park
+// on, or nil.
+func recordsOf(src net.Conn) *Records {
+	t, ok := src.(tlsRecords)
+	if !ok {
+		return nil
+	}
+	if r := t.TLSRecords(); r != nil && r.raw != nil {
+		return r
+	}
+	return nil
+}
