@@ -1,12 +1,15 @@
 package tunnel
 
 import (
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
 	"net/netip"
 	"strconv"
 	"syscall"
+
+	"tcprelay/internal/copier"
 )
 
 // Addr is a relayed public address. Host is the relay's advertised host, or
@@ -104,4 +107,15 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 		return tc.WriteTo(w)
 	}
 	return io.Copy(w, struct{ io.Reader }{c.Conn})
+}
+
+// TLSRecords gives a copier the socket under a TLS data connection (see
+// copier.Records); nil over plain TCP. (The handshake is done before a
+// data connection becomes a Conn.)
+func (c *Conn) TLSRecords() *copier.Records {
+	if tc, ok := c.Conn.(*tls.Conn); ok && tc.ConnectionState().HandshakeComplete {
+		r, _ := tc.NetConn().(*copier.Records)
+		return r
+	}
+	return nil
 }

@@ -17,6 +17,7 @@ import (
 	"time"
 	"unicode"
 
+	"tcprelay/internal/copier"
 	"tcprelay/internal/proto"
 )
 
@@ -97,7 +98,9 @@ func (r *registration) dialRelay(ctx context.Context, addr string) (net.Conn, er
 		cfg = cfg.Clone()
 		cfg.ServerName = host
 	}
-	tc := tls.Client(conn, cfg)
+	// Over Records, the copier that relays a data connection (./expose)
+	// can park the direction that reads the relay, as over plain TCP.
+	tc := tls.Client(copier.NewRecords(conn), cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		conn.Close()
 		if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {

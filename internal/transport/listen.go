@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+
+	"tcprelay/internal/copier"
 )
 
 // Listen returns the listener of a relay's control port: it accepts
@@ -48,7 +50,10 @@ func (l *listener) Accept() (net.Conn, error) {
 	if l.tls == nil {
 		return c, nil
 	}
-	c.tc = tls.Server(raw, l.tls)
+	// Over Records, a relayed connection's copier can park the direction
+	// that reads the agent, as it does over plain TCP.
+	c.rec = copier.NewRecords(raw)
+	c.tc = tls.Server(c.rec, l.tls)
 	c.base = c.tc
 	return &TLSConn{c}, nil
 }
@@ -62,9 +67,10 @@ const sniffLen = 4
 
 // Conn is an agent's connection to the control port, accepted by Listen.
 type Conn struct {
-	raw  net.Conn  // the accepted socket
-	tc   *tls.Conn // TLS over raw, if the listener has it
-	base net.Conn  // tc, else raw: what the protocol runs on
+	raw  net.Conn        // the accepted socket
+	tc   *tls.Conn       // TLS over raw, if the listener has it
+	rec  *copier.Records // under tc: raw, read a TLS record at a time
+	base net.Conn        // tc, else raw: what the protocol runs on
 
 	decide sync.Mutex // held while deciding; decided is set under it
 
@@ -338,4 +344,18 @@ func (c *Conn) SyscallConn() (syscall.RawConn, error) {
 		return nil, errNotRaw
 	}
 	return sc.SyscallConn()
+}
+
+// TLSRecords gives the copier the socket under a native TLS connection
+// whose first bytes have all been read (see copier.Records): reads of c
+// then go straight to the TLS conn, which reads the socket through it.
+// Plain, over WebSocket, before the first Read or with sniffed bytes not
+// yet read, it is nil.
+func (c *Conn) TLSRecords() *copier.Records {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.decided || c.err != nil || c.ws != nil || c.tc == nil || len(c.head) > 0 {
+		return nil
+	}
+	return c.rec
 }
