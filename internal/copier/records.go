@@ -38,7 +38,9 @@ type Records struct {
 	nonblock atomic.Bool // set by the Link that reads the TLS conn
 }
 
-// NewRecords wraps the socket c, to go under a TLS conn.
+// NewRecords wraps the socket c, to go under a TLS conn. If c is a
+// syscall.Conn, its descriptor must carry c's bytes as they are (nothing
+// buffered in c), as for splice.
 func NewRecords(c net.Conn) *Records {
 	r := &Records{Conn: c}
 	if sc, ok := c.(syscall.Conn); ok && canPoll {

@@ -52,7 +52,12 @@ func readNow(r *Records, p []byte) (int, error) {
 // session ticket wakes the direction and it parks again. A close_notify
 // ends the Read with io.EOF.
 func (s *splicer) loopTLS() (again bool, err error) {
-	defer s.release()
+	defer func() {
+		s.release()
+		if !again { // ended: a read of the TLS conn past here waits again
+			s.rec.nonblock.Store(false)
+		}
+	}()
 	s.startWindow()
 	for {
 		s.buf = bufs.Get().(*buffer)
