@@ -105,9 +105,11 @@ type splicer struct {
 	err     error // error of the last splice, read or write
 }
 
-// init sets s up to copy src to dst, and reports whether both expose a
-// socket descriptor (not TLS). prog is a Link's direction's progress (nil
-// for Copy): a Link's directions may park.
+// init sets s up to copy src to dst, and reports whether s can: src is a
+// socket, or a TLS conn over Records (then loopTLS reads it). dst is
+// spliced to if it is a socket too, else written to through a buffer
+// (s.w). prog is a Link's direction's progress (nil for Copy): a Link's
+// directions may park.
 func (s *splicer) init(dst, src net.Conn, prog *progress) bool {
 	*s = splicer{prog: prog, canPark: prog != nil, srcFD: -1}
 	if rec := recordsOf(src); rec != nil {
@@ -192,6 +194,7 @@ func (s *splicer) loop() (again bool, err error) {
 			if err := s.writeOut(s.buf.out); err != nil {
 				return false, err
 			}
+			s.pending = 0
 			continue
 		}
 		for s.pending > 0 {
