@@ -181,6 +181,20 @@ func (l *Link) Waiting() time.Duration {
 	return time.Duration(nanotime() + 1 - since)
 }
 
+// Idle returns how long both directions have been parked: waiting in the
+// poller for their sources, with nothing moved since (see firstQuiet for
+// when a direction parks). It is 0 while either direction runs, or on a
+// link whose directions cannot park (TLS).
+func (l *Link) Idle() time.Duration {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	a, b := &l.dirs[0], &l.dirs[1]
+	if !a.parked || !b.parked {
+		return 0
+	}
+	return time.Duration(nanotime() - max(a.sp.parkedAt, b.sp.parkedAt))
+}
+
 // Start runs both directions in the background. Call it once.
 func (l *Link) Start() {
 	for i := range l.dirs {

@@ -290,3 +290,31 @@ func TestProgressAndWaiting(t *testing.T) {
 		return nil
 	})
 }
+
+// TestIdleSinceParked: a Link reports how long both its directions have
+// been parked, growing while nothing moves, and starting over when bytes
+// move.
+func TestIdleSinceParked(t *testing.T) {
+	check.Leaks(t)
+	r, l := startLink(t)
+	exchange(t, r, []byte("hello"))
+	const quiet = 50 * time.Millisecond
+	check.Eventually(t, 5*time.Second, func() error {
+		if d := l.Idle(); d < quiet {
+			return fmt.Errorf("Idle() = %v after a quiet exchange, want it to grow past %v", d, quiet)
+		}
+		return nil
+	})
+	// Bytes move: the link has not been idle since.
+	moved := time.Now()
+	if _, err := r.clientA.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	r.clientB.SetReadDeadline(time.Now().Add(timeout))
+	if _, err := io.ReadFull(r.clientB, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	if d, since := l.Idle(), time.Since(moved); d > since {
+		t.Errorf("Idle() = %v %v after a byte moved, want it started over", d, since)
+	}
+}
