@@ -5,35 +5,62 @@ import (
 	"net"
 	"net/netip"
 	"time"
+
+	"tcprelay/internal/copier"
 )
 
 // The relay's budget: the file descriptors it may hold, shared out so that
-// no stranger, tenant or flood can take what another needs. Every
-// connection and listener the relay holds is one descriptor; a relayed
-// client is two (its socket and its data connection).
+// no stranger, tenant or flood can take what another needs, and so that
+// what nobody else needs can be used. Every connection and listener the
+// relay holds is one descriptor; a relayed client is two (its socket and
+// its data connection).
+//
+// Three classes hold descriptors, each under a cap:
 //
 //	handshakes: connections to the control port that have not finished
-//	            their handshake (anyone on the internet): a tenth of the
-//	            limit, and a share of that per source address;
+//	            their handshake (anyone on the internet): at most a tenth
+//	            of the limit, and a share of that per source address;
 //	agents:     control connections, pre-opened data connections and
-//	            public listeners: an eighth. Those of the agents that the
-//	            secret admits (keyless, or with a key of their own making)
-//	            are shared by max-min fairness between their source
+//	            public listeners: at most an eighth. Those of the agents
+//	            that the secret admits (keyless, or with a key of their own
+//	            making) are shared by max-min fairness between their source
 //	            addresses, and take at most half of it when an agents file
 //	            is in force: the agents it lists keep the other half;
-//	clients:    outside clients, waiting or relayed, shared by max-min
-//	            fairness between the endpoints;
-//	reserve:    the rest: splice pipes, a fortieth (a pipe is two
-//	            descriptors, borrowed by a link only while it moves bytes;
-//	            past the bound a burst goes through a buffer), and the state
-//	            file, metrics and logs.
+//	clients:    outside clients, waiting or relayed: no cap of their own.
+//
+// Caps are bounds, not reservations. What is kept aside for good is the
+// reserve: 64 descriptors (control listeners, the state file, metrics and
+// logs) and the splice pipes' part, a fortieth (a pipe is two descriptors,
+// borrowed by a link only while it moves bytes; past the bound a burst
+// goes through a buffer). And handshakes and agents each have a floor, a
+// fortieth of the limit: while a class holds less than its floor, the rest
+// of its floor is kept free for it. Any class may take one more
+// descriptor, within its cap, while, after it, what the three hold, each
+// of handshakes and agents counted as at least its floor, fits in the
+// limit less the reserve (see budget.fits). So an agent can always
+// register, and its pool refill, however many clients there are, and a
+// tunnel alone on the relay may have every client the rest allows:
+// budget.clients, 9,218 under 20,000 fds.
+//
+// Between tunnels, clients are shared by max-min fairness, made room for
+// when the budget is spent: a client of a tunnel that holds at least two
+// fewer clients than the biggest tunnel is admitted by closing one of the
+// biggest tunnel's relayed connections, the one idle longest of a sample
+// (see reclaimLocked). So a tunnel that came first may use everything,
+// and gives back to newcomers until all have as many, no more.
 type budget struct {
 	fds        int // the process's limit
-	handshakes int
+	handshakes int // the most connections in handshake
 	perSource  int // handshakes per source address
-	agents     int
-	clients    int
+	agents     int // the most agents' descriptors
 	pipes      int // splice pipes alive at once (see copier.SetMaxPipes)
+	reserve    int // kept aside: 64, and two descriptors per pipe
+	// Floors: what is kept free for handshakes and agents while they hold
+	// less.
+	handshakeFloor, agentFloor int
+	// clients is the most outside clients: those that fit while
+	// handshakes and agents hold no more than their floors.
+	clients int
 }
 
 func newBudget(fds int) budget {
@@ -41,10 +68,31 @@ func newBudget(fds int) budget {
 	b.handshakes = max(fds/10, 16)
 	b.perSource = max(b.handshakes/32, 8)
 	b.agents = max(fds/8, 16)
-	b.pipes = max(fds/80, 4) // fds/40 descriptors, the reserve's part for them
-	reserve := 64 + fds/40
-	b.clients = max((fds-b.handshakes-b.agents-reserve)/2, 16)
+	b.pipes = max(fds/80, 4)
+	b.reserve = 64 + 2*b.pipes
+	b.handshakeFloor = min(max(fds/40, 2*b.perSource), b.handshakes)
+	b.agentFloor = min(max(fds/40, 16), b.agents)
+	b.clients = max((fds-b.reserve-b.handshakeFloor-b.agentFloor)/2, 0)
 	return b
+}
+
+// fits reports whether the classes, holding h handshakes, a agents'
+// descriptors and c clients' descriptors, fit in the budget: each of
+// handshakes and agents counted as at least its floor.
+func (b *budget) fits(h, a, c int) bool {
+	return max(h, b.handshakeFloor)+max(a, b.agentFloor)+c <= b.fds-b.reserve
+}
+
+// roomLocked reports whether the budget has room for dh more handshakes,
+// da more agents' descriptors and dc more clients' descriptors on top of
+// what each class holds now. s.mu must be held.
+func (s *Server) roomLocked(dh, da, dc int) bool {
+	h, c := s.handshakes.all.Len()+dh, s.clientFDsLocked()+dc
+	// First with a bound on the agents' descriptors that costs nothing to
+	// count (every conn not in handshake counted as a parked one), then,
+	// when the budget is tight, with what they hold.
+	bound := len(s.sessions) + len(s.endpoints) + len(s.conns) - s.handshakes.all.Len()
+	return s.budget.fits(h, bound+da, c) || s.budget.fits(h, s.agentsHeldLocked()+da, c)
 }
 
 // sourceOf is the address a connection comes from, for per-source limits:
@@ -69,12 +117,13 @@ func sourceIP(ip netip.Addr) netip.Addr {
 
 // handshakes are the connections to the control port that have not
 // finished their handshake, oldest first, in all and by source address.
-// When a new one would pass a cap (of its source, or in all), room is made
-// rather than the new one refused, by closing, in this order:
+// When a new one would pass a cap (of its source, or in all; a new one
+// that the descriptors' budget has no room for is at the cap in all), room
+// is made rather than the new one refused, by closing, in this order:
 //
 //  1. the oldest that has sent nothing at all and lasted evictAfter;
 //  2. none: a burst of young or talking connections may go past the cap,
-//     up to twice it;
+//     up to twice it, while the descriptors' budget has room;
 //  3. past that, in all, for a new one from an address that holds fewer
 //     than the average: a silent one of an address that holds more,
 //     however young, so that a flood fast enough that none of its
@@ -129,15 +178,20 @@ func (s *Server) admitHandshake(c net.Conn) (release func(), ok bool) {
 		hs.bySource[h.src] = src
 	}
 	every := func(*handshake) bool { return true }
+	// Past the descriptors' budget (see budget.fits), the handshakes are at
+	// their cap in all, whatever their number: room is made as at the cap,
+	// and no burst goes past it.
+	room := s.roomLocked(1, 0, 0)
 	for _, q := range []struct {
 		l   *list.List
 		cap int
 	}{{src, s.budget.perSource}, {&hs.all, s.budget.handshakes}} {
-		if q.l.Len() < q.cap {
+		full := q.l == &hs.all && !room && len(evict) == 0
+		if q.l.Len() < q.cap && !full {
 			continue
 		}
 		old := scanLocked(q.l, every, silent(h.at, false))
-		if old == nil && q.l.Len() < 2*q.cap {
+		if old == nil && q.l.Len() < 2*q.cap && room {
 			continue
 		}
 		if old == nil && q.l == &hs.all {
@@ -257,7 +311,7 @@ func (s *Server) agentRoomLocked(ss *session) bool {
 	group, secret := ss.group(), ss.secretClass()
 	total, class, mine := 0, 0, 0
 	groups := make(map[string]struct{})
-	add := func(g string, sec bool, n int) {
+	s.eachAgentsLocked(func(g string, sec bool, n int) {
 		total += n
 		if sec && n > 0 {
 			class += n
@@ -266,16 +320,8 @@ func (s *Server) agentRoomLocked(ss *session) bool {
 		if g == group {
 			mine += n
 		}
-	}
-	for other := range s.sessions {
-		add(other.group(), other.secretClass(), 1+len(other.pool))
-	}
-	for _, ep := range s.endpoints {
-		if ep.ln != nil {
-			add(ep.group, ep.secret, 1)
-		}
-	}
-	if total+1 > s.budget.agents {
+	})
+	if total+1 > s.budget.agents || !s.budget.fits(s.handshakes.all.Len(), total+1, s.clientFDsLocked()) {
 		return false
 	}
 	if !secret {
@@ -288,11 +334,112 @@ func (s *Server) agentRoomLocked(ss *session) bool {
 	return fairRoom(c, class, len(groups), mine)
 }
 
-// clientRoomLocked reports whether ep may take one more outside client
-// under the clients' budget, shared by fairRoom between the endpoints.
+// clientFDsLocked counts the descriptors of the outside clients: two each,
+// but none for the relayed connections closed to make room whose end is
+// not counted yet (their places are taken already). s.mu must be held.
+func (s *Server) clientFDsLocked() int {
+	live := s.reclaiming[:0]
+	for _, l := range s.reclaiming {
+		if _, ok := s.links[l]; ok {
+			live = append(live, l)
+		}
+	}
+	clear(s.reclaiming[len(live):])
+	s.reclaiming = live
+	return 2 * (s.clientsTotal - len(live))
+}
+
+// eachAgentsLocked calls add with the descriptors of the agents' budget
+// that each session and each public listener holds, and whose they are (a
+// group, and whether it is of the secret's class). s.mu must be held.
+func (s *Server) eachAgentsLocked(add func(group string, secret bool, n int)) {
+	for other := range s.sessions {
+		add(other.group(), other.secretClass(), 1+len(other.pool))
+	}
+	for _, ep := range s.endpoints {
+		if ep.ln != nil {
+			add(ep.group, ep.secret, 1)
+		}
+	}
+}
+
+// agentsHeldLocked counts the descriptors of the agents' budget held now.
 // s.mu must be held.
+func (s *Server) agentsHeldLocked() int {
+	n := 0
+	s.eachAgentsLocked(func(_ string, _ bool, k int) { n += k })
+	return n
+}
+
+// clientRoomLocked reports whether ep may take one more outside client:
+// while the budget has room for its two descriptors; past that, if room
+// is made by reclaimLocked. s.mu must be held.
 func (s *Server) clientRoomLocked(ep *endpoint) bool {
-	return fairRoom(s.budget.clients, s.clientsTotal, s.activeEndpoints, ep.conns)
+	return s.roomLocked(0, 0, 2) || s.reclaimLocked(ep)
+}
+
+// reclaimSample is how many of the biggest tunnel's relayed connections
+// reclaimLocked compares to find the one idle longest, and reclaimScan
+// bounds the links it looks at to find them.
+const (
+	reclaimSample = 16
+	reclaimScan   = 4096
+)
+
+// reclaimLocked makes room for one more client of ep, when the budget is
+// spent, by closing a relayed connection of the tunnel that holds the most
+// clients, if that is at least two more than ep holds: max-min fairness,
+// with room made instead of waited for. So a tunnel alone may take every
+// client the budget has, and a tunnel that comes later still gets as many
+// as the biggest keeps, and no more. The one closed is, of reclaimSample of
+// the biggest tunnel's relayed connections (the map's order: at random),
+// the one idle longest; a connection moving bytes is closed only if all
+// those are; waiting clients are never closed. It reports whether it closed one. s.mu must be held.
+func (s *Server) reclaimLocked(ep *endpoint) bool {
+	var big *endpoint
+	for _, e := range s.endpoints {
+		if e != ep && (big == nil || e.conns > big.conns) {
+			big = e
+		}
+	}
+	if big == nil || big.conns < ep.conns+2 {
+		return false
+	}
+	var victim *copier.Link
+	var vinfo *linkInfo
+	var vidle time.Duration
+	seen, scanned := 0, 0
+	for l, info := range s.links {
+		if scanned++; scanned > reclaimScan || seen == reclaimSample {
+			break
+		}
+		if info.member.ep != big || info.reason != "" {
+			continue // another tunnel's, or being closed already
+		}
+		seen++
+		// Idle the longest: parked longest, or, of links that do not park
+		// (or not yet), the one the watch saw move least recently.
+		idle := l.Idle()
+		if victim == nil || idle > vidle || idle == vidle && info.changed.Before(vinfo.changed) {
+			victim, vinfo, vidle = l, info, idle
+		}
+	}
+	if victim == nil {
+		return false
+	}
+	vinfo.endedBy("reclaimed")
+	s.count.reclaimed.Add(1)
+	s.reclaiming = append(s.reclaiming, victim)
+	port := big.port
+	// Closed outside s.mu, which the link's end takes. Its place is the new
+	// client's already: until its end is counted, it is in s.reclaiming.
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.quiet.Warn("closed a relayed connection of the tunnel with the most clients, to make room for a client of another", "port", port)
+		victim.Close()
+	}()
+	return true
 }
 
 // fairRoom reports whether a group that holds mine of a budget c, of which
@@ -303,7 +450,8 @@ func (s *Server) clientRoomLocked(ep *endpoint) bool {
 // stays free. So groups that flood the budget cannot take it all, and a
 // quiet one, or one that comes later, still gets its part; as the
 // flooders' places free up, they go to the groups below their share.
-// Nothing is taken back from a group to make room.
+// Nothing is taken back from a group to make room. (The agents' budget is
+// shared so; clients, see reclaimLocked.)
 func fairRoom(c, total, n, mine int) bool {
 	if mine == 0 {
 		n++

@@ -142,3 +142,43 @@ func (l *lockedBuffer) String() string {
 	defer l.mu.Unlock()
 	return l.b.String()
 }
+
+// TestBudgetFloorsAndClients: the budget's figures under 20,000 fds (those
+// the docs give), and its rule: with clients at the most the budget
+// allows, handshakes and agents each still have their floor free, and no
+// more; a class above its floor takes room from the clients, not from the
+// other's floor.
+func TestBudgetFloorsAndClients(t *testing.T) {
+	b := newBudget(20000)
+	want := budget{fds: 20000, handshakes: 2000, perSource: 62, agents: 2500, pipes: 250, reserve: 564,
+		handshakeFloor: 500, agentFloor: 500, clients: 9218}
+	if b != want {
+		t.Fatalf("newBudget(20000) = %+v, want %+v", b, want)
+	}
+	c := 2 * b.clients
+	for _, tc := range []struct {
+		what    string
+		h, a, c int
+		fits    bool
+	}{
+		{"every client, handshakes and agents idle", 0, 0, c, true},
+		{"one client more", 0, 0, c + 2, false},
+		{"every client, handshakes at their floor", b.handshakeFloor, 0, c, true},
+		{"every client, one handshake past the floor", b.handshakeFloor + 1, 0, c, false},
+		{"every client, both at their floors", b.handshakeFloor, b.agentFloor, c, true},
+		{"every client, one agent's descriptor past the floor", b.handshakeFloor, b.agentFloor + 1, c, false},
+		{"handshakes at their cap, agents keep their floor", b.handshakes, b.agentFloor, c - (b.handshakes - b.handshakeFloor), true},
+		{"handshakes at their cap, one agent's past the floor", b.handshakes, b.agentFloor + 1, c - (b.handshakes - b.handshakeFloor), false},
+	} {
+		if got := b.fits(tc.h, tc.a, tc.c); got != tc.fits {
+			t.Errorf("%s (%d handshakes, %d agents' fds, %d clients' fds): fits %v, want %v", tc.what, tc.h, tc.a, tc.c, got, tc.fits)
+		}
+	}
+	// Small limits still make a relay that serves.
+	for _, fds := range []int{200, 400, 2048} {
+		b := newBudget(fds)
+		if b.clients < 16 || b.handshakeFloor < 2*b.perSource || b.agentFloor < 16 || b.reserve+b.handshakeFloor+b.agentFloor+2*b.clients > fds {
+			t.Errorf("newBudget(%d) = %+v: want room for 16 clients, a floor of two sources' handshakes and 16 agents' fds, all within the limit", fds, b)
+		}
+	}
+}

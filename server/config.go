@@ -89,11 +89,11 @@ type Config struct {
 	MaxFDs int
 
 	// MaxConnsPerTunnel bounds the outside clients of one tunnel, waiting or
-	// relayed; a client past it is closed at once. If zero, a quarter of
-	// the relay's budget of clients (1,867 under 20,000 fds), so that
-	// tunnels flooded with clients that hold on leave room for others; if
-	// negative, no fixed bound. Either way, under pressure each tunnel is
-	// held to its fair share of the budget (see Server's budget).
+	// relayed; a client past it is closed at once. If zero or negative, no
+	// fixed bound: a tunnel may have every client the relay's budget
+	// allows, and once it is spent, tunnels with fewer clients take places
+	// from the one with the most, until they hold as many (see Server's
+	// budget).
 	MaxConnsPerTunnel int
 
 	// MaxClientsPerSource bounds the outside clients one source address
@@ -208,7 +208,7 @@ func (c *Config) settings() settings {
 		pickupTimeout:    positive(c.PickupTimeout, def.PickupTimeout),
 		writeTimeout:     positive(c.WriteTimeout, def.WriteTimeout),
 		maxTunnels:       limit(c.MaxTunnelsPerAgent, def.MaxTunnelsPerAgent),
-		maxConns:         positive(c.MaxConnsPerTunnel, math.MaxInt), // if 0, New sets it from the budget
+		maxConns:         positive(c.MaxConnsPerTunnel, math.MaxInt),
 		maxPerSource:     positive(c.MaxClientsPerSource, math.MaxInt),
 		maxPending:       limit(c.MaxPendingPerTunnel, def.MaxPendingPerTunnel),
 		maxFrameSize:     positive(c.MaxFrameSize, def.MaxFrameSize),

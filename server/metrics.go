@@ -45,6 +45,7 @@ type counters struct {
 	stallTimeouts atomic.Int64 // relayed connections closed at the stall timeout
 	idleTimeouts  atomic.Int64 // relayed connections closed at the idle timeout
 	stalledShed   atomic.Int64 // stalled connections closed to keep their memory under the limit
+	reclaimed     atomic.Int64 // relayed connections closed to make room for another tunnel's client
 
 	namesUnknown  atomic.Int64 // connections to the shared port for a name no tunnel has
 	namesRejected atomic.Int64 // connections to the shared port closed before their ClientHello was read
@@ -86,6 +87,7 @@ func (s *Server) WriteMetrics(w io.Writer) error {
 		{"tcprelay_clients", "gauge", "Outside clients now, waiting or relayed.", int64(st.Clients)},
 		{"tcprelay_stalled_memory_bytes", "gauge", "Kernel memory held by relayed connections whose reader has taken nothing for 2s.", s.stalledMemory.Load()},
 		{"tcprelay_stalled_memory_limit_bytes", "gauge", "Past it, the stalled connections stalled longest are closed (0: no limit).", s.set.maxStalledMemory},
+		{"tcprelay_clients_reclaimed_total", "counter", "Relayed connections of the tunnel with the most clients closed to make room for a client of another, the budget being spent.", c.reclaimed.Load()},
 		{"tcprelay_stalled_closed_total", "counter", "Stalled relayed connections closed to keep their memory under the limit.", c.stalledShed.Load()},
 		{"tcprelay_stall_timeouts_total", "counter", "Relayed connections closed at the stall timeout.", c.stallTimeouts.Load()},
 		{"tcprelay_idle_timeouts_total", "counter", "Relayed connections closed at the idle timeout.", c.idleTimeouts.Load()},

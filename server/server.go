@@ -115,6 +115,8 @@ type Server struct {
 	activeEndpoints int          // endpoints with clients (under mu)
 	auth            authThrottle // failed authentications by source (under mu)
 
+	reclaiming []*copier.Link // closed to make room, still counted (under mu; see reclaimLocked)
+
 	stateMu     sync.Mutex  // serialises writes of the state file
 	saveTimer   *time.Timer // a write of the state file is due (under mu)
 	stateFrozen bool        // the relay is stopping: the state file keeps what it had (under mu)
@@ -164,9 +166,6 @@ func New(cfg Config) (*Server, error) {
 	if cfg.AccessLog != nil {
 		s.access = newAccessLog(cfg.AccessLog)
 	}
-	if cfg.MaxConnsPerTunnel == 0 {
-		s.set.maxConns = max(s.budget.clients/4, 16)
-	}
 	if n := s.set.linkBuffer; n > 0 {
 		if s.setReadBuffer = readBufferSetter(n); s.setReadBuffer == nil {
 			log.Warn("net.core.rmem_max is below -link-buffer and the relay lacks CAP_NET_ADMIN: relayed sockets keep the kernel's autotuning, so a stalled link is bounded only by -max-stalled-memory; raise it with sysctl -w net.core.rmem_max=N",
@@ -189,8 +188,7 @@ func New(cfg Config) (*Server, error) {
 		s.watch(s.stopWatch)
 	}()
 	log.Info("budget of file descriptors", "fds", fds, "handshakes", s.budget.handshakes,
-		"per_source", s.budget.perSource, "agents", s.budget.agents, "clients", s.budget.clients, "clients_per_tunnel", s.set.maxConns,
-		"splice_pipes", s.budget.pipes)
+		"per_source", s.budget.perSource, "agents", s.budget.agents, "clients", s.budget.clients, "splice_pipes", s.budget.pipes)
 	return s, nil
 }
 

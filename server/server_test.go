@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -726,61 +727,146 @@ func TestShutdownServesAcceptedClients(t *testing.T) {
 	}
 }
 
-// TestClientBudgetFairness: outside clients share the relay's budget.
-// By default each tunnel is held to a quarter of it, so three that flood
-// it leave a fourth most of what it asks. With no fixed bound, a tunnel
-// alone may use half, and max-min fairness still keeps room for later
-// tunnels.
+// TestClientBudgetFairness: outside clients share the relay's budget by
+// max-min fairness. A tunnel alone takes every client the budget allows
+// (not a share of it); tunnels that flood it after take places from the
+// biggest until they hold as many; a fourth that comes after three floods
+// gets every one of the 20 clients it asks for; and never are there more
+// clients than the budget. With a fixed bound per tunnel, no tunnel passes
+// it, and the fourth is served all the same.
 func TestClientBudgetFairness(t *testing.T) {
 	for _, tc := range []struct {
-		name     string
-		perTun   int // Config.MaxConnsPerTunnel
-		alone    int // the least a tunnel alone must get
-		late     int // the least of 20 a fourth tunnel must get
-		floodCap int // the most a flooding tunnel may get (0: no check)
+		name   string
+		perTun int // Config.MaxConnsPerTunnel
 	}{
-		{"default", 0, 118 / 4, 10, 118 / 4},
-		{"no fixed bound", -1, 118 / 2, 1, 0},
+		{"default", 0},
+		{"fixed bound", 29},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			check.Leaks(t)
-			// 400 fds: a budget of 118 clients.
-			relay := testutil.StartRelay(t, server.Config{MaxFDs: 400, MaxConnsPerTunnel: tc.perTun})
-			hold := func(c net.Conn) { io.Copy(io.Discard, c) }
-			flood := func(pub string, n int) (held int) {
+			// 400 fds: a budget of 147 clients, and a floor of 16
+			// descriptors kept for agents. Scaled down from 20,000 fds
+			// (floor 500), where a few pools of 32 pre-opened connections
+			// fit in it: here none do, so the agents have no pool.
+			relay := testutil.StartRelay(t, server.Config{MaxFDs: 400, MaxConnsPerTunnel: tc.perTun, MaxPoolPerAgent: -1})
+			budget := int(testutil.Metrics(t, relay.Server)["tcprelay_budget_clients"])
+			// admitted: an admitted client is echoed; a refused one is
+			// closed at once.
+			admitted := func(c net.Conn) bool {
+				c.SetDeadline(time.Now().Add(5 * time.Second))
+				defer c.SetDeadline(time.Time{})
+				if _, err := c.Write([]byte{1}); err != nil {
+					return false
+				}
+				_, err := io.ReadFull(c, make([]byte, 1))
+				return err == nil
+			}
+			flood := func(pub string, n int) (held []net.Conn) {
 				for range n {
-					c := testutil.Dial(t, pub)
-					// A refused client is closed at once; an admitted one waits.
-					c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
-					if _, err := c.Read(make([]byte, 1)); errors.Is(err, os.ErrDeadlineExceeded) {
-						held++
+					if c := testutil.Dial(t, pub); admitted(c) {
+						held = append(held, c)
 					} else {
 						c.Close()
 					}
 				}
 				return held
 			}
-			total := 0
+			var tunnels [][]net.Conn
 			for i := range 3 {
-				n := flood(serveAgent(t, relay.Addr, hold), 118)
-				t.Logf("flooding tunnel %d: %d of 118 clients admitted", i+1, n)
-				if i == 0 && n < tc.alone {
-					t.Errorf("a tunnel alone got %d clients of a budget of 118, want at least %d", n, tc.alone)
+				held := flood(serveAgent(t, relay.Addr, testutil.Echo), budget+10)
+				tunnels = append(tunnels, held)
+				t.Logf("flooding tunnel %d: %d of %d clients admitted", i+1, len(held), budget+10)
+				switch {
+				case tc.perTun > 0 && len(held) > tc.perTun:
+					t.Errorf("a flooding tunnel got %d clients, past its bound of %d", len(held), tc.perTun)
+				case i == 0 && tc.perTun == 0 && len(held) < budget-8:
+					t.Errorf("a tunnel alone got %d clients of a budget of %d, want them all but the few whose descriptors are in flight (8)", len(held), budget)
 				}
-				if tc.floodCap > 0 && n > tc.floodCap {
-					t.Errorf("a flooding tunnel got %d clients, past its bound of %d", n, tc.floodCap)
+			}
+			late := flood(serveAgent(t, relay.Addr, testutil.Echo), 20)
+			t.Logf("a tunnel that came after three floods: %d of 20 admitted", len(late))
+			if len(late) < 20 {
+				t.Errorf("a tunnel that came after three floods got %d of 20 clients, want all", len(late))
+			}
+			// What each tunnel holds now: its clients still echoed (those
+			// that made room were closed).
+			tunnels = append(tunnels, late)
+			live := make([]int, len(tunnels))
+			total := 0
+			for i, held := range tunnels {
+				for _, c := range held {
+					if admitted(c) {
+						live[i]++
+					}
 				}
-				total += n
+				total += live[i]
 			}
-			got := flood(serveAgent(t, relay.Addr, hold), 20)
-			t.Logf("a tunnel that came after three floods: %d of 20 admitted", got)
-			if got < tc.late {
-				t.Errorf("a tunnel that came after three floods got %d of 20 clients, want at least %d", got, tc.late)
+			t.Logf("clients live at the end, by tunnel: %v, %d in all (budget %d)", live, total, budget)
+			if total > budget {
+				t.Errorf("%d clients live in all, over the budget of %d", total, budget)
 			}
-			if total += got; total > 118 {
-				t.Errorf("%d clients admitted in all, over the budget of 118", total)
+			if tc.perTun == 0 {
+				// Max-min: the floods hold as many as each other, give or take
+				// one each way, and none fewer than the late tunnel's 20.
+				lo, hi := slices.Min(live[:3]), slices.Max(live[:3])
+				if hi-lo > 2 || lo < len(late) {
+					t.Errorf("the flooding tunnels hold %v clients: want as many each (within 2), and none fewer than the %d of the late one", live[:3], len(late))
+				}
 			}
 		})
+	}
+}
+
+// TestClientBudgetReclaimsIdlest: once the budget is spent, the places a
+// newcomer tunnel takes from the biggest are its idle relayed connections:
+// one the biggest tunnel's client keeps busy is never closed, each place
+// taken is counted, and the biggest keeps as many clients as the newcomer.
+func TestClientBudgetReclaimsIdlest(t *testing.T) {
+	check.Leaks(t)
+	// 200 fds: a budget of 48 clients.
+	relay := testutil.StartRelay(t, server.Config{MaxFDs: 200, MaxPoolPerAgent: -1})
+	budget := int(testutil.Metrics(t, relay.Server)["tcprelay_budget_clients"])
+	echo := func(c net.Conn) error {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		defer c.SetDeadline(time.Time{})
+		if _, err := c.Write([]byte{1}); err != nil {
+			return err
+		}
+		_, err := io.ReadFull(c, make([]byte, 1))
+		return err
+	}
+	big := serveAgent(t, relay.Addr, testutil.Echo)
+	busy := testutil.Dial(t, big)
+	if err := echo(busy); err != nil {
+		t.Fatalf("the busy client: %v", err)
+	}
+	held := 1
+	for range budget {
+		if c := testutil.Dial(t, big); echo(c) == nil {
+			held++
+		}
+	}
+	t.Logf("the first tunnel holds %d clients of a budget of %d, one of them busy", held, budget)
+	newcomer := serveAgent(t, relay.Addr, testutil.Echo)
+	got := 0
+	for i := range 20 {
+		if err := echo(busy); err != nil {
+			t.Fatalf("the busy client was closed to make room, before newcomer's client %d: %v", i+1, err)
+		}
+		if c := testutil.Dial(t, newcomer); echo(c) == nil {
+			got++
+		}
+	}
+	if err := echo(busy); err != nil {
+		t.Fatalf("the busy client was closed to make room: %v", err)
+	}
+	m := testutil.Metrics(t, relay.Server)
+	t.Logf("the newcomer got %d of 20; %d places reclaimed; %d clients now", got, m["tcprelay_clients_reclaimed_total"], m["tcprelay_clients"])
+	if got < 20 {
+		t.Errorf("the newcomer got %d of 20 clients, want all: the first tunnel holds more", got)
+	}
+	if n := m["tcprelay_clients_reclaimed_total"]; n < 1 || int(n) > got {
+		t.Errorf("clients_reclaimed_total %d: want at least one, and no more than the newcomer's %d", n, got)
 	}
 }
 

@@ -268,11 +268,11 @@ func (s *Server) limits() []statusLimit {
 	}
 	return []statusLimit{
 		{"budget: file descriptors", strconv.Itoa(b.fds)},
-		{"budget: connections in handshake", fmt.Sprintf("%d (%d per source address)", b.handshakes, b.perSource)},
-		{"budget: agents' connections", strconv.Itoa(b.agents)},
-		{"budget: outside clients", strconv.Itoa(b.clients)},
+		{"budget: connections in handshake", fmt.Sprintf("at most %d (%d per source address), %d kept free", b.handshakes, b.perSource, b.handshakeFloor)},
+		{"budget: agents' connections", fmt.Sprintf("at most %d, %d kept free", b.agents, b.agentFloor)},
+		{"budget: outside clients", fmt.Sprintf("at most %d, by max-min fairness between tunnels", b.clients)},
 		{"tunnels per agent", count(set.maxTunnels, "unlimited")},
-		{"clients per tunnel", count(set.maxConns, "a fair share of the budget")},
+		{"clients per tunnel", count(set.maxConns, "no fixed bound")},
 		{"clients per source address, per tunnel", count(set.maxPerSource, "unlimited")},
 		{"waiting clients per tunnel", count(set.maxPending, "unlimited")},
 		{"pre-opened data connections per agent", count(set.maxPool, "unlimited")},

@@ -46,7 +46,7 @@ func main() {
 	drain := fs.Duration("drain-timeout", 10*time.Second, "on SIGINT/SIGTERM, how long relayed connections may finish before they are closed")
 	fs.IntVar(&cfg.MaxTunnelsPerAgent, "max-tunnels-per-agent", cfg.MaxTunnelsPerAgent, "public ports one agent may hold (-1: unlimited)")
 	fs.IntVar(&cfg.MaxFDs, "max-fds", 0, "file descriptors the relay shares out: handshakes, agents, and outside clients by fair shares between tunnels (0: the process's limit, raised to its hard limit at start)")
-	fs.IntVar(&cfg.MaxConnsPerTunnel, "max-conns-per-tunnel", 0, "outside clients one tunnel may have, waiting or relayed; more are closed at once (0: a quarter of the relay's budget of clients; -1: no fixed bound, only the fair share under pressure)")
+	fs.IntVar(&cfg.MaxConnsPerTunnel, "max-conns-per-tunnel", 0, "outside clients one tunnel may have, waiting or relayed; more are closed at once (0 or -1: no fixed bound; once the budget is spent, tunnels with fewer clients take places from the one with the most)")
 	fs.IntVar(&cfg.MaxClientsPerSource, "max-clients-per-source", 0, "outside clients one source address may have on one tunnel (0: no bound)")
 	fs.IntVar(&cfg.MaxPendingPerTunnel, "max-pending-per-tunnel", cfg.MaxPendingPerTunnel, "outside clients one tunnel may have waiting for its agent; more are closed at once (-1: unlimited)")
 	fs.IntVar(&cfg.MaxPoolPerAgent, "max-pool-per-agent", cfg.MaxPoolPerAgent, "idle data connections an agent may open in advance, so new clients skip a round trip (-1: none)")
