@@ -27,7 +27,8 @@ type ConnRecord struct {
 	BytesIn   int64     `json:"bytes_in"`             // from the client to the agent
 	BytesOut  int64     `json:"bytes_out"`            // from the agent to the client
 	// Reason is why it ended: "client closed" or "agent closed" (whose
-	// side ended first), "idle", "stalled", "shed", "revoked", "relay shut
+	// side ended first), "idle", "stalled", "shed", "reclaimed" (its
+	// place given to another tunnel's client), "revoked", "relay shut
 	// down"; for a client never relayed, "denied", "pickup timeout", "no
 	// agent", or "refused: " and the limit.
 	Reason string `json:"reason"`

@@ -393,8 +393,8 @@ const (
 // client the budget has, and a tunnel that comes later still gets as many
 // as the biggest keeps, and no more. The one closed is, of reclaimSample of
 // the biggest tunnel's relayed connections (the map's order: at random),
-// the one idle longest; a connection moving bytes is closed only if all
-// those are; waiting clients are never closed. It reports whether it closed one. s.mu must be held.
+// the one idle longest (both directions parked longest); if none is idle,
+// the newest; waiting clients are never closed. It reports whether it closed one. s.mu must be held.
 func (s *Server) reclaimLocked(ep *endpoint) bool {
 	var big *endpoint
 	for _, e := range s.endpoints {
@@ -417,10 +417,10 @@ func (s *Server) reclaimLocked(ep *endpoint) bool {
 			continue // another tunnel's, or being closed already
 		}
 		seen++
-		// Idle the longest: parked longest, or, of links that do not park
-		// (or not yet), the one the watch saw move least recently.
+		// Parked longest; of links that are not parked (moving bytes, in
+		// their quiet window, or unable to park), the newest.
 		idle := l.Idle()
-		if victim == nil || idle > vidle || idle == vidle && info.changed.Before(vinfo.changed) {
+		if victim == nil || idle > vidle || idle == vidle && info.since.After(vinfo.since) {
 			victim, vinfo, vidle = l, info, idle
 		}
 	}

@@ -824,7 +824,8 @@ func TestClientBudgetFairness(t *testing.T) {
 func TestClientBudgetReclaimsIdlest(t *testing.T) {
 	check.Leaks(t)
 	// 200 fds: a budget of 48 clients.
-	relay := testutil.StartRelay(t, server.Config{MaxFDs: 200, MaxPoolPerAgent: -1})
+	var log testutil.LockedBuffer
+	relay := testutil.StartRelay(t, server.Config{MaxFDs: 200, MaxPoolPerAgent: -1, AccessLog: &log})
 	budget := int(testutil.Metrics(t, relay.Server)["tcprelay_budget_clients"])
 	echo := func(c net.Conn) error {
 		c.SetDeadline(time.Now().Add(5 * time.Second))
@@ -865,9 +866,17 @@ func TestClientBudgetReclaimsIdlest(t *testing.T) {
 	if got < 20 {
 		t.Errorf("the newcomer got %d of 20 clients, want all: the first tunnel holds more", got)
 	}
-	if n := m["tcprelay_clients_reclaimed_total"]; n < 1 || int(n) > got {
+	n := m["tcprelay_clients_reclaimed_total"]
+	if n < 1 || int(n) > got {
 		t.Errorf("clients_reclaimed_total %d: want at least one, and no more than the newcomer's %d", n, got)
 	}
+	// The access log says why each of them ended.
+	check.Eventually(t, 5*time.Second, func() error {
+		if k := strings.Count(log.String(), `"reason":"reclaimed"`); k != int(n) {
+			return fmt.Errorf("%d access log lines with the reason reclaimed, want %d", k, n)
+		}
+		return nil
+	})
 }
 
 // serveAgent registers a library agent that serves each conn with handle,
