@@ -62,8 +62,11 @@ func TestHandshakeCutAtStartRetried(t *testing.T) {
 func TestRelayRefusingPortIsReported(t *testing.T) {
 	e := newEnv(t)
 	var r2 *relay
+	// The squatter's port, below the ephemeral range, so that no other
+	// test's connection holds it on 127.0.0.1 when relay 1 binds it.
 	for attempt := 0; r2 == nil && attempt < 5; attempt++ {
-		r2 = e.tryRelay("127.0.0.2", freePort(t), nil, nil)
+		lo := publicRange()
+		r2 = e.tryRelay("127.0.0.2", freePort(t), nil, []string{"-ports", fmt.Sprintf("%d-%d", lo, lo+50)})
 	}
 	if r2 == nil {
 		t.Fatal("relay on 127.0.0.2: no free port in 5 attempts")
