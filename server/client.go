@@ -413,17 +413,18 @@ func (info *linkInfo) endedBy(reason string) {
 func (s *Server) link(m *member, client, data net.Conn, accepted time.Time) {
 	s.tune(client)
 	s.tune(data)
+	sock := plainSocket(data) // what the link holds
 	now := time.Now()
 	s.mu.Lock()
 	in, out := m.sess.tenant.buckets()
-	l := copier.NewLimited(client, data, in, out, func(l *copier.Link, res copier.Result) {
+	l := copier.NewLimited(client, sock, in, out, func(l *copier.Link, res copier.Result) {
 		s.linkDone(m, client, l, res)
 	})
 	// From now on the link owns both conns, and Close reaches them through
 	// it.
 	delete(s.conns, client)
 	delete(s.conns, data)
-	s.links[l] = &linkInfo{member: m, client: client, data: data, accepted: accepted, since: now, changed: now}
+	s.links[l] = &linkInfo{member: m, client: client, data: sock, accepted: accepted, since: now, changed: now}
 	s.wg.Add(1)
 	s.mu.Unlock()
 	l.Start()

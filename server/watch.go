@@ -3,6 +3,7 @@ package server
 import (
 	"net"
 	"sort"
+	"syscall"
 	"time"
 
 	"tcprelay/internal/copier"
@@ -41,6 +42,24 @@ func (s *Server) tune(c net.Conn) {
 		s.setReadBuffer(tcp)
 	}
 	setNotSentLowat(tcp, notSentLowat)
+}
+
+// plainSocket is the conn a link holds for data, an agent's data
+// connection: the socket itself when the transport carries the native
+// protocol in the clear with nothing left unread (its SyscallConn works),
+// so that no transport wrapper is kept alive by each idle link; else data.
+func plainSocket(data net.Conn) net.Conn {
+	w, ok := data.(interface {
+		NetConn() net.Conn
+		SyscallConn() (syscall.RawConn, error)
+	})
+	if !ok {
+		return data
+	}
+	if _, err := w.SyscallConn(); err != nil {
+		return data
+	}
+	return w.NetConn()
 }
 
 // watch looks at the relayed connections every watchEvery until stop is
