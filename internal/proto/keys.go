@@ -90,8 +90,49 @@ func (e *Ephemeral) SessionKey(peer [KeyLen]byte, nonce [NonceLen]byte) ([MACLen
 
 // ProofMAC is HMAC-SHA256 keyed by a session key over label, a zero byte
 // and data: what a data connection shows to prove it belongs to the
-// session (labels "attach" and "pool-join").
+// session (labels "attach" and "pool-join"). It runs for every data
+// connection, at the agent and at the relay, so it is computed as RFC 2104
+// defines it on the stack: crypto/hmac allocates some 1 KiB per MAC (two
+// SHA-256 states and the pads), which every connection's set-up left for
+// the collector, and the relay's and the agent's memory grew with it.
+// TestProofMACIsHMAC holds it to crypto/hmac.
 func ProofMAC(key [MACLen]byte, label string, data ...[]byte) [MACLen]byte {
+	const block = sha256.BlockSize
+	var in [block + proofMsgMax]byte
+	n := len(label) + 1
+	for _, d := range data {
+		n += len(d)
+	}
+	if n > proofMsgMax {
+		return proofMACLong(key, label, data)
+	}
+	// The key is shorter than a block: padded with zeros.
+	var pad [block]byte
+	copy(pad[:], key[:])
+	for i, k := range pad {
+		in[i] = k ^ 0x36
+	}
+	n = block + copy(in[block:], label)
+	in[n] = 0
+	n++
+	for _, d := range data {
+		n += copy(in[n:], d)
+	}
+	inner := sha256.Sum256(in[:n])
+	var out [block + sha256.Size]byte
+	for i, k := range pad {
+		out[i] = k ^ 0x5c
+	}
+	copy(out[block:], inner[:])
+	return sha256.Sum256(out[:])
+}
+
+// proofMsgMax bounds the message ProofMAC computes on the stack: the
+// protocol's are a label, a zero byte and at most 32 bytes of data.
+const proofMsgMax = 128
+
+// proofMACLong is ProofMAC for a longer message, with crypto/hmac.
+func proofMACLong(key [MACLen]byte, label string, data [][]byte) [MACLen]byte {
 	m := hmac.New(sha256.New, key[:])
 	m.Write([]byte(label))
 	m.Write([]byte{0})
