@@ -225,7 +225,9 @@ func TestFairShareAtRealLimit(t *testing.T) {
 // two descriptors each: the rest is the reserve of 564 and the 500 kept
 // free for each of handshakes and agents). Before, one tunnel alone held
 // at most 3,734, half the clients' budget, even with
-// -max-conns-per-tunnel -1.
+// -max-conns-per-tunnel -1. Then the tunnel takes the whole budget, and
+// an agent that comes to the full relay still registers and has its
+// clients served.
 //
 // Each process stays under its own 20,000: this test holds the 9,000
 // clients; the relay two descriptors each (18,000) and its own; the agent,
@@ -275,6 +277,42 @@ func TestCapacityOfALoneTunnel(t *testing.T) {
 	// All at once: each is still relayed.
 	if n := stillEchoed(conns); n < want {
 		t.Errorf("%d of the %d connections still echo, want all", n, len(conns))
+	}
+	// The tunnel takes the rest of the budget, until the relay refuses it;
+	// then a new agent still registers (its handshake and its session
+	// find their floors), and its clients are served, in places the first
+	// tunnel gives back.
+	budget := int(metric(t, maddr, "tcprelay_budget_clients"))
+	more := 0
+	for range budget - want + 10 {
+		c, err := net.DialTimeout("tcp", child.Addr(pub), 10*time.Second)
+		if err != nil || !echoed(c) {
+			if c != nil {
+				c.Close()
+			}
+			break
+		}
+		more++
+		conns = append(conns, c)
+	}
+	_, late := e.startEcho("127.0.0.1", r.port)
+	served := 0
+	for range 10 {
+		c, err := net.DialTimeout("tcp", child.Addr(late), 10*time.Second)
+		if err == nil && echoed(c) {
+			served++
+			conns = append(conns, c)
+		} else if c != nil {
+			c.Close()
+		}
+	}
+	t.Logf("%d more clients until the relay refused one (%d in all, budget %d); then a new tunnel: %d of 10 served, %d places reclaimed; the relay holds %d fds",
+		more, want+more, budget, served, metric(t, maddr, "tcprelay_clients_reclaimed_total"), openFDs(r.Pid()))
+	if want+more < budget-8 {
+		t.Errorf("one tunnel held %d clients, want the budget's %d but the few whose descriptors are in flight (8)", want+more, budget)
+	}
+	if served < 10 {
+		t.Errorf("a tunnel registered when the relay was full got %d of 10 clients served, want all", served)
 	}
 }
 
