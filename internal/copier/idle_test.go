@@ -253,9 +253,14 @@ func TestProgressAndWaiting(t *testing.T) {
 	check.Leaks(t)
 	r, l := startLink(t)
 	exchange(t, r, []byte("hello"))
-	if a, b := l.Progress(); a != 5 || b != 5 {
-		t.Fatalf("Progress() = %d, %d after a 5-byte exchange each way", a, b)
-	}
+	// A direction counts its bytes once the write that delivered them has
+	// returned, which may be after the reader has them.
+	check.Eventually(t, 5*time.Second, func() error {
+		if a, b := l.Progress(); a != 5 || b != 5 {
+			return fmt.Errorf("Progress() = %d, %d after a 5-byte exchange each way", a, b)
+		}
+		return nil
+	})
 	if w := l.Waiting(); w != 0 {
 		t.Fatalf("Waiting() = %v with nothing to deliver", w)
 	}
