@@ -66,16 +66,22 @@ type closeWriter interface {
 //
 // Once a conn is in a Link, close it only with Link.Close: a conn closed
 // behind the Link's back may leave a waiting direction unwoken.
+//
+// A Link is one allocation of at most 416 bytes (TestLinkSize): every idle
+// relayed connection holds one at the relay and one at ./expose, so a
+// direction keeps no copy of what its Link holds (see dir).
 type Link struct {
 	a, b     net.Conn
 	dirs     [2]dir // a→b, b→a
 	done     func(*Link, Result)
 	stop     chan struct{} // closed by fail; nil when no direction is limited
 	mu       sync.Mutex
-	res      Result
-	left     int  // directions not yet ended
-	oneEnded bool // a direction has ended, or reached its end (see endedFirst)
-	closed   bool // fail ran, or both directions ended
+	err      error   // Result.Err (under mu)
+	left     int8    // directions not yet ended
+	oneEnded bool    // a direction has ended, or reached its end (see endedFirst)
+	bFirst   bool    // Result.BFirst (under mu)
+	closed   bool    // fail ran, or both directions ended
+	parked   [2]bool // dirs[i] waits in the poller, with no goroutine (under mu)
 }
 
 // progress is what a direction has done, read live by Link.Progress and
@@ -100,16 +106,39 @@ func (p *progress) delivered(total int64) {
 	}
 }
 
-// dir is one direction of a Link.
+// dir is one direction of a Link: from a to b (dirs[0]), or from b to a.
+// Its conns, its stop channel and whether it is parked are its Link's; its
+// Result count is its progress (moved) once it has ended.
 type dir struct {
 	progress
-	l        *Link
-	dst, src net.Conn
-	n        *int64  // the Result field this direction counts into
-	polled   bool    // sp runs d: src is a socket, or TLS over one (Records)
-	lim      *Bucket // nil: unlimited
-	parked   bool    // waiting in the poller, with no goroutine (under l.mu)
-	sp       splicer
+	l   *Link
+	lim *Bucket // nil: unlimited
+	// sp moves the bytes, if it could be set up (sp.ok: src is a socket,
+	// or TLS over one, Records); else io.Copy does, in run.
+	sp splicer
+}
+
+// i is d's index in its Link's dirs.
+func (d *dir) i() int {
+	if d == &d.l.dirs[0] {
+		return 0
+	}
+	return 1
+}
+
+// src and dst are the conns d copies from and to.
+func (d *dir) src() net.Conn {
+	if d.i() == 0 {
+		return d.l.a
+	}
+	return d.l.b
+}
+
+func (d *dir) dst() net.Conn {
+	if d.i() == 0 {
+		return d.l.b
+	}
+	return d.l.a
 }
 
 // Start joins a and b in the background and returns at once: New, then
@@ -134,20 +163,16 @@ func New(a, b net.Conn, done func(*Link, Result)) *Link {
 // its direction unlimited, on the same path as New's (splice).
 func NewLimited(a, b net.Conn, aToB, bToA *Bucket, done func(*Link, Result)) *Link {
 	l := &Link{a: a, b: b, done: done, left: 2}
-	l.dirs[0] = dir{l: l, dst: b, src: a, n: &l.res.AToB, lim: aToB}
-	l.dirs[1] = dir{l: l, dst: a, src: b, n: &l.res.BToA, lim: bToA}
+	l.dirs[0] = dir{l: l, lim: aToB}
+	l.dirs[1] = dir{l: l, lim: bToA}
 	if aToB != nil || bToA != nil {
 		l.stop = make(chan struct{})
 	}
 	// Both set up before either runs: a direction that fails at once
-	// reads the other's state.
-	for i := range l.dirs {
-		d := &l.dirs[i]
-		d.polled = d.sp.init(d.dst, d.src, &d.progress)
-		if d.polled && d.lim != nil {
-			d.sp.limit(d.lim, l.stop)
-		}
-	}
+	// reads the other's state. The directions share the sockets' RawConns.
+	ra, rb := rawConn(a), rawConn(b)
+	l.dirs[0].sp.init(a, rb, ra, &l.dirs[0])
+	l.dirs[1].sp.init(b, ra, rb, &l.dirs[1])
 	return l
 }
 
@@ -157,7 +182,7 @@ func NewLimited(a, b net.Conn, aToB, bToA *Bucket, done func(*Link, Result)) *Li
 // through a buffer all the same.)
 func (l *Link) Spliced() (aToB, bToA bool) {
 	d := &l.dirs
-	return d[0].polled && d[0].sp.spliced(), d[1].polled && d[1].sp.spliced()
+	return d[0].sp.spliced(), d[1].sp.spliced()
 }
 
 // Progress returns the bytes each direction has delivered so far, live.
@@ -188,11 +213,10 @@ func (l *Link) Waiting() time.Duration {
 func (l *Link) Idle() time.Duration {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	a, b := &l.dirs[0], &l.dirs[1]
-	if !a.parked || !b.parked {
+	if !l.parked[0] || !l.parked[1] {
 		return 0
 	}
-	return time.Duration(nanotime() - max(a.sp.parkedAt, b.sp.parkedAt))
+	return time.Duration(nanotime() - max(l.dirs[0].sp.parkedAt, l.dirs[1].sp.parkedAt))
 }
 
 // Start runs both directions in the background. Call it once.
@@ -218,23 +242,23 @@ func (l *Link) Close() { l.fail(net.ErrClosed) }
 func (d *dir) run() {
 	var n int64
 	var err error
-	if !d.polled {
-		var w io.Writer = progressWriter{d.dst, &d.progress}
+	if !d.sp.ok() {
+		var w io.Writer = progressWriter{d.dst(), &d.progress}
 		if d.lim != nil {
 			w = limitedWriter{w, d.lim, d.l.stop}
 		}
-		n, err = io.Copy(w, d.src)
+		n, err = io.Copy(w, d.src())
 	} else {
 		for {
 			var again bool
-			again, err = d.sp.loop()
+			again, err = d.sp.loop(d.dst(), d.src())
 			if !again {
 				break
 			}
 			if d.l.park(d) {
 				return // woken by the poller into a new goroutine
 			}
-			d.sp.noPark() // wait in the runtime's poller from now on
+			d.sp.noPark(d.src()) // wait in the runtime's poller from now on
 		}
 		n = d.sp.written
 	}
@@ -242,7 +266,7 @@ func (d *dir) run() {
 	// order of the ends is then that of their causes.
 	d.l.endedFirst(d)
 	if err == nil {
-		err = halfClose(d.dst)
+		err = halfClose(d.dst())
 	}
 	d.end(n, err)
 }
@@ -253,7 +277,7 @@ func (l *Link) endedFirst(d *dir) {
 	l.mu.Lock()
 	if !l.oneEnded {
 		l.oneEnded = true
-		l.res.BFirst = d == &l.dirs[1]
+		l.bFirst = d.i() == 1
 	}
 	l.mu.Unlock()
 }
@@ -308,10 +332,10 @@ func (w limitedWriter) Write(b []byte) (int, error) {
 // else is copied through a buffer.
 func Copy(dst, src net.Conn) (int64, error) {
 	var sp splicer
-	if !sp.init(dst, src, nil) {
+	if !sp.init(src, rawConn(dst), rawConn(src), nil) {
 		return io.Copy(dst, src)
 	}
-	_, err := sp.loop()
+	_, err := sp.loop(dst, src)
 	return sp.written, err
 }
 
@@ -335,22 +359,24 @@ func (d *dir) end(n int64, err error) {
 		l.fail(err)
 	}
 	l.mu.Lock()
-	*d.n = n
+	d.moved.Store(n) // what the direction's Result field reports
 	if !l.oneEnded { // ended without running to its end (Close, a failure)
 		l.oneEnded = true
-		l.res.BFirst = d == &l.dirs[1]
+		l.bFirst = d.i() == 1
 	}
 	l.left--
 	last := l.left == 0
+	var res Result
 	if last {
 		l.closed = true // a later Close changes nothing
 		l.unregisterLocked()
+		res = Result{AToB: l.dirs[0].moved.Load(), BToA: l.dirs[1].moved.Load(), Err: l.err, BFirst: l.bFirst}
 	}
 	l.mu.Unlock()
 	if last {
 		l.a.Close()
 		l.b.Close()
-		l.done(l, l.res)
+		l.done(l, res)
 	}
 }
 
@@ -368,13 +394,13 @@ func (l *Link) fail(err error) {
 		close(l.stop) // ends a wait for tokens
 	}
 	if err != errNoHalfClose {
-		l.res.Err = err
+		l.err = err
 	}
 	var parked []*dir
 	for i := range l.dirs {
-		if d := &l.dirs[i]; d.parked {
-			d.parked = false
-			parked = append(parked, d)
+		if l.parked[i] {
+			l.parked[i] = false
+			parked = append(parked, &l.dirs[i])
 		}
 	}
 	// Out of the poller's set while the descriptors are still open.
@@ -395,7 +421,7 @@ func (l *Link) park(d *dir) bool {
 	if l.closed || !idle.arm(d) {
 		return false
 	}
-	d.parked = true
+	l.parked[d.i()] = true
 	return true
 }
 
@@ -403,10 +429,11 @@ func (l *Link) park(d *dir) bool {
 // it when d's source is readable (or by chance: a spurious wake costs one
 // splice that finds nothing and parks again).
 func (d *dir) wake() {
-	d.l.mu.Lock()
-	ok := d.parked
-	d.parked = false
-	d.l.mu.Unlock()
+	l := d.l
+	l.mu.Lock()
+	ok := l.parked[d.i()]
+	l.parked[d.i()] = false
+	l.mu.Unlock()
 	if ok {
 		go d.run()
 	}

@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"tcprelay/internal/check"
 )
@@ -659,5 +660,19 @@ func TestStartOnDeadConns(t *testing.T) {
 		case <-time.After(timeout):
 			t.Fatalf("link %d on dead conns did not end", i)
 		}
+	}
+}
+
+// TestLinkSize: a Link is one allocation, paid for by every idle relayed
+// connection at the relay and again at ./expose. It was 752 bytes (the
+// 768-byte size class) while its directions kept copies of what the Link
+// holds (its conns, a pointer to its Result field, its rate limit's stop
+// channel) and three bound callbacks each.
+func TestLinkSize(t *testing.T) {
+	if unsafe.Sizeof(uintptr(0)) != 8 {
+		t.Skip("the bound is for 64-bit platforms")
+	}
+	if n := unsafe.Sizeof(Link{}); n > 416 {
+		t.Errorf("a Link is %d bytes, want at most 416 (the 416-byte size class)", n)
 	}
 }

@@ -150,7 +150,7 @@ func idleAndEmpty(l *Link) error {
 		// A parked direction's goroutine has returned, and none runs until
 		// wake, under l.mu: its splicer may be read here.
 		d := &l.dirs[i]
-		if !d.parked {
+		if !l.parked[i] {
 			return fmt.Errorf("direction %d is not parked", i)
 		}
 		if d.sp.p != nil || d.sp.buf != nil {

@@ -53,7 +53,7 @@ const pipeSize = 512 << 10
 // splicer copies one direction between two sockets through a kernel pipe,
 // held only while bytes are in flight: whenever src has nothing to read,
 // the pipe goes back to the pool, so an idle direction costs nothing but
-// its socket. The RawConn callbacks are methods bound once, so moving a
+// its socket. The RawConn callback is a method bound once, so moving a
 // chunk allocates nothing.
 //
 // A burst that cannot have a pipe (the process is at its fd limit, or out
@@ -62,73 +62,89 @@ const pipeSize = 512 << 10
 // running short of pipes must slow a link down, never end it. The buffer
 // too is held only for the burst, and the next burst tries for a pipe
 // again.
+//
+// Every idle Link holds two splicers (see TestLinkSize): the conns are
+// not kept here but given to loop, and what a Link's direction has (its
+// progress, its rate limit) is reached through d.
 type splicer struct {
+	// dst and src are the sockets' RawConns; nil dst: dst is not a socket
+	// (TLS), and bursts go through buf and are written to the dst conn.
+	// When src is a TLS conn over Records (rec), src is the socket under
+	// it, and loopTLS reads the TLS conn.
 	dst, src syscall.RawConn
-	fill     func(uintptr) bool
-	drain    func(uintptr) bool
-	srcConn  net.Conn // for its read deadline: the quiet window's timer
-	srcFD    int32    // src's descriptor, for the poller
-	// w, when dst is not a socket (TLS), is dst: bursts go through buf and
-	// are written to it.
-	w io.Writer
-	// tls, when src is a TLS conn over Records (rec), is src: loopTLS
-	// reads it. src, srcConn and srcFD are then the socket's under it.
-	tls      net.Conn
 	rec      *Records
-	readable func(uintptr) bool
-	// prog, for a Link's direction, is where the direction's progress is
-	// kept, live; nil for Copy.
-	prog *progress
-	// lim, if set, is the direction's rate limit: every burst goes
-	// through buf, and each chunk read waits for its tokens before it is
-	// written; stop ends that wait.
-	lim  *Bucket
-	stop <-chan struct{}
-	// canPark makes loop return when src has nothing to read (see
-	// firstQuiet) instead of waiting in the runtime's poller.
-	canPark bool
-	// registered: srcFD is in the poller's set (under the Link's mu). It
-	// sits next to canPark, where it costs no padding: every idle Link
-	// holds two splicers.
-	registered bool
-	quiet      time.Duration // the current quiet window (0: park when drained)
-	parkedAt   int64         // monotonic ns when loop last returned again
-	mark       int64         // written when the read deadline was last set
-	written    int64         // bytes moved to dst so far
+	// do is the RawConn callback, a method value bound once so that moving
+	// a chunk allocates nothing: doFill, doDrain or doReadable, as mode
+	// says.
+	do func(uintptr) bool
+	// d, for a Link's direction, is that direction: its progress, kept
+	// live, and its rate limit, if any: every burst then goes through buf,
+	// and each chunk read waits for its tokens before it is written. nil
+	// for Copy.
+	d        *dir
+	quiet    time.Duration // the current quiet window (0: park when drained)
+	parkedAt int64         // monotonic ns when loop last returned again
+	written  int64         // bytes moved to dst so far
 
 	// A burst's bytes in flight are in p, or, when no pipe could be had,
 	// in buf.
 	p       *pipe
 	buf     *buffer
-	pending int64 // bytes in p or buf not yet moved to dst
-	n       int64 // result of the last splice, read or write
-	err     error // error of the last splice, read or write
+	pending int64         // bytes in p or buf not yet moved to dst
+	n       int64         // result of the last splice, read or write
+	err     syscall.Errno // error of the last splice, read, write or peek (0: none)
+
+	srcFD int32 // src's descriptor, for the poller
+	mode  uint8 // what do runs: fill, drain or readable
+	// canPark makes loop return when src has nothing to read (see
+	// firstQuiet) instead of waiting in the runtime's poller.
+	canPark bool
+	// registered: srcFD is in the poller's set (under the Link's mu).
+	registered bool
 }
 
-// init sets s up to copy src to dst, and reports whether s can: src is a
-// socket, or a TLS conn over Records (then loopTLS reads it). dst is
-// spliced to if it is a socket too, else written to through a buffer
-// (s.w). prog is a Link's direction's progress (nil for Copy): a Link's
+// The splicer's callbacks, for its mode.
+const (
+	fill     = iota // doFill
+	drain           // doDrain
+	readable        // doReadable
+)
+
+// init sets s up to copy src to dst, and reports whether s can (ok): src
+// is a socket (srcRaw), or a TLS conn over Records (then loopTLS reads
+// it). dst is spliced to if it is a socket too (dstRaw), else written to
+// through a buffer. d is a Link's direction (nil for Copy): a Link's
 // directions may park.
-func (s *splicer) init(dst, src net.Conn, prog *progress) bool {
-	*s = splicer{prog: prog, canPark: prog != nil, srcFD: -1}
+func (s *splicer) init(src net.Conn, dstRaw, srcRaw syscall.RawConn, d *dir) bool {
+	*s = splicer{d: d, canPark: d != nil, srcFD: -1}
 	if rec := recordsOf(src); rec != nil {
-		s.tls, s.rec, s.src, s.srcConn = src, rec, rec.raw, rec.Conn
+		s.rec, s.src = rec, rec.raw
 		rec.nonblock.Store(true) // s reads it from now on
-	} else if s.src = rawConn(src); s.src != nil {
-		s.srcConn = src
-	} else {
+	} else if s.src, s.dst = srcRaw, dstRaw; s.src == nil {
+		s.dst = nil
 		return false
 	}
-	if s.dst = rawConn(dst); s.dst == nil || s.tls != nil {
-		s.dst, s.w = nil, dst
-	}
 	s.src.Control(func(fd uintptr) { s.srcFD = int32(fd) })
-	s.fill, s.drain, s.readable = s.doFill, s.doDrain, s.doReadable
+	s.do = s.call
 	if s.canPark {
 		s.quiet = firstQuiet
 	}
 	return true
+}
+
+// ok reports whether init set s up.
+func (s *splicer) ok() bool { return s.src != nil }
+
+// call is the RawConn callback: doFill, doDrain or doReadable, as s.mode
+// says.
+func (s *splicer) call(fd uintptr) bool {
+	switch s.mode {
+	case drain:
+		return s.doDrain(fd)
+	case readable:
+		return s.doReadable(fd)
+	}
+	return s.doFill(fd)
 }
 
 // rawConn is c's socket, if c is one whose descriptor carries its bytes
@@ -146,39 +162,61 @@ func rawConn(c net.Conn) syscall.RawConn {
 }
 
 // spliced reports whether s moves its bytes with splice(2): both conns
-// are sockets.
-func (s *splicer) spliced() bool { return s.w == nil && s.lim == nil }
+// are sockets, and there is no rate limit.
+func (s *splicer) spliced() bool { return s.dst != nil && s.bucket() == nil }
 
-// limit makes s copy through a buffer, at most lim's rate.
-func (s *splicer) limit(lim *Bucket, stop <-chan struct{}) {
-	s.lim, s.stop = lim, stop
+// bucket is the rate limit of s's direction; nil: none.
+func (s *splicer) bucket() *Bucket {
+	if s.d == nil {
+		return nil
+	}
+	return s.d.lim
+}
+
+// wait takes n bytes' tokens from s's direction's rate limit, if it has
+// one.
+func (s *splicer) wait(n int64) error {
+	if lim := s.bucket(); lim != nil {
+		return lim.wait(n, s.d.l.stop)
+	}
+	return nil
+}
+
+// sock is the socket whose read deadline times the quiet window: src, or
+// the socket under it if it is TLS.
+func (s *splicer) sock(src net.Conn) net.Conn {
+	if s.rec != nil {
+		return s.rec.Conn
+	}
+	return src
 }
 
 // loop moves bytes until EOF on src (nil), an error, or, if canPark, src
 // has nothing to read (again is true; see firstQuiet).
-func (s *splicer) loop() (again bool, err error) {
-	if s.tls != nil {
-		return s.loopTLS()
+func (s *splicer) loop(dst, src net.Conn) (again bool, err error) {
+	if s.rec != nil {
+		return s.loopTLS(dst, src)
 	}
 	defer s.release() // EOF or an error
-	s.startWindow()
+	mark := s.startWindow(src)
 	for {
-		// Fill the pipe from src; fill gives the pipe back while src has
+		// Fill the pipe from src; doFill gives the pipe back while src has
 		// nothing to read.
-		if err := s.src.Read(s.fill); err != nil {
+		s.mode = fill
+		if err := s.src.Read(s.do); err != nil {
 			if s.quiet == 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
 				return false, err
 			}
-			if !s.nextWindow() {
+			if !s.nextWindow(src, &mark) {
 				return s.parked(), nil
 			}
 			continue
 		}
 		if s.err == syscall.EAGAIN { // nothing to read, no quiet window
-			s.err = nil
+			s.err = 0
 			return s.parked(), nil
 		}
-		if s.err != nil {
+		if s.err != 0 {
 			return false, s.syscallError("read")
 		}
 		if s.n == 0 {
@@ -187,21 +225,22 @@ func (s *splicer) loop() (again bool, err error) {
 		// Drain the pipe (or buffer) into dst, waiting for dst to be
 		// writable.
 		s.pending = s.n
-		if err := s.lim.wait(s.n, s.stop); err != nil {
+		if err := s.wait(s.n); err != nil {
 			return false, err
 		}
-		if s.w != nil {
-			if err := s.writeOut(s.buf.out); err != nil {
+		if s.dst == nil {
+			if err := s.writeOut(dst, s.buf.out); err != nil {
 				return false, err
 			}
 			s.pending = 0
 			continue
 		}
+		s.mode = drain
 		for s.pending > 0 {
-			if err := s.dst.Write(s.drain); err != nil {
+			if err := s.dst.Write(s.do); err != nil {
 				return false, err
 			}
-			if s.err != nil {
+			if s.err != 0 {
 				return false, s.syscallError("write")
 			}
 			if s.n == 0 {
@@ -209,37 +248,39 @@ func (s *splicer) loop() (again bool, err error) {
 			}
 			s.pending -= s.n
 			s.written += s.n
-			if s.prog != nil {
-				s.prog.delivered(s.written)
+			if s.d != nil {
+				s.d.delivered(s.written)
 			}
 		}
 	}
 }
 
 // startWindow starts the quiet window loop waits before it parks (see
-// firstQuiet), if it has one.
-func (s *splicer) startWindow() {
+// firstQuiet), if it has one, on src's read deadline. It returns the mark
+// nextWindow takes: the bytes written when the window started.
+func (s *splicer) startWindow(src net.Conn) (mark int64) {
 	if s.canPark && s.parkedAt != 0 && nanotime()-s.parkedAt < int64(hotFor) {
 		s.quiet = hotFor
 	}
 	if s.quiet > 0 {
-		s.mark = s.written
-		s.srcConn.SetReadDeadline(time.Now().Add(s.quiet))
+		s.sock(src).SetReadDeadline(time.Now().Add(s.quiet))
 	}
+	return s.written
 }
 
 // nextWindow runs when the quiet window's deadline has passed: if bytes
-// moved during it, it starts a longer one and reports true; else the
-// direction parks, with no window, and it reports false.
-func (s *splicer) nextWindow() bool {
-	if s.written == s.mark {
+// moved during it (since *mark), it starts a longer one, moves *mark and
+// reports true; else the direction parks, with no window, and it reports
+// false.
+func (s *splicer) nextWindow(src net.Conn, mark *int64) bool {
+	if s.written == *mark {
 		s.quiet = 0
-		s.srcConn.SetReadDeadline(time.Time{})
+		s.sock(src).SetReadDeadline(time.Time{})
 		return false
 	}
 	s.quiet = min(2*s.quiet, hotFor)
-	s.mark = s.written
-	s.srcConn.SetReadDeadline(time.Now().Add(s.quiet))
+	*mark = s.written
+	s.sock(src).SetReadDeadline(time.Now().Add(s.quiet))
 	return true
 }
 
@@ -255,7 +296,9 @@ func (s *splicer) doFill(fd uintptr) bool {
 		if s.buf != nil {
 			s.read(int(fd))
 		} else {
-			s.n, s.err = syscall.Splice(int(fd), nil, s.p.w, nil, s.p.size, spliceMove|spliceNonblock)
+			var err error
+			s.n, err = syscall.Splice(int(fd), nil, s.p.w, nil, s.p.size, spliceMove|spliceNonblock)
+			s.err = errno(err)
 		}
 		switch s.err {
 		case syscall.EINTR:
@@ -265,7 +308,7 @@ func (s *splicer) doFill(fd uintptr) bool {
 			if s.canPark && s.quiet == 0 {
 				return true // loop parks
 			}
-			s.err = nil
+			s.err = 0
 			return false
 		}
 		return true
@@ -278,10 +321,11 @@ func (s *splicer) parked() bool {
 	return true
 }
 
-// noPark makes the direction wait in the runtime's poller from now on.
-func (s *splicer) noPark() {
+// noPark makes the direction from src wait in the runtime's poller from
+// now on.
+func (s *splicer) noPark(src net.Conn) {
 	s.canPark, s.quiet = false, 0
-	s.srcConn.SetReadDeadline(time.Time{})
+	s.sock(src).SetReadDeadline(time.Time{})
 }
 
 // doDrain moves bytes from the pipe (or buffer) to the socket fd; on
@@ -291,13 +335,15 @@ func (s *splicer) doDrain(fd uintptr) bool {
 		if s.buf != nil {
 			s.write(int(fd))
 		} else {
-			s.n, s.err = syscall.Splice(s.p.r, nil, int(fd), nil, int(s.pending), spliceMove|spliceNonblock)
+			var err error
+			s.n, err = syscall.Splice(s.p.r, nil, int(fd), nil, int(s.pending), spliceMove|spliceNonblock)
+			s.err = errno(err)
 		}
 		if s.err == syscall.EINTR {
 			continue
 		}
-		if s.err == syscall.EAGAIN && s.prog != nil {
-			s.prog.wait() // dst's reader is not keeping up, or stopped
+		if s.err == syscall.EAGAIN && s.d != nil {
+			s.d.wait() // dst's reader is not keeping up, or stopped
 		}
 		return s.err != syscall.EAGAIN
 	}
@@ -309,7 +355,7 @@ func (s *splicer) doDrain(fd uintptr) bool {
 // of descriptors or pipe memory), a buffer.
 // Any pipe2 error means the same: it says nothing about the connection.
 func (s *splicer) take() {
-	if s.lim != nil || s.w != nil {
+	if s.bucket() != nil || s.dst == nil {
 		s.buf = bufs.Get().(*buffer)
 		return
 	}
@@ -339,7 +385,7 @@ func (s *splicer) read(fd int) {
 	if err != nil {
 		n = 0
 	}
-	s.n, s.err = int64(n), err
+	s.n, s.err = int64(n), errno(err)
 	s.buf.out = s.buf.b[:n]
 }
 
@@ -348,8 +394,19 @@ func (s *splicer) write(fd int) {
 	if err != nil {
 		n = 0
 	}
-	s.n, s.err = int64(n), err
+	s.n, s.err = int64(n), errno(err)
 	s.buf.out = s.buf.out[n:]
+}
+
+// errno is err, an error of the syscall package, as its Errno (0 for nil).
+func errno(err error) syscall.Errno {
+	if err == nil {
+		return 0
+	}
+	if e, ok := err.(syscall.Errno); ok {
+		return e
+	}
+	return syscall.EIO
 }
 
 // syscallError names the call that failed: splice, or, in a burst through

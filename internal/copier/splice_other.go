@@ -2,17 +2,24 @@
 
 package copier
 
-import "net"
+import (
+	"net"
+	"syscall"
+)
 
 // splicer and poller exist only on Linux; elsewhere every direction is an
 // io.Copy in a goroutine of its own.
-type splicer struct{ written int64 }
+type splicer struct {
+	written  int64
+	parkedAt int64 // never set: no direction parks here
+}
 
-func (s *splicer) init(dst, src net.Conn, prog *progress) bool { return false }
-func (s *splicer) spliced() bool                               { return false }
-func (s *splicer) loop() (again bool, err error)               { return false, nil }
-func (s *splicer) noPark()                                     {}
-func (s *splicer) limit(*Bucket, <-chan struct{})              {}
+func rawConn(c net.Conn) syscall.RawConn                                          { return nil }
+func (s *splicer) init(src net.Conn, dstRaw, srcRaw syscall.RawConn, d *dir) bool { return false }
+func (s *splicer) ok() bool                                                       { return false }
+func (s *splicer) spliced() bool                                                  { return false }
+func (s *splicer) loop(dst, src net.Conn) (again bool, err error)                 { return false, nil }
+func (s *splicer) noPark(src net.Conn)                                            {}
 
 type poller struct{}
 

@@ -39,8 +39,8 @@ func readNow(r *Records, p []byte) (int, error) {
 }
 
 // loopTLS is loop for a direction whose source is a TLS conn over Records
-// (s.tls, s.rec): it reads a record's plaintext at a time into a buffer
-// held only for that record, and writes it to dst (s.w). Since the buffer
+// (src, s.rec): it reads a record's plaintext at a time into a buffer
+// held only for that record, and writes it to dst. Since the buffer
 // holds any record whole, a Read leaves the TLS conn holding nothing, at a
 // record boundary; a Read there that finds the socket with nothing to read
 // ends with errNothingYet, and the direction waits for the socket to be
@@ -51,22 +51,22 @@ func readNow(r *Records, p []byte) (int, error) {
 // one that has not come yet ends that Read with errNothingYet too, so a
 // session ticket wakes the direction and it parks again. A close_notify
 // ends the Read with io.EOF.
-func (s *splicer) loopTLS() (again bool, err error) {
+func (s *splicer) loopTLS(dst, src net.Conn) (again bool, err error) {
 	defer func() {
 		s.release()
 		if !again { // ended: a read of the TLS conn past here waits again
 			s.rec.nonblock.Store(false)
 		}
 	}()
-	s.startWindow()
+	mark := s.startWindow(src)
 	for {
 		s.buf = bufs.Get().(*buffer)
-		n, err := s.tls.Read(s.buf.b[:])
+		n, err := src.Read(s.buf.b[:])
 		if n > 0 {
-			if err := s.lim.wait(int64(n), s.stop); err != nil {
+			if err := s.wait(int64(n)); err != nil {
 				return false, err
 			}
-			if err := s.writeOut(s.buf.b[:n]); err != nil {
+			if err := s.writeOut(dst, s.buf.b[:n]); err != nil {
 				return false, err
 			}
 		}
@@ -80,11 +80,12 @@ func (s *splicer) loopTLS() (again bool, err error) {
 			if s.canPark && s.quiet == 0 {
 				return s.parked(), nil
 			}
-			err = s.src.Read(s.readable) // no buffer while waiting
-			if err == nil && s.err != nil {
+			s.mode = readable
+			err = s.src.Read(s.do) // no buffer while waiting
+			if err == nil && s.err != 0 {
 				// The peek took the socket's error (a reset): it is
 				// this direction's, not a clean EOF for the next read.
-				err, s.err = os.NewSyscallError("recvfrom", s.err), nil
+				err, s.err = os.NewSyscallError("recvfrom", s.err), 0
 			}
 		}
 		if err == nil {
@@ -96,7 +97,7 @@ func (s *splicer) loopTLS() (again bool, err error) {
 		if s.quiet == 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
 			return false, err
 		}
-		if !s.nextWindow() {
+		if !s.nextWindow(src, &mark) {
 			return s.parked(), nil
 		}
 	}
@@ -116,24 +117,24 @@ func (s *splicer) doReadable(fd uintptr) bool {
 			return false
 		case nil:
 		default:
-			s.err = err
+			s.err = errno(err)
 		}
 		return true
 	}
 }
 
-// writeOut writes b to a dst that is not a socket (s.w), keeping the
+// writeOut writes b to a dst that is not a socket, keeping the
 // direction's progress.
-func (s *splicer) writeOut(b []byte) error {
+func (s *splicer) writeOut(dst net.Conn, b []byte) error {
 	for len(b) > 0 {
-		if s.prog != nil {
-			s.prog.wait()
+		if s.d != nil {
+			s.d.wait()
 		}
-		n, err := s.w.Write(b)
+		n, err := dst.Write(b)
 		b = b[n:]
 		s.written += int64(n)
-		if s.prog != nil {
-			s.prog.delivered(s.written)
+		if s.d != nil {
+			s.d.delivered(s.written)
 		}
 		if err != nil {
 			return err
