@@ -18,8 +18,8 @@ import (
 
 // readAll reads a hello from b as a plain reader and as one that gives a
 // byte at a time, checks that both agree, and returns what the first got and
-// how many bytes of b were left unread.
-func readAll(t *testing.T, b []byte) (Hello, []byte, error, int) {
+// how many bytes of b were left unread, and its error.
+func readAll(t *testing.T, b []byte) (Hello, []byte, int, error) {
 	t.Helper()
 	r := bytes.NewReader(b)
 	h, got, err := Read(r)
@@ -35,7 +35,7 @@ func readAll(t *testing.T, b []byte) (Hello, []byte, error, int) {
 	if len(got)+r.Len() != len(b) {
 		t.Errorf("returned %d bytes, %d left of %d: Read kept or lost some", len(got), r.Len(), len(b))
 	}
-	return h, got, err, r.Len()
+	return h, got, r.Len(), err
 }
 
 func TestRealHellos(t *testing.T) {
@@ -56,7 +56,7 @@ func TestRealHellos(t *testing.T) {
 			for name, in := range variants {
 				t.Run(name, func(t *testing.T) {
 					trailer := []byte("\x17\x03\x03\x00\x05early") // what a client might send next
-					h, got, err, left := readAll(t, append(append([]byte(nil), in...), trailer...))
+					h, got, left, err := readAll(t, append(append([]byte(nil), in...), trailer...))
 					if err != nil {
 						t.Fatalf("Read: %v", err)
 					}
@@ -158,7 +158,7 @@ func TestHandBuilt(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			h, got, err, left := readAll(t, append(append([]byte(nil), tc.in...), "after"...))
+			h, got, left, err := readAll(t, append(append([]byte(nil), tc.in...), "after"...))
 			if tc.err != nil {
 				if !errors.Is(err, tc.err) || !errors.Is(err, ErrMalformed) {
 					t.Fatalf("Read: %+v, %v; want %v", h, err, tc.err)
@@ -277,7 +277,7 @@ func TestRecordErrors(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			in := append(append([]byte(nil), tc.in...), make([]byte, 64<<10)...)
-			h, got, err, _ := readAll(t, in)
+			h, got, _, err := readAll(t, in)
 			if !errors.Is(err, tc.err) {
 				t.Fatalf("Read: %+v, %v; want %v", h, err, tc.err)
 			}
@@ -311,7 +311,7 @@ func TestLargestHello(t *testing.T) {
 	}
 	for name, b := range variants {
 		t.Run(name, func(t *testing.T) {
-			h, got, err, left := readAll(t, append(append([]byte(nil), b...), 1, 2, 3))
+			h, got, left, err := readAll(t, append(append([]byte(nil), b...), 1, 2, 3))
 			if err != nil {
 				t.Fatalf("Read: %v", err)
 			}
