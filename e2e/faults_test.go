@@ -457,11 +457,14 @@ func TestSilentConnectionFlood(t *testing.T) {
 	floodStart := time.Now()
 	for i := range conns {
 		d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 1, byte(1+i%20))}}
+		// Timed from before the dial: the relay cannot start its clock
+		// earlier, however late this goroutine runs after the connect.
+		dialing := time.Now()
 		c, err := d.Dial("tcp", addr)
 		if err != nil {
 			t.Fatalf("flood connection %d: %v", i, err)
 		}
-		s := &silent{conn: c, dialed: time.Now()}
+		s := &silent{conn: c, dialed: dialing}
 		conns[i] = s
 		wg.Add(1)
 		go func() {

@@ -397,7 +397,7 @@ const (
 // the newest; waiting clients are never closed. It reports whether it closed one. s.mu must be held.
 func (s *Server) reclaimLocked(ep *endpoint) bool {
 	var big *endpoint
-	for _, e := range s.endpoints {
+	for e := range s.allEndpointsLocked() {
 		if e != ep && (big == nil || e.conns > big.conns) {
 			big = e
 		}
