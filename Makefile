@@ -35,15 +35,24 @@ lint:
 
 # Every fuzz target in the repository for FUZZTIME each, found by name (a
 # func FuzzXxx in a _test.go file, listed by go test -list), so that a new
-# one cannot be left out.
+# one cannot be left out. A target fails when it writes a failing input to
+# testdata/fuzz; Go 1.26's fuzzing can also end a clean run with a bare
+# "context deadline exceeded" at FUZZTIME (golang/go#75804, fixed in Go
+# 1.27), which is reported and not counted as a failure.
 fuzz:
 	@set -e; n=0; \
 	for dir in $$(grep -rl --include='*_test.go' '^func Fuzz' . | xargs -r -n1 dirname | sort -u); do \
 	  fns=$$(go test -list '^Fuzz' $$dir | grep '^Fuzz') || { echo "$$dir: no fuzz target listed"; exit 1; }; \
 	  for fn in $$fns; do \
 	    echo "go test -run='^\$$' -fuzz='^$$fn\$$' -fuzztime=$(FUZZTIME) $$dir"; \
-	    go test -run='^$$' -fuzz="^$$fn\$$" -fuzztime=$(FUZZTIME) $$dir; \
-	    n=$$((n+1)); \
+	    before=$$(ls $$dir/testdata/fuzz/$$fn 2>/dev/null | wc -l); \
+	    if ! go test -run='^$$' -fuzz="^$$fn\$$" -fuzztime=$(FUZZTIME) $$dir > fuzz.out 2>&1; then \
+	      cat fuzz.out; \
+	      after=$$(ls $$dir/testdata/fuzz/$$fn 2>/dev/null | wc -l); \
+	      if [ "$$after" -gt "$$before" ] || ! grep -q 'context deadline exceeded' fuzz.out; then rm -f fuzz.out; exit 1; fi; \
+	      echo "$$fn: no failing input written; the toolchain's end-of-fuzztime race (golang/go#75804), not counted"; \
+	    else cat fuzz.out; fi; \
+	    rm -f fuzz.out; n=$$((n+1)); \
 	  done; \
 	done; \
 	echo "ran $$n fuzz targets for $(FUZZTIME) each"
