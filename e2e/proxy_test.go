@@ -372,6 +372,19 @@ func TestProxyFromEnvironment(t *testing.T) {
 			onlyTo(t, p, relayAddr)
 		}
 		p.stop()
+		// A proxy may log a stream the stopped agent asked for after it
+		// exited (a pool refill in flight): the next case counts from a
+		// log that has held still for 300ms.
+		last := -1
+		child.WaitFor(5*time.Second, func() bool {
+			n := proxied(tpProc, relayAddr) + proxied(msProc, relayAddr)
+			if n == last {
+				return true
+			}
+			last = n
+			time.Sleep(300 * time.Millisecond)
+			return false
+		})
 	}
 }
 
