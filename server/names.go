@@ -37,29 +37,15 @@ func (s *Server) ServeNames(ln net.Listener) error {
 		ln.Close()
 		return errors.New("relay: ServeNames needs Config.NamesDomain")
 	}
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		ln.Close()
-		return ErrServerClosed
-	}
-	s.listeners[ln] = struct{}{}
-	if a, ok := ln.Addr().(*net.TCPAddr); ok && s.namesPort == 0 {
-		s.namesPort = a.Port
-		for _, ep := range s.names { // reserved from the state file
-			ep.port = a.Port
+	registered := func() {
+		if a, ok := ln.Addr().(*net.TCPAddr); ok && s.namesPort == 0 {
+			s.namesPort = a.Port
+			for _, ep := range s.names { // reserved from the state file
+				ep.port = a.Port
+			}
 		}
 	}
-	s.wg.Add(1)
-	s.mu.Unlock()
-	defer s.wg.Done()
-	defer func() {
-		s.mu.Lock()
-		delete(s.listeners, ln)
-		s.mu.Unlock()
-		ln.Close()
-	}()
-	return s.acceptLoop(ln, func(c net.Conn) func() {
+	return s.serveListener(ln, registered, func(c net.Conn) func() {
 		release, ok := s.admitHandshake(c)
 		if !ok {
 			s.count.namesRejected.Add(1)

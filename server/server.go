@@ -205,28 +205,11 @@ func (s *Server) features() proto.Features {
 // is closed, and then returns ErrServerClosed. Public listeners bind to the
 // same IP address as ln.
 func (s *Server) Serve(ln net.Listener) error {
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		ln.Close()
-		return ErrServerClosed
-	}
-	s.listeners[ln] = struct{}{}
-	s.wg.Add(1)
-	s.mu.Unlock()
-	defer s.wg.Done()
-	defer func() {
-		s.mu.Lock()
-		delete(s.listeners, ln)
-		s.mu.Unlock()
-		ln.Close()
-	}()
-
 	bindIP := net.IP(nil)
 	if a, ok := ln.Addr().(*net.TCPAddr); ok && !a.IP.IsUnspecified() {
 		bindIP = a.IP
 	}
-	return s.acceptLoop(ln, func(c net.Conn) func() {
+	return s.serveListener(ln, nil, func(c net.Conn) func() {
 		release, ok := s.admitHandshake(c)
 		if !ok {
 			s.refuseConn(c, "relay busy: too many connections in handshake, from your address or in all; retry later")
@@ -237,6 +220,32 @@ func (s *Server) Serve(ln net.Listener) error {
 			s.handleConn(c, bindIP, release)
 		}
 	})
+}
+
+// serveListener runs acceptLoop on ln, one of the listeners Shutdown and
+// Close end, until it is closed; registered, it first runs registered
+// under s.mu. It returns ErrServerClosed at once if the server is closed.
+func (s *Server) serveListener(ln net.Listener, registered func(), admit func(net.Conn) func()) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		ln.Close()
+		return ErrServerClosed
+	}
+	s.listeners[ln] = struct{}{}
+	if registered != nil {
+		registered()
+	}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	defer s.wg.Done()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, ln)
+		s.mu.Unlock()
+		ln.Close()
+	}()
+	return s.acceptLoop(ln, admit)
 }
 
 // acceptLoop accepts on ln and calls admit for each conn, in accept order:
