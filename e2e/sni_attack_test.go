@@ -60,7 +60,7 @@ func TestSNIAttackMetricsWithAgentsOn443(t *testing.T) {
 // (not a name) through the shared TLS port gets it bound on every
 // interface instead: the shared port's control listener has no IP for
 // the session to bind to. On a host whose -bind keeps tunnels off an
-// internal interface, an agent on 443 puts them there. FAILS on main.
+// internal interface, an agent on 443 puts them there. It failed before the fix.
 func TestSNIAttackBindOn443(t *testing.T) {
 	e := newEnv(t)
 	r := e.startSNIRelay(nil, "-tls-self-signed", "-state-dir", t.TempDir())

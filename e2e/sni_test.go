@@ -471,36 +471,16 @@ func (e *env) startNginxTLS(leaf sniLeaf, body string) int {
 	bin := requireProgram(t, "nginx", "nginx")
 	dir := t.TempDir()
 	_, port := e.startService(bin, func(port int) []string {
-		name := "nginx-" + strconv.Itoa(port)
-		conf := fmt.Sprintf(`master_process off;
-daemon off;
-pid %[1]s/%[2]s.pid;
-error_log stderr info;
-events { worker_connections 256; }
-http {
-    access_log off;
-    client_body_temp_path %[1]s/%[2]s-body;
-    proxy_temp_path %[1]s/%[2]s-proxy;
-    fastcgi_temp_path %[1]s/%[2]s-fastcgi;
-    uwsgi_temp_path %[1]s/%[2]s-uwsgi;
-    scgi_temp_path %[1]s/%[2]s-scgi;
-    server {
-        listen 127.0.0.1:%[3]d ssl;
-        server_name %[4]s;
-        ssl_certificate %[5]s;
-        ssl_certificate_key %[6]s;
+		return nginxArgs(t, dir, port, fmt.Sprintf(`server {
+        listen 127.0.0.1:%d ssl;
+        server_name %s;
+        ssl_certificate %s;
+        ssl_certificate_key %s;
         location / {
             default_type text/plain;
-            return 200 "%[7]s\n";
+            return 200 "%s\n";
         }
-    }
-}
-`, dir, name, port, leaf.name, leaf.certFile, leaf.keyFile, body)
-		path := filepath.Join(dir, name+".conf")
-		if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return []string{"-e", "stderr", "-p", dir, "-c", path}
+    }`, port, leaf.name, leaf.certFile, leaf.keyFile, body))
 	}, nil)
 	return port
 }

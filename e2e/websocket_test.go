@@ -53,9 +53,22 @@ func (e *env) startNginx(relayPort int, certFile, keyFile string) (*proc, int) {
 			}
 			site = strings.Join(plain, "\n")
 		}
-		name := "nginx-" + strconv.Itoa(port)
-		sitePath := filepath.Join(dir, name+"-relay.conf")
-		conf := fmt.Sprintf(`master_process off;
+		sitePath := filepath.Join(dir, "nginx-"+strconv.Itoa(port)+"-relay.conf")
+		if err := os.WriteFile(sitePath, []byte(site), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return nginxArgs(t, dir, port, "include "+sitePath+";")
+	}, nil)
+}
+
+// nginxArgs writes the main configuration of an nginx on port, in the
+// foreground, with its pid and temporary files in dir and its error log
+// on stderr, whose http block holds httpBody; it returns nginx's
+// arguments.
+func nginxArgs(t *testing.T, dir string, port int, httpBody string) []string {
+	t.Helper()
+	name := "nginx-" + strconv.Itoa(port)
+	conf := fmt.Sprintf(`master_process off;
 daemon off;
 pid %[1]s/%[2]s.pid;
 error_log stderr info;
@@ -67,18 +80,14 @@ http {
     fastcgi_temp_path %[1]s/%[2]s-fastcgi;
     uwsgi_temp_path %[1]s/%[2]s-uwsgi;
     scgi_temp_path %[1]s/%[2]s-scgi;
-    include %[3]s;
+    %[3]s
 }
-`, dir, name, sitePath)
-		confPath := filepath.Join(dir, name+".conf")
-		if err := os.WriteFile(sitePath, []byte(site), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(confPath, []byte(conf), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return []string{"-e", "stderr", "-p", dir, "-c", confPath}
-	}, nil)
+`, dir, name, httpBody)
+	path := filepath.Join(dir, name+".conf")
+	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return []string{"-e", "stderr", "-p", dir, "-c", path}
 }
 
 // TestAgentsOverWebSocket: echoserver and expose given a ws:// URL reach a

@@ -79,7 +79,7 @@ func sharedPortPair(t *testing.T) (relaySide, agentSide net.Conn) {
 // reach the socket under the handoff's replayed wrapper (it has no
 // NetConn), so it takes every such parked connection for idle, dead or not,
 // and the relay binds clients to parked connections whose agent (or a NAT
-// on the way) closed them. FAILS on main.
+// on the way) closed them. It failed before the fix.
 func TestIdleSeesDeadParkedConnsOnSharedPort(t *testing.T) {
 	r, a := sharedPortPair(t)
 	if !idle(r) {
@@ -100,7 +100,7 @@ func TestIdleSeesDeadParkedConnsOnSharedPort(t *testing.T) {
 // (received) read the socket under a conn. Under the shared port's
 // handoff they read nothing: a stalled link whose data connection came in
 // on 443 is counted at half its memory at most, and an agent's handshake
-// on 443 always looks silent, the first to be evicted. FAILS on main.
+// on 443 always looks silent, the first to be evicted. It failed before the fix.
 func TestQueuedSeesSharedPortDataConns(t *testing.T) {
 	r, a := sharedPortPair(t)
 	a.SetWriteDeadline(time.Now().Add(5 * time.Second))

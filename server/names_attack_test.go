@@ -10,7 +10,6 @@ import (
 	"tcprelay/internal/check"
 	"tcprelay/internal/proto"
 	"tcprelay/internal/testutil"
-	"tcprelay/internal/transport"
 	"tcprelay/server"
 	"tcprelay/tunnel"
 )
@@ -18,20 +17,15 @@ import (
 // TestNamesControlHandoffForgetsConns: a connection that the shared port
 // hands to the control listener (a ClientHello offering the ALPN
 // "tcprelay", which anyone can send) must not stay in the relay's set of
-// tracked connections once it is closed. Today the shared port's accept
-// loop tracks the raw socket, the control listener tracks the TLS conn
-// over it, and only the latter is ever forgotten: every such connection,
-// a stranger's or an agent's, leaves one entry (a closed *net.TCPConn)
-// behind for the life of the process. FAILS on main.
+// tracked connections once it is closed. Before the fix, the shared port's
+// accept loop tracked the raw socket, the control listener the TLS conn
+// over it, and only the latter was forgotten: every such connection, a
+// stranger's or an agent's, left one entry (a closed *net.TCPConn)
+// behind for the life of the process.
 func TestNamesControlHandoffForgetsConns(t *testing.T) {
 	check.Leaks(t)
 	relay, names := testutil.StartNamesRelay(t, server.Config{HandshakeTimeout: 2 * time.Second})
-	cert, _ := testutil.SelfSignedCert(t)
-	done := make(chan error, 1)
-	go func() {
-		done <- relay.Serve(transport.Listen(relay.NamesControl(&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}), &tls.Config{Certificates: []tls.Certificate{cert}}))
-	}()
-	t.Cleanup(func() { relay.Close(); <-done })
+	testutil.ServeNamesControl(t, relay)
 
 	const n = 100
 	for i := range n {
@@ -59,21 +53,11 @@ func TestNamesControlHandoffForgetsConns(t *testing.T) {
 // listeners bind to the same IP address as ln"). An agent that comes in on
 // the shared port and asks for a port gets one bound on every interface
 // instead: the handoff listener's address is not a *net.TCPAddr, so its
-// sessions have no bind IP. FAILS on main.
+// sessions have no bind IP. It failed before the fix.
 func TestNamesPortAgentKeepsBindAddress(t *testing.T) {
 	check.Leaks(t)
 	relay, names := testutil.StartNamesRelay(t, server.Config{}) // control and shared port on 127.0.0.1
-	cert, _ := testutil.SelfSignedCert(t)
-	done := make(chan error, 1)
-	go func() {
-		done <- relay.Serve(transport.Listen(relay.NamesControl(&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}), &tls.Config{Certificates: []tls.Certificate{cert}}))
-	}()
-	t.Cleanup(func() { relay.Close(); <-done })
-
-	pin, err := tunnel.PinnedTLS(tunnel.Fingerprint(cert.Certificate[0]))
-	if err != nil {
-		t.Fatal(err)
-	}
+	pin := testutil.ServeNamesControl(t, relay)
 	for _, tc := range []struct {
 		name, addr string
 		tls        *tls.Config

@@ -17,7 +17,6 @@ import (
 
 	"tcprelay/internal/check"
 	"tcprelay/internal/testutil"
-	"tcprelay/internal/transport"
 	"tcprelay/server"
 	"tcprelay/tunnel"
 )
@@ -25,24 +24,6 @@ import (
 // The attacks and demands of a review of issue 19 (names on a shared TLS
 // port). Each test says what it shows; those marked FAILS fail on the
 // code they were written against.
-
-// serveNamesControl serves the relay's own TLS on the shared port's
-// control listener, as ./relay does with -tls-cert, and returns the pinned
-// TLS config an agent needs to reach it.
-func serveNamesControl(t *testing.T, relay *testutil.Relay) *tls.Config {
-	t.Helper()
-	cert, _ := testutil.SelfSignedCert(t)
-	done := make(chan error, 1)
-	go func() {
-		done <- relay.Serve(transport.Listen(relay.NamesControl(&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}), &tls.Config{Certificates: []tls.Certificate{cert}}))
-	}()
-	t.Cleanup(func() { relay.Close(); <-done })
-	pin, err := tunnel.PinnedTLS(tunnel.Fingerprint(cert.Certificate[0]))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pin
-}
 
 // severingProxy forwards connections to target, and can sever one on the
 // relay's side only: the relay sees its peer close (a FIN), the agent sees
@@ -149,11 +130,11 @@ func (p *severingProxy) sever(i int) {
 // came in on the shared TLS port (the "443 alone" setup of OPERATING.md)
 // the peek cannot reach the socket under the handoff's wrapper, so the
 // client's ClientHello goes into a dead connection and the client is
-// closed. FAILS on main (subtest "shared port").
+// closed. Its "shared port" subtest failed before the fix.
 func TestNamesPortDeadParkedConns(t *testing.T) {
 	check.Leaks(t)
 	relay, names := testutil.StartNamesRelay(t, server.Config{})
-	pin := serveNamesControl(t, relay)
+	pin := testutil.ServeNamesControl(t, relay)
 	for _, tc := range []struct {
 		name, addr string
 		tls        *tls.Config
@@ -197,11 +178,11 @@ func TestNamesPortDeadParkedConns(t *testing.T) {
 // handoff listener's address (namesAddr) takes s.mu to read the shared
 // port. From then on every agent, client and admin request waits on s.mu
 // forever. The test runs the relay in a child process, bounded by
-// -test.timeout, since a deadlocked relay cannot be closed. FAILS on main.
+// -test.timeout, since a deadlocked relay cannot be closed. It failed before the fix.
 func TestNamesControlStatusDeadlock(t *testing.T) {
 	if os.Getenv("TCPRELAY_NAMES_DEADLOCK_CHILD") == "1" {
 		relay, names := testutil.StartNamesRelay(t, server.Config{})
-		pin := serveNamesControl(t, relay)
+		pin := testutil.ServeNamesControl(t, relay)
 		// An agent on the shared port: its control listener is served.
 		listen(t, names, tunnel.Config{TLS: pin, Hostname: "db"})
 		if err := relay.WriteMetrics(io.Discard); err != nil {
@@ -222,7 +203,7 @@ func TestNamesControlStatusDeadlock(t *testing.T) {
 // name, web, is refused ("not allowed"); asking for pool web with no name
 // at all, he is let in, and serves web.names.test's clients: a TLS client
 // of that name reaches bob's server. OPERATING.md: "A pool may have a
-// name: its members all ask for the pool and the name". FAILS on main.
+// name: its members all ask for the pool and the name". It failed before the fix.
 func TestNamesPoolJoinWithoutNameSkipsHosts(t *testing.T) {
 	check.Leaks(t)
 	alice, bob := newKey(t), newKey(t)
@@ -270,7 +251,7 @@ func TestNamesPoolJoinWithoutNameSkipsHosts(t *testing.T) {
 // (a new registration of it is refused) and her member serving it should
 // be ended, its clients closed, as for a name of her own. On main
 // narrowLocked looks at pools= only for pool members, and she keeps
-// serving the name. FAILS on main.
+// serving the name. It failed before the fix.
 func TestNamesNarrowedHostsCutsPoolMember(t *testing.T) {
 	check.Leaks(t)
 	alice := newKey(t)
@@ -301,7 +282,7 @@ func TestNamesNarrowedHostsCutsPoolMember(t *testing.T) {
 // to agents ("the relay's own"); -public-host, when it lies under DOMAIN,
 // is not: an agent gets it, its Addr() says clients reach it there, yet
 // every ClientHello for it goes to the relay, and the name shows as the
-// tenant's in the operator's views. FAILS on main (hardening).
+// tenant's in the operator's views. It failed before the fix (hardening).
 func TestNamesRelayPublicHostNotRegistrable(t *testing.T) {
 	check.Leaks(t)
 	relay, _ := testutil.StartNamesRelay(t, server.Config{PublicHost: "relay.names.test"})
@@ -377,7 +358,7 @@ func stackWith(out []byte, funcs ...string) string {
 // (its Serve failed to start, say), holds a goroutine and a descriptor
 // per ClientHello offering ALPN tcprelay, which any stranger can send;
 // and Close, which does not close a handoff nobody serves, waits for
-// those goroutines forever. FAILS on main (hardening: an embedding API
+// those goroutines forever. It failed before the fix (hardening: an embedding API
 // hazard; ./relay calls NamesControl only to serve it).
 func TestNamesControlUnservedBlocksClose(t *testing.T) {
 	if os.Getenv("TCPRELAY_NAMES_UNSERVED_CHILD") == "1" {

@@ -21,7 +21,6 @@ import (
 
 	"tcprelay/internal/check"
 	"tcprelay/internal/testutil"
-	"tcprelay/internal/transport"
 	"tcprelay/server"
 	"tcprelay/tunnel"
 )
@@ -228,17 +227,7 @@ func TestNamesPool(t *testing.T) {
 func TestAgentsOnTheNamesPort(t *testing.T) {
 	check.Leaks(t)
 	relay, names := testutil.StartNamesRelay(t, server.Config{})
-	cert, _ := testutil.SelfSignedCert(t)
-	done := make(chan error, 1)
-	go func() {
-		ctl := relay.NamesControl(&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		done <- relay.Serve(transport.Listen(ctl, &tls.Config{Certificates: []tls.Certificate{cert}}))
-	}()
-	t.Cleanup(func() { relay.Close(); <-done })
-	pin, err := tunnel.PinnedTLS(tunnel.Fingerprint(cert.Certificate[0]))
-	if err != nil {
-		t.Fatal(err)
-	}
+	pin := testutil.ServeNamesControl(t, relay) // its public ports bind to 127.0.0.1
 	ln := listen(t, names, tunnel.Config{TLS: pin, Hostname: "db"})
 	pool := serveTLS(t, ln, "db.names.test")
 	for range 3 { // pooled and announced data connections come the same way
