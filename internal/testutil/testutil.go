@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"tcprelay/internal/check"
-	"tcprelay/internal/transport"
 	"tcprelay/server"
 )
 
@@ -161,15 +160,16 @@ func StartNamesRelay(t testing.TB, cfg server.Config) (*Relay, string) {
 
 // ServeNamesControl serves r's control listener on its shared TLS port
 // (server.NamesControl, bound to 127.0.0.1) over TLS with a new
-// self-signed certificate for 127.0.0.1, as ./relay does with -tls-cert,
-// until the test ends, and returns the TLS config that trusts it, for an
-// agent.
+// self-signed certificate for 127.0.0.1, as ./relay does with -tls-cert
+// (without its WebSocket sniffing: transport's own tests use this
+// package), until the test ends, and returns the TLS config that trusts
+// it, for an agent.
 func ServeNamesControl(t testing.TB, r *Relay) *tls.Config {
 	t.Helper()
 	cert, pool := SelfSignedCert(t)
 	ctl := r.NamesControl(&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	done := make(chan error, 1)
-	go func() { done <- r.Serve(transport.Listen(ctl, &tls.Config{Certificates: []tls.Certificate{cert}})) }()
+	go func() { done <- r.Serve(tls.NewListener(ctl, &tls.Config{Certificates: []tls.Certificate{cert}})) }()
 	t.Cleanup(func() { r.Close(); <-done })
 	return &tls.Config{RootCAs: pool}
 }
