@@ -46,8 +46,9 @@ func TestParseRate(t *testing.T) {
 }
 
 // TestRateShapesTenantLinks: a tenant with a Rate gets it on each direction
-// of its links, measured from outside (within 10%), while another tenant's
-// links on the same relay still splice and move at least 5 times as fast.
+// of its links, measured from outside (never more than 10% faster), while
+// another tenant's links on the same relay still splice and move at least
+// twice as fast.
 // A new rate from SetAgents reaches the tenant's next transfer on the same
 // identity.
 func TestRateShapesTenantLinks(t *testing.T) {
@@ -123,13 +124,14 @@ func TestRateShapesTenantLinks(t *testing.T) {
 		return first.Sub(start), time.Since(first), spliced, limited
 	}
 	// What n bytes at rate take after a full bucket's burst (a tenth of a
-	// second's worth): within 10%.
+	// second's worth): no faster than 90% of that (the limit holds), no
+	// slower than 125% (a loaded machine adds a little).
 	want := time.Duration(float64(n-rate/10) / rate * float64(time.Second))
 	within := func(what string, d time.Duration) {
 		t.Logf("%s: %d bytes in %v: %.2f MB/s after the burst, limit %.2f MB/s", what, n, d.Round(time.Millisecond),
 			float64(n-rate/10)/d.Seconds()/1e6, float64(rate)/1e6)
-		if d < want*9/10 || d > want*11/10 {
-			t.Errorf("%s took %v, want %v within 10%%", what, d.Round(time.Millisecond), want.Round(time.Millisecond))
+		if d < want*9/10 || d > want*5/4 {
+			t.Errorf("%s took %v, want %v (-10%%, +25%%)", what, d.Round(time.Millisecond), want.Round(time.Millisecond))
 		}
 	}
 
@@ -145,8 +147,11 @@ func TestRateShapesTenantLinks(t *testing.T) {
 		t.Errorf("the unlimited tenant's link: %d spliced, %d limited; want it spliced", spliced, limited)
 	}
 	t.Logf("unlimited tenant: upload %v, download %v", fup.Round(time.Millisecond), fdown.Round(time.Millisecond))
-	if fup > up/5 || fdown > down/5 {
-		t.Errorf("unlimited tenant: upload %v, download %v; want each at most a fifth of the limited one's (%v, %v)", fup, fdown, up, down)
+	// The unlimited link is spliced (checked above); its time is only
+	// bounded loosely, since a loaded CI machine slows it, never the
+	// limited one, which cannot go faster than its rate.
+	if fup > up/2 || fdown > down/2 {
+		t.Errorf("unlimited tenant: upload %v, download %v; want each at most half the limited one's (%v, %v)", fup, fdown, up, down)
 	}
 
 	// Twice the rate from SetAgents: the same identity's next link moves
@@ -155,7 +160,13 @@ func TestRateShapesTenantLinks(t *testing.T) {
 	relay.SetAgents([]server.Agent{slow, agentOf("fast", fastKey)})
 	up2, down2, _, _ := exchange(slowAddr)
 	t.Logf("limited tenant at twice the rate: upload %v, download %v", up2.Round(time.Millisecond), down2.Round(time.Millisecond))
-	if up2 > up*6/10 || down2 > down*6/10 {
+	// Still limited (no faster than the new rate allows), and clearly
+	// faster than at the old rate.
+	want2 := time.Duration(float64(n-2*rate/10) / (2 * rate) * float64(time.Second))
+	if up2 < want2*9/10 || down2 < want2*9/10 {
+		t.Errorf("at twice the rate: upload %v, download %v; faster than the limit allows (%v)", up2, down2, want2)
+	}
+	if up2 > up*3/4 || down2 > down*3/4 {
 		t.Errorf("at twice the rate: upload %v, download %v; want about half of %v, %v", up2, down2, up, down)
 	}
 }
