@@ -171,8 +171,8 @@ func NewLimited(a, b net.Conn, aToB, bToA *Bucket, done func(*Link, Result)) *Li
 	// Both set up before either runs: a direction that fails at once
 	// reads the other's state. The directions share the sockets' RawConns.
 	ra, rb := rawConn(a), rawConn(b)
-	l.dirs[0].sp.init(a, rb, ra, &l.dirs[0])
-	l.dirs[1].sp.init(b, ra, rb, &l.dirs[1])
+	l.dirs[0].sp.init(a, b, rb, ra, &l.dirs[0])
+	l.dirs[1].sp.init(b, a, ra, rb, &l.dirs[1])
 	return l
 }
 
@@ -332,7 +332,7 @@ func (w limitedWriter) Write(b []byte) (int, error) {
 // else is copied through a buffer.
 func Copy(dst, src net.Conn) (int64, error) {
 	var sp splicer
-	if !sp.init(src, rawConn(dst), rawConn(src), nil) {
+	if !sp.init(src, dst, rawConn(dst), rawConn(src), nil) {
 		return io.Copy(dst, src)
 	}
 	_, err := sp.loop(dst, src)

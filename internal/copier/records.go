@@ -1,7 +1,9 @@
 package copier
 
 import (
+	"errors"
 	"net"
+	"sync"
 	"sync/atomic"
 	"syscall"
 )
@@ -36,6 +38,50 @@ type Records struct {
 	hn       int         // bytes of the current record's header read so far
 	left     int         // bytes of the current record's body not yet read
 	nonblock atomic.Bool // set by the Link that reads the TLS conn
+	ahead    *ahead      // read past what crypto/tls asked for (only in a Link)
+
+	// While a Link writes a chunk to the TLS conn, the records it makes
+	// gather in w and go to the socket in one write (see cork).
+	wmu sync.Mutex
+	w   *[]byte // nil: writes go straight to the socket
+}
+
+// gathered keeps the buffers of corked writes between chunks: an idle
+// connection holds none.
+var gathered = sync.Pool{New: func() any { b := make([]byte, 0, 2*Chunk); return &b }}
+
+// Write writes p to the socket, or, corked, gathers it for uncork.
+func (r *Records) Write(p []byte) (int, error) {
+	r.wmu.Lock()
+	defer r.wmu.Unlock()
+	if r.w != nil {
+		*r.w = append(*r.w, p...)
+		return len(p), nil
+	}
+	return r.Conn.Write(p)
+}
+
+// cork makes the records the TLS conn writes from now on gather, until
+// uncork writes them to the socket at once: crypto/tls writes each record
+// (16 KiB at most) with a write(2) of its own.
+func (r *Records) cork() {
+	r.wmu.Lock()
+	r.w = gathered.Get().(*[]byte)
+	r.wmu.Unlock()
+}
+
+// uncork writes what was gathered since cork, in one write. It holds the
+// lock meanwhile: a record written by another goroutine (an alert) waits,
+// and goes out after these, in the order the TLS conn numbered them.
+func (r *Records) uncork() error {
+	r.wmu.Lock()
+	defer r.wmu.Unlock()
+	w := r.w
+	r.w = nil
+	_, err := r.Conn.Write(*w)
+	*w = (*w)[:0]
+	gathered.Put(w)
+	return err
 }
 
 // NewRecords wraps the socket c, to go under a TLS conn. If c is a
@@ -67,14 +113,43 @@ func (r *Records) Read(p []byte) (int, error) {
 	}
 	var n int
 	var err error
-	if r.hn == 0 && r.raw != nil && r.nonblock.Load() {
-		n, err = readNow(r, p)
-	} else {
+	switch {
+	case r.ahead != nil:
+		n = copy(p, r.ahead.b[r.ahead.lo:r.ahead.hi])
+		if r.ahead.lo += n; r.ahead.lo == r.ahead.hi {
+			aheads.Put(r.ahead)
+			r.ahead = nil
+		}
+	case r.raw != nil && r.nonblock.Load():
+		// In a Link: read ahead, as much as has come, so that a burst
+		// takes a read(2) for several records rather than two for each.
+		a := aheads.Get().(*ahead)
+		a.lo, a.hi = 0, 0
+		if a.hi, err = readNow(r, a.b[:]); a.hi > 0 {
+			r.ahead = a
+			return r.Read(p)
+		}
+		aheads.Put(a)
+		if errors.Is(err, errNothingYet) && r.hn != 0 {
+			// Inside a record: wait for the rest, as a socket does.
+			n, err = r.Conn.Read(p)
+		}
+	default:
 		n, err = r.Conn.Read(p)
 	}
 	r.advance(p[:n])
 	return n, err
 }
+
+// ahead holds what Records read of its socket past what crypto/tls has
+// asked for. It is borrowed while it holds any: an idle connection, at a
+// record boundary, holds none, and its socket's readability is its own.
+type ahead struct {
+	b      [64 << 10]byte
+	lo, hi int
+}
+
+var aheads = sync.Pool{New: func() any { return new(ahead) }}
 
 // advance moves the record position past b, which was just read.
 func (r *Records) advance(b []byte) {

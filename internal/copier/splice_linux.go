@@ -73,6 +73,9 @@ type splicer struct {
 	// it, and loopTLS reads the TLS conn.
 	dst, src syscall.RawConn
 	rec      *Records
+	// wrec is the Records under dst when dst is a TLS conn over one: each
+	// chunk's records go to the socket in one write.
+	wrec *Records
 	// do is the RawConn callback, a method value bound once so that moving
 	// a chunk allocates nothing: doFill, doDrain or doReadable, as mode
 	// says.
@@ -115,8 +118,11 @@ const (
 // it). dst is spliced to if it is a socket too (dstRaw), else written to
 // through a buffer. d is a Link's direction (nil for Copy): a Link's
 // directions may park.
-func (s *splicer) init(src net.Conn, dstRaw, srcRaw syscall.RawConn, d *dir) bool {
+func (s *splicer) init(src, dst net.Conn, dstRaw, srcRaw syscall.RawConn, d *dir) bool {
 	*s = splicer{d: d, canPark: d != nil, srcFD: -1}
+	if dstRaw == nil {
+		s.wrec = recordsOf(dst)
+	}
 	if rec := recordsOf(src); rec != nil {
 		s.rec, s.src = rec, rec.raw
 		rec.nonblock.Store(true) // s reads it from now on

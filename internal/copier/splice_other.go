@@ -14,12 +14,12 @@ type splicer struct {
 	parkedAt int64 // never set: no direction parks here
 }
 
-func rawConn(c net.Conn) syscall.RawConn                                          { return nil }
-func (s *splicer) init(src net.Conn, dstRaw, srcRaw syscall.RawConn, d *dir) bool { return false }
-func (s *splicer) ok() bool                                                       { return false }
-func (s *splicer) spliced() bool                                                  { return false }
-func (s *splicer) loop(dst, src net.Conn) (again bool, err error)                 { return false, nil }
-func (s *splicer) noPark(src net.Conn)                                            {}
+func rawConn(c net.Conn) syscall.RawConn                                               { return nil }
+func (s *splicer) init(src, dst net.Conn, dstRaw, srcRaw syscall.RawConn, d *dir) bool { return false }
+func (s *splicer) ok() bool                                                            { return false }
+func (s *splicer) spliced() bool                                                       { return false }
+func (s *splicer) loop(dst, src net.Conn) (again bool, err error)                      { return false, nil }
+func (s *splicer) noPark(src net.Conn)                                                 {}
 
 type poller struct{}
 

@@ -38,6 +38,9 @@ func readNow(r *Records, p []byte) (int, error) {
 	return n, nil
 }
 
+// maxPlaintext is the most plaintext a TLS record carries (RFC 8446, 5.1).
+const maxPlaintext = 1 << 14
+
 // loopTLS is loop for a direction whose source is a TLS conn over Records
 // (src, s.rec): it reads a record's plaintext at a time into a buffer
 // held only for that record, and writes it to dst. Since the buffer
@@ -62,6 +65,12 @@ func (s *splicer) loopTLS(dst, src net.Conn) (again bool, err error) {
 	for {
 		s.buf = bufs.Get().(*buffer)
 		n, err := src.Read(s.buf.b[:])
+		// More records while they have come and the buffer has room for
+		// any record's plaintext (less would leave some in the TLS conn):
+		// one write to dst for several records.
+		for k := n; err == nil && k > 0 && len(s.buf.b)-n >= maxPlaintext; n += k {
+			k, err = src.Read(s.buf.b[n:])
+		}
 		if n > 0 {
 			if err := s.wait(int64(n)); err != nil {
 				return false, err
@@ -125,7 +134,15 @@ func (s *splicer) doReadable(fd uintptr) bool {
 
 // writeOut writes b to a dst that is not a socket, keeping the
 // direction's progress.
-func (s *splicer) writeOut(dst net.Conn, b []byte) error {
+func (s *splicer) writeOut(dst net.Conn, b []byte) (err error) {
+	if s.wrec != nil {
+		s.wrec.cork()
+		defer func() {
+			if uerr := s.wrec.uncork(); err == nil {
+				err = uerr
+			}
+		}()
+	}
 	for len(b) > 0 {
 		if s.d != nil {
 			s.d.wait()

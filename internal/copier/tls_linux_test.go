@@ -1,6 +1,7 @@
 package copier
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -442,5 +443,131 @@ func TestCopyTLSEcho(t *testing.T) {
 		}
 		b.Close()
 		peer.Close()
+	}
+}
+
+// TestRecordsReadAheadInALink: in a Link (nonblock), Records reads its
+// socket ahead, as much as has come, yet still returns no byte past the
+// end of the current record's header or body, says errNothingYet at a
+// boundary only once what it read ahead is spent and the socket has
+// nothing, and then holds no buffer. The stream arrives in pieces cut
+// inside headers and bodies.
+func TestRecordsReadAheadInALink(t *testing.T) {
+	stream, ends := recordStream(40, 3, true)
+	boundary := map[int]bool{0: true}
+	for _, e := range ends {
+		boundary[e] = true
+	}
+	for _, size := range []int{1, 5, 4096, 1 << 20} {
+		w, sock := tcpPair(t)
+		r := NewRecords(sock)
+		r.nonblock.Store(true)
+		sent, pos, piece := 0, 0, 0
+		buf := make([]byte, size)
+		var aheadSeen bool
+		for pos < len(stream) {
+			if pos == sent {
+				if r.hn == 0 && pos > 0 {
+					// At a boundary with everything read: nothing yet.
+					if n, err := r.Read(buf); n != 0 || !errors.Is(err, errNothingYet) || r.ahead != nil {
+						t.Fatalf("reads of %d at the boundary %d, the socket empty: %d bytes, %v, holding %v read ahead; want errNothingYet", size, pos, n, err, r.ahead != nil)
+					}
+				}
+				// The next piece: some 5000 bytes, cut at a record's end,
+				// or 7 bytes past it, inside the next record's header or
+				// body.
+				k := len(stream)
+				for _, e := range ends {
+					if e > sent+5000 {
+						k = min(e+7*(piece%2), len(stream))
+						break
+					}
+				}
+				if _, err := w.Write(stream[sent:k]); err != nil {
+					t.Fatal(err)
+				}
+				sent, piece = k, piece+1
+			}
+			sock.SetReadDeadline(time.Now().Add(timeout))
+			n, err := r.Read(buf)
+			aheadSeen = aheadSeen || r.ahead != nil
+			if errors.Is(err, errNothingYet) {
+				// The piece was written, but may not all have come yet.
+				if !boundary[pos] || r.ahead != nil || r.hn != 0 {
+					t.Fatalf("reads of %d: errNothingYet at offset %d (a boundary: %v), holding %v read ahead", size, pos, boundary[pos], r.ahead != nil)
+				}
+				time.Sleep(time.Millisecond)
+				continue
+			}
+			if err != nil {
+				t.Fatalf("reads of %d at offset %d: %v", size, pos, err)
+			}
+			if !bytes.Equal(buf[:n], stream[pos:pos+n]) {
+				t.Fatalf("reads of %d: wrong bytes at offset %d", size, pos)
+			}
+			for o := pos + 1; o < pos+n; o++ {
+				start := 0
+				for _, e := range ends {
+					if e >= o {
+						break
+					}
+					start = e
+				}
+				if boundary[o] || o == start+recordHeaderLen {
+					t.Fatalf("reads of %d: a read at %d of %d bytes crosses the end of a header or record at %d", size, pos, n, o)
+				}
+			}
+			pos += n
+		}
+		if r.ahead != nil || r.hn != 0 {
+			t.Errorf("reads of %d: at the end, %v read ahead, %d bytes into a header", size, r.ahead != nil, r.hn)
+		}
+		if !aheadSeen && size > 1 {
+			t.Errorf("reads of %d: Records never read ahead", size)
+		}
+		w.Close()
+		sock.Close()
+	}
+}
+
+// TestIdleTLSLinksHoldNoBuffer: after 4 MiB each way through TLS links
+// (read ahead and gathered writes at work), the links, once idle, hold
+// neither a read-ahead buffer nor gathered writes in their Records.
+func TestIdleTLSLinksHoldNoBuffer(t *testing.T) {
+	for _, or := range orientations {
+		t.Run(or.name, func(t *testing.T) {
+			check.Leaks(t)
+			r := startTLSRelay(t, or.o)
+			data := randomBytes(4<<20, 5)
+			done := make(chan error, 2)
+			for _, p := range [][2]net.Conn{{r.clientA, r.peer}, {r.peer, r.clientA}} {
+				go func() {
+					p[0].SetWriteDeadline(time.Now().Add(timeout))
+					_, err := p[0].Write(data)
+					done <- err
+				}()
+				got := make([]byte, len(data))
+				p[1].SetReadDeadline(time.Now().Add(timeout))
+				if _, err := io.ReadFull(p[1], got); err != nil || !bytes.Equal(got, data) {
+					t.Fatalf("4 MiB through the link: %v, intact: %v", err, bytes.Equal(got, data))
+				}
+				if err := <-done; err != nil {
+					t.Fatal(err)
+				}
+			}
+			check.Eventually(t, timeout, func() error {
+				if r.l.Idle() == 0 {
+					return errors.New("the link's directions are not both parked")
+				}
+				return nil
+			})
+			// Close and wait for the end: its done runs after both
+			// directions' last touch of the Records.
+			r.l.Close()
+			r.result(t)
+			if r.b.rec.ahead != nil || r.b.rec.w != nil {
+				t.Errorf("an idle TLS link holds a read-ahead buffer (%v) or gathered writes (%v)", r.b.rec.ahead != nil, r.b.rec.w != nil)
+			}
+		})
 	}
 }
