@@ -230,7 +230,9 @@ func median(v []float64) *float64 {
 }
 
 // writeTable writes the rows as a table for people, or as TSV for
-// gnuplot. A missing value is "-" in both.
+// gnuplot. A missing value is "-" in both. The table for people also
+// shows the spread of each figure's runs, min-max, where it has more than
+// one (the TSV keeps its columns: bench/chart.gp reads them).
 func writeTable(w io.Writer, rows []*row, tsv bool) {
 	num := func(v *float64) string { // 3 significant digits, or all of the integer part
 		if v == nil {
@@ -238,17 +240,28 @@ func writeTable(w io.Writer, rows []*row, tsv bool) {
 		}
 		return strconv.FormatFloat(*v, 'f', max(0, 2-int(math.Floor(math.Log10(max(1, math.Abs(*v)))))), 64)
 	}
+	spread := func(v []float64) string {
+		if len(v) < 2 {
+			return "-"
+		}
+		lo, hi := slices.Min(v), slices.Max(v)
+		return num(&lo) + "-" + num(&hi)
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	line := func(c ...string) {
 		if tsv {
-			fmt.Fprintln(w, strings.Join(c, "\t"))
+			fmt.Fprintln(w, strings.Join(c[:6], "\t"))
 		} else {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%8s %8s %6s\n", c[0], c[1], c[2], c[3], c[4], c[5])
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%8s %8s %6s\t%s\n", c[0], c[1], c[2], c[3], c[4], c[5], c[6])
 		}
 	}
-	line("section", "figure", "unit", "direct", "relay", "ratio")
+	line("section", "figure", "unit", "direct", "relay", "ratio", "runs min-max: direct / relay")
 	for _, r := range rows {
-		line(r.Section, r.Name, r.Unit, num(r.Direct), num(r.Relay), num(r.Ratio))
+		s := ""
+		if len(r.DirectRuns) > 1 || len(r.RelayRuns) > 1 {
+			s = spread(r.DirectRuns) + " / " + spread(r.RelayRuns)
+		}
+		line(r.Section, r.Name, r.Unit, num(r.Direct), num(r.Relay), num(r.Ratio), s)
 	}
 	tw.Flush()
 }
