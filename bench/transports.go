@@ -13,11 +13,9 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"math"
 	"math/big"
 	"net"
 	"os"
@@ -105,17 +103,13 @@ func benchTransports() ([]*row, error) {
 		}
 	}
 
-	iperf, iperfErr := exec.LookPath("iperf3")
-	var srv *child.Proc
-	var iperfPort, tests int
-	listening := func(port int) string { return fmt.Sprintf("Server listening on %d", port) }
+	srv, iperfErr := startIperf()
+	if iperfErr != nil && !errors.Is(iperfErr, errSkipped) {
+		return rows, iperfErr
+	}
+	iperfPort := 0
 	if iperfErr == nil {
-		srv, iperfPort, err = serve("iperf3 -s", iperf, func(port int) []string {
-			return []string{"-s", "-p", strconv.Itoa(port), "-B", "127.0.0.1", "--forceflush"}
-		}, func(p *child.Proc, port int) bool { return strings.Contains(p.Out(), listening(port)) })
-		if err != nil {
-			return rows, err
-		}
+		iperfPort = srv.port
 	}
 	idleN := min(*idleConns, 1000)
 	fmt.Printf("   per transport: %d sequential new connections, iperf3 %v 1 stream, %d idle connections\n", *latencyN, *iperf1Time, idleN)
@@ -152,32 +146,13 @@ func benchTransports() ([]*row, error) {
 		line := fmt.Sprintf("p50 %.0f µs", l50)
 
 		if iperfErr == nil {
-			tests++
-			want := tests
-			if !child.WaitFor(20*time.Second, func() bool {
-				return strings.Count(srv.Out(), listening(iperfPort)) >= want
-			}) {
-				return "", fmt.Errorf("iperf3 -s not ready for test %d", want)
-			}
-			before, err1 := snapshot(relay, agents[1])
-			out, err := runClient("iperf3 -c", iperf, []string{"-c", "127.0.0.1", "-p", strconv.Itoa(pub[1]), "-J",
-				"-t", strconv.Itoa(max(1, int(math.Round(iperf1Time.Seconds())))), "-P", "1"}, *iperf1Time+60*time.Second)
-			after, err2 := snapshot(relay, agents[1])
-			var res child.IperfResult
-			if err = errors.Join(err, err1, err2); err == nil {
-				err = json.Unmarshal(out, &res)
-			}
-			if err == nil && (res.Error != "" || res.End.SumReceived.Bytes <= 0) {
-				err = fmt.Errorf("iperf3: error %q, %d bytes received", res.Error, res.End.SumReceived.Bytes)
-			}
+			rate, gb, d, err := srv.test(pub[1], *iperf1Time, 1, relay, agents[1])
 			if err != nil {
 				return "", err
 			}
-			gb := float64(res.End.SumReceived.Bytes) / 1e9
-			d := sub(after, before)
-			add(gbps, i, res.End.SumReceived.BitsPerSecond/1e9)
+			add(gbps, i, rate)
 			add(cpu, i, (d[0]["cpu"]+d[1]["cpu"])/gb)
-			line += fmt.Sprintf(", %.1f Gbit/s, %.2f s CPU/GB", res.End.SumReceived.BitsPerSecond/1e9, (d[0]["cpu"]+d[1]["cpu"])/gb)
+			line += fmt.Sprintf(", %.1f Gbit/s, %.2f s CPU/GB", rate, (d[0]["cpu"]+d[1]["cpu"])/gb)
 		}
 
 		ps := []*child.Proc{relay, agents[0]}
@@ -206,7 +181,7 @@ func benchTransports() ([]*row, error) {
 		return line + fmt.Sprintf(", %.1f KiB idle", perConn), nil
 	})
 	if err == nil && iperfErr != nil {
-		err = fmt.Errorf("%w: iperf3 not in PATH (Debian package iperf3): no throughput rows", errSkipped)
+		err = fmt.Errorf("%w: no throughput rows", iperfErr)
 	}
 	return rows, err
 }
