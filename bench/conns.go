@@ -73,18 +73,22 @@ func echoByte(c net.Conn, b byte) error {
 	return c.SetDeadline(time.Time{})
 }
 
+// latencyWarmup is how many untimed new connections come before the
+// timed ones.
+const latencyWarmup = 20
+
 // latency times -latency-n sequential new connections to addr, each until
-// its first 1-byte echo is back, after 20 untimed ones, and returns the p50
-// and p99 (nearest rank) in µs.
+// its first 1-byte echo is back, after latencyWarmup untimed ones, and
+// returns the p50 and p99 (nearest rank) in µs.
 func latency(addr string) (p50, p99 float64, err error) {
 	var us []float64
-	for i := range *latencyN + 20 {
+	for i := range *latencyN + latencyWarmup {
 		t0 := time.Now()
 		c, err := dialEcho(addr)
 		if err != nil {
 			return 0, 0, fmt.Errorf("connection %d: %w", i+1, err)
 		}
-		if i >= 20 {
+		if i >= latencyWarmup {
 			us = append(us, float64(time.Since(t0).Nanoseconds())/1e3)
 		}
 		c.Close()
@@ -124,12 +128,15 @@ func benchLatency() ([]*row, error) {
 	})
 }
 
-// parallel runs f(0), ..., f(n-1), 64 at a time. After the first error
-// it starts no more, and returns that error.
+// parallelConns is how many connections parallel opens at a time.
+const parallelConns = 64
+
+// parallel runs f(0), ..., f(n-1), parallelConns at a time. After the
+// first error it starts no more, and returns that error.
 func parallel(n int, f func(i int) error) error {
 	var first atomic.Pointer[error]
 	var wg sync.WaitGroup
-	sem := make(chan struct{}, 64)
+	sem := make(chan struct{}, parallelConns)
 	for i := 0; i < n && first.Load() == nil; i++ {
 		sem <- struct{}{}
 		wg.Go(func() {

@@ -96,12 +96,12 @@ func benchNames() ([]*row, error) {
 			return "", err
 		}
 		var us []float64
-		for k := range *latencyN + 20 {
+		for k := range *latencyN + latencyWarmup {
 			t0 := time.Now()
 			if err := tlsEcho(addrs[i], client); err != nil {
 				return "", fmt.Errorf("connection %d: %w", k+1, err)
 			}
-			if k >= 20 {
+			if k >= latencyWarmup {
 				us = append(us, float64(time.Since(t0).Nanoseconds())/1e3)
 			}
 		}
@@ -112,7 +112,7 @@ func benchNames() ([]*row, error) {
 		d := sub(after, before)
 		slices.Sort(us)
 		rank := func(p float64) float64 { return us[int(math.Ceil(p/100*float64(len(us))))-1] }
-		perConn := (d[0]["cpu"] + d[1]["cpu"]) / float64(*latencyN+20) * 1e6
+		perConn := (d[0]["cpu"] + d[1]["cpu"]) / float64(*latencyN+latencyWarmup) * 1e6
 		p50.add(direct, rank(50))
 		p99.add(direct, rank(99))
 		cpuConn.add(direct, perConn)
