@@ -7,8 +7,11 @@
 // many relayed connections one relay holds under its fd limit; and, for
 // each transport an agent may use (native TLS, ws://, wss://), the same
 // path's throughput, CPU per GB, new-connection latency and idle memory
-// against native plain TCP; and a TLS service reached by its name on the
-// shared TLS port against the same reached by its port.
+// against native plain TCP; a TLS service reached by its name on the
+// shared TLS port against the same reached by its port; and the relay path,
+// plain and over TLS, against haproxy as a one-hop TCP proxy (the anchor
+// table: idle memory and CPU per connection, latency, opening many
+// connections, iperf3 and redis-benchmark).
 //
 // It prints a table (figure, direct, relay, ratio) and writes it to
 // OUT/results.json and OUT/results.tsv, from which bench/chart.gp draws
@@ -50,7 +53,7 @@ var (
 	redisN       = flag.Int("redis-requests", 100000, "redis-benchmark -n (requests per test)")
 	redisClients = flag.Int("redis-clients", 50, "redis-benchmark -c (parallel connections)")
 	latencyN     = flag.Int("latency-n", 2000, "sequential connect+echo round trips per path and run")
-	idleConns    = flag.Int("idle-conns", 5000, "idle relayed connections for the per-connection fd and RSS figures, all through one tunnel (which may hold every client of the relay's budget: 9,218 under 20,000 fds)")
+	idleConns    = flag.Int("idle-conns", 5000, "idle relayed connections for the per-connection fd and RSS figures, all through one tunnel (which may hold every client of the relay's budget: 9,218 under 20,000 fds); in the anchor section, also the connections whose opening is timed, on each path")
 	capMax       = flag.Int("cap", 9800, "most relayed connections the capacity figure tries (the bench needs 1 fd each)")
 	capAgents    = flag.Int("cap-agents", 1, "echoservers behind the relay in the capacity figure: one tunnel alone may hold every client of the relay's budget; N tunnels opened round-robin hold as many together")
 	connTimeout  = flag.Duration("conn-timeout", 5*time.Second, "bound on each dial and each 1-byte echo")
@@ -106,7 +109,7 @@ func eachRun(paths []string, measure func(i int) (string, error)) error {
 // noted, but not a failure.
 var errSkipped = errors.New("skipped")
 
-const allSections = "iperf,redis,latency,idle,capacity,transport,names"
+const allSections = "iperf,redis,latency,idle,capacity,transport,names,anchor"
 
 var sections = []struct {
 	name string
@@ -114,7 +117,7 @@ var sections = []struct {
 }{
 	{"iperf", benchIperf}, {"redis", benchRedis}, {"latency", benchLatency},
 	{"idle", benchIdle}, {"capacity", benchCapacity}, {"transport", benchTransports},
-	{"names", benchNames},
+	{"names", benchNames}, {"anchor", benchAnchor},
 }
 
 func main() {
