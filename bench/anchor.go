@@ -50,15 +50,11 @@ func (f *anchorFront) stop() {
 }
 
 func benchAnchor() ([]*row, error) {
-	dir, err := os.MkdirTemp("", "tcprelay-bench-anchor-")
+	dir, cert, key, err := tempSelfSigned("tcprelay-bench-anchor-")
 	if err != nil {
 		return nil, err
 	}
 	defer os.RemoveAll(dir)
-	cert, key, err := writeSelfSigned(dir)
-	if err != nil {
-		return nil, err
-	}
 
 	// The targets, and what is missing here.
 	var skipped []error

@@ -37,15 +37,11 @@ type transport struct {
 }
 
 func benchTransports() ([]*row, error) {
-	dir, err := os.MkdirTemp("", "tcprelay-bench-tls-")
+	dir, cert, key, err := tempSelfSigned("tcprelay-bench-tls-")
 	if err != nil {
 		return nil, err
 	}
 	defer os.RemoveAll(dir)
-	cert, key, err := writeSelfSigned(dir)
-	if err != nil {
-		return nil, err
-	}
 	tls := []string{"-tls-cert", cert, "-tls-key", key}
 	trs := []transport{
 		{"native plain", nil, []string{"127.0.0.1", "RELAYPORT"}},
@@ -221,6 +217,19 @@ func startRelayURL(flags []string, specs ...[]string) (relay *child.Proc, agents
 		}
 	}
 	return relay, agents, ports, err
+}
+
+// tempSelfSigned makes a temporary directory (the caller removes it) and
+// writes a self-signed certificate and its key there (writeSelfSigned).
+func tempSelfSigned(prefix string) (dir, certFile, keyFile string, err error) {
+	if dir, err = os.MkdirTemp("", prefix); err != nil {
+		return "", "", "", err
+	}
+	if certFile, keyFile, err = writeSelfSigned(dir); err != nil {
+		os.RemoveAll(dir)
+		return "", "", "", err
+	}
+	return dir, certFile, keyFile, nil
 }
 
 // writeSelfSigned writes a self-signed CA certificate for 127.0.0.1 and
