@@ -175,6 +175,17 @@ type Ready struct {
 	Ready  bool
 }
 
+// End ends one direction of the client's stream on a pre-opened data
+// connection (feature reuse), in place of a FIN on that connection: the
+// stream the sender wrote on the data connection joined with the PoolJoin
+// numbered Seq ends after Bytes bytes (counted from the byte after Bind).
+// The relay sends it when the client ends its half; the agent sends it,
+// after the relay's, to hand the connection back for the next client.
+type End struct {
+	Seq   uint64
+	Bytes uint64
+}
+
 // Bind is the relay's only frame on a pre-opened data connection: from the
 // next byte on, it carries the outside client's stream.
 type Bind struct {
@@ -200,6 +211,7 @@ func (*PoolKey) Type() Type   { return TypePoolKey }
 func (*PoolJoin) Type() Type  { return TypePoolJoin }
 func (*Bind) Type() Type      { return TypeBind }
 func (*Ready) Type() Type     { return TypeReady }
+func (*End) Type() Type       { return TypeEnd }
 
 // Optional fields (added after version 2, see docs/PROTOCOL.md) are
 // appended only when set, so a message without them has its version-2
@@ -308,6 +320,10 @@ func (m *Ready) AppendPayload(b []byte) []byte {
 		return append(b, 1)
 	}
 	return append(b, 0)
+}
+func (m *End) AppendPayload(b []byte) []byte {
+	b = binary.BigEndian.AppendUint64(b, m.Seq)
+	return binary.BigEndian.AppendUint64(b, m.Bytes)
 }
 func (m *Bind) AppendPayload(b []byte) []byte {
 	b = binary.BigEndian.AppendUint32(b, m.Tunnel)
@@ -428,6 +444,8 @@ func Parse(t Type, payload []byte) (Message, error) {
 		m = v
 	case TypeBind:
 		m = &Bind{Tunnel: d.u32(), Client: d.string(), Local: d.string()}
+	case TypeEnd:
+		m = &End{Seq: d.u64(), Bytes: d.u64()}
 	case TypeReady:
 		v := &Ready{Tunnel: d.u32()}
 		if b := d.take(1); b != nil {

@@ -74,6 +74,7 @@ const (
 	TypePoolJoin  Type = 0x11 // agent → relay: first frame of a pre-opened data connection
 	TypeBind      Type = 0x12 // relay → agent: on a pre-opened data connection, a client is joined
 	TypeReady     Type = 0x13 // agent → relay: whether a tunnel's member can take clients
+	TypeEnd       Type = 0x14 // either way: a pre-opened data connection's stream in one direction ended
 )
 
 // Features is a set of optional protocol features, one bit each. Each side
@@ -104,6 +105,10 @@ const (
 	// port, routed by the server name of each client's ClientHello
 	// (Listen.Hostname).
 	FeatureHostname Features = 1 << 6
+	// FeatureReuse: a pre-opened data connection serves one client after
+	// another: the end of each direction of a client's stream is an End on
+	// the control connection instead of a FIN (needs pool and proof).
+	FeatureReuse Features = 1 << 7
 )
 
 // featureNames names each feature, in bit order, for messages and docs.
@@ -118,6 +123,7 @@ var featureNames = []struct {
 	{FeatureReady, "ready"},
 	{FeatureACL, "acl"},
 	{FeatureHostname, "hostname"},
+	{FeatureReuse, "reuse"},
 }
 
 // String names the features in f, comma-separated; unknown bits are shown
@@ -200,6 +206,8 @@ func (t Type) String() string {
 		return "bind"
 	case TypeReady:
 		return "ready"
+	case TypeEnd:
+		return "end"
 	}
 	return fmt.Sprintf("type(0x%02x)", uint8(t))
 }

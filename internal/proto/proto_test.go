@@ -17,7 +17,7 @@ import (
 var allTypes = []Type{
 	TypeHello, TypeChallenge, TypeAuth, TypeWelcome, TypeListen, TypeListenOK,
 	TypeError, TypeIncoming, TypeClose, TypePing, TypePong, TypeGoAway, TypeAttach,
-	TypePoolKey, TypePoolJoin, TypeBind, TypeReady,
+	TypePoolKey, TypePoolJoin, TypeBind, TypeReady, TypeEnd,
 }
 
 func isKnownType(t Type) bool {
@@ -133,6 +133,7 @@ func samples() []sample {
 		{"bind/max-string", &Bind{Tunnel: math.MaxUint32, Client: maxString, Local: maxString}},
 		{"ready/no", &Ready{Tunnel: 3}},
 		{"ready/yes", &Ready{Tunnel: math.MaxUint32, Ready: true}},
+		{"end", &End{Seq: 1<<40 + 7, Bytes: math.MaxUint64}},
 		{"listen/pool", &Listen{ID: 1, Port: 80, Pool: "web"}},
 		{"listen/pool-resume", &Listen{ID: 1, Resume: seqToken(), Pool: maxString}},
 		{"listen/acl", &Listen{ID: 2, Port: 80, Allow: "10.0.0.0/8,2001:db8::/32", Deny: "10.1.0.0/16"}},
@@ -356,6 +357,7 @@ func TestTypeValuesAndNames(t *testing.T) {
 		{TypePoolJoin, 0x11, "pool-join"},
 		{TypeBind, 0x12, "bind"},
 		{TypeReady, 0x13, "ready"},
+		{TypeEnd, 0x14, "end"},
 	}
 	if len(tests) != len(allTypes) {
 		t.Fatalf("%d types pinned, %d known", len(tests), len(allTypes))
