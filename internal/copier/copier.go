@@ -32,6 +32,31 @@ type Result struct {
 	BFirst bool
 }
 
+// Counted is a conn whose streams end at a byte count given out of band
+// rather than with a FIN: a pre-opened data connection that serves one
+// client after another (docs/PROTOCOL.md, feature reuse). A Link or Copy
+// that reads one ends that direction once it has moved the count, as at
+// EOF. The conn's CloseWrite ends the stream written to it, and must know
+// how long that stream was: what went through its Write, and what the
+// copier wrote to its socket directly, which Wrote reports.
+type Counted interface {
+	// WatchEnd has the conn call end once, from any goroutine, with the
+	// count at which the stream read from it ends, when it learns it (it
+	// may never). The copier reads the conn from then on.
+	WatchEnd(end func(n int64))
+	// ReadEnded says the copier has read that stream to its count.
+	ReadEnded()
+	// Wrote reports n bytes the copier wrote to the conn's socket, not
+	// through Write, before it calls CloseWrite.
+	Wrote(n int64)
+}
+
+// CanCount reports whether a Link or Copy that reads c can end at a
+// count (Counted): it reads c's socket itself, plain or TLS over Records
+// with a socket under it. Any other conn it reads through Read, which must
+// then stop at the count itself.
+func CanCount(c net.Conn) bool { return rawConn(c) != nil || recordsOf(c) != nil }
+
 // closeWriter is implemented by *net.TCPConn, *net.UnixConn, *tls.Conn and
 // wrappers that embed them.
 type closeWriter interface {
@@ -111,8 +136,11 @@ func (p *progress) delivered(total int64) {
 // Result count is its progress (moved) once it has ended.
 type dir struct {
 	progress
-	l   *Link
-	lim *Bucket // nil: unlimited
+	// endAt is the count (+1) at which src's stream ends, when src is
+	// Counted and has said; 0: not known.
+	endAt atomic.Int64
+	l     *Link
+	lim   *Bucket // nil: unlimited
 	// sp moves the bytes, if it could be set up (sp.ok: src is a socket,
 	// or TLS over one, Records); else io.Copy does, in run.
 	sp splicer
@@ -173,7 +201,35 @@ func NewLimited(a, b net.Conn, aToB, bToA *Bucket, done func(*Link, Result)) *Li
 	ra, rb := rawConn(a), rawConn(b)
 	l.dirs[0].sp.init(a, b, rb, ra, &l.dirs[0])
 	l.dirs[1].sp.init(b, a, ra, rb, &l.dirs[1])
+	for i, c := range []net.Conn{a, b} {
+		if cc, ok := c.(Counted); ok && l.dirs[i].sp.ok() {
+			cc.WatchEnd(l.dirs[i].endAtCount)
+		}
+	}
 	return l
+}
+
+// endAtCount ends d once it has moved n bytes: d's Counted source says its
+// stream ends there. A parked direction runs again to see it; a running
+// one waiting for its source is woken by a read deadline in the past.
+func (d *dir) endAtCount(n int64) {
+	d.endAt.Store(n + 1)
+	l := d.l
+	l.mu.Lock()
+	parked := l.parked[d.i()]
+	l.parked[d.i()] = false
+	l.mu.Unlock()
+	if parked {
+		go d.run()
+		return
+	}
+	d.sp.wakeFor(d.src())
+}
+
+// atEnd reports whether d has moved all its Counted source's stream.
+func (d *dir) atEnd(written int64) bool {
+	e := d.endAt.Load()
+	return e != 0 && written >= e-1
 }
 
 // Spliced reports, for each direction, whether it moves its bytes with
@@ -266,6 +322,7 @@ func (d *dir) run() {
 	// order of the ends is then that of their causes.
 	d.l.endedFirst(d)
 	if err == nil {
+		d.sp.counted(d.dst(), d.src(), n)
 		err = halfClose(d.dst())
 	}
 	d.end(n, err)
@@ -329,13 +386,29 @@ func (w limitedWriter) Write(b []byte) (int, error) {
 // until src next has nothing to read. A TLS src over Records, or a plain
 // src to another dst, goes through a buffer held only while bytes are in
 // flight: waiting, Copy holds its goroutine and nothing more. Anything
-// else is copied through a buffer.
+// else is copied through a buffer. A Counted src ends at its count, as at
+// EOF.
 func Copy(dst, src net.Conn) (int64, error) {
 	var sp splicer
-	if !sp.init(src, dst, rawConn(dst), rawConn(src), nil) {
-		return io.Copy(dst, src)
+	var d *dir // only for a Counted src's end
+	cs, counted := src.(Counted)
+	if counted {
+		d = new(dir)
+	}
+	if !sp.init(src, dst, rawConn(dst), rawConn(src), d) {
+		return io.Copy(dst, src) // through src's Read, which stops at the count
+	}
+	sp.forCopy()
+	if counted {
+		cs.WatchEnd(func(n int64) {
+			d.endAt.Store(n + 1)
+			sp.wakeFor(src)
+		})
 	}
 	_, err := sp.loop(dst, src)
+	if err == nil {
+		sp.counted(dst, src, sp.written)
+	}
 	return sp.written, err
 }
 
@@ -418,7 +491,7 @@ func (l *Link) fail(err error) {
 func (l *Link) park(d *dir) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.closed || !idle.arm(d) {
+	if l.closed || d.atEnd(d.sp.written) || !idle.arm(d) {
 		return false
 	}
 	l.parked[d.i()] = true

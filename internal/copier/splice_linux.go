@@ -93,8 +93,8 @@ type splicer struct {
 	// in buf.
 	p       *pipe
 	buf     *buffer
-	pending int64         // bytes in p or buf not yet moved to dst
-	n       int64         // result of the last splice, read or write
+	pending int32         // bytes in p or buf not yet moved to dst (at most a pipe's)
+	n       int32         // result of the last splice, read or write
 	err     syscall.Errno // error of the last splice, read, write or peek (0: none)
 
 	srcFD int32 // src's descriptor, for the poller
@@ -206,10 +206,16 @@ func (s *splicer) loop(dst, src net.Conn) (again bool, err error) {
 	defer s.release() // EOF or an error
 	mark := s.startWindow(src)
 	for {
+		if s.atEnd() {
+			return false, nil // as at EOF
+		}
 		// Fill the pipe from src; doFill gives the pipe back while src has
 		// nothing to read.
 		s.mode = fill
 		if err := s.src.Read(s.do); err != nil {
+			if s.endWoke(src, err) {
+				continue
+			}
 			if s.quiet == 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
 				return false, err
 			}
@@ -220,6 +226,9 @@ func (s *splicer) loop(dst, src net.Conn) (again bool, err error) {
 		}
 		if s.err == syscall.EAGAIN { // nothing to read, no quiet window
 			s.err = 0
+			if s.atEnd() {
+				return false, nil // as at EOF
+			}
 			return s.parked(), nil
 		}
 		if s.err != 0 {
@@ -231,7 +240,7 @@ func (s *splicer) loop(dst, src net.Conn) (again bool, err error) {
 		// Drain the pipe (or buffer) into dst, waiting for dst to be
 		// writable.
 		s.pending = s.n
-		if err := s.wait(s.n); err != nil {
+		if err := s.wait(int64(s.n)); err != nil {
 			return false, err
 		}
 		if s.dst == nil {
@@ -253,13 +262,51 @@ func (s *splicer) loop(dst, src net.Conn) (again bool, err error) {
 				return false, io.ErrNoProgress
 			}
 			s.pending -= s.n
-			s.written += s.n
+			s.written += int64(s.n)
 			if s.d != nil {
 				s.d.delivered(s.written)
 			}
 		}
 	}
 }
+
+// atEnd reports whether s's direction has moved all of its Counted
+// source's stream.
+func (s *splicer) atEnd() bool { return s.d != nil && s.d.atEnd(s.written) }
+
+// endWoke reports whether err, from a wait for src, is the deadline with
+// which endAtCount woke it: the loop then goes round again, and ends if
+// the count is reached. Before the count, the wait goes on as it was.
+func (s *splicer) endWoke(src net.Conn, err error) bool {
+	if s.d == nil || s.d.endAt.Load() == 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
+		return false
+	}
+	if !s.atEnd() {
+		if s.quiet > 0 {
+			return false // the quiet window's deadline, or as good as it
+		}
+		s.sock(src).SetReadDeadline(time.Time{})
+	}
+	return true
+}
+
+// counted tells Counted conns what s's finished direction did: that it
+// read src's stream to its count, and how many bytes it wrote to dst's
+// socket itself (into a TLS dst, it wrote through Write).
+func (s *splicer) counted(dst, src net.Conn, n int64) {
+	if c, ok := src.(Counted); ok && s.atEnd() {
+		c.ReadEnded()
+	}
+	if c, ok := dst.(Counted); ok && s.dst != nil {
+		c.Wrote(n)
+	}
+}
+
+// wakeFor ends a wait for src's bytes at once, with a deadline in the past.
+func (s *splicer) wakeFor(src net.Conn) { s.sock(src).SetReadDeadline(time.Now()) }
+
+// forCopy makes s Copy's: it waits in the runtime's poller, and never parks.
+func (s *splicer) forCopy() { s.canPark, s.quiet = false, 0 }
 
 // startWindow starts the quiet window loop waits before it parks (see
 // firstQuiet), if it has one, on src's read deadline. It returns the mark
@@ -302,17 +349,16 @@ func (s *splicer) doFill(fd uintptr) bool {
 		if s.buf != nil {
 			s.read(int(fd))
 		} else {
-			var err error
-			s.n, err = syscall.Splice(int(fd), nil, s.p.w, nil, s.p.size, spliceMove|spliceNonblock)
-			s.err = errno(err)
+			n, err := syscall.Splice(int(fd), nil, s.p.w, nil, s.p.size, spliceMove|spliceNonblock)
+			s.n, s.err = int32(n), errno(err)
 		}
 		switch s.err {
 		case syscall.EINTR:
 			continue
 		case syscall.EAGAIN:
 			s.release()
-			if s.canPark && s.quiet == 0 {
-				return true // loop parks
+			if s.canPark && s.quiet == 0 || s.atEnd() {
+				return true // loop parks, or ends
 			}
 			s.err = 0
 			return false
@@ -341,9 +387,8 @@ func (s *splicer) doDrain(fd uintptr) bool {
 		if s.buf != nil {
 			s.write(int(fd))
 		} else {
-			var err error
-			s.n, err = syscall.Splice(s.p.r, nil, int(fd), nil, int(s.pending), spliceMove|spliceNonblock)
-			s.err = errno(err)
+			n, err := syscall.Splice(s.p.r, nil, int(fd), nil, int(s.pending), spliceMove|spliceNonblock)
+			s.n, s.err = int32(n), errno(err)
 		}
 		if s.err == syscall.EINTR {
 			continue
@@ -391,7 +436,7 @@ func (s *splicer) read(fd int) {
 	if err != nil {
 		n = 0
 	}
-	s.n, s.err = int64(n), errno(err)
+	s.n, s.err = int32(n), errno(err)
 	s.buf.out = s.buf.b[:n]
 }
 
@@ -400,7 +445,7 @@ func (s *splicer) write(fd int) {
 	if err != nil {
 		n = 0
 	}
-	s.n, s.err = int64(n), errno(err)
+	s.n, s.err = int32(n), errno(err)
 	s.buf.out = s.buf.out[n:]
 }
 

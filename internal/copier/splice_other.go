@@ -20,6 +20,9 @@ func (s *splicer) ok() bool                                                     
 func (s *splicer) spliced() bool                                                       { return false }
 func (s *splicer) loop(dst, src net.Conn) (again bool, err error)                      { return false, nil }
 func (s *splicer) noPark(src net.Conn)                                                 {}
+func (s *splicer) counted(dst, src net.Conn, n int64)                                  {}
+func (s *splicer) wakeFor(src net.Conn)                                                {}
+func (s *splicer) forCopy()                                                            {}
 
 type poller struct{}
 

@@ -63,6 +63,9 @@ func (s *splicer) loopTLS(dst, src net.Conn) (again bool, err error) {
 	}()
 	mark := s.startWindow(src)
 	for {
+		if s.atEnd() {
+			return false, nil // as at EOF
+		}
 		s.buf = bufs.Get().(*buffer)
 		n, err := src.Read(s.buf.b[:])
 		// More records while they have come and the buffer has room for
@@ -86,6 +89,9 @@ func (s *splicer) loopTLS(dst, src net.Conn) (again bool, err error) {
 		case err == io.EOF:
 			return false, nil
 		case errors.Is(err, errNothingYet):
+			if s.atEnd() {
+				return false, nil // as at EOF
+			}
 			if s.canPark && s.quiet == 0 {
 				return s.parked(), nil
 			}
@@ -97,7 +103,7 @@ func (s *splicer) loopTLS(dst, src net.Conn) (again bool, err error) {
 				err, s.err = os.NewSyscallError("recvfrom", s.err), 0
 			}
 		}
-		if err == nil {
+		if err == nil || s.endWoke(src, err) {
 			continue
 		}
 		// The quiet window may end in the wait for readability or inside a
