@@ -196,10 +196,11 @@ func (ep *endpoint) addClientLocked(src netip.Addr, delta int) {
 // the client's.
 func (s *Server) bindPooled(m *member, client net.Conn, since time.Time) bool {
 	for {
-		data := m.sess.takePooled()
-		if data == nil {
+		p, ok := m.sess.takePooled()
+		if !ok {
 			return false
 		}
+		data := p.c
 		frame := proto.Append(nil, &proto.Bind{Tunnel: m.id,
 			Client: client.RemoteAddr().String(), Local: client.LocalAddr().String()})
 		frame = append(frame, clientHead(client)...) // in the same segment
@@ -210,7 +211,7 @@ func (s *Server) bindPooled(m *member, client net.Conn, since time.Time) bool {
 		}
 		data.SetWriteDeadline(time.Time{})
 		s.count.poolHits.Add(1)
-		s.link(m, client, data, since)
+		s.link(m, client, data, since, p.seq)
 		return true
 	}
 }
@@ -282,7 +283,7 @@ func (s *Server) attach(c net.Conn, a *proto.Attach) bool {
 		}
 	}
 	c.SetDeadline(time.Time{})
-	s.link(p.member, p.client, c, p.since)
+	s.link(p.member, p.client, c, p.since, 0)
 	return true
 }
 
@@ -410,14 +411,29 @@ func (info *linkInfo) endedBy(reason string) {
 // it, in the background, until both directions end. An idle link holds no
 // goroutine. A link of a tenant with a Rate goes through its buckets (and
 // a buffer); any other splices.
-func (s *Server) link(m *member, client, data net.Conn, accepted time.Time) {
+func (s *Server) link(m *member, client, data net.Conn, accepted time.Time, seq uint64) {
 	s.tune(client)
 	s.tune(data)
 	sock := plainSocket(data) // what the link holds
 	now := time.Now()
+	var cd *counted
+	var linked net.Conn = sock
+	countIt := seq != 0 && copier.CanCount(sock)
 	s.mu.Lock()
+	if ss := m.sess; countIt && !ss.closed {
+		// The streams end by End, and the connection serves the next client.
+		cd = &counted{Conn: sock, ss: ss, seq: seq, head: int64(len(clientHead(client)))}
+		if ss.counted == nil {
+			ss.counted = make(map[uint64]*counted)
+		}
+		ss.counted[seq] = cd
+		linked = cd
+	}
 	in, out := m.sess.tenant.buckets()
-	l := copier.NewLimited(client, sock, in, out, func(l *copier.Link, res copier.Result) {
+	l := copier.NewLimited(client, linked, in, out, func(l *copier.Link, res copier.Result) {
+		if cd != nil {
+			s.countedDone(cd)
+		}
 		s.linkDone(m, client, l, res)
 	})
 	// From now on the link owns both conns, and Close reaches them through

@@ -13,8 +13,9 @@ import (
 // frameRate a second. An honest agent sends a Listen and a Close per
 // tunnel (16 tunnels by default), a Ready when its readiness changes, a
 // Ping per heartbeat and a Pong per Ping of the relay's: a few frames a
-// minute once its tunnels are open. A session past the bound is sent an
-// Error (limit) and closed.
+// minute once its tunnels are open. The one End per client that answers
+// the relay's (feature reuse) is not counted. A session past the bound is
+// sent an Error (limit) and closed.
 const (
 	frameBurst = 1000
 	frameRate  = 100
@@ -47,7 +48,10 @@ func (ss *session) serve() error {
 	ss.quiet = &quietLog{log: ss.log, wg: &s.wg}
 	defer ss.quiet.flush()
 	b := frameBucket{tokens: frameBurst, last: time.Now()}
-	ss.ctl.Admit = func() error {
+	ss.ctl.Admit = func(m proto.Message) error {
+		if e, ok := m.(*proto.End); ok && ss.awaitsEnd(e.Seq) {
+			return nil // one per client served, like the client's bytes
+		}
 		if b.take(time.Now()) {
 			return nil
 		}

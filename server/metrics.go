@@ -38,6 +38,7 @@ type counters struct {
 	denied         atomic.Int64 // outside clients closed by a tunnel's access lists
 	pickupTimeouts atomic.Int64 // outside clients closed because no data connection came
 	poolHits       atomic.Int64 // clients joined to a parked data connection
+	reused         atomic.Int64 // data connections parked again after a client (feature reuse)
 	poolMisses     atomic.Int64 // clients announced with Incoming
 	relayed        atomic.Int64 // relayed connections that ended
 	relayErrors    atomic.Int64 // relayed connections that ended on an error (a reset)
@@ -106,6 +107,7 @@ func (s *Server) WriteMetrics(w io.Writer) error {
 		{"tcprelay_clients_denied_total", "counter", "Outside clients closed by a tunnel's access lists (allow=, deny=).", c.denied.Load()},
 		{"tcprelay_pickup_timeouts_total", "counter", "Outside clients closed because no data connection came in time.", c.pickupTimeouts.Load()},
 		{"tcprelay_pool_hits_total", "counter", "Outside clients joined to a pre-opened data connection.", c.poolHits.Load()},
+		{"tcprelay_pool_reused_total", "counter", "Pre-opened data connections parked again after serving a client.", c.reused.Load()},
 		{"tcprelay_pool_misses_total", "counter", "Outside clients announced to their agent instead.", c.poolMisses.Load()},
 		{"tcprelay_connections_total", "counter", "Relayed connections that ended.", c.relayed.Load()},
 		{"tcprelay_connection_errors_total", "counter", "Relayed connections that ended on an error, such as a reset.", c.relayErrors.Load()},

@@ -196,7 +196,7 @@ func New(cfg Config) (*Server, error) {
 func (s *Server) features() proto.Features {
 	f := proto.FeatureIdentity | proto.FeatureProof | proto.FeaturePools | proto.FeatureReady | proto.FeatureACL | proto.FeatureHostname
 	if s.set.maxPool > 0 {
-		f |= proto.FeaturePool
+		f |= proto.FeaturePool | proto.FeatureReuse
 	}
 	return f
 }

@@ -44,8 +44,9 @@ type session struct {
 	members map[uint32]*member // by tunnel id
 	nextID  uint32
 	poolKey [proto.TokenLen]byte
-	pool    []net.Conn   // parked pre-opened data connections
-	joins   replayWindow // PoolJoin sequence numbers seen (feature proof)
+	pool    []parked            // parked pre-opened data connections
+	joins   replayWindow        // PoolJoin sequence numbers seen (feature proof)
+	counted map[uint64]*counted // its linked data connections, by PoolJoin number (feature reuse)
 }
 
 // errThrottled is what an address that spent its authentication tokens is
@@ -287,6 +288,8 @@ func (ss *session) handle(m proto.Message) error {
 		ss.closeTunnel(m.Tunnel)
 	case *proto.Ready:
 		ss.setReady(m.Tunnel, m.Ready)
+	case *proto.End:
+		return ss.agentEnd(m)
 	default:
 		return fmt.Errorf("%w: unexpected %s frame from agent", errBadRequest, m.Type())
 	}
@@ -406,6 +409,8 @@ func (ss *session) close() {
 	}
 	pool := ss.pool
 	ss.pool = nil
+	linked := ss.counted
+	ss.counted = nil
 	s.mu.Unlock()
 
 	// Ports first: an agent that sees its control connection end can count
@@ -413,8 +418,11 @@ func (ss *session) close() {
 	for _, ln := range lns {
 		ln.Close()
 	}
-	for _, c := range pool {
-		s.closeConn(c)
+	for _, p := range pool {
+		s.closeConn(p.c)
+	}
+	for _, c := range linked {
+		c.lost()
 	}
 	ss.ctl.Close()
 	s.redispatch(moved)
@@ -471,7 +479,11 @@ func (s *Server) park(c net.Conn, join *proto.PoolJoin) bool {
 	case len(ss.pool) >= ss.parkLimit() || ss.tenant.parkedLocked() >= ss.tenantParkLimit() || !s.agentRoomLocked(ss):
 		why = "pool full"
 	default:
-		ss.pool = append(ss.pool, c)
+		p := parked{c: c}
+		if ss.reusing() {
+			p.seq = join.Seq
+		}
+		ss.pool = append(ss.pool, p)
 	}
 	s.mu.Unlock()
 	if why != "" {
@@ -493,23 +505,23 @@ func (id *identity) parkedLocked() int {
 }
 
 // takePooled returns a parked data connection of the session that is still
-// open and silent, or nil. Dead ones are closed on the way.
-func (ss *session) takePooled() net.Conn {
+// open and silent, if it has one. Dead ones are closed on the way.
+func (ss *session) takePooled() (parked, bool) {
 	s := ss.s
 	for {
 		s.mu.Lock()
 		n := len(ss.pool)
 		if n == 0 {
 			s.mu.Unlock()
-			return nil
+			return parked{}, false
 		}
-		c := ss.pool[n-1]
+		p := ss.pool[n-1]
 		ss.pool = ss.pool[:n-1]
 		s.mu.Unlock()
-		if idle(c) {
-			return c
+		if idle(p.c) {
+			return p, true
 		}
-		s.closeConn(c) // the agent closed it, or broke the protocol
+		s.closeConn(p.c) // the agent closed it, or broke the protocol
 	}
 }
 

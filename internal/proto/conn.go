@@ -27,10 +27,10 @@ type Conn struct {
 	// MaxPayload bounds the payload of each frame Read accepts.
 	MaxPayload int
 	// Admit, if not nil, is called by Serve for every frame it reads
-	// (pings, pongs and frames of unknown types included) before acting on
-	// it; an error ends Serve with that error. The relay bounds an agent's
-	// rate of frames with it.
-	Admit func() error
+	// (pings, pongs and frames of unknown types included, as nil) before
+	// acting on it; an error ends Serve with that error. The relay bounds
+	// an agent's rate of frames with it.
+	Admit func(m Message) error
 
 	// wturn is the writers' turn: a one-slot semaphore rather than a
 	// mutex, so that waiting for it can time out (see write).
@@ -159,7 +159,7 @@ func (c *Conn) Serve(hb time.Duration, handle func(Message) error) error {
 		}
 		m, err := c.Read()
 		if c.Admit != nil && (err == nil || errors.Is(err, ErrUnknownType)) {
-			if err := c.Admit(); err != nil {
+			if err := c.Admit(m); err != nil {
 				return err
 			}
 		}
