@@ -176,10 +176,29 @@ func throughProxy(t *testing.T, startProxy func(e *env, relayPorts []int) (px *p
 	// through the proxy before any client came.
 	before := waitProxied(t, px, relayAddr, 2)
 	roundTrip(t, "echoserver -proxy", pub, randomBytes(256<<10))
-	for i := range 5 {
-		roundTrip(t, fmt.Sprintf("echoserver -proxy, client %d", i+2), pub, []byte("hello through the proxy\n"))
+	// Clients one after another reuse the pooled connections; more at
+	// once than are parked make the pool grow, through the proxy.
+	var held []net.Conn
+	for i := range 6 {
+		c, err := net.DialTimeout("tcp", child.Addr(pub), 5*time.Second)
+		if err != nil {
+			t.Fatalf("echoserver -proxy, client %d of 6 at once: %v", i+2, err)
+		}
+		defer c.Close()
+		held = append(held, c)
 	}
-	waitProxied(t, px, relayAddr, before+1) // the pool refilled through it
+	for i, c := range held {
+		msg := fmt.Sprintf("hello through the proxy, client %d\n", i+2)
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		got := make([]byte, len(msg))
+		if _, err := c.Write([]byte(msg)); err != nil {
+			t.Fatalf("echoserver -proxy, client %d of 6 at once: %v", i+2, err)
+		}
+		if _, err := io.ReadFull(c, got); err != nil || string(got) != msg {
+			t.Fatalf("echoserver -proxy, client %d of 6 at once: read %q, %v; want %q", i+2, got, err, msg)
+		}
+	}
+	waitProxied(t, px, relayAddr, before+1) // the pool grew through it
 	onlyTo(t, es, child.Addr(proxyPort))
 
 	target := echoTarget(t)

@@ -7,7 +7,9 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"sync/atomic"
 	"syscall"
+	"time"
 
 	"tcprelay/internal/copier"
 )
@@ -42,6 +44,8 @@ func (a stringAddr) String() string  { return string(a) }
 type Conn struct {
 	net.Conn
 	local, remote net.Addr
+	d             *dataConn   // a pre-opened data connection that may serve another client after this one; nil: none
+	ended         atomic.Bool // both streams ended with End: d serves other clients now
 }
 
 var (
@@ -63,10 +67,58 @@ func (c *Conn) NetConn() net.Conn { return c.Conn }
 // CloseWrite half-closes the connection: the outside client reads EOF after
 // the bytes already written, and can keep sending.
 func (c *Conn) CloseWrite() error {
-	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
-		return cw.CloseWrite()
+	if c.d != nil {
+		return c.d.endWrite(c)
+	}
+	return closeWrite(c.Conn)
+}
+
+// Read reads what the outside client sent; io.EOF once it has ended its
+// half.
+func (c *Conn) Read(b []byte) (int, error) {
+	if c.d != nil {
+		return c.d.readFor(c, b)
+	}
+	return c.Conn.Read(b)
+}
+
+// Write sends b to the outside client.
+func (c *Conn) Write(b []byte) (int, error) {
+	if c.d != nil {
+		return c.d.writeFor(c, b)
+	}
+	return c.Conn.Write(b)
+}
+
+// Close ends the connection to the outside client. With feature reuse, the
+// data connection under it may then serve the next client.
+func (c *Conn) Close() error {
+	if c.d != nil {
+		return c.d.closeFor(c)
 	}
 	return c.Conn.Close()
+}
+
+// SetReadDeadline, SetWriteDeadline and SetDeadline are net.Conn's.
+func (c *Conn) SetReadDeadline(t time.Time) error {
+	if c.d != nil {
+		return c.d.setReadDeadline(c, t)
+	}
+	return c.Conn.SetReadDeadline(t)
+}
+
+func (c *Conn) SetWriteDeadline(t time.Time) error {
+	if c.d != nil {
+		return c.d.setWriteDeadline(c, t)
+	}
+	return c.Conn.SetWriteDeadline(t)
+}
+
+func (c *Conn) SetDeadline(t time.Time) error {
+	if err := c.SetReadDeadline(t); err != nil {
+		return err
+	}
+	return c.SetWriteDeadline(t)
 }
 
 // rawStream is a data connection whose socket carries the client's bytes
@@ -87,6 +139,9 @@ var errNotRaw = errors.New("tunnel: data connection is not raw TCP")
 // TCP, so copiers can splice(2) the client's bytes without a user-space
 // copy. With TLS it returns an error.
 func (c *Conn) SyscallConn() (syscall.RawConn, error) {
+	if c.ended.Load() {
+		return nil, net.ErrClosed
+	}
 	if tc, ok := c.Conn.(rawStream); ok {
 		return tc.SyscallConn()
 	}
@@ -95,24 +150,27 @@ func (c *Conn) SyscallConn() (syscall.RawConn, error) {
 
 // ReadFrom copies r to the outside client.
 func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
-	if tc, ok := c.Conn.(rawStream); ok {
+	if tc, ok := c.Conn.(rawStream); ok && c.d == nil {
 		return tc.ReadFrom(r)
 	}
-	return io.Copy(struct{ io.Writer }{c.Conn}, r)
+	return io.Copy(struct{ io.Writer }{c}, r)
 }
 
 // WriteTo copies what the outside client sends to w.
 func (c *Conn) WriteTo(w io.Writer) (int64, error) {
-	if tc, ok := c.Conn.(rawStream); ok {
+	if tc, ok := c.Conn.(rawStream); ok && c.d == nil {
 		return tc.WriteTo(w)
 	}
-	return io.Copy(w, struct{ io.Reader }{c.Conn})
+	return io.Copy(w, struct{ io.Reader }{c})
 }
 
 // TLSRecords gives a copier the socket under a TLS data connection (see
 // copier.Records); nil over plain TCP. (The handshake is done before a
 // data connection becomes a Conn.)
 func (c *Conn) TLSRecords() *copier.Records {
+	if c.ended.Load() {
+		return nil
+	}
 	if tc, ok := c.Conn.(*tls.Conn); ok && tc.ConnectionState().HandshakeComplete {
 		r, _ := tc.NetConn().(*copier.Records)
 		return r

@@ -44,7 +44,7 @@ type control struct {
 }
 
 // features is what this library speaks.
-const features = proto.FeaturePool | proto.FeatureIdentity | proto.FeatureProof | proto.FeaturePools | proto.FeatureReady | proto.FeatureACL | proto.FeatureHostname
+const features = proto.FeaturePool | proto.FeatureIdentity | proto.FeatureProof | proto.FeaturePools | proto.FeatureReady | proto.FeatureACL | proto.FeatureHostname | proto.FeatureReuse
 
 // dialControl connects to r's relay, authenticates, and sends req to open
 // the tunnel. The handshake is bounded by the dial timeout and by ctx.
@@ -373,6 +373,10 @@ func (c *control) handle(m proto.Message) error {
 			defer c.l.wg.Done()
 			c.openData(m)
 		}()
+	case *proto.End:
+		if c.pool != nil {
+			c.pool.end(m)
+		}
 	case *proto.GoAway:
 		return &goAwayError{m.Message, time.Duration(m.RetryMillis) * time.Millisecond}
 	case *proto.Error:

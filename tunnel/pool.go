@@ -27,6 +27,13 @@ type pool struct {
 	wake    chan struct{}         // something changed: top up
 	failed  bool                  // the last attempt failed: pause before the next
 	closed  bool                  // the session is over: park nothing more
+	// With feature reuse: every data connection that may serve another
+	// client, parked or serving one, by its PoolJoin number. One serving a
+	// client counts as parked: it will likely be back, so a client at a
+	// time costs no new connection. (More would leave a pool short while
+	// many clients hold their connections.)
+	reuse bool
+	bySeq map[uint64]*dataConn
 }
 
 // initialPool is the parked connections an agent starts with.
@@ -40,6 +47,8 @@ func newPool(c *control, k *proto.PoolKey) *pool {
 		target: min(initialPool, int(k.Max)),
 		open:   make(map[net.Conn]struct{}),
 		wake:   make(chan struct{}, 1),
+		reuse:  c.features&(proto.FeatureReuse|proto.FeatureProof) == proto.FeatureReuse|proto.FeatureProof,
+		bySeq:  make(map[uint64]*dataConn),
 	}
 }
 
@@ -73,7 +82,11 @@ func (p *pool) run(lost <-chan struct{}) {
 		p.mu.Lock()
 		pause := p.failed
 		p.failed = false
-		n := p.target - len(p.open) - p.dialing
+		lent := 0
+		if p.reuse {
+			lent = len(p.bySeq) - len(p.open)
+		}
+		n := p.target - min(lent, 1) - len(p.open) - p.dialing
 		if pause {
 			n = 0
 		}
@@ -102,7 +115,6 @@ func (p *pool) run(lost <-chan struct{}) {
 // park opens one data connection, parks it at the relay, and waits for a
 // client to be bound to it.
 func (p *pool) park() {
-	l := p.c.l
 	join := &proto.PoolJoin{Key: p.key}
 	if p.c.features&proto.FeatureProof != 0 {
 		join.Seq = p.c.joins.Add(1)
@@ -121,23 +133,79 @@ func (p *pool) park() {
 		p.poke()
 		return
 	}
+	p.mu.Unlock()
+	var d *dataConn
+	if p.reuse {
+		d = &dataConn{p: p, seq: join.Seq, conn: conn}
+	}
+	p.wait(conn, d, false)
+}
+
+// wait parks conn (d, if it may serve one client after another) until the
+// relay binds a client to it, and hands that client to Accept. again: it
+// served a client before, and the relay may have closed it for want of
+// room rather than for a failure.
+func (p *pool) wait(conn net.Conn, d *dataConn, again bool) {
+	l := p.c.l
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		p.forget(d)
+		conn.Close()
+		return
+	}
 	p.open[conn] = struct{}{}
+	if d != nil {
+		p.bySeq[d.seq] = d
+	}
 	p.mu.Unlock()
 
 	bind, err := readBind(conn)
 
 	p.mu.Lock()
 	delete(p.open, conn)
-	if err != nil {
+	if err != nil && !again {
 		p.failed = true
 	}
 	p.mu.Unlock()
-	p.poke()
 	if err != nil {
+		p.poke()
+		p.forget(d)
 		conn.Close()
 		return
 	}
-	l.deliver(&Conn{Conn: conn, local: parseAddr(bind.Local), remote: parseAddr(bind.Client)})
+	c := &Conn{Conn: conn, local: parseAddr(bind.Local), remote: parseAddr(bind.Client)}
+	if d != nil {
+		d.mu.Lock()
+		d.cur = c
+		d.mu.Unlock()
+		c.d = d
+	}
+	p.poke()
+	l.deliver(c)
+}
+
+// forget drops d (nil: nothing): its connection is closed, or about to be.
+func (p *pool) forget(d *dataConn) {
+	if d == nil {
+		return
+	}
+	p.mu.Lock()
+	if p.bySeq[d.seq] == d {
+		delete(p.bySeq, d.seq)
+	}
+	p.mu.Unlock()
+}
+
+// end routes the relay's End to the data connection it names; one that is
+// gone already is ignored.
+func (p *pool) end(m *proto.End) {
+	p.mu.Lock()
+	d := p.bySeq[m.Seq]
+	p.mu.Unlock()
+	if d != nil {
+		d.relayEnd(int64(min(m.Bytes, 1<<62)))
+	}
 }
 
 // readBind reads the relay's Bind frame and nothing past it: the bytes that
