@@ -3,7 +3,6 @@ package tunnel_test
 import (
 	"bytes"
 	"crypto/tls"
-	"fmt"
 	"io"
 	"math/rand"
 	"net"
@@ -41,36 +40,6 @@ func reusePaths(t *testing.T, f func(t *testing.T, relay *testutil.Relay, ln *tu
 			f(t, relay, ln)
 		})
 	}
-}
-
-// echoClient writes data, half-closes, and checks that it reads data back
-// and then EOF.
-func echoClient(addr string, data []byte) error {
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	werr := make(chan error, 1)
-	go func() {
-		_, err := c.Write(data)
-		if err == nil {
-			err = c.(*net.TCPConn).CloseWrite()
-		}
-		werr <- err
-	}()
-	got, err := io.ReadAll(c)
-	if err := <-werr; err != nil {
-		return fmt.Errorf("write: %w", err)
-	}
-	if err != nil {
-		return fmt.Errorf("read after %d of %d bytes: %w", len(got), len(data), err)
-	}
-	if !bytes.Equal(got, data) {
-		return fmt.Errorf("echoed %d bytes, sent %d, not the same", len(got), len(data))
-	}
-	return nil
 }
 
 // TestReuseServesClientAfterClient: with the echo served three ways (Read
@@ -127,7 +96,7 @@ func TestReuseServesClientAfterClient(t *testing.T) {
 				for i := range n {
 					data := make([]byte, []int{0, 1, 4096, 100 << 10}[i%4]+rng.Intn(100))
 					rng.Read(data)
-					if err := echoClient(ln.Addr().String(), data); err != nil {
+					if err := testutil.EchoCheck(ln.Addr().String(), data, 10*time.Second); err != nil {
 						t.Fatalf("client %d: %v", i, err)
 					}
 				}
@@ -223,7 +192,7 @@ func TestReuseSurvivesManyClients(t *testing.T) {
 	testutil.WaitParked(t, relay, 4)
 	start := time.Now()
 	for i := range 1300 {
-		if err := echoClient(ln.Addr().String(), []byte("ping")); err != nil {
+		if err := testutil.EchoCheck(ln.Addr().String(), []byte("ping"), 10*time.Second); err != nil {
 			t.Fatalf("client %d, %v after the first: %v", i, time.Since(start), err)
 		}
 	}
