@@ -270,7 +270,7 @@ func (p *proc) stop() {
 		case <-closed:
 			lines := p.Lines()
 			if len(lines) != want {
-				t.Errorf("%s printed %d stdout lines, want exactly %d: %q", p, len(lines), want, lines)
+				t.Errorf("%s printed %d stdout lines, want exactly %d: %q; its stderr:\n%s", p, len(lines), want, lines, lastLines(p.Stderr.String(), 30))
 			}
 		case <-time.After(killTimeout):
 			t.Errorf("%s: stdout not closed %v after exit", p, killTimeout)
