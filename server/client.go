@@ -267,12 +267,24 @@ func (s *Server) announce(m *member, c net.Conn, since time.Time) {
 func (s *Server) attach(c net.Conn, a *proto.Attach) bool {
 	p := s.takePending(a.Token, func(p *pending) bool {
 		ss := p.member.sess
-		return !p.member.cut && (ss.features&proto.FeatureProof == 0 || proto.CheckProof(ss.key, "attach", a.MAC, a.Token[:]))
+		ok := !p.member.cut && (ss.features&proto.FeatureProof == 0 || proto.CheckProof(ss.key, "attach", a.MAC, a.Token[:]))
+		if ok {
+			s.attaching++ // under s.mu, with the pending client's removal
+		}
+		return ok
 	})
 	if p == nil {
 		s.dropConn(c, "data connection with an unknown, used or expired token, or no proof of its session", nil)
 		return false
 	}
+	// Until the link holds the client, a Shutdown waits for it as for a
+	// client still waiting: it would close both conns.
+	defer func() {
+		s.mu.Lock()
+		s.attaching--
+		s.wakeLocked()
+		s.mu.Unlock()
+	}()
 	p.timer.Stop()
 	if head := clientHead(p.client); len(head) > 0 {
 		c.SetWriteDeadline(time.Now().Add(s.set.writeTimeout))
