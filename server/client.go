@@ -31,7 +31,7 @@ func (ep *endpoint) serveClient(c net.Conn) func() {
 		return func() {
 			if c := ep.readProxied(tc, accepted); c != nil {
 				if m := ep.admit(c); m != nil {
-					s.relay(m, c, accepted)
+					s.relayAdmitted(m, c, accepted)
 				}
 			}
 		}
@@ -40,7 +40,22 @@ func (ep *endpoint) serveClient(c net.Conn) func() {
 	if m == nil {
 		return nil
 	}
-	return func() { s.relay(m, c, accepted) }
+	return func() { s.relayAdmitted(m, c, accepted) }
+}
+
+// relayAdmitted is relay for a client admit let in: a Shutdown waits for
+// it until it is linked or waiting (see joining).
+func (s *Server) relayAdmitted(m *member, client net.Conn, since time.Time) {
+	defer s.joined()
+	s.relay(m, client, since)
+}
+
+// joined says a client counted in joining is linked, waiting, or gone.
+func (s *Server) joined() {
+	s.mu.Lock()
+	s.joining--
+	s.wakeLocked()
+	s.mu.Unlock()
 }
 
 // relay joins client, accepted at since, to m's agent: through a parked
@@ -117,6 +132,7 @@ func (ep *endpoint) admit(c net.Conn) *member {
 		}
 		ep.addClientLocked(src, 1)
 		m.clients++
+		s.joining++ // until relayAdmitted has linked or announced it
 		s.mu.Unlock()
 		return m
 	}
@@ -269,7 +285,7 @@ func (s *Server) attach(c net.Conn, a *proto.Attach) bool {
 		ss := p.member.sess
 		ok := !p.member.cut && (ss.features&proto.FeatureProof == 0 || proto.CheckProof(ss.key, "attach", a.MAC, a.Token[:]))
 		if ok {
-			s.attaching++ // under s.mu, with the pending client's removal
+			s.joining++ // under s.mu, with the pending client's removal
 		}
 		return ok
 	})
@@ -279,12 +295,7 @@ func (s *Server) attach(c net.Conn, a *proto.Attach) bool {
 	}
 	// Until the link holds the client, a Shutdown waits for it as for a
 	// client still waiting: it would close both conns.
-	defer func() {
-		s.mu.Lock()
-		s.attaching--
-		s.wakeLocked()
-		s.mu.Unlock()
-	}()
+	defer s.joined()
 	p.timer.Stop()
 	if head := clientHead(p.client); len(head) > 0 {
 		c.SetWriteDeadline(time.Now().Add(s.set.writeTimeout))

@@ -97,7 +97,7 @@ type Server struct {
 	pending   map[[proto.TokenLen]byte]*pending
 	poolKeys  map[[proto.TokenLen]byte]*session // sessions that accept pre-opened data connections
 	links     map[*copier.Link]*linkInfo        // relayed connections being copied
-	attaching int                               // clients taken from pending by a data connection, not linked yet
+	joining   int                               // clients admitted, or claimed by a data connection, not yet linked or waiting
 	bytesDone byteCount                         // bytes of the links that ended (with links: see linkDone)
 	wake      chan struct{}                     // closed when links or pending shrink, for waitUntil
 
@@ -565,7 +565,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		ln.Close()
 	}
 	settle, cancel := context.WithTimeout(ctx, min(settleFor, s.set.pickupTimeout))
-	s.waitUntil(settle, func() bool { return len(s.pending) == 0 && s.attaching == 0 })
+	s.waitUntil(settle, func() bool { return len(s.pending) == 0 && s.joining == 0 })
 	cancel()
 
 	s.stopAccepting("graceful: come back soon", comeBackSoon)
