@@ -34,6 +34,7 @@ type pool struct {
 	// many clients hold their connections.)
 	reuse bool
 	bySeq map[uint64]*dataConn
+	again sync.WaitGroup // connections on their way back to parked (dataConn.finishLocked)
 }
 
 // initialPool is the parked connections an agent starts with.
@@ -77,6 +78,7 @@ func (p *pool) run(lost <-chan struct{}) {
 			c.Close()
 		}
 		p.mu.Unlock()
+		p.again.Wait() // none starts once closed is set
 	}()
 	for {
 		p.mu.Lock()
@@ -84,7 +86,7 @@ func (p *pool) run(lost <-chan struct{}) {
 		p.failed = false
 		lent := 0
 		if p.reuse {
-			lent = len(p.bySeq) - len(p.open)
+			lent = len(p.bySeq) - len(p.open) - p.dialing
 		}
 		n := p.target - min(lent, 1) - len(p.open) - p.dialing
 		if pause {
@@ -120,6 +122,15 @@ func (p *pool) park() {
 		join.Seq = p.c.joins.Add(1)
 		join.MAC = proto.ProofMAC(p.c.key, "pool-join", join.Key[:], binary.BigEndian.AppendUint64(nil, join.Seq))
 	}
+	var d *dataConn
+	if p.reuse {
+		// Known before its PoolJoin goes out: the relay's End for its first
+		// client may come before this goroutine reaches wait.
+		d = &dataConn{p: p, seq: join.Seq}
+		p.mu.Lock()
+		p.bySeq[join.Seq] = d
+		p.mu.Unlock()
+	}
 	conn, err := p.c.dataConn(join)
 	p.mu.Lock()
 	p.dialing--
@@ -131,12 +142,14 @@ func (p *pool) park() {
 		p.failed = true
 		p.mu.Unlock()
 		p.poke()
+		p.forget(d)
 		return
 	}
 	p.mu.Unlock()
-	var d *dataConn
-	if p.reuse {
-		d = &dataConn{p: p, seq: join.Seq, conn: conn}
+	if d != nil {
+		d.mu.Lock()
+		d.conn = conn
+		d.mu.Unlock()
 	}
 	p.wait(conn, d, false)
 }

@@ -196,19 +196,32 @@ func (d *dataConn) finishLocked(c *Conn, unread int64) error {
 		d.conn.Close()
 		return err
 	}
-	l := d.p.c.l
-	l.wg.Add(1)
+	// Parked from now on: the pool closes it with the others if the
+	// session ends, and waits for this goroutine.
+	p := d.p
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		p.forget(d)
+		return d.conn.Close()
+	}
+	p.open[d.conn] = struct{}{}
+	p.again.Add(1)
+	p.mu.Unlock()
 	go func() {
-		defer l.wg.Done()
+		defer p.again.Done()
 		d.conn.SetDeadline(time.Time{})
 		if unread > 0 {
 			if _, err := io.CopyN(io.Discard, d.conn, unread); err != nil {
-				d.p.forget(d)
+				p.mu.Lock()
+				delete(p.open, d.conn)
+				p.mu.Unlock()
+				p.forget(d)
 				d.conn.Close()
 				return
 			}
 		}
-		d.p.wait(d.conn, d, true)
+		p.wait(d.conn, d, true)
 	}()
 	return nil
 }
