@@ -153,7 +153,9 @@ func TestProxyRefusingCredentialsIsFinal(t *testing.T) {
 	}
 
 	p = startConnectProxy(t, "403 Forbidden")
-	ctx, cancel = context.WithTimeout(context.Background(), time.Second)
+	// Long enough that a loaded machine still reaches the proxy (a second
+	// was not, once in CI): what matters is that it ends by the context.
+	ctx, cancel = context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	cfg.Proxy, cfg.MaxBackoff = p.URL, 100*time.Millisecond
 	if ln, err := cfg.Listen(ctx, relay.Addr); err == nil {
