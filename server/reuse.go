@@ -216,8 +216,7 @@ func (s *Server) countedDone(c *counted) {
 	c.mu.Lock()
 	keep := c.keep
 	c.mu.Unlock()
-	again := keep && !ss.closed && !s.draining && len(ss.pool) < ss.parkLimit() &&
-		ss.tenant.parkedLocked() < ss.tenantParkLimit() && s.agentRoomLocked(ss)
+	again := keep && !ss.closed && !s.draining && ss.roomToParkLocked()
 	if again {
 		c.Conn.SetDeadline(time.Time{}) // the link may have left one, to wake a wait
 		ss.pool = append(ss.pool, parked{c.Conn, c.seq})

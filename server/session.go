@@ -476,7 +476,7 @@ func (s *Server) park(c net.Conn, join *proto.PoolJoin) bool {
 		why = "bad proof"
 	case ss.features&proto.FeatureProof != 0 && !ss.joins.fresh(join.Seq):
 		why = "replayed"
-	case len(ss.pool) >= ss.parkLimit() || ss.tenant.parkedLocked() >= ss.tenantParkLimit() || !s.agentRoomLocked(ss):
+	case !ss.roomToParkLocked():
 		why = "pool full"
 	default:
 		p := parked{c: c}
@@ -492,6 +492,12 @@ func (s *Server) park(c net.Conn, join *proto.PoolJoin) bool {
 	}
 	c.SetDeadline(time.Time{})
 	return true
+}
+
+// roomToParkLocked reports whether ss may park one more data connection:
+// its own limit, its tenant's, and the agents' budget. s.mu must be held.
+func (ss *session) roomToParkLocked() bool {
+	return len(ss.pool) < ss.parkLimit() && ss.tenant.parkedLocked() < ss.tenantParkLimit() && ss.s.agentRoomLocked(ss)
 }
 
 // parkedLocked counts the pre-opened data connections of all the
