@@ -32,6 +32,7 @@ type counters struct {
 	authThrottled  atomic.Int64 // connections and Auths refused unchecked by the failed-authentication throttle
 	tlsHandshakes  atomic.Int64 // TLS handshakes completed on the control port
 	tlsResumed     atomic.Int64 // of those, the resumed sessions
+	tlsClassical   atomic.Int64 // and the full ones without a post-quantum key exchange
 	dropped        atomic.Int64 // connections dropped on the control port
 	clients        atomic.Int64 // outside clients accepted on public ports
 	refused        atomic.Int64 // outside clients closed at a limit
@@ -99,6 +100,7 @@ func (s *Server) WriteMetrics(w io.Writer) error {
 		{"tcprelay_access_log_dropped_total", "counter", "Access log lines dropped because its writer fell too far behind.", s.access.droppedRecords()},
 		{"tcprelay_tls_handshakes_total", "counter", "TLS handshakes completed on the control port.", c.tlsHandshakes.Load()},
 		{"tcprelay_tls_resumed_total", "counter", "TLS handshakes on the control port that resumed a session (cheaper than a full one).", c.tlsResumed.Load()},
+		{"tcprelay_tls_classical_total", "counter", "Full TLS handshakes on the control port without a post-quantum key exchange (an agent without ML-KEM): a future quantum computer could read what they protect, and the sessions resumed from them.", c.tlsClassical.Load()},
 		{"tcprelay_control_dropped_total", "counter", "Connections dropped on the control port (garbage, bad tokens, bad pool keys).", c.dropped.Load()},
 		{"tcprelay_sni_unknown_total", "counter", "Connections to the shared TLS port closed for a name no tunnel has.", c.namesUnknown.Load()},
 		{"tcprelay_sni_rejected_total", "counter", "Connections to the shared TLS port closed without a ClientHello: not TLS, malformed, too slow, or over the handshake budget.", c.namesRejected.Load()},

@@ -329,6 +329,32 @@ type tlsConn interface {
 	ConnectionState() tls.ConnectionState
 }
 
+// postQuantum reports whether a TLS key exchange resists a future quantum
+// computer: the hybrids with ML-KEM.
+func postQuantum(id tls.CurveID) bool {
+	switch id {
+	case tls.X25519MLKEM768, tls.SecP256r1MLKEM768, tls.SecP384r1MLKEM1024:
+		return true
+	}
+	return false
+}
+
+// countHandshake counts c's TLS handshake, if it made one.
+func (s *Server) countHandshake(c net.Conn) {
+	tc, ok := c.(tlsConn)
+	if !ok {
+		return
+	}
+	if cs := tc.ConnectionState(); cs.HandshakeComplete {
+		s.count.tlsHandshakes.Add(1)
+		if cs.DidResume {
+			s.count.tlsResumed.Add(1)
+		} else if !postQuantum(cs.CurveID) {
+			s.count.tlsClassical.Add(1)
+		}
+	}
+}
+
 // maxRefusing bounds the TLS handshakes run at once only to tell an agent
 // it was refused.
 const maxRefusing = 64
@@ -349,7 +375,9 @@ func (s *Server) handleConn(c net.Conn, bindIP net.IP, release func()) {
 	// Exact-length reads: nothing past the first frame may be buffered, so
 	// a data connection stays a raw socket that splice can use.
 	var pre [proto.PreambleLen]byte
-	if _, err := readFull(c, pre[:]); err != nil {
+	_, err := readFull(c, pre[:])
+	s.countHandshake(c)
+	if err != nil {
 		var rh tls.RecordHeaderError
 		if errors.As(err, &rh) && rh.Conn != nil && bytes.HasPrefix(rh.RecordHeader[:], proto.Magic[:]) {
 			// A plain agent at a TLS relay: tell it, in the clear.
@@ -367,14 +395,6 @@ func (s *Server) handleConn(c net.Conn, bindIP net.IP, release func()) {
 			s.dropConn(c, "no preamble", err)
 		}
 		return
-	}
-	if tc, ok := c.(tlsConn); ok {
-		if cs := tc.ConnectionState(); cs.HandshakeComplete {
-			s.count.tlsHandshakes.Add(1)
-			if cs.DidResume {
-				s.count.tlsResumed.Add(1)
-			}
-		}
 	}
 	if err := proto.CheckPreamble(pre[:]); err != nil {
 		if pre[0] == 0x16 && pre[1] == 0x03 {

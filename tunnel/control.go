@@ -52,7 +52,7 @@ func dialControl(ctx context.Context, r *registration, req *proto.Listen) (*cont
 	l := r.l
 	ctx, cancel := context.WithTimeout(ctx, l.cfg.dialTimeout())
 	defer cancel()
-	conn, err := r.dialRelay(ctx, r.dialAddr)
+	conn, err := r.dialRelay(ctx, r.dialAddr, false)
 	if err != nil {
 		return nil, err
 	}
@@ -79,10 +79,9 @@ func dialControl(ctx context.Context, r *registration, req *proto.Listen) (*cont
 // Dialer (direct or through a proxy: this file does not know which) and,
 // if configured, runs the TLS handshake on it, verifying the relay's host
 // unless the TLS configuration names a server. Data connections dial the
-// address the control connection reached (see transport.Dialer), and
-// verify the same name.
-func (r *registration) dialRelay(ctx context.Context, addr string) (net.Conn, error) {
-	host := r.dialedHost
+// address the control connection reached (see transport.Dialer), verify
+// the same name, and resume a session where they can (see relayTLS).
+func (r *registration) dialRelay(ctx context.Context, addr string, data bool) (net.Conn, error) {
 	conn, err := r.dialer(ctx, addr)
 	if err != nil {
 		if final(err) {
@@ -94,9 +93,8 @@ func (r *registration) dialRelay(ctx context.Context, addr string) (net.Conn, er
 		return conn, nil
 	}
 	cfg := r.tls
-	if cfg.ServerName == "" {
-		cfg = cfg.Clone()
-		cfg.ServerName = host
+	if data && r.tlsResume != nil && hasSession(r.tlsResume) {
+		cfg = r.tlsResume
 	}
 	// Over Records, the copier that relays a data connection (./expose)
 	// can park the direction that reads the relay, as over plain TCP.
@@ -111,6 +109,13 @@ func (r *registration) dialRelay(ctx context.Context, addr string) (net.Conn, er
 			return nil, fmt.Errorf("TLS handshake with relay %s: it answered %q, not TLS: the relay does not speak TLS (started without -tls-cert?), or this is not its control port", addr, rh.RecordHeader[:])
 		}
 		return nil, fmt.Errorf("TLS handshake with relay %s: %w", addr, err)
+	}
+	if cfg == r.tlsResume && !tc.ConnectionState().DidResume {
+		// A full handshake with X25519 alone: not post-quantum. Forget
+		// the session the relay refused, and make a full one.
+		tc.Close()
+		cfg.ClientSessionCache.Put(cfg.ServerName, nil)
+		return r.dialRelay(ctx, addr, false)
 	}
 	return tc, nil
 }
@@ -393,7 +398,7 @@ func (c *control) handle(m proto.Message) error {
 func (c *control) dataConn(first proto.Message) (net.Conn, error) {
 	l := c.l
 	ctx, cancel := context.WithTimeout(l.ctx, l.cfg.dialTimeout())
-	conn, err := c.r.dialRelay(ctx, c.dataAddr)
+	conn, err := c.r.dialRelay(ctx, c.dataAddr, true)
 	cancel()
 	if err != nil {
 		return nil, err

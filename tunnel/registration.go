@@ -22,6 +22,7 @@ type registration struct {
 	dialedHost string
 	dialer     transport.Dialer // every connection to this relay: control and data
 	tls        *tls.Config      // TLS on the dialer's stream; nil: none, or the dialer's own (wss://)
+	tlsResume  *tls.Config      // TLS for a data connection that resumes a session; nil: tls (see relayTLS)
 
 	addr   *Addr    // the public address; nil until first registered
 	ctl    *control // the control connection; nil while reconnecting

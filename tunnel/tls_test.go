@@ -2,6 +2,8 @@ package tunnel_test
 
 import (
 	"crypto/tls"
+	"io"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -111,16 +113,132 @@ func TestTLSResumesSessions(t *testing.T) {
 		t.Fatal(err)
 	}
 	ln := listen(t, relay.Addr, tunnel.Config{TLS: pin})
-	testutil.Serve(t, ln, testutil.Echo)
-	for i := range 40 { // more than the pool holds: it refills
-		if err := echoRoundTrip(ln.Addr().String(), int64(i), 1024); err != nil {
-			t.Fatal(err)
-		}
+	hs := serveNotingHandshakes(t, ln)
+	held := holdClients(t, ln.Addr().String(), 40) // more than the pool holds: it refills
+	for _, c := range held {
+		c.Close()
 	}
 	m := testutil.Metrics(t, relay.Server)
 	full, resumed := m["tcprelay_tls_handshakes_total"]-m["tcprelay_tls_resumed_total"], m["tcprelay_tls_resumed_total"]
 	t.Logf("%d TLS handshakes: %d full, %d resumed", full+resumed, full, resumed)
-	if resumed < 32 || full > 2 {
+	if resumed < 39 || full > 2 {
 		t.Errorf("%d full handshakes and %d resumed; want the control connection's full one (or two) and the data connections' resumed", full, resumed)
 	}
+	if n := m["tcprelay_tls_classical_total"]; n != 0 {
+		t.Errorf("%d full handshakes without a post-quantum key exchange; want none", n)
+	}
+	// The data connections resumed with X25519 alone: the session's key,
+	// from a post-quantum full handshake, is in all of theirs.
+	if got := hs.get(); got.resumedX25519 != 40 {
+		t.Errorf("clients served on: %+v; want all 40 on resumed sessions with X25519 alone", got)
+	}
+}
+
+// A relay that no longer resumes the agent's session (its ticket keys
+// changed) makes a data connection's handshake a full one. Offered X25519
+// alone for resumption, that one is not post-quantum: the agent must not
+// serve a client on it, but dial again with its full key exchanges.
+func TestTLSRefusedSessionStaysPostQuantum(t *testing.T) {
+	check.Leaks(t)
+	cert, pool := testutil.SelfSignedCert(t)
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	scfg := &tls.Config{Certificates: []tls.Certificate{cert}}
+	scfg.SetSessionTicketKeys([][32]byte{{1}})
+	relay := testutil.ServeRelay(t, tls.NewListener(inner, scfg), server.Config{})
+	ln := listen(t, relay.Addr, tunnel.Config{TLS: &tls.Config{RootCAs: pool}})
+	hs := serveNotingHandshakes(t, ln)
+	for _, c := range holdClients(t, ln.Addr().String(), 1) {
+		c.Close()
+	}
+	scfg.SetSessionTicketKeys([][32]byte{{2}}) // the sessions the agent holds are refused from now on
+	held := holdClients(t, ln.Addr().String(), 48)
+	for _, c := range held {
+		c.Close()
+	}
+	got := hs.get()
+	m := testutil.Metrics(t, relay.Server)
+	t.Logf("clients served on: %+v; relay: %d handshakes, %d resumed, %d full without post-quantum", got,
+		m["tcprelay_tls_handshakes_total"], m["tcprelay_tls_resumed_total"], m["tcprelay_tls_classical_total"])
+	if got.classical != 0 || got.total() != 49 {
+		t.Errorf("clients served on: %+v; want 49, none on a full handshake without post-quantum key exchange", got)
+	}
+	if m["tcprelay_tls_classical_total"] == 0 {
+		t.Error("no data connection offered the refused session: the test proves nothing")
+	}
+}
+
+// handshakeCounts counts the clients served on each kind of data connection.
+type handshakeCounts struct {
+	resumedX25519, resumedOther, fullPQ, classical, notTLS int
+}
+
+func (h handshakeCounts) total() int {
+	return h.resumedX25519 + h.resumedOther + h.fullPQ + h.classical + h.notTLS
+}
+
+type handshakeLog struct {
+	mu sync.Mutex
+	n  handshakeCounts
+}
+
+func (h *handshakeLog) get() handshakeCounts {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.n
+}
+
+// serveNotingHandshakes serves ln with testutil.Echo, and counts how the
+// TLS handshake of each client's data connection went.
+func serveNotingHandshakes(t *testing.T, ln *tunnel.Listener) *handshakeLog {
+	h := &handshakeLog{}
+	testutil.Serve(t, ln, func(c net.Conn) {
+		tc, ok := c.(*tunnel.Conn).NetConn().(*tls.Conn)
+		var cs tls.ConnectionState
+		if ok {
+			cs = tc.ConnectionState()
+		}
+		h.mu.Lock()
+		switch {
+		case !ok:
+			h.n.notTLS++
+		case cs.DidResume && cs.CurveID == tls.X25519:
+			h.n.resumedX25519++
+		case cs.DidResume:
+			h.n.resumedOther++
+		case cs.CurveID == tls.X25519MLKEM768:
+			h.n.fullPQ++
+		default:
+			h.n.classical++
+		}
+		h.mu.Unlock()
+		testutil.Echo(c)
+	})
+	return h
+}
+
+// holdClients connects n clients to addr, each echoed a byte, and returns
+// them open: n data connections at once.
+func holdClients(t *testing.T, addr string, n int) []net.Conn {
+	t.Helper()
+	var conns []net.Conn
+	for range n {
+		c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		b := []byte{'x'}
+		if _, err := c.Write(b); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, b); err != nil {
+			t.Fatalf("client %d: %v", len(conns), err)
+		}
+	}
+	return conns
 }

@@ -340,7 +340,11 @@ func (c *Config) Listen(ctx context.Context, relayAddrs ...string) (*Listener, e
 		if via != "" {
 			l.log.Info("reaching the relay through a proxy", "relay", a, "proxy", via)
 		}
-		l.regs = append(l.regs, &registration{l: l, relayAddr: a, dialAddr: addr, dialedHost: host, dialer: dial, tls: tlsCfg})
+		r := &registration{l: l, relayAddr: a, dialAddr: addr, dialedHost: host, dialer: dial}
+		if tlsCfg != nil {
+			r.tls, r.tlsResume = relayTLS(tlsCfg, host, addr)
+		}
+		l.regs = append(l.regs, r)
 	}
 	l.ctx, l.cancel = context.WithCancel(context.Background())
 	l.done = l.ctx.Done()
