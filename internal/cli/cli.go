@@ -118,6 +118,7 @@ func (c *Common) Parse(argv []string, nargs int) ([]string, *slog.Logger) {
 		c.Usagef("bad -timer-slack %v: want 0 or more", *c.slack)
 	}
 	slackNote := applySlack(*c.slack)
+	go newTrimmer(trimQuiet).trimForever(trimTick)
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	if slackNote != "" {
 		log.Warn(slackNote)
