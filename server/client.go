@@ -16,6 +16,12 @@ import (
 //	serveClient → admit → bindPooled → link → linkDone
 //	                    ↘ announce → (attach | pickupTimeout) → link → linkDone
 
+// servePublic is serveClient for a client of ep's own public port.
+func (ep *endpoint) servePublic(c net.Conn) func() {
+	ep.s.tunePublic(c)
+	return ep.serveClient(c)
+}
+
 // serveClient takes one outside client accepted on an endpoint's public
 // port: within the endpoint's limits (checked here, in accept order) it is
 // joined to a pre-opened data connection of the chosen member if there is
@@ -306,6 +312,7 @@ func (s *Server) attach(c net.Conn, a *proto.Attach) bool {
 		}
 	}
 	c.SetDeadline(time.Time{})
+	s.tune(c)
 	s.link(p.member, p.client, c, p.since, 0)
 	return true
 }
@@ -435,8 +442,6 @@ func (info *linkInfo) endedBy(reason string) {
 // goroutine. A link of a tenant with a Rate goes through its buckets (and
 // a buffer); any other splices.
 func (s *Server) link(m *member, client, data net.Conn, accepted time.Time, seq uint64) {
-	s.tune(client)
-	s.tune(data)
 	sock := plainSocket(data) // what the link holds
 	now := time.Now()
 	var cd *counted

@@ -458,7 +458,7 @@ func (ep *endpoint) start(ln net.Listener) {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		s.acceptLoop(ln, ep.serveClient)
+		s.acceptLoop(ln, ep.servePublic)
 	}()
 }
 

@@ -146,6 +146,7 @@ func (s *Server) routeByName(c net.Conn, release func()) {
 	s.conns[nc] = struct{}{}
 	s.mu.Unlock()
 	release()
+	s.tune(nc)
 	if serve := ep.serveClient(nc); serve != nil {
 		serve()
 	}

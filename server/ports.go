@@ -1,9 +1,11 @@
 package server
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
+	"strconv"
 	"sync"
 	"syscall"
 )
@@ -19,14 +21,19 @@ type portAllocator struct {
 	mu             sync.Mutex
 	min, max, next int
 	used           map[int]bool
+	lc             net.ListenConfig // how ports listen (see publicListenConfig)
 }
 
 func newPortAllocator(lo, hi int) *portAllocator {
 	return &portAllocator{min: lo, max: hi, next: lo, used: make(map[int]bool)}
 }
 
-func bind(ip net.IP, port int) (net.Listener, error) {
-	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: ip, Port: port})
+func (pa *portAllocator) bind(ip net.IP, port int) (net.Listener, error) {
+	host := "" // every address
+	if ip != nil {
+		host = ip.String()
+	}
+	ln, err := pa.lc.Listen(context.Background(), "tcp", net.JoinHostPort(host, strconv.Itoa(port)))
 	if errors.Is(err, syscall.EACCES) {
 		return nil, fmt.Errorf("port %d: %w (ports below 1024 need root or CAP_NET_BIND_SERVICE)", port, syscall.EACCES)
 	}
@@ -58,7 +65,7 @@ func (pa *portAllocator) listen(ip net.IP, want int, required bool, allowed func
 			err = fmt.Errorf("port %d is in use", want)
 		default:
 			var ln net.Listener
-			if ln, err = bind(ip, want); err == nil {
+			if ln, err = pa.bind(ip, want); err == nil {
 				pa.used[want] = true
 				return ln, nil
 			}
@@ -68,7 +75,7 @@ func (pa *portAllocator) listen(ip net.IP, want int, required bool, allowed func
 		}
 	}
 	if pa.min == 0 && pa.max == 0 && allowed == nil {
-		ln, err := bind(ip, 0)
+		ln, err := pa.bind(ip, 0)
 		if err == nil {
 			pa.used[ln.Addr().(*net.TCPAddr).Port] = true
 		}
@@ -92,7 +99,7 @@ func (pa *portAllocator) listen(ip net.IP, want int, required bool, allowed func
 			continue
 		}
 		tried++
-		ln, err := bind(ip, port)
+		ln, err := pa.bind(ip, port)
 		if err == nil {
 			pa.used[port] = true
 			return ln, nil
@@ -110,7 +117,7 @@ func (pa *portAllocator) listen(ip net.IP, want int, required bool, allowed func
 
 // rebind binds a port this allocator holds for a reservation.
 func (pa *portAllocator) rebind(ip net.IP, port int) (net.Listener, error) {
-	return bind(ip, port)
+	return pa.bind(ip, port)
 }
 
 // hold marks port as held without binding it: a reservation loaded from

@@ -78,6 +78,9 @@ type Server struct {
 	// setReadBuffer gives a relayed socket its receive buffer
 	// (Config.LinkBuffer), or is nil (see readBufferSetter).
 	setReadBuffer func(*net.TCPConn)
+	// inherited: sockets accepted on public ports have their listener's
+	// keepalive and receive buffer (see publicListenConfig).
+	inherited bool
 
 	// mu guards the bookkeeping below and the guarded fields of every
 	// session, endpoint and member: one lock keeps teardown and token
@@ -173,6 +176,7 @@ func New(cfg Config) (*Server, error) {
 				"rmem_max", rmemMax(), "link_buffer", n)
 		}
 	}
+	s.ports.lc, s.inherited = publicListenConfig(s.set.linkBuffer)
 	if cfg.Agents != nil {
 		s.SetAgents(cfg.Agents)
 		if cfg.Secret == "" && slices.ContainsFunc(cfg.Agents, func(a Agent) bool { return a.Secret }) {

@@ -491,6 +491,7 @@ func (s *Server) park(c net.Conn, join *proto.PoolJoin) bool {
 		return false
 	}
 	c.SetDeadline(time.Time{})
+	s.tune(c) // once: parked again after each client, it keeps its options
 	return true
 }
 

@@ -37,30 +37,74 @@ func queued(c net.Conn) int64 {
 }
 
 // readBufferSetter returns how relayed sockets get a receive buffer of n
-// bytes, or nil if they cannot here. setsockopt(SO_RCVBUF) is capped at
+// bytes, or nil if they cannot here (see readBufferOpt).
+func readBufferSetter(n int) func(*net.TCPConn) {
+	opt := readBufferOpt(n)
+	if opt == 0 {
+		return nil
+	}
+	return func(c *net.TCPConn) {
+		if rc, err := c.SyscallConn(); err == nil {
+			rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, opt, n) })
+		}
+	}
+}
+
+// readBufferOpt is the socket option that gives a socket a receive buffer
+// of n bytes, or 0 if none can here. setsockopt(SO_RCVBUF) is capped at
 // net.core.rmem_max (208 KiB on a stock Debian), so with a lower cap it
 // would shrink every link's window instead of bounding it: then
 // SO_RCVBUFFORCE, which needs CAP_NET_ADMIN, or else nothing (the kernel's
 // autotuning stays, and with it the relay-wide watch alone).
-func readBufferSetter(n int) func(*net.TCPConn) {
-	set := func(opt int) func(*net.TCPConn) {
-		return func(c *net.TCPConn) {
-			if rc, err := c.SyscallConn(); err == nil {
-				rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, opt, n) })
-			}
-		}
-	}
+func readBufferOpt(n int) int {
 	if fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0); err == nil {
 		err = syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_RCVBUFFORCE, n)
 		syscall.Close(fd)
 		if err == nil {
-			return set(syscall.SO_RCVBUFFORCE)
+			return syscall.SO_RCVBUFFORCE
 		}
 	}
 	if rmemMax() >= int64(n) {
-		return set(syscall.SO_RCVBUF)
+		return syscall.SO_RCVBUF
 	}
-	return nil
+	return 0
+}
+
+// publicListenConfig is how public ports listen. A socket accepted on
+// Linux inherits the listening socket's keepalive and receive buffer, so
+// the listener gets them once, for all its clients: keepalive as Go sets
+// it on each accepted conn (15 s idle, 15 s between probes, 9 probes), and
+// the receive buffer of linkBuffer bytes (0: the kernel's). Each client
+// then costs two setsockopt calls (Go's TCP_NODELAY, and
+// TCP_NOTSENT_LOWAT, which the kernel does not pass on) instead of seven.
+// inherited reports that it does.
+func publicListenConfig(linkBuffer int) (lc net.ListenConfig, inherited bool) {
+	opts := [][3]int{
+		{syscall.SOL_SOCKET, syscall.SO_KEEPALIVE, 1},
+		{syscall.IPPROTO_TCP, syscall.TCP_KEEPIDLE, 15},
+		{syscall.IPPROTO_TCP, syscall.TCP_KEEPINTVL, 15},
+		{syscall.IPPROTO_TCP, syscall.TCP_KEEPCNT, 9},
+	}
+	if linkBuffer > 0 {
+		if opt := readBufferOpt(linkBuffer); opt != 0 {
+			opts = append(opts, [3]int{syscall.SOL_SOCKET, opt, linkBuffer})
+		}
+	}
+	lc.KeepAlive = -1 // no keepalive calls on each accepted conn: it has the listener's
+	lc.Control = func(_, _ string, rc syscall.RawConn) error {
+		var err error
+		if cerr := rc.Control(func(fd uintptr) {
+			for _, o := range opts {
+				if err == nil {
+					err = syscall.SetsockoptInt(int(fd), o[0], o[1], o[2])
+				}
+			}
+		}); cerr != nil {
+			return cerr
+		}
+		return err
+	}
+	return lc, true
 }
 
 // rmemMax is net.core.rmem_max, or 0 if unknown.

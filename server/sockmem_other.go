@@ -15,6 +15,12 @@ func readBufferSetter(n int) func(*net.TCPConn) {
 	return func(c *net.TCPConn) { c.SetReadBuffer(n) }
 }
 
+// publicListenConfig is Go's default here: each accepted conn gets its
+// keepalive, and tune its receive buffer.
+func publicListenConfig(linkBuffer int) (lc net.ListenConfig, inherited bool) {
+	return lc, false
+}
+
 // rmemMax is unknown here.
 func rmemMax() int64 { return 0 }
 

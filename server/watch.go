@@ -44,6 +44,16 @@ func (s *Server) tune(c net.Conn) {
 	setNotSentLowat(tcp, notSentLowat)
 }
 
+// tunePublic sets what a client accepted on a public port lacks of tune's:
+// all of it, unless it has its listener's (see publicListenConfig).
+func (s *Server) tunePublic(c net.Conn) {
+	if !s.inherited {
+		s.tune(c)
+	} else if tcp, ok := c.(*net.TCPConn); ok {
+		setNotSentLowat(tcp, notSentLowat)
+	}
+}
+
 // plainSocket is the conn a link holds for data, an agent's data
 // connection: the socket itself when the transport carries the native
 // protocol in the clear with nothing left unread (its SyscallConn works),
