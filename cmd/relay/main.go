@@ -223,34 +223,33 @@ func main() {
 	if err := privilegedRange(*bind, cfg.PortMin, cfg.PortMax); err != nil {
 		c.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", net.JoinHostPort(*bind, strconv.Itoa(port)))
-	if err != nil {
-		c.Fatal(err)
-	}
 	var namesLn net.Listener
 	if *sniAddr != "" {
 		if host, p, _ := net.SplitHostPort(*sniAddr); p != "0" {
 			n, _ := strconv.Atoi(p)
 			if err := privilegedRange(host, n, n); err != nil {
-				ln.Close()
 				c.Fatal(fmt.Errorf("-sni-addr %s: permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE (setcap cap_net_bind_service=+ep relay, or AmbientCapabilities= in relay.service)", *sniAddr))
 			}
 		}
 		if namesLn, err = net.Listen("tcp", *sniAddr); err != nil {
-			ln.Close()
 			c.Fatal(fmt.Errorf("-sni-addr: %w", err))
 		}
 		cfg.NamesPort = namesLn.Addr().(*net.TCPAddr).Port
 	}
-	// Agents speak the native protocol or WebSocket, over TLS if
-	// configured; the server reads the native protocol from either.
-	ln = transport.Listen(ln, tlsCfg)
 	cfg.Version, cfg.ControlTLS = cli.Version, tlsCfg != nil // for the status views
 	srv, err := server.New(cfg)
 	if err != nil {
-		ln.Close()
 		c.Fatal(err)
 	}
+	// The control port opens once the state file is read (or set aside):
+	// a relay that accepts has its reservations.
+	ln, err := net.Listen("tcp", net.JoinHostPort(*bind, strconv.Itoa(port)))
+	if err != nil {
+		c.Fatal(err)
+	}
+	// Agents speak the native protocol or WebSocket, over TLS if
+	// configured; the server reads the native protocol from either.
+	ln = transport.Listen(ln, tlsCfg)
 	reload := func() (int, error) { return reloadAgents(srv, *agentsFile, log) }
 	serveHTTP := func(what, addr string, h http.Handler) string {
 		hln, err := net.Listen("tcp", addr)
