@@ -92,17 +92,12 @@ func publicListenConfig(linkBuffer int) (lc net.ListenConfig, inherited bool) {
 	}
 	lc.KeepAlive = -1 // no keepalive calls on each accepted conn: it has the listener's
 	lc.Control = func(_, _ string, rc syscall.RawConn) error {
-		var err error
-		if cerr := rc.Control(func(fd uintptr) {
+		// As tune's: a port opens even if an option cannot be had.
+		return rc.Control(func(fd uintptr) {
 			for _, o := range opts {
-				if err == nil {
-					err = syscall.SetsockoptInt(int(fd), o[0], o[1], o[2])
-				}
+				syscall.SetsockoptInt(int(fd), o[0], o[1], o[2])
 			}
-		}); cerr != nil {
-			return cerr
-		}
-		return err
+		})
 	}
 	return lc, true
 }
