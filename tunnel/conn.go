@@ -148,9 +148,13 @@ func (c *Conn) SyscallConn() (syscall.RawConn, error) {
 	return nil, errNotRaw
 }
 
-// ReadFrom copies r to the outside client.
+// ReadFrom copies r to the outside client: with sendfile(2) or splice(2)
+// where the data connection is a socket and r a file or another socket.
 func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
-	if tc, ok := c.Conn.(rawStream); ok && c.d == nil {
+	if c.d != nil {
+		return c.d.readFromFor(c, r)
+	}
+	if tc, ok := c.Conn.(rawStream); ok {
 		return tc.ReadFrom(r)
 	}
 	return io.Copy(struct{ io.Writer }{c}, r)

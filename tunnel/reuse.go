@@ -133,6 +133,28 @@ func (d *dataConn) writeFor(c *Conn, b []byte) (int, error) {
 	return n, err
 }
 
+// readFromFor is c's ReadFrom: through the socket's own (sendfile or
+// splice) where it has one, counted when it returns, like a Write.
+func (d *dataConn) readFromFor(c *Conn, r io.Reader) (int64, error) {
+	rf, ok := d.conn.(io.ReaderFrom)
+	if !ok {
+		return io.Copy(struct{ io.Writer }{c}, r)
+	}
+	d.wmu.Lock()
+	defer d.wmu.Unlock()
+	d.mu.Lock()
+	ok = d.cur == c && !d.finSent
+	d.mu.Unlock()
+	if !ok {
+		return 0, net.ErrClosed
+	}
+	n, err := rf.ReadFrom(r)
+	d.mu.Lock()
+	d.written += n
+	d.mu.Unlock()
+	return n, err
+}
+
 // endWrite ends this side of c's stream. If the client's stream has been
 // read to its end, with End: c is then done, and the connection waits for
 // the next client. Otherwise with a FIN, as without reuse, and the

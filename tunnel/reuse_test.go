@@ -6,6 +6,7 @@ import (
 	"io"
 	"math/rand"
 	"net"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -302,4 +303,72 @@ func TestReuseFirstClientRightAway(t *testing.T) {
 		}
 		ln.Close()
 	}
+}
+
+// TestReuseReadFromCounts: a server that answers with ReadFrom (sendfile
+// from a file, splice from a socket, as net/http's file server and io.Copy
+// do) on a reused connection. Each client gets its whole answer and then
+// EOF, and the connections are parked again: ReadFrom counted what it
+// sent, or the relay would end the answer at a short count.
+func TestReuseReadFromCounts(t *testing.T) {
+	blob := make([]byte, 300<<10)
+	rand.New(rand.NewSource(7)).Read(blob)
+	file := t.TempDir() + "/blob"
+	if err := os.WriteFile(file, blob, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	source, err := net.Listen("tcp", "127.0.0.1:0") // writes the blob to each conn, then closes it
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer source.Close()
+	testutil.Serve(t, source, func(c net.Conn) { c.Write(blob) })
+	reusePaths(t, func(t *testing.T, relay *testutil.Relay, ln *tunnel.Listener) {
+		testutil.Serve(t, ln, func(c net.Conn) {
+			req, err := io.ReadAll(c)
+			if err != nil {
+				return
+			}
+			var r io.Reader
+			if string(req) == "file" {
+				f, err := os.Open(file)
+				if err != nil {
+					return
+				}
+				defer f.Close()
+				r = f
+			} else {
+				s, err := net.Dial("tcp", source.Addr().String())
+				if err != nil {
+					return
+				}
+				defer s.Close()
+				r = s
+			}
+			if n, err := c.(io.ReaderFrom).ReadFrom(r); err == nil && n == int64(len(blob)) {
+				c.(interface{ CloseWrite() error }).CloseWrite()
+			}
+		})
+		before := testutil.Metrics(t, relay.Server)
+		const n = 10
+		for i := range n {
+			req := []string{"file", "socket"}[i%2]
+			c, err := net.DialTimeout("tcp", ln.Addr().String(), 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			c.Write([]byte(req))
+			c.(*net.TCPConn).CloseWrite()
+			got, err := io.ReadAll(c)
+			c.Close()
+			if err != nil || !bytes.Equal(got, blob) {
+				t.Fatalf("client %d (%s): %d bytes, %v; want the %d of the blob, then EOF", i, req, len(got), err, len(blob))
+			}
+		}
+		after := testutil.Metrics(t, relay.Server)
+		if reused := after["tcprelay_pool_reused_total"] - before["tcprelay_pool_reused_total"]; reused < n-1 {
+			t.Errorf("%d data connections parked again after %d clients, want at least %d", reused, n, n-1)
+		}
+	})
 }

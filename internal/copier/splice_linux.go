@@ -292,9 +292,11 @@ func (s *splicer) endWoke(src net.Conn, err error) bool {
 
 // counted tells Counted conns what s's finished direction did: that it
 // read src's stream to its count, and how many bytes it wrote to dst's
-// socket itself (into a TLS dst, it wrote through Write).
+// socket itself (into a TLS dst, it wrote through Write). A direction that
+// moved more than the count did not end at it: the peer sent more than it
+// said, and the connection must not serve another client.
 func (s *splicer) counted(dst, src net.Conn, n int64) {
-	if c, ok := src.(Counted); ok && s.atEnd() {
+	if c, ok := src.(Counted); ok && s.atEnd() && s.written == s.d.endAt.Load()-1 {
 		c.ReadEnded()
 	}
 	if c, ok := dst.(Counted); ok && s.dst != nil {
