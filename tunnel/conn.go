@@ -160,9 +160,13 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 	return io.Copy(struct{ io.Writer }{c}, r)
 }
 
-// WriteTo copies what the outside client sends to w.
+// WriteTo copies what the outside client sends to w: with splice(2)
+// where both are sockets.
 func (c *Conn) WriteTo(w io.Writer) (int64, error) {
-	if tc, ok := c.Conn.(rawStream); ok && c.d == nil {
+	if c.d != nil {
+		return c.d.writeToFor(c, w)
+	}
+	if tc, ok := c.Conn.(rawStream); ok {
 		return tc.WriteTo(w)
 	}
 	return io.Copy(w, struct{ io.Reader }{c})

@@ -89,7 +89,11 @@ func (d *dataConn) readFor(c *Conn, b []byte) (int, error) {
 			return 0, c.gone()
 		}
 		if d.watch != nil {
+			ended := d.readEnded
 			d.mu.Unlock()
+			if ended {
+				return 0, io.EOF // a copier read it to its end
+			}
 			return d.conn.Read(b)
 		}
 		if d.end != 0 {
@@ -153,6 +157,35 @@ func (d *dataConn) readFromFor(c *Conn, r io.Reader) (int64, error) {
 	d.written += n
 	d.mu.Unlock()
 	return n, err
+}
+
+// writeToFor is c's WriteTo: from a plain socket into a conn, with the
+// copier, which splices between sockets and ends at the client's count
+// (the relay's End); over TLS, into anything else, or after the
+// application has read part of the stream, through Read.
+func (d *dataConn) writeToFor(c *Conn, w io.Writer) (int64, error) {
+	_, plain := d.conn.(rawStream)
+	if dst, ok := w.(net.Conn); ok && plain {
+		if n, done, err := d.copyTo(c, dst); done {
+			return n, err
+		}
+	}
+	return io.Copy(w, struct{ io.Reader }{c})
+}
+
+// copyTo copies c's client's stream to dst with the copier, if nothing of
+// it has been read yet (done).
+func (d *dataConn) copyTo(c *Conn, dst net.Conn) (n int64, done bool, err error) {
+	d.rmu.Lock() // as a Read: a Close meanwhile is a real close
+	defer d.rmu.Unlock()
+	d.mu.Lock()
+	fresh := d.cur == c && d.read == 0 && d.watch == nil
+	d.mu.Unlock()
+	if !fresh {
+		return 0, false, nil
+	}
+	n, err = copier.Copy(dst, c)
+	return n, true, err
 }
 
 // endWrite ends this side of c's stream. If the client's stream has been

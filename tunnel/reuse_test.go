@@ -3,6 +3,7 @@ package tunnel_test
 import (
 	"bytes"
 	"crypto/tls"
+	"fmt"
 	"io"
 	"math/rand"
 	"net"
@@ -364,6 +365,67 @@ func TestReuseReadFromCounts(t *testing.T) {
 			c.Close()
 			if err != nil || !bytes.Equal(got, blob) {
 				t.Fatalf("client %d (%s): %d bytes, %v; want the %d of the blob, then EOF", i, req, len(got), err, len(blob))
+			}
+		}
+		after := testutil.Metrics(t, relay.Server)
+		if reused := after["tcprelay_pool_reused_total"] - before["tcprelay_pool_reused_total"]; reused < n-1 {
+			t.Errorf("%d data connections parked again after %d clients, want at least %d", reused, n, n-1)
+		}
+	})
+}
+
+// TestReuseProxiedWithIOCopy: a server that proxies each client to a
+// target with io.Copy both ways, as a Go sidecar would: WriteTo and
+// ReadFrom splice on a reused connection, WriteTo ends at the client's
+// count (there is no FIN to end it), and a Read after it says EOF. Each
+// client gets its bytes back, then EOF, and the connections are parked
+// again.
+func TestReuseProxiedWithIOCopy(t *testing.T) {
+	target, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer target.Close()
+	testutil.Serve(t, target, testutil.Echo)
+	reusePaths(t, func(t *testing.T, relay *testutil.Relay, ln *tunnel.Listener) {
+		afterEOF := make(chan error, 100)
+		testutil.Serve(t, ln, func(c net.Conn) {
+			tc, err := net.Dial("tcp", target.Addr().String())
+			if err != nil {
+				return
+			}
+			defer tc.Close()
+			back := make(chan struct{})
+			go func() {
+				defer close(back)
+				if _, err := io.Copy(c, tc); err == nil {
+					c.(interface{ CloseWrite() error }).CloseWrite()
+				}
+			}()
+			if _, err := io.Copy(tc, c); err == nil {
+				tc.(*net.TCPConn).CloseWrite()
+			}
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			n, err := c.Read(make([]byte, 1))
+			if err != io.EOF {
+				err = fmt.Errorf("a Read after io.Copy: %d, %v; want EOF", n, err)
+			} else {
+				err = nil
+			}
+			afterEOF <- err
+			<-back
+		})
+		before := testutil.Metrics(t, relay.Server)
+		rng := rand.New(rand.NewSource(3))
+		const n = 12
+		for i := range n {
+			data := make([]byte, []int{1, 5000, 200 << 10}[i%3])
+			rng.Read(data)
+			if err := testutil.EchoCheck(ln.Addr().String(), data, 10*time.Second); err != nil {
+				t.Fatalf("client %d: %v", i, err)
+			}
+			if err := <-afterEOF; err != nil {
+				t.Errorf("client %d: %v", i, err)
 			}
 		}
 		after := testutil.Metrics(t, relay.Server)
