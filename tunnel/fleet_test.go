@@ -23,15 +23,27 @@ func TestSeveralRelays(t *testing.T) {
 	check.Leaks(t)
 	r1 := testutil.StartRelayAt(t, "127.0.0.1:0", server.Config{})
 	r2 := testutil.StartRelayAt(t, "127.0.0.2:0", server.Config{})
-	addrs := make(chan net.Addr, 4)
-	cfg := tunnel.Config{Logger: testutil.Logger(t), OnAddr: func(a net.Addr) { addrs <- a }}
-	ln, err := cfg.Listen(testutil.Context(t), r1.Addr, r2.Addr)
-	if err != nil {
-		t.Fatal(err)
+	var ln *tunnel.Listener
+	var addrs chan net.Addr
+	var all []net.Addr
+	// The port relay 1 picks may be taken on 127.0.0.2 by another test
+	// running meanwhile: then relay 2 refuses it, and a new Listener gets
+	// another.
+	for attempt := 1; ; attempt++ {
+		addrs = make(chan net.Addr, 4)
+		cfg := tunnel.Config{Logger: testutil.Logger(t), OnAddr: func(a net.Addr) { addrs <- a }}
+		var err error
+		if ln, err = cfg.Listen(testutil.Context(t), r1.Addr, r2.Addr); err != nil {
+			t.Fatal(err)
+		}
+		if all = ln.Addrs(); len(all) == 2 && all[0] != nil && all[1] != nil || attempt == 3 {
+			break
+		}
+		t.Logf("attempt %d: Addrs() = %v: relay 1's port is taken on 127.0.0.2; trying another", attempt, all)
+		ln.Close()
 	}
 	defer ln.Close()
 	testutil.Serve(t, ln, testutil.Echo)
-	all := ln.Addrs()
 	if len(all) != 2 || all[0] == nil || all[1] == nil {
 		t.Fatalf("Addrs() = %v, want two addresses", all)
 	}
