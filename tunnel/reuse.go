@@ -124,17 +124,27 @@ func (d *dataConn) readFor(c *Conn, b []byte) (int, error) {
 func (d *dataConn) writeFor(c *Conn, b []byte) (int, error) {
 	d.wmu.Lock()
 	defer d.wmu.Unlock()
-	d.mu.Lock()
-	ok := d.cur == c && !d.finSent
-	d.mu.Unlock()
-	if !ok {
+	if !d.mayWrite(c) {
 		return 0, net.ErrClosed
 	}
 	n, err := d.conn.Write(b)
-	d.mu.Lock()
-	d.written += int64(n)
-	d.mu.Unlock()
+	d.addWritten(int64(n))
 	return n, err
+}
+
+// mayWrite reports whether c may still write to its client: it is the
+// current one, and this side has not ended with a FIN. d.wmu is held.
+func (d *dataConn) mayWrite(c *Conn) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.cur == c && !d.finSent
+}
+
+// addWritten counts n bytes written to the current client.
+func (d *dataConn) addWritten(n int64) {
+	d.mu.Lock()
+	d.written += n
+	d.mu.Unlock()
 }
 
 // readFromFor is c's ReadFrom: through the socket's own (sendfile or
@@ -146,16 +156,11 @@ func (d *dataConn) readFromFor(c *Conn, r io.Reader) (int64, error) {
 	}
 	d.wmu.Lock()
 	defer d.wmu.Unlock()
-	d.mu.Lock()
-	ok = d.cur == c && !d.finSent
-	d.mu.Unlock()
-	if !ok {
+	if !d.mayWrite(c) {
 		return 0, net.ErrClosed
 	}
 	n, err := rf.ReadFrom(r)
-	d.mu.Lock()
-	d.written += n
-	d.mu.Unlock()
+	d.addWritten(n)
 	return n, err
 }
 
