@@ -21,7 +21,10 @@ const recordHeaderLen = 5
 // while the socket has nothing left to read: waiting for the socket to be
 // readable would then wait for bytes that have already come. Records
 // never returns bytes past the end of the current record: each Read
-// returns at most the rest of the current record's header, or of its body.
+// returns at most the rest of the current record (a header and what has
+// come of its body, in one Read when p holds them: crypto/tls's buffer
+// then never grows past 576 bytes for a small record, where a header and
+// a body read apart grew it to 1,152, kept for the connection's life).
 // So once tls.Conn.Read has returned the plaintext of a record into a
 // buffer large enough for any record, the TLS conn holds nothing it has
 // not returned, and the socket is at a record boundary: the next byte to
@@ -100,9 +103,25 @@ func NewRecords(c net.Conn) *Records {
 // NetConn is the socket.
 func (r *Records) NetConn() net.Conn { return r.Conn }
 
-// Read reads at most up to the end of the current record's header or
-// body. At a record boundary, in a Link, it does not wait.
+// Read reads at most up to the end of the current record. At a record
+// boundary, in a Link, it does not wait; once a header has come, it waits
+// for some of the body, as the TLS conn's next Read would.
 func (r *Records) Read(p []byte) (int, error) {
+	inHeader := r.hn < recordHeaderLen
+	n, err := r.step(p)
+	if err != nil || !inHeader || r.hn != recordHeaderLen || n == len(p) {
+		return n, err
+	}
+	// The header is whole, and its body not empty: read some of the body
+	// too. An error there comes again at the next Read (a socket's errors
+	// stay), after the header's bytes have been taken.
+	m, _ := r.step(p[n:])
+	return n + m, nil
+}
+
+// step reads at most up to the end of the current record's header or
+// body.
+func (r *Records) step(p []byte) (int, error) {
 	want := recordHeaderLen - r.hn
 	if r.hn == recordHeaderLen {
 		want = r.left
@@ -127,7 +146,7 @@ func (r *Records) Read(p []byte) (int, error) {
 		a.lo, a.hi = 0, 0
 		if a.hi, err = readNow(r, a.b[:]); a.hi > 0 {
 			r.ahead = a
-			return r.Read(p)
+			return r.step(p)
 		}
 		aheads.Put(a)
 		if errors.Is(err, errNothingYet) && r.hn != 0 {

@@ -131,3 +131,37 @@ func TestRecordsReadsOneRecordAtATime(t *testing.T) {
 		check([]int{cut}) // split at every offset
 	}
 }
+
+// TestRecordsReadsAWholeRecordAtOnce: a Read with room for a record's
+// header and body returns both, as crypto/tls asks (it reads into a buffer
+// with 512 bytes free, and grows that buffer for good if a record takes
+// two Reads): a header read apart from its body would leave crypto/tls
+// holding twice the memory for each TLS conn.
+func TestRecordsReadsAWholeRecordAtOnce(t *testing.T) {
+	stream, ends := recordStream(20, 3, true)
+	sock := &chunked{t: t, stream: stream, ends: ends}
+	r := NewRecords(sock)
+	buf := make([]byte, 576)
+	start := 0
+	for _, end := range ends {
+		for want := min(end-start, len(buf)); start < end; want = min(end-start, len(buf)) {
+			n, err := r.Read(buf)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n != want {
+				t.Fatalf("Read at offset %d returned %d bytes; want %d (the record ends at %d)", start, n, want, end)
+			}
+			start += n
+		}
+	}
+	// A socket that ends after a header: the header, then its error.
+	stream = []byte{23, 3, 3, 0, 100}
+	r = NewRecords(&chunked{t: t, stream: stream, ends: []int{105}})
+	if n, err := r.Read(buf); n != recordHeaderLen || err != nil {
+		t.Fatalf("Read of a header and no body: %d, %v; want %d, nil", n, err, recordHeaderLen)
+	}
+	if n, err := r.Read(buf); n != 0 || err != io.EOF {
+		t.Fatalf("Read after it: %d, %v; want 0, EOF", n, err)
+	}
+}
