@@ -217,7 +217,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	return s.serveListener(ln, nil, func(c net.Conn) func() {
 		release, ok := s.admitHandshake(c)
 		if !ok {
-			s.refuseConn(c, "relay busy: too many connections in handshake, from your address or in all; retry later")
+			s.refuseHandshake(c)
 			return nil
 		}
 		return func() {
@@ -324,6 +324,58 @@ func (s *Server) refuseConn(c net.Conn, why string) {
 	}()
 }
 
+// refuseHandshake turns away a connection to the control port that came
+// past the handshake limits, unless it is a data connection for an outside
+// client already waiting: that one is served, since its client is admitted
+// already, and the agent sends its client's bytes right after the Attach
+// frame without waiting for an answer. An Error frame there would reach
+// the agent's application as the client's first bytes, and the client
+// would wait for the pickup timeout. A burst of clients makes an agent
+// open a burst of data connections from its one address, past the limit
+// for one source: so the relay reads the first frame of each connection it
+// refuses (for at most a second, and for at most maxRefusing at once, as
+// it runs their TLS handshakes to send the Error frame), and tells the
+// others, as refuseConn does, to retry. One whose first frame does not
+// come in time is closed without a word, which an agent takes as any
+// failed connection, and retries.
+func (s *Server) refuseHandshake(c net.Conn) {
+	const why = "relay busy: too many connections in handshake, from your address or in all; retry later"
+	if s.refusing.Add(1) > maxRefusing {
+		s.refusing.Add(-1)
+		s.count.dropped.Add(1)
+		s.quiet.Warn("refused connection on control port", "why", why, "remote", c.RemoteAddr().String())
+		s.closeConn(c)
+		return
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		defer s.refusing.Add(-1)
+		c.SetDeadline(time.Now().Add(time.Second))
+		var m proto.Message
+		var pre [proto.PreambleLen]byte
+		_, err := readFull(c, pre[:])
+		if err == nil {
+			if err = proto.CheckPreamble(pre[:]); err == nil {
+				m, err = proto.ReadMessage(c, proto.MaxPreAuthPayload)
+			}
+		}
+		if a, ok := m.(*proto.Attach); ok && err == nil {
+			s.countHandshake(c)
+			if !s.attach(c, a) {
+				s.closeConn(c)
+			}
+			return
+		}
+		s.count.dropped.Add(1)
+		s.quiet.Warn("refused connection on control port", "why", why, "remote", c.RemoteAddr().String())
+		if m != nil && err == nil {
+			c.Write(proto.Append(nil, &proto.Error{Code: proto.CodeLimit, Message: why}))
+		} // else without a word: it may be an Attach that did not come in time
+		s.closeConn(c)
+	}()
+}
+
 // tlsConn is a connection to the control port that runs TLS: a *tls.Conn
 // (from tls.NewListener), or a transport's conn over TLS (see
 // transport.Listen). That is all the relay knows of its transports: what
@@ -359,8 +411,9 @@ func (s *Server) countHandshake(c net.Conn) {
 	}
 }
 
-// maxRefusing bounds the TLS handshakes run at once only to tell an agent
-// it was refused.
+// maxRefusing bounds the connections served at once only to tell an agent
+// it was refused (a TLS handshake each), or to find a data connection
+// among them (see refuseHandshake).
 const maxRefusing = 64
 
 // handleConn reads the preamble and first frame of a connection to the

@@ -143,13 +143,15 @@ func TestSilentConnectionsDoNotBlockAgents(t *testing.T) {
 // TestHandshakeBudget: connections that do not finish their handshake are
 // capped per source address and in all. Past a cap, the oldest (silent for
 // a second) is closed to make room; a burst of young ones may go up to
-// twice the cap, and one past that is refused at once, with an Error an
-// agent can act on. Agents from elsewhere still get in.
+// twice the cap, and one past that is refused as soon as its first frame
+// shows it is no data connection, with an Error an agent can act on.
+// Agents from elsewhere still get in.
 func TestHandshakeBudget(t *testing.T) {
 	check.Leaks(t)
 	// 200 fds: 20 handshakes in all, 8 per source address.
 	relay := testutil.StartRelay(t, server.Config{MaxFDs: 200})
 	refusedAtOnce := func(c net.Conn) bool {
+		sayHello(t, c)
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))
 		m, err := proto.ReadMessage(c, proto.DefaultMaxPayload)
 		e, ok := m.(*proto.Error)
@@ -160,7 +162,7 @@ func TestHandshakeBudget(t *testing.T) {
 		silent = append(silent, testutil.DialFrom(t, "127.0.0.2", relay.Addr))
 	}
 	if c := testutil.DialFrom(t, "127.0.0.2", relay.Addr); !refusedAtOnce(c) {
-		t.Fatal("a 17th young connection in handshake from one address (twice its share) was not refused at once")
+		t.Fatal("a 17th young connection in handshake from one address (twice its share) was not refused at its Hello")
 	}
 	checkEcho(t, echoAgent(t, relay.Addr), "an agent from another address, during the flood")
 	time.Sleep(1100 * time.Millisecond) // the silent ones grow old: the point of the test
@@ -183,7 +185,7 @@ func TestHandshakeBudget(t *testing.T) {
 // handshakes up to twice the cap in all. A connection from an address
 // below the average still gets in, in place of the oldest of a bigger
 // address, so an agent registers and its clients are served; one more
-// from a flooding address is refused at once.
+// from a flooding address is refused at its Hello.
 func TestHandshakeFloodLeavesRoomForAgents(t *testing.T) {
 	check.Leaks(t)
 	// 200 fds: 20 handshakes in all (40 as a burst), 8 per source address.
@@ -208,7 +210,8 @@ func TestHandshakeFloodLeavesRoomForAgents(t *testing.T) {
 	}
 	refused := 0
 	for _, c := range more {
-		c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		sayHello(t, c)
+		c.SetReadDeadline(time.Now().Add(time.Second))
 		if m, err := proto.ReadMessage(c, proto.DefaultMaxPayload); err == nil {
 			if e, ok := m.(*proto.Error); ok && e.Code == proto.CodeLimit {
 				refused++
@@ -217,6 +220,14 @@ func TestHandshakeFloodLeavesRoomForAgents(t *testing.T) {
 	}
 	if n := relay.Stats().Handshaking; n > 40 || refused == 0 {
 		t.Errorf("after 10 more from the flooding addresses: %d in handshake, %d refused; want at most 40, and some refused", n, refused)
+	}
+}
+
+// sayHello sends c's preamble and a Hello, as an agent does on connecting.
+func sayHello(t *testing.T, c net.Conn) {
+	t.Helper()
+	if _, err := c.Write(proto.Append(proto.Preamble(), &proto.Hello{Agent: "test"})); err != nil {
+		t.Fatal(err)
 	}
 }
 

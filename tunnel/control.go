@@ -34,6 +34,7 @@ type control struct {
 	poolKey  *proto.PoolKey     // the relay's offer of pre-opened data connections; nil: none
 	pool     *pool
 	joins    atomic.Uint64 // PoolJoin sequence numbers used
+	dialing  chan struct{} // a token per data connection being opened for an Incoming
 
 	deadline time.Time // the end of the handshake
 
@@ -57,7 +58,7 @@ func dialControl(ctx context.Context, r *registration, req *proto.Listen) (*cont
 		return nil, err
 	}
 	c := &control{l: l, r: r, conn: proto.NewConn(conn, l.cfg.writeTimeout(), proto.DefaultMaxPayload),
-		dataAddr: conn.RemoteAddr().String()}
+		dataAddr: conn.RemoteAddr().String(), dialing: make(chan struct{}, maxDialing)}
 	// The handshake's reads and writes end at ctx's deadline, and a
 	// cancelled ctx unblocks them.
 	c.deadline, _ = ctx.Deadline()
@@ -412,20 +413,48 @@ func (c *control) dataConn(first proto.Message) (net.Conn, error) {
 	return conn, nil
 }
 
+// maxDialing bounds the data connections that one control connection
+// opens at once for announced clients. A burst of clients would otherwise
+// open as many connections at once, all in handshake (TLS, over a slow
+// link) together: past what the relay takes from one address (it still
+// serves an Attach that comes past that limit, but only so many at a
+// time) and past what the CPU can run in parallel. The others wait their
+// turn.
+const maxDialing = 64
+
 // openData picks up one outside client: a data connection that shows the
 // client's token (and, with feature proof, that it belongs to this
 // session), handed to Accept. The relay sends no acknowledgement: raw bytes
 // follow the Attach frame at once, so the new connection costs one TCP
-// handshake and no further round trip.
+// handshake and no further round trip. A connection that fails (a relay
+// at its limits closes it unread) is dialed again, for up to the dial
+// timeout: the client waits at the relay meanwhile.
 func (c *control) openData(m *proto.Incoming) {
 	a := &proto.Attach{Token: m.Token}
 	if c.features&proto.FeatureProof != 0 {
 		a.MAC = proto.ProofMAC(c.key, "attach", m.Token[:])
 	}
-	conn, err := c.dataConn(a)
-	if err != nil {
-		c.l.log.Warn("data connection to relay failed", "client", m.Client, "err", err)
+	select {
+	case c.dialing <- struct{}{}:
+		defer func() { <-c.dialing }()
+	case <-c.l.done:
 		return
 	}
-	c.l.deliver(&Conn{Conn: conn, local: parseAddr(m.Local), remote: parseAddr(m.Client)})
+	give := time.Now().Add(c.l.cfg.dialTimeout())
+	for wait := 10 * time.Millisecond; ; wait = min(2*wait, time.Second) {
+		conn, err := c.dataConn(a)
+		if err == nil {
+			c.l.deliver(&Conn{Conn: conn, local: parseAddr(m.Local), remote: parseAddr(m.Client)})
+			return
+		}
+		if time.Until(give) < wait {
+			c.l.log.Warn("data connection to relay failed", "client", m.Client, "err", err)
+			return
+		}
+		select {
+		case <-time.After(wait):
+		case <-c.l.done:
+			return
+		}
+	}
 }
