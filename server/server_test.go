@@ -223,6 +223,49 @@ func TestHandshakeFloodLeavesRoomForAgents(t *testing.T) {
 	}
 }
 
+// TestHandshakeCapServesAttach: past the cap on connections in handshake
+// from one address, a connection whose first frame is an Attach for a
+// waiting client is served, since the client is admitted already, and one
+// that sends nothing is closed within a second without a word: an Error
+// frame on a data connection would reach the agent's application as its
+// client's first bytes.
+func TestHandshakeCapServesAttach(t *testing.T) {
+	check.Leaks(t)
+	// 200 fds: 20 handshakes in all, 8 per source address, 16 in a burst.
+	relay := testutil.StartRelay(t, server.Config{MaxFDs: 200})
+	agent, refused := testutil.DialRaw(t, relay.Addr, testutil.RawOptions{From: "127.0.0.2"})
+	if refused != nil {
+		t.Fatal(refused)
+	}
+	pub := agent.Listen(t, 0)
+	for range 16 {
+		testutil.DialFrom(t, "127.0.0.2", relay.Addr)
+	}
+	silent := testutil.DialFrom(t, "127.0.0.2", relay.Addr)
+	client := testutil.Dial(t, pub)
+	data := agent.Attach(t, agent.ExpectIncoming(t).Token)
+	if _, err := client.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4)
+	data.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(data, buf); err != nil || string(buf) != "ping" {
+		t.Fatalf("data connection past the cap read %q, %v; want the client's \"ping\"", buf, err)
+	}
+	if _, err := data.Write([]byte("pong")); err != nil {
+		t.Fatal(err)
+	}
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(client, buf); err != nil || string(buf) != "pong" {
+		t.Fatalf("client read %q, %v; want \"pong\"", buf, err)
+	}
+	start := time.Now()
+	expectClosed(t, silent, 5*time.Second)
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("a silent connection past the cap was closed after %v; want about a second", d)
+	}
+}
+
 // sayHello sends c's preamble and a Hello, as an agent does on connecting.
 func sayHello(t *testing.T, c net.Conn) {
 	t.Helper()
