@@ -110,7 +110,7 @@ type Server struct {
 	stopWatch     chan struct{}
 	stopWatchOnce sync.Once
 	quiet         *quietLog    // for events that come in floods
-	refusing      atomic.Int32 // TLS refusals being sent (see refuseConn)
+	nrefusing     atomic.Int32 // connections being refused off the accept loop (see refusing)
 	access        *accessLog   // nil: no access log
 
 	budget          budget
@@ -309,19 +309,29 @@ func (s *Server) refuseConn(c net.Conn, why string) {
 		s.closeConn(c)
 		return
 	}
-	if s.refusing.Add(1) > maxRefusing {
-		s.refusing.Add(-1)
+	s.refusing(c, func() {
+		c.Write(frame)
 		s.closeConn(c)
-		return
+	})
+}
+
+// refusing runs f, which owns c from then on, in a goroutine of its own,
+// with c's deadline a second away, if fewer than maxRefusing are running;
+// past that, it closes c at once and reports false.
+func (s *Server) refusing(c net.Conn, f func()) bool {
+	if s.nrefusing.Add(1) > maxRefusing {
+		s.nrefusing.Add(-1)
+		s.closeConn(c)
+		return false
 	}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		defer s.refusing.Add(-1)
+		defer s.nrefusing.Add(-1)
 		c.SetDeadline(time.Now().Add(time.Second))
-		c.Write(frame)
-		s.closeConn(c)
+		f()
 	}()
+	return true
 }
 
 // refuseHandshake turns away a connection to the control port that came
@@ -340,18 +350,11 @@ func (s *Server) refuseConn(c net.Conn, why string) {
 // failed connection, and retries.
 func (s *Server) refuseHandshake(c net.Conn) {
 	const why = "relay busy: too many connections in handshake, from your address or in all; retry later"
-	if s.refusing.Add(1) > maxRefusing {
-		s.refusing.Add(-1)
+	refused := func() {
 		s.count.dropped.Add(1)
 		s.quiet.Warn("refused connection on control port", "why", why, "remote", c.RemoteAddr().String())
-		s.closeConn(c)
-		return
 	}
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		defer s.refusing.Add(-1)
-		c.SetDeadline(time.Now().Add(time.Second))
+	served := s.refusing(c, func() {
 		var m proto.Message
 		var pre [proto.PreambleLen]byte
 		_, err := readFull(c, pre[:])
@@ -367,13 +370,15 @@ func (s *Server) refuseHandshake(c net.Conn) {
 			}
 			return
 		}
-		s.count.dropped.Add(1)
-		s.quiet.Warn("refused connection on control port", "why", why, "remote", c.RemoteAddr().String())
+		refused()
 		if m != nil && err == nil {
 			c.Write(proto.Append(nil, &proto.Error{Code: proto.CodeLimit, Message: why}))
 		} // else without a word: it may be an Attach that did not come in time
 		s.closeConn(c)
-	}()
+	})
+	if !served {
+		refused()
+	}
 }
 
 // tlsConn is a connection to the control port that runs TLS: a *tls.Conn
