@@ -354,7 +354,7 @@ func (s *Server) refuseHandshake(c net.Conn) {
 		s.count.dropped.Add(1)
 		s.quiet.Warn("refused connection on control port", "why", why, "remote", c.RemoteAddr().String())
 	}
-	served := s.refusing(c, func() {
+	if !s.refusing(c, func() {
 		var m proto.Message
 		var pre [proto.PreambleLen]byte
 		_, err := readFull(c, pre[:])
@@ -375,9 +375,8 @@ func (s *Server) refuseHandshake(c net.Conn) {
 			c.Write(proto.Append(nil, &proto.Error{Code: proto.CodeLimit, Message: why}))
 		} // else without a word: it may be an Attach that did not come in time
 		s.closeConn(c)
-	})
-	if !served {
-		refused()
+	}) {
+		refused() // closed at once: too many being refused
 	}
 }
 
