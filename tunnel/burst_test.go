@@ -4,7 +4,6 @@ import (
 	"crypto/tls"
 	"io"
 	"net"
-	"sync"
 	"testing"
 	"time"
 
@@ -37,23 +36,9 @@ func TestBurstPastTheHandshakeLimit(t *testing.T) {
 			relay := startRelayAs(t, "127.0.0.1:0", server.Config{MaxFDs: 400, PickupTimeout: 5 * time.Second}, cert)
 			ln := listen(t, relay.Addr, cfg)
 			testutil.Serve(t, ln, testutil.Echo)
-			const clients = 60
-			var wg sync.WaitGroup
-			errs := make(chan error, clients)
-			for i := range clients {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					errs <- echoBack(ln.Addr().String(), byte(i), 1000+i)
-				}()
-			}
-			wg.Wait()
-			close(errs)
-			for err := range errs {
-				if err != nil {
-					t.Error(err)
-				}
-			}
+			atOnce(t, 60, func(i int) error {
+				return echoBack(ln.Addr().String(), byte(i), 1000+i)
+			})
 		})
 	}
 }

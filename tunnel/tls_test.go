@@ -22,22 +22,9 @@ func TestTLSWithCA(t *testing.T) {
 	ln := listen(t, relay.Addr, tunnel.Config{TLS: &tls.Config{RootCAs: pool}})
 	testutil.Serve(t, ln, testutil.Echo)
 
-	var wg sync.WaitGroup
-	errs := make(chan error, 10)
-	for i := range 10 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs <- echoRoundTrip(ln.Addr().String(), int64(100+i), 512<<10)
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Error(err)
-		}
-	}
+	atOnce(t, 10, func(i int) error {
+		return echoRoundTrip(ln.Addr().String(), int64(100+i), 512<<10)
+	})
 }
 
 func TestTLSPinned(t *testing.T) {

@@ -106,6 +106,28 @@ func TestManyClientsManyTunnels(t *testing.T) {
 	}
 }
 
+// atOnce runs client(0) to client(n-1) at the same time, each in a
+// goroutine, and reports the errors they return.
+func atOnce(t *testing.T, n int, client func(i int) error) {
+	t.Helper()
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- client(i)
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Error(err)
+		}
+	}
+}
+
 // echoRoundTrip sends size random bytes (from seed) through the echo server
 // at addr while reading the echo concurrently, half-closes, and compares.
 func echoRoundTrip(addr string, seed int64, size int) error {

@@ -9,7 +9,6 @@ import (
 	"net"
 	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -117,22 +116,9 @@ func TestWebSocketEcho(t *testing.T) {
 			t.Errorf("Addr host = %q, want the URL's host", h)
 		}
 		testutil.Serve(t, ln, testutil.Echo)
-		var wg sync.WaitGroup
-		errs := make(chan error, 10)
-		for i := range 10 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				errs <- echoBack(ln.Addr().String(), byte(i), 256<<10)
-			}()
-		}
-		wg.Wait()
-		close(errs)
-		for err := range errs {
-			if err != nil {
-				t.Error(err)
-			}
-		}
+		atOnce(t, 10, func(i int) error {
+			return echoBack(ln.Addr().String(), byte(i), 256<<10)
+		})
 	})
 }
 
