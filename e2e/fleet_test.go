@@ -261,8 +261,18 @@ func TestFleetBehindHAProxy(t *testing.T) {
 
 	// Back to full strength: relay 2 and agent A return.
 	back := time.Now()
+	linesB := len(agentB.Lines())
 	relays[1] = e.restartRelay(relays[1])
 	agentA, _ = startAgent('A', targetA)
+	// Agent B registers with relay 2 again at its next reconnection
+	// attempt, after a backoff of up to some seconds: the rolling restart
+	// below counts each agent's announcements, so it starts once this one
+	// is in (a late one was counted as relay 1's, and the agent ended with
+	// one line more than expected).
+	agentB.expectLines(linesB + 1)
+	if _, ok := agentB.waitLine(linesB+1, 20*time.Second); !ok {
+		t.Fatalf("agent B did not register again with relay 2 within 20s of its restart; stderr:\n%s", agentB.Stderr)
+	}
 
 	// Rolling restart of the three relays, under the same load.
 	t3 := time.Now()
