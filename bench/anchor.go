@@ -10,6 +10,8 @@ package main
 //	ours plain  client -> relay public port -> ./expose -> target
 //	ours TLS    the same, agent <-> relay over TLS
 //	haproxy     client -> haproxy (mode tcp) -> target
+//	ours library  client -> relay public port -> ./echoserver (the library
+//	            in a Go server: the connection figures only)
 //	direct      client -> target (iperf3 and redis only)
 //
 // Per-connection figures (idle memory, CPU per new connection, latency,
@@ -78,19 +80,21 @@ func benchAnchor() ([]*row, error) {
 	if iperf != nil {
 		targets[1] = iperf.port
 	}
-	paths := []string{"direct", "ours plain", "ours TLS", "haproxy"}
+	paths := []string{"direct", "ours plain", "ours TLS", "haproxy", "ours library"}
 	haproxy, err := exec.LookPath("haproxy")
 	if err != nil {
 		skipped = append(skipped, fmt.Errorf("%w: haproxy not in PATH (Debian package haproxy): no haproxy column", errSkipped))
-		paths = paths[:3]
+		paths = slices.Delete(paths, 3, 4)
 	} else if v, err := exec.Command(haproxy, "-v").Output(); err == nil {
 		fmt.Printf("   %s; nbthread: its default (one per CPU: %d, as Go's GOMAXPROCS in relay and expose)\n",
 			strings.TrimSpace(strings.SplitN(string(v), "\n", 2)[0]), runtime.NumCPU())
 	}
 
-	// Rows: per-connection figures for ours plain and ours TLS, haproxy
-	// their baseline (path 3); throughput figures for every path but
-	// direct, direct their baseline (path 0).
+	// Rows: per-connection figures for ours plain and ours TLS, and the
+	// connection figures of ours library, haproxy their baseline;
+	// throughput figures for every path but direct and ours library,
+	// direct their baseline (path 0).
+	hap := slices.Index(paths, "haproxy") // -1: none
 	var rows []*row
 	figure := func(name, unit string, of []string) []*row {
 		var rs []*row
@@ -105,12 +109,16 @@ func benchAnchor() ([]*row, error) {
 	cpu := figure("CPU per new conn, relay+expose (direct: haproxy's)", "µs", ours)
 	p50 := figure("new conn + 1-byte echo p50 (direct: haproxy)", "µs", ours)
 	open := figure(fmt.Sprintf("open %d conns, %d at a time, each echoed (direct: haproxy)", *idleConns, parallelConns), "s", ours)
+	lib := []string{"ours library"}
+	libCPU := figure("CPU per new conn, relay+echoserver (direct: haproxy's)", "µs", lib)
+	libP50 := figure("new conn + 1-byte echo p50, relay+echoserver (direct: haproxy)", "µs", lib)
 	var gbps, rps []*row
+	through := slices.DeleteFunc(slices.Clone(paths[1:]), func(p string) bool { return p == "ours library" })
 	if iperf != nil {
-		gbps = figure("iperf3, 1 stream", "Gbit/s", paths[1:])
+		gbps = figure("iperf3, 1 stream", "Gbit/s", through)
 	}
 	if redis != 0 {
-		rps = figure(fmt.Sprintf("redis-benchmark -t ping (inline and mbulk), %d clients", *redisClients), "req/s", paths[1:])
+		rps = figure(fmt.Sprintf("redis-benchmark -t ping (inline and mbulk), %d clients", *redisClients), "req/s", through)
 	}
 	add := func(rs []*row, baseline, i int, v float64) { // path i's value; the baseline's goes to every row
 		if i == baseline {
@@ -142,6 +150,8 @@ func benchAnchor() ([]*row, error) {
 			f, err = startOurs([]string{"-tls-cert", cert, "-tls-key", key}, []string{"-tls-ca", cert}, targets)
 		case "haproxy":
 			f, err = startHAProxy(haproxy, dir, targets)
+		case "ours library":
+			f, err = startLibrary()
 		}
 		if err != nil {
 			return "", err
@@ -163,8 +173,17 @@ func benchAnchor() ([]*row, error) {
 				return "", err
 			}
 			perConn := total(sub(after, before), "cpu") / float64(*latencyN+latencyWarmup) * 1e6
-			add(p50, 3, i, l50)
-			add(cpu, 3, i, perConn)
+			if paths[i] == "ours library" {
+				libP50[0].add(false, l50)
+				libCPU[0].add(false, perConn)
+				return fmt.Sprintf("p50 %.0f µs, %.0f µs CPU/conn", l50, perConn), nil
+			}
+			if i == hap {
+				libP50[0].add(true, l50)
+				libCPU[0].add(true, perConn)
+			}
+			add(p50, hap, i, l50)
+			add(cpu, hap, i, perConn)
 
 			if before, err = settle(f.measured...); err != nil {
 				return "", err
@@ -193,8 +212,8 @@ func benchAnchor() ([]*row, error) {
 				return "", err
 			}
 			perIdle := total(sub(after, before), "rss") / float64(len(conns))
-			add(open, 3, i, took)
-			add(rss, 3, i, perIdle)
+			add(open, hap, i, took)
+			add(rss, hap, i, perIdle)
 			line = append(line, fmt.Sprintf("p50 %.0f µs, %.0f µs CPU/conn, %d open in %.2f s, %.2f KiB/idle conn",
 				l50, perConn, len(conns), took, perIdle))
 			if _, err := settle(f.measured...); err != nil { // the closes done before the throughput tests
@@ -261,6 +280,18 @@ func startOurs(relayFlags, agentFlags []string, targets []int) (*anchorFront, er
 			*port, pub = pub[0], pub[1:]
 		}
 	}
+	return f, nil
+}
+
+// startLibrary starts a relay and one ./echoserver; both are measured.
+func startLibrary() (*anchorFront, error) {
+	relay, agents, pub, err := startRelay(limitFlags, []string{echoBin})
+	f := &anchorFront{all: slices.DeleteFunc(append(agents, relay), func(p *child.Proc) bool { return p == nil })}
+	if err != nil {
+		f.stop()
+		return nil, err
+	}
+	f.measured, f.echo = f.all, pub[0]
 	return f, nil
 }
 
