@@ -35,7 +35,7 @@ func threadSlacks(t *testing.T, pid int) []int {
 
 // TestTimerSlack: the relay and the agents run every thread with a timer
 // slack of 1 ms by default (they execute themselves again to get it), with
-// the same pid, working as before; -timer-slack 0 leaves the slack they
+// the same pid and name, working as before; -timer-slack 0 leaves the slack they
 // were started with; a negative one is a usage error.
 func TestTimerSlack(t *testing.T) {
 	if _, err := os.Stat("/proc/self/timerslack_ns"); err != nil {
@@ -49,7 +49,13 @@ func TestTimerSlack(t *testing.T) {
 	r := e.startRelay(nil)
 	a, pub := e.startEcho("127.0.0.1", r.port)
 	x, _ := e.startExpose("127.0.0.1", r.port, "127.0.0.1:"+strconv.Itoa(pub))
-	for _, p := range []*proc{r.proc, a, x} {
+	for i, p := range []*proc{r.proc, a, x} {
+		// Executed again by its own path, it keeps its name: pidof relay,
+		// pkill expose and top know it (through /proc/self/exe it was "exe").
+		name := []string{"relay", "echoserver", "expose"}[i]
+		if comm, err := os.ReadFile("/proc/" + strconv.Itoa(p.Pid()) + "/comm"); err != nil || strings.TrimSpace(string(comm)) != name {
+			t.Errorf("%s: /proc/%d/comm is %q (%v), want %q", p, p.Pid(), comm, err, name)
+		}
 		s := threadSlacks(t, p.Pid())
 		t.Logf("%s (pid %d): %d threads, slacks %v ns", p, p.Pid(), len(s), s)
 		for _, v := range s {

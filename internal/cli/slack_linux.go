@@ -2,7 +2,9 @@ package cli
 
 import (
 	"os"
+	"os/exec"
 	"runtime"
+	"strings"
 	"syscall"
 	"time"
 
@@ -43,7 +45,36 @@ func applySlack(d time.Duration) string {
 	if err := unix.Prctl(unix.PR_SET_TIMERSLACK, uintptr(d.Nanoseconds()), 0, 0, 0); err != nil {
 		return "could not set the timer slack: " + err.Error()
 	}
-	// /proc/self/exe is this very binary even if its file was replaced.
-	err := syscall.Exec("/proc/self/exe", os.Args, append(os.Environ(), slackEnv+"=1"))
+	err := syscall.Exec(selfPath(), os.Args, append(os.Environ(), slackEnv+"=1"))
 	return "could not execute itself again with a timer slack of " + d.String() + ": " + err.Error()
+}
+
+// selfPath is the path to execute this binary again by: the one it was
+// started by, if that is still this binary, so that the process keeps its
+// name (the kernel names a process after the last element of the path it
+// executes: through /proc/self/exe every one would be "exe", and pidof
+// relay, pkill relay, top would not know it). Else the path of the file
+// it was loaded from; and if that file was replaced or removed since,
+// /proc/self/exe, which is this very binary still.
+func selfPath() string {
+	const self = "/proc/self/exe"
+	me, err := os.Stat(self)
+	if err != nil {
+		return self
+	}
+	var paths []string
+	if arg0 := os.Args[0]; strings.Contains(arg0, "/") {
+		paths = append(paths, arg0)
+	} else if p, err := exec.LookPath(arg0); err == nil {
+		paths = append(paths, p)
+	}
+	if p, err := os.Executable(); err == nil {
+		paths = append(paths, p)
+	}
+	for _, p := range paths {
+		if fi, err := os.Stat(p); err == nil && os.SameFile(fi, me) {
+			return p
+		}
+	}
+	return self
 }
