@@ -214,8 +214,8 @@ func benchAnchor() ([]*row, error) {
 			perIdle := total(sub(after, before), "rss") / float64(len(conns))
 			add(open, hap, i, took)
 			add(rss, hap, i, perIdle)
-			line = append(line, fmt.Sprintf("p50 %.0f µs, %.0f µs CPU/conn, %d open in %.2f s, %.2f KiB/idle conn",
-				l50, perConn, len(conns), took, perIdle))
+			line = append(line, fmt.Sprintf("p50 %.0f µs, %.0f µs CPU/conn, %d open in %.2f s, %.2f KiB/idle conn (RSS %.1f -> %.1f MiB)",
+				l50, perConn, len(conns), took, perIdle, total(before, "rss")/1024, total(after, "rss")/1024))
 			if _, err := settle(f.measured...); err != nil { // the closes done before the throughput tests
 				return "", err
 			}
