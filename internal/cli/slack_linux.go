@@ -55,7 +55,9 @@ func applySlack(d time.Duration) string {
 // executes: through /proc/self/exe every one would be "exe", and pidof
 // relay, pkill relay, top would not know it). Else the path of the file
 // it was loaded from; and if that file was replaced or removed since,
-// /proc/self/exe, which is this very binary still.
+// /proc/self/exe, which is this very binary still. (A file swapped in
+// between the check and execve would run instead: whoever may write
+// there could have replaced the binary before it started.)
 func selfPath() string {
 	const self = "/proc/self/exe"
 	me, err := os.Stat(self)
