@@ -50,6 +50,7 @@ type counted struct {
 	watch     func(int64) // the link's, once it watches
 	agentEnd  int64       // the agent's End (+1), until the link watches; 0: none
 	endSent   bool        // the client's end went to the agent as End
+	gone      bool        // the session ended (lost): no End reaches the agent now
 	readEnded bool        // the link read the agent's stream to its End
 	keep      bool        // Close left the connection open, to park again
 	closed    bool        // Close closed it: never parked again
@@ -124,17 +125,24 @@ func (c *counted) Wrote(n int64) {
 }
 
 // CloseWrite tells the agent where the client's stream ends, with End. If
-// the control connection is gone, a FIN tells it instead.
+// the session has ended (lost), or ends while End is on its way, a FIN
+// tells it instead: the agent may never read that End.
 func (c *counted) CloseWrite() error {
 	c.mu.Lock()
 	n := c.head + c.written
+	gone := c.gone
 	c.mu.Unlock()
-	if err := c.ss.ctl.Send(&proto.End{Seq: c.seq, Bytes: uint64(n)}); err != nil {
+	if gone {
 		return c.fin()
 	}
+	err := c.ss.ctl.Send(&proto.End{Seq: c.seq, Bytes: uint64(n)})
 	c.mu.Lock()
-	c.endSent = true
+	c.endSent = err == nil
+	gone = c.gone
 	c.mu.Unlock()
+	if err != nil || gone {
+		return c.fin()
+	}
 	return nil
 }
 
@@ -166,8 +174,11 @@ func (c *counted) Close() error {
 
 // lost runs when c's session ends while c is linked: an End the agent may
 // not have read becomes a FIN, so the agent's side of the link still ends.
+// An End being sent meanwhile is CloseWrite's to follow with a FIN: either
+// CloseWrite sees gone once its Send returns, or lost sees endSent.
 func (c *counted) lost() {
 	c.mu.Lock()
+	c.gone = true
 	sent := c.endSent
 	c.mu.Unlock()
 	if sent {
