@@ -12,9 +12,14 @@ import (
 
 // Serve accepts on ln until it is closed, running handle for each conn in its
 // own goroutine and closing the conn after it. When the test ends it closes
-// ln and waits for every handler.
+// ln and waits for every handler. A handler still running after
+// handlerGrace fails the test: its conn's peer never ended it (a lost FIN,
+// a lost End), which would otherwise hang the test binary until its
+// timeout; its conn is then closed, to end it.
 func Serve(t testing.TB, ln net.Listener, handle func(net.Conn)) {
 	var wg sync.WaitGroup
+	var mu sync.Mutex
+	open := make(map[net.Conn]struct{})
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -23,16 +28,46 @@ func Serve(t testing.TB, ln net.Listener, handle func(net.Conn)) {
 			if err != nil {
 				return
 			}
+			mu.Lock()
+			open[c] = struct{}{}
+			mu.Unlock()
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				defer c.Close()
+				defer func() {
+					mu.Lock()
+					delete(open, c)
+					mu.Unlock()
+					c.Close()
+				}()
 				handle(c)
 			}()
 		}
 	}()
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	t.Cleanup(func() {
+		ln.Close()
+		done := make(chan struct{})
+		go func() { wg.Wait(); close(done) }()
+		select {
+		case <-done:
+			return
+		case <-time.After(handlerGrace):
+		}
+		mu.Lock()
+		var stuck []string
+		for c := range open {
+			stuck = append(stuck, fmt.Sprintf("%v from %v", c.LocalAddr(), c.RemoteAddr()))
+			c.Close()
+		}
+		mu.Unlock()
+		t.Errorf("%d handler(s) still running %v after the test ended, on conns whose peer never ended them: %v", len(stuck), handlerGrace, stuck)
+		<-done
+	})
 }
+
+// handlerGrace is how long Serve waits for its handlers once the test has
+// ended.
+const handlerGrace = 30 * time.Second
 
 // Echo writes back everything it reads and half-closes after the peer does.
 func Echo(c net.Conn) {
