@@ -86,7 +86,7 @@ func TestAttackSilentFloodOnTLSControlPort(t *testing.T) {
 	// must refill through the control port during the flood.
 	for i := range 48 {
 		if err := echoOnce(pub, randomBytes(4<<10), 10*time.Second); err != nil {
-			t.Fatalf("client %d of the existing tunnel during the flood: %v", i, err)
+			t.Fatalf("client %d of the existing tunnel during the flood: %v; relay's last lines:\n%s", i, err, lastLines(r.Stderr.String(), 20))
 		}
 	}
 	start := time.Now()

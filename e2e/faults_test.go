@@ -14,6 +14,7 @@ import (
 	"io"
 	mrand "math/rand/v2"
 	"net"
+	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
@@ -417,7 +418,15 @@ func TestStoppedAgent(t *testing.T) {
 		t.Fatalf("stream through the stopped agent did not resume after SIGCONT: %d bytes back, %d at SIGCONT (read error: %v)", sa.recv.Load(), before, sa.readErr)
 	}
 	if err := sa.finish(10 * time.Second); err != nil {
-		t.Fatalf("stream through the stopped agent: %v", err)
+		out, _ := exec.Command("ss", "-tnoiH", "state", "all").Output()
+		var socks []string
+		for _, l := range strings.Split(string(out), "\n") {
+			if strings.Contains(l, fmt.Sprintf(":%d ", r.port)) || strings.Contains(l, fmt.Sprintf(":%d ", pa)) {
+				socks = append(socks, l)
+			}
+		}
+		t.Fatalf("stream through the stopped agent: %v\nrelay's last lines:\n%s\nstopped agent's stderr:\n%s\nits sockets:\n%s",
+			err, lastLines(r.Stderr.String(), 30), lastLines(a.Stderr.String(), 30), strings.Join(socks, "\n"))
 	}
 	t.Logf("stream relayed across the stop: %d bytes sent and echoed, 0 lost", sa.sent.Load())
 	mustEcho(t, "other agent at the end", pb, randomBytes(64<<10))
