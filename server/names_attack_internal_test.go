@@ -34,19 +34,7 @@ func sharedPortPair(t *testing.T) (relaySide, agentSide net.Conn) {
 		t.Fatal(err)
 	}
 	cert := tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	agent, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	raw, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
+	raw, agent := tcpPair(t)
 	h := &handoff{conns: make(chan net.Conn, 1), done: make(chan struct{}), addr: raw.LocalAddr()}
 	h.conns <- &replayed{Conn: raw} // its ClientHello already replayed: head is empty
 	tln := transport.Listen(h, &tls.Config{Certificates: []tls.Certificate{cert}})

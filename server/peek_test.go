@@ -48,19 +48,7 @@ func TestIdleSeesDeadParkedConns(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
-			agent, err := net.Dial("tcp", ln.Addr().String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			relay, err := ln.Accept()
-			if err != nil {
-				t.Fatal(err)
-			}
+			relay, agent := tcpPair(t)
 			r, a := tc.wrap(relay, agent)
 			defer r.Close()
 			if !idle(r) {

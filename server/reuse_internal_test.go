@@ -38,21 +38,7 @@ func TestCountedEndOutlivesItsSession(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
-			agentData, err := net.Dial("tcp", ln.Addr().String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer agentData.Close()
-			relayData, err := ln.Accept()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer relayData.Close()
+			relayData, agentData := tcpPair(t)
 			relayCtl, agentCtl := net.Pipe()
 			defer relayCtl.Close()
 			defer agentCtl.Close()
