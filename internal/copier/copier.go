@@ -107,6 +107,7 @@ type Link struct {
 	bFirst   bool    // Result.BFirst (under mu)
 	closed   bool    // fail ran, or both directions ended
 	parked   [2]bool // dirs[i] waits in the poller, with no goroutine (under mu)
+	stopped  [2]bool // dirs[i] has left its loop for good (under mu; see endAtCount)
 }
 
 // progress is what a direction has done, read live by Link.Progress and
@@ -211,19 +212,23 @@ func NewLimited(a, b net.Conn, aToB, bToA *Bucket, done func(*Link, Result)) *Li
 
 // endAtCount ends d once it has moved n bytes: d's Counted source says its
 // stream ends there. A parked direction runs again to see it; a running
-// one waiting for its source is woken by a read deadline in the past.
+// one waiting for its source is woken by a read deadline in the past. One
+// that has stopped already (it saw the count as soon as it was stored) is
+// not: its source may by then serve the next client, parked again with
+// its deadline cleared, and a late deadline would end that wait instead.
 func (d *dir) endAtCount(n int64) {
 	d.endAt.Store(n + 1)
 	l := d.l
 	l.mu.Lock()
 	parked := l.parked[d.i()]
 	l.parked[d.i()] = false
+	if !parked && !l.stopped[d.i()] {
+		d.sp.wakeFor(d.src())
+	}
 	l.mu.Unlock()
 	if parked {
 		go d.run()
-		return
 	}
-	d.sp.wakeFor(d.src())
 }
 
 // atEnd reports whether d has moved all its Counted source's stream.
@@ -328,10 +333,11 @@ func (d *dir) run() {
 	d.end(n, err)
 }
 
-// endedFirst records d as the direction that ended first (Result.BFirst),
-// unless one did before.
+// endedFirst records that d has stopped, and that it ended first
+// (Result.BFirst) unless one did before.
 func (l *Link) endedFirst(d *dir) {
 	l.mu.Lock()
+	l.stopped[d.i()] = true
 	if !l.oneEnded {
 		l.oneEnded = true
 		l.bFirst = d.i() == 1
@@ -400,9 +406,22 @@ func Copy(dst, src net.Conn) (int64, error) {
 	}
 	sp.forCopy()
 	if counted {
+		// No wake once the loop has returned: src may by then wait for
+		// its next client with its deadline cleared (see endAtCount).
+		var mu sync.Mutex
+		stopped := false
+		defer func() {
+			mu.Lock()
+			stopped = true
+			mu.Unlock()
+		}()
 		cs.WatchEnd(func(n int64) {
 			d.endAt.Store(n + 1)
-			sp.wakeFor(src)
+			mu.Lock()
+			if !stopped {
+				sp.wakeFor(src)
+			}
+			mu.Unlock()
 		})
 	}
 	_, err := sp.loop(dst, src)

@@ -1,0 +1,84 @@
+package copier
+
+import (
+	"io"
+	"net"
+	"testing"
+	"time"
+)
+
+// heldWake is a Counted source whose count's wake (a read deadline in the
+// past) is held up until the test has cleared the deadline after Copy
+// returned, as an agent does before it waits on the connection for its
+// next client: the wake of a control-connection reader that was
+// descheduled between storing the count and setting the deadline.
+type heldWake struct {
+	*net.TCPConn
+	watching chan func(int64) // WatchEnd's end, once
+	held     chan struct{}    // closed when the wake reaches SetReadDeadline
+	cleared  chan struct{}    // closed by the test once it cleared the deadline
+	woke     chan struct{}    // closed once the held wake has set its deadline
+}
+
+func (h *heldWake) WatchEnd(end func(int64)) { h.watching <- end }
+func (h *heldWake) ReadEnded()               {}
+func (h *heldWake) Wrote(int64)              {}
+
+func (h *heldWake) SetReadDeadline(t time.Time) error {
+	if t.IsZero() || t.After(time.Now()) {
+		return h.TCPConn.SetReadDeadline(t)
+	}
+	close(h.held)
+	// Copy cannot return while its wake is under way (the fix): the
+	// wait is bounded so that the test ends either way.
+	select {
+	case <-h.cleared:
+	case <-time.After(time.Second):
+	}
+	defer close(h.woke)
+	return h.TCPConn.SetReadDeadline(t)
+}
+
+// TestCopyWakesNothingOnceReturned: a count's wake that comes after Copy
+// has returned (it moved the stream to its count as soon as the count was
+// stored) sets no deadline: the connection may by then wait for its next
+// client, and a deadline in the past would end that wait. This is how an
+// agent's pre-opened TLS connection, parked again, came to fail reading
+// its next Bind, and the client bound to it got an empty reply.
+func TestCopyWakesNothingOnceReturned(t *testing.T) {
+	srcPeer, srcSock := tcpPair(t)
+	dstSock, dstPeer := tcpPair(t)
+	src := &heldWake{TCPConn: srcSock, watching: make(chan func(int64), 1),
+		held: make(chan struct{}), cleared: make(chan struct{}), woke: make(chan struct{})}
+	copied := make(chan error, 1)
+	go func() {
+		_, err := Copy(dstSock, src)
+		copied <- err
+	}()
+	end := <-src.watching
+	go end(4) // the count comes before its bytes; its wake is held
+	<-src.held
+	if _, err := srcPeer.Write([]byte("abcd")); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4)
+	dstPeer.SetReadDeadline(time.Now().Add(timeout))
+	if _, err := io.ReadFull(dstPeer, got); err != nil || string(got) != "abcd" {
+		t.Fatalf("copied %q, %v; want abcd", got, err)
+	}
+	if err := <-copied; err != nil {
+		t.Fatalf("Copy: %v", err)
+	}
+	// As the agent does before it waits for the next Bind.
+	srcSock.SetReadDeadline(time.Time{})
+	close(src.cleared)
+	<-src.woke
+
+	if _, err := srcPeer.Write([]byte("B")); err != nil {
+		t.Fatal(err)
+	}
+	one := make([]byte, 1)
+	if _, err := srcSock.Read(one); err != nil {
+		t.Fatalf("reading the connection after Copy returned: %v (a late wake left a deadline in the past)", err)
+	}
+}
