@@ -82,3 +82,49 @@ func TestCopyWakesNothingOnceReturned(t *testing.T) {
 		t.Fatalf("reading the connection after Copy returned: %v (a late wake left a deadline in the past)", err)
 	}
 }
+
+// Close leaves the connection open, as a Counted conn whose streams both
+// ended at their counts does: it serves the next client.
+func (h *heldWake) Close() error { return nil }
+
+// TestLinkWakesNothingOnceStopped is TestCopyWakesNothingOnceReturned for
+// a Link's direction (./expose at an agent, the relay's side of a reused
+// data connection): the Link ends, its Counted conn is kept for the next
+// client, and a late wake must not leave it a deadline in the past.
+func TestLinkWakesNothingOnceStopped(t *testing.T) {
+	defer func(q time.Duration) { firstQuiet = q }(firstQuiet)
+	firstQuiet = timeout // the direction waits, unparked, for the count's wake
+	srcPeer, srcSock := tcpPair(t)
+	dstSock, dstPeer := tcpPair(t)
+	src := &heldWake{TCPConn: srcSock, watching: make(chan func(int64), 1),
+		held: make(chan struct{}), cleared: make(chan struct{}), woke: make(chan struct{})}
+	ended := make(chan Result, 1)
+	l := New(src, dstSock, func(_ *Link, r Result) { ended <- r })
+	end := <-src.watching
+	l.Start()
+	go end(4) // the count comes before its bytes; its wake is held
+	<-src.held
+	if _, err := srcPeer.Write([]byte("abcd")); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4)
+	dstPeer.SetReadDeadline(time.Now().Add(timeout))
+	if _, err := io.ReadFull(dstPeer, got); err != nil || string(got) != "abcd" {
+		t.Fatalf("copied %q, %v; want abcd", got, err)
+	}
+	dstPeer.CloseWrite() // the other direction ends too
+	if r := <-ended; r.Err != nil || r.AToB != 4 {
+		t.Fatalf("link ended with %+v, want 4 bytes a→b and no error", r)
+	}
+	srcSock.SetReadDeadline(time.Time{})
+	close(src.cleared)
+	<-src.woke
+
+	if _, err := srcPeer.Write([]byte("B")); err != nil {
+		t.Fatal(err)
+	}
+	one := make([]byte, 1)
+	if _, err := srcSock.Read(one); err != nil {
+		t.Fatalf("reading the connection after its Link ended: %v (a late wake left a deadline in the past)", err)
+	}
+}
