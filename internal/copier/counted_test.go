@@ -39,25 +39,23 @@ func (h *heldWake) SetReadDeadline(t time.Time) error {
 	return h.TCPConn.SetReadDeadline(t)
 }
 
-// TestCopyWakesNothingOnceReturned: a count's wake that comes after Copy
-// has returned (it moved the stream to its count as soon as the count was
-// stored) sets no deadline: the connection may by then wait for its next
-// client, and a deadline in the past would end that wait. This is how an
-// agent's pre-opened TLS connection, parked again, came to fail reading
-// its next Bind, and the client bound to it got an empty reply.
-func TestCopyWakesNothingOnceReturned(t *testing.T) {
+// newHeldWake returns a heldWake over one end of a loopback pair, the
+// other end (its peer), and a second pair to copy to.
+func newHeldWake(t *testing.T) (src *heldWake, srcPeer, dstSock, dstPeer *net.TCPConn) {
 	srcPeer, srcSock := tcpPair(t)
-	dstSock, dstPeer := tcpPair(t)
-	src := &heldWake{TCPConn: srcSock, watching: make(chan func(int64), 1),
+	dstSock, dstPeer = tcpPair(t)
+	src = &heldWake{TCPConn: srcSock, watching: make(chan func(int64), 1),
 		held: make(chan struct{}), cleared: make(chan struct{}), woke: make(chan struct{})}
-	copied := make(chan error, 1)
-	go func() {
-		_, err := Copy(dstSock, src)
-		copied <- err
-	}()
-	end := <-src.watching
-	go end(4) // the count comes before its bytes; its wake is held
-	<-src.held
+	return src, srcPeer, dstSock, dstPeer
+}
+
+// countThenBytes gives the count of a 4-byte stream before its bytes,
+// holding its wake, and checks that the bytes are copied all the same.
+func (h *heldWake) countThenBytes(t *testing.T, srcPeer, dstPeer *net.TCPConn) {
+	t.Helper()
+	end := <-h.watching
+	go end(4)
+	<-h.held
 	if _, err := srcPeer.Write([]byte("abcd")); err != nil {
 		t.Fatal(err)
 	}
@@ -66,21 +64,42 @@ func TestCopyWakesNothingOnceReturned(t *testing.T) {
 	if _, err := io.ReadFull(dstPeer, got); err != nil || string(got) != "abcd" {
 		t.Fatalf("copied %q, %v; want abcd", got, err)
 	}
-	if err := <-copied; err != nil {
-		t.Fatalf("Copy: %v", err)
-	}
-	// As the agent does before it waits for the next Bind.
-	srcSock.SetReadDeadline(time.Time{})
-	close(src.cleared)
-	<-src.woke
+}
 
+// nextReadWorks clears the deadline, as an agent does before it waits
+// for its next client, lets the held wake go on, and checks that the next
+// byte from the peer can still be read.
+func (h *heldWake) nextReadWorks(t *testing.T, srcPeer *net.TCPConn, after string) {
+	t.Helper()
+	h.TCPConn.SetReadDeadline(time.Time{})
+	close(h.cleared)
+	<-h.woke
 	if _, err := srcPeer.Write([]byte("B")); err != nil {
 		t.Fatal(err)
 	}
-	one := make([]byte, 1)
-	if _, err := srcSock.Read(one); err != nil {
-		t.Fatalf("reading the connection after Copy returned: %v (a late wake left a deadline in the past)", err)
+	if _, err := h.TCPConn.Read(make([]byte, 1)); err != nil {
+		t.Fatalf("reading the connection after %s: %v (a late wake left a deadline in the past)", after, err)
 	}
+}
+
+// TestCopyWakesNothingOnceReturned: a count's wake that comes after Copy
+// has returned (it moved the stream to its count as soon as the count was
+// stored) sets no deadline: the connection may by then wait for its next
+// client, and a deadline in the past would end that wait. This is how an
+// agent's pre-opened TLS connection, parked again, came to fail reading
+// its next Bind, and the client bound to it got an empty reply.
+func TestCopyWakesNothingOnceReturned(t *testing.T) {
+	src, srcPeer, dstSock, dstPeer := newHeldWake(t)
+	copied := make(chan error, 1)
+	go func() {
+		_, err := Copy(dstSock, src)
+		copied <- err
+	}()
+	src.countThenBytes(t, srcPeer, dstPeer)
+	if err := <-copied; err != nil {
+		t.Fatalf("Copy: %v", err)
+	}
+	src.nextReadWorks(t, srcPeer, "Copy returned")
 }
 
 // Close leaves the connection open, as a Counted conn whose streams both
@@ -94,37 +113,14 @@ func (h *heldWake) Close() error { return nil }
 func TestLinkWakesNothingOnceStopped(t *testing.T) {
 	defer func(q time.Duration) { firstQuiet = q }(firstQuiet)
 	firstQuiet = timeout // the direction waits, unparked, for the count's wake
-	srcPeer, srcSock := tcpPair(t)
-	dstSock, dstPeer := tcpPair(t)
-	src := &heldWake{TCPConn: srcSock, watching: make(chan func(int64), 1),
-		held: make(chan struct{}), cleared: make(chan struct{}), woke: make(chan struct{})}
+	src, srcPeer, dstSock, dstPeer := newHeldWake(t)
 	ended := make(chan Result, 1)
 	l := New(src, dstSock, func(_ *Link, r Result) { ended <- r })
-	end := <-src.watching
 	l.Start()
-	go end(4) // the count comes before its bytes; its wake is held
-	<-src.held
-	if _, err := srcPeer.Write([]byte("abcd")); err != nil {
-		t.Fatal(err)
-	}
-	got := make([]byte, 4)
-	dstPeer.SetReadDeadline(time.Now().Add(timeout))
-	if _, err := io.ReadFull(dstPeer, got); err != nil || string(got) != "abcd" {
-		t.Fatalf("copied %q, %v; want abcd", got, err)
-	}
+	src.countThenBytes(t, srcPeer, dstPeer)
 	dstPeer.CloseWrite() // the other direction ends too
 	if r := <-ended; r.Err != nil || r.AToB != 4 {
 		t.Fatalf("link ended with %+v, want 4 bytes a→b and no error", r)
 	}
-	srcSock.SetReadDeadline(time.Time{})
-	close(src.cleared)
-	<-src.woke
-
-	if _, err := srcPeer.Write([]byte("B")); err != nil {
-		t.Fatal(err)
-	}
-	one := make([]byte, 1)
-	if _, err := srcSock.Read(one); err != nil {
-		t.Fatalf("reading the connection after its Link ended: %v (a late wake left a deadline in the past)", err)
-	}
+	src.nextReadWorks(t, srcPeer, "its Link ended")
 }
